@@ -1,0 +1,1 @@
+"""Wire layer: DHT records, tensor codec, RPC helpers."""

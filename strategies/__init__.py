@@ -1,0 +1,1 @@
+"""Training strategies: plain tensor math plus a thin round driver."""
