@@ -1,0 +1,199 @@
+"""`swarm-node` command line. Thin: parse, build a validated config, hand over.
+
+  join        run a node (every NodeConfig field is a flag, an env var and a TOML key)
+  check       preflight: device, memory, disk, port, fd limit, initial peers
+  status      this node's state, via its local gRPC control API
+  peers       the peers this node sees
+  drain       ask a running node to finish its step and leave
+  demo        start N real nodes on loopback, show progress, summarise
+  strategies  list installed strategies
+  identity    show (or create) the node's peer id
+
+Exit codes: 0 ok, 2 usage/config, 3 startup/preflight failed, 4 could not join, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import DEFAULT_STATE_DIR, ConfigError, NodeConfig, load_config
+
+EXIT_CONFIG = 2
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per NodeConfig field; only flags the user gives reach the config."""
+    p.add_argument("--config", type=Path, default=None, help="TOML file with any of the settings below.")
+    for name, field in NodeConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} [env SWARM_NODE_{name.upper()}; default: {_default(field)}]"
+        origin = typing.get_origin(field.annotation)
+        if field.annotation is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif origin is list:
+            p.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="MADDR", help=help_text)
+        else:
+            p.add_argument(flag, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper(), help=help_text)
+
+
+def _default(field) -> str:
+    if field.default_factory is not None:
+        return repr(field.default_factory())
+    return str(field.default)
+
+
+def _config_from(args: argparse.Namespace) -> NodeConfig:
+    values = {k: v for k, v in vars(args).items() if k in NodeConfig.model_fields}
+    return load_config(values, args.config)
+
+
+def _cmd_join(args: argparse.Namespace) -> int:
+    cfg = _config_from(args)
+    if not cfg.initial_peers and not cfg.new_swarm:
+        raise ConfigError("give --initial-peers MADDR (the join line printed by a running node) "
+                          "or --new-swarm to start a new swarm")
+    from .logs import configure_logging
+
+    configure_logging(cfg.log_format, cfg.log_level)
+    from .daemon import run_node
+
+    return run_node(cfg)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    cfg = _config_from(args)
+    from .preflight import exit_code, format_findings, run_preflight
+
+    findings = run_preflight(device=cfg.device, initial_peers=cfg.initial_peers, host=cfg.host, port=cfg.port,
+                             state_dir=cfg.state_dir)
+    if args.json:
+        print(json.dumps([f.__dict__ if not hasattr(f, "_asdict") else f._asdict() for f in findings], default=str))
+    else:
+        print(format_findings(findings))
+    return exit_code(findings)
+
+
+def _control_address(args: argparse.Namespace) -> tuple[str, str | None]:
+    if args.control_addr:
+        return args.control_addr, None
+    node_file = Path(args.state_dir) / "node.json"
+    try:
+        info = json.loads(node_file.read_text())
+        return info["control"], str(args.state_dir)
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(f"no running node found: {node_file} is missing or unreadable "
+                          "(start one with `swarm-node join`, or pass --state-dir / --control-addr)") from None
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .control import ControlClient, ControlError
+    from .tables import format_peers, format_status
+
+    address, state_dir = _control_address(args)
+    try:
+        with ControlClient(address, state_dir=state_dir) as client:
+            if args.command == "status":
+                st = client.status()
+                print(st.model_dump_json(indent=2) if args.json else format_status(st, wide=args.wide))
+            elif args.command == "peers":
+                peers = client.peers()
+                print(json.dumps([p.model_dump(mode="json") for p in peers], indent=2) if args.json
+                      else format_peers(peers, wide=args.wide))
+            else:
+                ok, detail = client.drain(args.reason)
+                print(detail)
+                return 0 if ok else 1
+    except ControlError as e:
+        print(f"swarm-node: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    from .strategies.registry import available  # type: ignore[import-not-found]
+
+    for name, target in available().items():
+        print(f"{name:12s} {target}")
+    return 0
+
+
+def _cmd_identity(args: argparse.Namespace) -> int:
+    from .identity import IdentityError, ensure_identity
+
+    try:
+        ident = ensure_identity(Path(args.state_dir) / "identity.key")
+    except IdentityError as e:
+        print(f"swarm-node: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"peer id: {ident.peer_id}\nkey file: {ident.path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions(peers=args.peers, strategy=args.strategy, steps=args.steps, run_id=args.run_id,
+                                workdir=args.workdir, compare_solo=args.compare_solo, extra=args.node_args or []))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarm-node", description="Pool spare GPUs (or CPUs) to train one model "
+                                "over a peer-to-peer swarm.")
+    p.add_argument("--version", action="version", version=f"swarm-node {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    join = sub.add_parser("join", help="run a node: start a new swarm or join one")
+    _add_config_flags(join)
+    join.set_defaults(fn=_cmd_join)
+
+    check = sub.add_parser("check", help="preflight checks before joining")
+    _add_config_flags(check)
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(fn=_cmd_check)
+
+    for name, help_text in (("status", "show this node's status"), ("peers", "list the peers this node sees"),
+                            ("drain", "ask the node to finish its step and leave")):
+        c = sub.add_parser(name, help=help_text)
+        c.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR), help="state dir of the node to ask")
+        c.add_argument("--control-addr", default=None, help="host:port of the node's control API")
+        c.add_argument("--json", action="store_true")
+        c.add_argument("--wide", action="store_true", help="show full peer ids")
+        if name == "drain":
+            c.add_argument("--reason", default="swarm-node drain")
+        c.set_defaults(fn=_cmd_status)
+
+    strat = sub.add_parser("strategies", help="list installed strategies")
+    strat.set_defaults(fn=_cmd_strategies)
+
+    ident = sub.add_parser("identity", help="show (creating if needed) the node's peer id")
+    ident.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
+    ident.set_defaults(fn=_cmd_identity)
+
+    demo = sub.add_parser("demo", help="run a small local swarm of real node processes and summarise it")
+    demo.add_argument("--peers", type=int, default=3)
+    demo.add_argument("--strategy", default="sync")
+    demo.add_argument("--steps", type=int, default=60)
+    demo.add_argument("--run-id", default="demo")
+    demo.add_argument("--workdir", type=Path, default=None, help="keep node state here (default: a temp dir)")
+    demo.add_argument("--compare-solo", action=argparse.BooleanOptionalAction, default=True,
+                      help="also train one solo node for the same steps and compare validation loss")
+    demo.add_argument("node_args", nargs=argparse.REMAINDER, help="after --: extra flags for every node")
+    demo.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"swarm-node: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130

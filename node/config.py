@@ -1,0 +1,198 @@
+"""Node configuration: one validated record built from CLI flags, env vars and a TOML file.
+
+Precedence: CLI flag > environment (`SWARM_NODE_<FIELD>`) > TOML file (`--config`) > default.
+Every field here is a `swarm-node join` flag (`--field-name`), so the three sources never
+drift apart. Validation errors are rendered in plain words by `explain_validation_error`
+and the CLI exits with code 2.
+
+The *run spec* (model, data, strategy and its hyperparameters) is the part of the config
+that must be identical on every peer of a run; `RunSpec` carries it and its hash is
+published in the DHT (see protocol/records.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+ENV_PREFIX = "SWARM_NODE_"
+DEFAULT_STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "swarm-node"
+
+
+class NodeConfig(BaseSettings):
+    """Everything `swarm-node join` can be told. Field descriptions double as `--help` text."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # --- swarm membership -------------------------------------------------------------
+    run_id: str = Field("default", description="Name of the training run; peers of one run train one model.",
+                        pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    initial_peers: list[str] = Field(default_factory=list,
+                                     description="Multiaddrs of running peers to join (e.g. the join line of another node).")
+    new_swarm: bool = Field(False, description="Start a new swarm (required when no --initial-peers are given).")
+    host: str = Field("0.0.0.0", description="IP address to listen on (0.0.0.0 = all interfaces).")
+    port: int = Field(0, ge=0, le=65535, description="TCP port for peer traffic (0 = any free port).")
+    announce_host: str | None = Field(None, description="Public IP to announce to peers, when behind NAT or in a container.")
+    state_dir: Path = Field(DEFAULT_STATE_DIR, description="Directory for the identity key, checkpoints and address files.")
+    announce_interval_s: float = Field(15.0, gt=0.2, le=600, description="How often this peer re-publishes its DHT record.")
+    record_ttl_s: float | None = Field(None, gt=0.5, description="Record lifetime in the DHT (default 2.5 x announce interval).")
+    join_timeout_s: float = Field(0.0, ge=0, description="Exit with code 4 if no initial peer answers within this time (0 = keep retrying).")
+    watchdog_interval_s: float = Field(5.0, gt=0.1, description="How often the isolation watchdog checks the routing table.")
+    watchdog: bool = Field(True, description="Reconnect to initial and known peers when isolated (hivemind never does).")
+    min_peers: int = Field(1, ge=1, description="Peers (including this one) needed before training starts.")
+
+    # --- run spec (must match across the swarm) ---------------------------------------
+    strategy: str = Field("sync", description="Synchronization strategy (see `swarm-node strategies`).")
+    data: str = Field("stdlib", description="Training text: 'stdlib' (Python's own sources) or a file/directory path.")
+    data_max_bytes: int = Field(4 << 20, gt=1024, description="Read at most this many bytes of training text.")
+    seq_len: int = Field(64, ge=8, le=4096, description="Tokens (bytes) per training sequence.")
+    n_layer: int = Field(2, ge=1, le=48, description="Transformer layers.")
+    n_head: int = Field(4, ge=1, le=64, description="Attention heads.")
+    d_model: int = Field(128, ge=8, le=8192, description="Model width.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Sequences per local step.")
+    lr: float = Field(3e-3, gt=0, le=10, description="Learning rate of the local optimizer (AdamW).")
+    seed: int = Field(0, ge=0, description="Seed for model init and data order.")
+    round_timeout_s: float = Field(20.0, gt=0, description="Longest wait for the other peers in one synchronization round.")
+
+    # --- local execution ----------------------------------------------------------------
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    memory_fraction: float | None = Field(None, gt=0, le=1, description="Cap on the fraction of GPU memory used.")
+    spare_gpu: bool = Field(False, description="Pause training while other processes use the GPU.")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default).")
+    max_steps: int = Field(0, ge=0, description="Stop (drain and exit 0) after this many local steps (0 = run forever).")
+    eval_every: int = Field(25, ge=1, description="Evaluate held-out loss every N steps.")
+    checkpoint_every: int = Field(50, ge=1, description="Save a local checkpoint every N steps.")
+    resume: Literal["auto", "never"] = Field("auto", description="Resume from the checkpoint in --state-dir if present.")
+
+    # --- operations ---------------------------------------------------------------------
+    metrics_addr: str = Field("127.0.0.1:9108", description="host:port for /metrics, /livez, /readyz, /status ('off' disables).")
+    control_addr: str = Field("127.0.0.1:0", description="host:port of the local gRPC control API used by `swarm-node status`.")
+    log_format: Literal["auto", "console", "json"] = Field("auto", description="Console on a TTY, JSON lines otherwise.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log verbosity.")
+    status_interval_s: float = Field(10.0, gt=0, description="How often a progress line is printed.")
+    startup_timeout_s: float = Field(60.0, gt=0, description="Longest wait for the p2p daemon to start.")
+    shutdown_grace_s: float = Field(25.0, ge=0, description="Time allowed to finish the current step on SIGTERM/SIGINT.")
+    stall_limit_s: float = Field(120.0, gt=1, description="/livez fails when the loop or training has not beaten for this long.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = _TOML_FILE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+    @field_validator("initial_peers", mode="before")
+    @classmethod
+    def _split_peers(cls, v: Any) -> Any:
+        # Env vars and TOML may give one comma- or space-separated string.
+        if isinstance(v, str):
+            return [p for p in v.replace(",", " ").split() if p]
+        return v
+
+    @field_validator("initial_peers")
+    @classmethod
+    def _check_maddrs(cls, v: list[str]) -> list[str]:
+        for addr in v:
+            if not addr.startswith("/") or "/p2p/" not in addr:
+                raise ValueError(f"{addr!r} is not a peer multiaddr like /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...")
+        return v
+
+    @field_validator("metrics_addr", "control_addr")
+    @classmethod
+    def _check_hostport(cls, v: str) -> str:
+        if v == "off":
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{v!r} is not host:port (e.g. 127.0.0.1:9108) or 'off'")
+        return v
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> "NodeConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        return self
+
+    @property
+    def ttl_s(self) -> float:
+        return self.record_ttl_s if self.record_ttl_s is not None else 2.5 * self.announce_interval_s
+
+    def run_spec(self) -> "RunSpec":
+        return RunSpec(run_id=self.run_id, strategy=self.strategy, data=self.data, data_max_bytes=self.data_max_bytes,
+                       seq_len=self.seq_len, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
+                       batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+
+
+class RunSpec(BaseModel):
+    """What every peer of a run must agree on. Its hash is the run's identity in the DHT."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_id: str
+    strategy: str
+    data: str
+    data_max_bytes: int
+    seq_len: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    batch_size: int
+    lr: float
+    seed: int
+
+    def canonical(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def differences(self, other: dict[str, Any]) -> list[str]:
+        """Human-readable list of fields where `other` (a peer's canonical spec) differs."""
+        mine = self.canonical()
+        keys = sorted(set(mine) | set(other))
+        return [f"{k}: ours={mine.get(k)!r} theirs={other.get(k)!r}" for k in keys if mine.get(k) != other.get(k)]
+
+
+# The TOML path is chosen at runtime (--config); pydantic-settings reads it via this slot.
+_TOML_FILE: dict[str, Path | None] = {"path": None}
+
+
+class ConfigError(Exception):
+    """A configuration problem explained in plain words (exit code 2)."""
+
+
+def load_config(cli_values: dict[str, Any], config_file: Path | None = None) -> NodeConfig:
+    """Merge CLI values (only those the user actually gave) with env, TOML and defaults."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file {config_file} does not exist")
+    _TOML_FILE["path"] = config_file
+    try:
+        return NodeConfig(**cli_values)
+    except ValidationError as e:
+        raise ConfigError(explain_validation_error(e)) from None
+    except ValueError as e:  # TOML syntax errors surface as ValueError subclasses
+        raise ConfigError(f"could not read {config_file}: {e}") from None
+    finally:
+        _TOML_FILE["path"] = None
+
+
+def explain_validation_error(e: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        flag = "--" + field.replace("_", "-")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling; `swarm-node join --help` lists them all)"
+        given = err.get("input")
+        shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
+        lines.append(f"  {flag} / {ENV_PREFIX}{field.upper()}: {msg}{shown}")
+    return "\n".join(lines)

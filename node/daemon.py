@@ -1,0 +1,527 @@
+"""The node: startup -> run -> drain, on one uvloop event loop plus one compute thread.
+
+Order of startup (each step logs; a failure exits with a documented code):
+  1. lock the state dir, load or create the identity (0600), build model/trainer, resume
+  2. start p2pd + in-process DHT; dial initial peers with backoff (never fatal unless
+     --join-timeout-s is set); refuse a mismatched run spec (exit 2)
+  3. start the strategy, health HTTP, gRPC control; print the join line; write node.json
+Run: heartbeat (announce + read membership), isolation watchdog, strategy loop, status line.
+Drain (SIGTERM/SIGINT/gRPC Drain/--max-steps): stop after the current step (bounded by
+--shutdown-grace-s), announce LEAVING, checkpoint, stop servers and p2pd, exit 0. A second
+SIGINT exits at once (130).
+
+Threads: the event loop owns P2P, the DHT node, membership and strategy rounds; all tensor
+work runs on the single "compute" thread; health HTTP and gRPC run in their own threads
+and only read immutable `NodeStatus` snapshots rebuilt once a second on the loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import NodeConfig
+from .control import ControlServer
+from .data import ByteDataset, DataError
+from .device import DeviceError, SpareGpuGate, apply_memory_cap, describe_device, make_probe, resolve_device
+from .health import Heartbeat, HealthServer, make_live_fn
+from .identity import ensure_identity
+from .membership import Membership, SpecMismatch
+from .metrics import NodeMetrics
+from .model import GPTConfig
+from .network import IsolationWatchdog, NetworkSettings, SwarmNetwork
+from .processes import install_p2pd_reaper, reap_children
+from .status import NodeStatus, PeerView, Phase
+from .trainer import LocalTrainer, TrainConfig, build_trainer
+from ..protocol.codec import REJECT_REASONS
+from ..protocol.records import PeerRecord
+from ..protocol.transport import Transport
+from ..strategies import registry
+from ..strategies.base import Progress, Strategy, StrategyContext
+
+log = logging.getLogger("swarm_node")
+
+EXIT_OK, EXIT_CONFIG, EXIT_STARTUP, EXIT_JOIN, EXIT_INTERRUPTED, EXIT_TEMPFAIL = 0, 2, 3, 4, 130, 75
+NODE_REJECT_REASONS = (*REJECT_REASONS, "spec_mismatch", "bad_record", "stale_step")
+JOIN_LINE_PREFIX = "To join this swarm: swarm-node join --initial-peers "
+
+
+class NodeExit(Exception):
+    """Stop the node with an exit code and a message for the person running it."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Addresses:
+    join_maddrs: list[str]
+    http: str | None
+    control: str | None
+
+
+class Node:
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.spec = config.run_spec()
+        self.metrics = NodeMetrics(config.strategy, NODE_REJECT_REASONS)
+        self.progress = Progress()
+        self.loop_beat, self.train_beat = Heartbeat(), Heartbeat()
+        self.started_at = time.monotonic()
+        self.phase = Phase.STARTING
+        self.stop_requested = False
+        self.stop_reason = ""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._compute_busy_since: float | None = None
+        self._snapshot: NodeStatus | None = None
+        self._lock_file = None
+        self.resumed_from: int | None = None
+        self.net: SwarmNetwork | None = None
+        self.membership: Membership | None = None
+        self.watchdog: IsolationWatchdog | None = None
+        self.strategy: Strategy | None = None
+        self.transport: Transport | None = None
+        self.health: HealthServer | None = None
+        self.control: ControlServer | None = None
+        self.addresses = Addresses([], None, None)
+        self.trainer: LocalTrainer | None = None
+        self.device: torch.device | None = None
+        self.gate: SpareGpuGate | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ compute thread
+    async def compute(self, fn, *args) -> Any:
+        """Run blocking tensor work on the single compute thread (keeps device order)."""
+        loop = asyncio.get_running_loop()
+
+        def timed():
+            self._compute_busy_since = time.monotonic()
+            try:
+                return fn(*args)
+            finally:
+                self._compute_busy_since = None
+                self.train_beat.beat()
+
+        return await loop.run_in_executor(self._executor, timed)
+
+    # ------------------------------------------------------------------ startup
+    async def start(self) -> None:
+        cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_state_dir()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        try:
+            self.device = resolve_device(cfg.device)
+            apply_memory_cap(self.device, cfg.memory_fraction)
+        except DeviceError as e:
+            raise NodeExit(EXIT_STARTUP, str(e)) from None
+        identity = ensure_identity(cfg.state_dir / "identity.key")
+        try:
+            dataset = await self.compute(functools.partial(ByteDataset.from_source, cfg.data, max_bytes=cfg.data_max_bytes))
+        except DataError as e:
+            raise NodeExit(EXIT_CONFIG, f"training data: {e}") from None
+        model_cfg = GPTConfig(seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model)
+        train_cfg = TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
+        self.trainer = await self.compute(functools.partial(
+            build_trainer, model_cfg, train_cfg, dataset, device=self.device, peer=identity.peer_id))
+        self._resume()
+        if cfg.spare_gpu and self.device.type == "cuda":
+            self.gate = SpareGpuGate(make_probe(), self.device.index or 0)
+
+        install_p2pd_reaper()
+        settings = NetworkSettings(host=cfg.host, port=cfg.port, announce_host=cfg.announce_host,
+                                   identity_path=identity.path, startup_timeout_s=cfg.startup_timeout_s)
+        try:
+            self.net = await SwarmNetwork.create(settings, self.metrics)
+        except ValueError as e:
+            raise NodeExit(EXIT_CONFIG, str(e)) from None
+        except Exception as e:
+            raise NodeExit(EXIT_STARTUP, f"could not start the p2p daemon: {e}") from None
+        self.addresses.join_maddrs = await self.net.join_maddrs()
+        self.membership = Membership(self.net, self.spec, self.metrics, cfg.ttl_s, self._make_record)
+        self.watchdog = IsolationWatchdog(self.net, cfg.initial_peers, self.membership.known_maddrs,
+                                          cfg.watchdog_interval_s, enabled=cfg.watchdog)
+        await self._join()
+        try:
+            await self.membership.check_spec()
+        except SpecMismatch as e:
+            raise NodeExit(EXIT_CONFIG, str(e)) from None
+
+        strategy_cls = registry.load(cfg.strategy)
+        self.transport = Transport(self.net.p2p, self.spec.run_id, self._count_bytes)
+        self.strategy = strategy_cls(StrategyContext(
+            config=cfg, spec=self.spec, peer_id=identity.peer_id, transport=self.transport,
+            membership=self.membership, metrics=self.metrics, trainer=self.trainer, compute=self.compute,
+            progress=self.progress, should_stop=lambda: self.stop_requested, on_step=self._on_step,
+            log=logging.getLogger(f"swarm_node.strategy.{cfg.strategy}")))
+        await self.strategy.start()
+        self.metrics.info.info({"version": __version__, "strategy": cfg.strategy, "role": self.strategy.role,
+                                "device_type": self.device.type})
+        await self.membership.announce("joining")
+        await self.membership.refresh()
+        self._start_servers()
+        self._print_banner(identity.peer_id)
+
+    def _lock_state_dir(self) -> None:
+        path = self.config.state_dir / "node.lock"
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NodeExit(EXIT_CONFIG, f"another swarm-node is already using {self.config.state_dir} "
+                                        "(one state dir, and so one identity, per node)") from None
+        self._lock_file = f
+
+    def _resume(self) -> None:
+        ckpt = self.config.state_dir / "checkpoint.pt"
+        if self.config.resume != "auto" or not ckpt.exists():
+            return
+        try:
+            self.resumed_from = self.trainer.load_checkpoint(ckpt)
+        except Exception as e:
+            log.warning("could not resume from %s (%s); starting fresh", ckpt, e)
+            self.metrics.recoveries.labels(kind="resume", outcome="failed").inc()
+            return
+        self.progress.step = self.resumed_from
+        self.metrics.recoveries.labels(kind="resume", outcome="ok").inc()
+        log.info("resumed from %s at step %d", ckpt, self.resumed_from)
+
+    async def _join(self) -> None:
+        cfg = self.config
+        if not cfg.initial_peers:
+            log.info("started a new swarm (run '%s')", cfg.run_id)
+            return
+        deadline = time.monotonic() + cfg.join_timeout_s if cfg.join_timeout_s else None
+        delay = 1.0
+        while True:
+            if await self.watchdog.attempt():
+                log.info("joined the swarm: %d peers in the routing table", self.net.routing_table_size())
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise NodeExit(EXIT_JOIN, f"none of the initial peers answered within {cfg.join_timeout_s:.0f}s: "
+                                          + ", ".join(cfg.initial_peers))
+            if deadline is None:
+                log.warning("no initial peer answered yet; starting alone and retrying in the background "
+                            "(peers: %s)", ", ".join(cfg.initial_peers))
+                return
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 10.0)
+
+    def _start_servers(self) -> None:
+        cfg = self.config
+        if cfg.metrics_addr != "off":
+            host, _, port = cfg.metrics_addr.rpartition(":")
+            self.health = HealthServer(host, int(port), metrics=self.metrics, status_fn=self.status,
+                                       live_fn=self._live, ready_fn=self._ready)
+            try:
+                h, p = self.health.start()
+            except OSError as e:
+                raise NodeExit(EXIT_STARTUP, f"cannot serve metrics on {cfg.metrics_addr}: {e} "
+                                             "(use --metrics-addr 127.0.0.1:0 for any free port)") from None
+            self.addresses.http = f"{h}:{p}"
+        self.control = ControlServer(cfg.control_addr, status_fn=self.status, drain_fn=self._drain_from_thread)
+        try:
+            self.addresses.control = self.control.start()
+        except OSError as e:
+            raise NodeExit(EXIT_STARTUP, f"cannot serve the control API on {cfg.control_addr}: {e}") from None
+        self._write_node_file()
+
+    def _write_node_file(self) -> None:
+        info = {"pid": os.getpid(), "peer_id": self.net.peer_id.to_base58(), "run_id": self.spec.run_id,
+                "join_maddrs": self.addresses.join_maddrs, "http": self.addresses.http,
+                "control": self.addresses.control, "version": __version__}
+        path = self.config.state_dir / "node.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, path)
+
+    def _print_banner(self, peer_id: str) -> None:
+        cfg = self.config
+        lines = [f"swarm-node {__version__} | peer {peer_id} | run '{cfg.run_id}' | strategy {cfg.strategy}"]
+        if self.addresses.join_maddrs:
+            lines.append(JOIN_LINE_PREFIX + self.addresses.join_maddrs[0])
+        lines.append(f"device: {describe_device(self.device)} | model: "
+                     f"{sum(p.numel() for p in self.trainer.parameters_list()) / 1e6:.2f}M params")
+        if self.addresses.http:
+            h = self.addresses.http
+            lines.append(f"health: http://{h}/readyz  metrics: http://{h}/metrics  status: http://{h}/status")
+        lines.append(f"control: {self.addresses.control} | state dir: {cfg.state_dir}"
+                     + (f" | resumed at step {self.resumed_from}" if self.resumed_from is not None else ""))
+        # stdout, unbuffered, one line each: scripts and tests parse the join line
+        for line in lines:
+            print(line, flush=True)
+
+    # ------------------------------------------------------------------ records & status
+    def _make_record(self, state: str) -> PeerRecord:
+        return PeerRecord(peer_id=self.net.peer_id.to_base58(), state=state, spec_hash=self.spec.digest(),
+                          strategy=self.config.strategy, role=self.strategy.role if self.strategy else "trainer",
+                          device=self.device.type if self.device else "cpu", step=self.trainer.step,
+                          samples_per_s=round(self.progress.samples_per_s, 3), software=__version__,
+                          maddrs=tuple(self.addresses.join_maddrs))
+
+    def _count_bytes(self, direction: str, channel: str, n: int) -> None:
+        (self.metrics.net_tx_bytes if direction == "tx" else self.metrics.net_rx_bytes).labels(channel=channel).inc(n)
+
+    def _checks(self) -> dict[str, bool]:
+        alone_ok = not self.config.initial_peers
+        return {
+            "dht": self.net is not None,
+            "model_loaded": self.trainer is not None,
+            "connected": self.net is not None and (self.net.routing_table_size() > 0 or alone_ok),
+            "not_isolated": not (self.watchdog and self.watchdog.isolated),
+            "in_sync": self.progress.state == "online",
+            "not_draining": not self.stop_requested,
+        }
+
+    def _ready(self) -> tuple[bool, dict[str, bool]]:
+        snap = self._snapshot
+        checks = dict(snap.checks) if snap else {"started": False}
+        return (bool(snap) and snap.phase == Phase.READY and self.loop_beat.age_s() < 5, checks)
+
+    def _live(self) -> tuple[bool, str]:
+        ok, detail = make_live_fn({"loop": self.loop_beat}, self.config.stall_limit_s)()
+        busy = self._compute_busy_since
+        if busy is not None and time.monotonic() - busy > self.config.stall_limit_s:
+            return False, f"compute: one step running for {time.monotonic() - busy:.0f}s"
+        return ok, detail
+
+    def status(self) -> NodeStatus:
+        if self._snapshot is None:
+            raise RuntimeError("node is still starting")
+        return self._snapshot
+
+    def _build_snapshot(self) -> NodeStatus:
+        checks = self._checks()
+        if self.stop_requested:
+            phase = Phase.DRAINING
+        elif not checks["not_isolated"]:
+            phase = Phase.ISOLATED
+        elif all(checks.values()):
+            phase = Phase.READY
+        else:
+            phase = Phase.STARTING
+        self.phase = phase
+        self.metrics.ready.set(1 if phase == Phase.READY else 0)
+        me = self.net.peer_id.to_base58()
+        now_dht = time.time()
+        peers = [PeerView(peer_id=m.peer_id, state=m.record.state, strategy=m.record.strategy, role=m.record.role,
+                          device=m.record.device, step=m.record.step, samples_per_s=m.record.samples_per_s,
+                          version=m.record.software, expires_in_s=round(m.expires_at - now_dht, 1),
+                          is_self=m.peer_id == me)
+                 for m in sorted(self.membership.members(), key=lambda m: m.peer_id)]
+        if not any(p.is_self for p in peers):
+            rec = self._make_record(self.progress.state)
+            peers.insert(0, PeerView(peer_id=me, state=rec.state, strategy=rec.strategy, role=rec.role,
+                                     device=rec.device, step=rec.step, samples_per_s=rec.samples_per_s,
+                                     version=rec.software, expires_in_s=0.0, is_self=True))
+        tx = sum(s.value for s in _samples(self.metrics.net_tx_bytes))
+        rx = sum(s.value for s in _samples(self.metrics.net_rx_bytes))
+        return NodeStatus(
+            peer_id=me, run_id=self.spec.run_id, version=__version__, phase=phase, strategy=self.config.strategy,
+            role=self.strategy.role if self.strategy else "trainer", device=str(self.device),
+            join_maddrs=self.addresses.join_maddrs, step=self.trainer.step, resumed_from_step=self.resumed_from,
+            train_loss=self.progress.train_loss, val_loss=self.progress.val_loss,
+            samples_per_s=round(self.progress.samples_per_s, 3), routing_table_size=self.net.routing_table_size(),
+            peers=peers, last_round=dict(self.progress.last_round), bytes_sent=int(tx), bytes_received=int(rx),
+            uptime_s=round(time.monotonic() - self.started_at, 1), checks=checks,
+            waiting_for=self.progress.waiting_for)
+
+    # ------------------------------------------------------------------ run
+    async def _on_step(self) -> None:
+        cfg, step = self.config, self.trainer.step
+        self.train_beat.beat()
+        if step % cfg.eval_every == 0:
+            self.progress.val_loss = await self.compute(self.trainer.evaluate)
+            self.metrics.val_loss.set(self.progress.val_loss)
+        if step % cfg.checkpoint_every == 0:
+            await self.compute(self.trainer.save_checkpoint, cfg.state_dir / "checkpoint.pt")
+        if self.gate is not None:
+            await self._spare_gpu_pause()
+
+    async def _spare_gpu_pause(self) -> None:
+        import threading
+
+        stop = threading.Event()
+        self.metrics.spare_gpu_paused.set(1 if self.gate.should_pause() else 0)
+        if self.gate.should_pause():
+            log.info("another process is using the GPU: pausing training (--spare-gpu)")
+            self.progress.waiting_for = "GPU in use by another process"
+            waiter = asyncio.get_running_loop().run_in_executor(None, self.gate.wait_until_free, stop)
+            while not waiter.done():
+                if self.stop_requested:
+                    stop.set()
+                await asyncio.sleep(0.5)
+            self.progress.waiting_for = None
+            self.metrics.spare_gpu_paused.set(0)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.announce_interval_s
+        last_state = None
+        while True:
+            state = "leaving" if self.stop_requested else self.progress.state
+            try:
+                await self.membership.announce(state)
+                await self.membership.refresh()
+                self.metrics.routing_table_peers.set(self.net.routing_table_size())
+            except Exception:
+                log.exception("heartbeat failed")
+            if state != last_state:
+                last_state = state
+            # re-announce promptly when our state changed (joining -> online)
+            for _ in range(int(interval / 0.25)):
+                await asyncio.sleep(0.25)
+                if self.progress.state != last_state and not self.stop_requested:
+                    break
+
+    async def _tick_loop(self) -> None:
+        last_print = 0.0
+        while True:
+            self.loop_beat.beat()
+            try:
+                self._snapshot = self._build_snapshot()
+            except Exception:
+                log.exception("could not build the status snapshot")
+            now = time.monotonic()
+            if now - last_print >= self.config.status_interval_s:
+                last_print = now
+                self._print_status()
+            await asyncio.sleep(0.5)
+
+    def _print_status(self) -> None:
+        s = self._snapshot
+        if s is None:
+            return
+        others = len([p for p in s.peers if not p.is_self])
+        if s.waiting_for:
+            log.info("waiting for %s (%s; %d peers in routing table)", s.waiting_for, s.phase.value,
+                     s.routing_table_size)
+            return
+        loss = f"{s.train_loss:.3f}" if s.train_loss is not None else "-"
+        val = f" | val {s.val_loss:.3f}" if s.val_loss is not None else ""
+        rnd = s.last_round
+        rtxt = f" | round {rnd.get('outcome')} {rnd.get('duration_s', 0):.2f}s x{rnd.get('group_size', 0)}" if rnd else ""
+        log.info("step %d | loss %s%s | %.1f samples/s | %d peers | %s%s", s.step, loss, val, s.samples_per_s,
+                 others, s.phase.value, rtxt)
+
+    async def run(self) -> int:
+        tasks = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                 asyncio.create_task(self._tick_loop(), name="tick"),
+                 asyncio.create_task(self.watchdog.run(), name="watchdog")]
+        train = asyncio.create_task(self.strategy.run(), name="train")
+        try:
+            while not train.done() and not self.stop_requested:
+                await asyncio.wait({train}, timeout=0.5)
+            if not train.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(train), self.config.shutdown_grace_s)
+                except asyncio.TimeoutError:
+                    log.warning("step did not finish within the %.0fs grace period: aborting it",
+                                self.config.shutdown_grace_s)
+                    train.cancel()
+            if train.done() and not train.cancelled() and train.exception() is not None:
+                raise train.exception()
+            if not self.stop_requested:
+                self.stop_reason = f"reached --max-steps {self.config.max_steps}"
+            return EXIT_OK
+        finally:
+            self.stop_requested = True
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, train, return_exceptions=True)
+
+    # ------------------------------------------------------------------ stop
+    def request_stop(self, reason: str) -> None:
+        if not self.stop_requested:
+            log.info("draining: %s", reason)
+        self.stop_requested = True
+        self.stop_reason = self.stop_reason or reason
+
+    def _drain_from_thread(self, reason: str) -> tuple[bool, str]:
+        if self._loop is None:
+            return False, "node is not running"
+        self._loop.call_soon_threadsafe(self.request_stop, f"drain requested: {reason or 'no reason given'}")
+        return True, "draining: finishing the current step, then leaving the swarm"
+
+    async def shutdown(self) -> None:
+        log.info("shutting down (%s)", self.stop_reason or "stop")
+        if self.membership is not None:
+            try:  # tell peers right away instead of letting our record expire
+                await asyncio.wait_for(self.membership.announce("leaving", ttl_s=max(self.config.announce_interval_s, 2)), 5)
+            except Exception:
+                pass
+        if self.trainer is not None:
+            try:
+                await self.compute(self.trainer.save_checkpoint, self.config.state_dir / "checkpoint.pt")
+                log.info("checkpoint saved at step %d", self.trainer.step)
+            except Exception as e:
+                log.warning("could not save the checkpoint: %s", e)
+        if self.strategy is not None:
+            await self.strategy.stop()
+        if self.transport is not None:
+            await self.transport.close()
+        if self.control is not None:
+            self.control.stop(1.0)
+        if self.health is not None:
+            self.health.stop(2.0)
+        if self.net is not None:
+            await self.net.shutdown()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        reap_children(timeout_s=3.0)
+        (self.config.state_dir / "node.json").unlink(missing_ok=True)
+
+
+def _samples(metric) -> list:
+    return [s for fam in metric.collect() for s in fam.samples if s.name.endswith("_total")]
+
+
+async def _main(config: NodeConfig) -> int:
+    node = Node(config)
+    loop = asyncio.get_running_loop()
+    interrupts = {"n": 0}
+
+    def on_signal(sig: signal.Signals) -> None:
+        if sig == signal.SIGINT:
+            interrupts["n"] += 1
+            if interrupts["n"] >= 2:
+                print("second interrupt: exiting now", file=sys.stderr, flush=True)
+                reap_children(timeout_s=0.5)
+                os._exit(EXIT_INTERRUPTED)
+        node.request_stop(f"received {sig.name}")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await node.start()
+        if node.stop_requested:
+            return EXIT_OK
+        return await node.run()
+    finally:
+        await node.shutdown()
+
+
+def run_node(config: NodeConfig) -> int:
+    """Run a node until it stops; returns the process exit code."""
+    import uvloop
+
+    try:
+        return uvloop.run(_main(config))
+    except NodeExit as e:
+        print(f"swarm-node: {e}", file=sys.stderr, flush=True)
+        return e.code

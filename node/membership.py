@@ -1,0 +1,142 @@
+"""Membership: publish our heartbeat record, read everyone else's, agree on the run spec.
+
+Contract:
+- `announce()` stores our `PeerRecord` under `swarm/{run}/peers` (subkey = our peer id)
+  with expiry now + ttl. `refresh()` reads that key with `latest=True` — the read is also
+  the active probe that lets the DHT notice dead neighbours (a quiet routing table never
+  shrinks, so isolation would go unseen).
+- The view contains only well-formed records of peers running our spec hash; every other
+  record is dropped and counted under `swarm_rejected_messages_total{reason}`
+  (`bad_record` for malformed/spoofed, `spec_mismatch` for a different run spec).
+- A LEAVING record removes the peer at once; otherwise a peer leaves the view when its
+  record expires (ttl = 2.5 x announce interval by default).
+- `check_spec()` raises `SpecMismatch` naming each differing field when the DHT already
+  holds a different spec for this run id.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from hivemind.utils import get_dht_time
+
+from ..protocol.records import PeerRecord, RecordError, SpecRecord, peers_key, spec_key
+from .config import RunSpec
+from .metrics import NodeMetrics
+from .network import SwarmNetwork
+
+log = logging.getLogger(__name__)
+
+
+class SpecMismatch(Exception):
+    """This node's run spec differs from the one the swarm already trains."""
+
+
+@dataclass(frozen=True)
+class Member:
+    record: PeerRecord
+    expires_at: float  # DHT time
+
+    @property
+    def peer_id(self) -> str:
+        return self.record.peer_id
+
+
+class Membership:
+    def __init__(self, net: SwarmNetwork, spec: RunSpec, metrics: NodeMetrics, ttl_s: float,
+                 make_record: Callable[[str], PeerRecord]):
+        self.net, self.spec, self.metrics, self.ttl_s = net, spec, metrics, ttl_s
+        self.make_record = make_record  # state -> our current record
+        self.spec_hash = spec.digest()
+        self.self_id = net.peer_id.to_base58()
+        self._view: dict[str, Member] = {}
+        self._rejected_logged: set[tuple[str, str]] = set()
+        self.last_refresh_ok: float | None = None
+
+    # ---- the run spec ----------------------------------------------------------------
+    async def check_spec(self) -> None:
+        found = await self.net.get(spec_key(self.spec.run_id))
+        if found is not None:
+            try:
+                theirs = SpecRecord.from_wire(found.value)
+            except RecordError as e:
+                self.metrics.rejected_messages.labels(reason="bad_record").inc()
+                log.warning("ignoring malformed spec record in the DHT: %s", e)
+            else:
+                if theirs.digest != self.spec_hash:
+                    diffs = self.spec.differences(theirs.spec) or ["(same fields, different hash)"]
+                    raise SpecMismatch(
+                        f"run '{self.spec.run_id}' already trains with a different spec; differing fields:\n  "
+                        + "\n  ".join(diffs)
+                        + "\nUse the same settings as the swarm, or a different --run-id.")
+        await self.publish_spec()
+
+    async def publish_spec(self) -> None:
+        rec = SpecRecord(digest=self.spec_hash, spec=self.spec.canonical())
+        await self.net.store(spec_key(self.spec.run_id), rec.to_wire(), ttl_s=max(self.ttl_s * 4, 60))
+
+    # ---- heartbeats ------------------------------------------------------------------
+    async def announce(self, state: str = "online", ttl_s: float | None = None) -> bool:
+        rec = self.make_record(state)
+        return await self.net.store(peers_key(self.spec.run_id), rec.to_wire(),
+                                    ttl_s=ttl_s if ttl_s is not None else self.ttl_s, subkey=self.self_id)
+
+    async def refresh(self) -> None:
+        found = await self.net.get(peers_key(self.spec.run_id))
+        if found is None:
+            if self.last_refresh_ok is None:
+                return
+            entries = {}
+        else:
+            entries = found.value if isinstance(found.value, dict) else {}
+            self.last_refresh_ok = time.time()
+        now = get_dht_time()
+        view: dict[str, Member] = {}
+        for subkey, item in entries.items():
+            member = self._parse(subkey, item, now)
+            if member is not None:
+                view[member.peer_id] = member
+        self._update(view)
+
+    def _parse(self, subkey, item, now: float) -> Member | None:
+        try:
+            rec = PeerRecord.from_wire(item.value, subkey=subkey if isinstance(subkey, str) else repr(subkey))
+        except RecordError as e:
+            self._reject("bad_record", str(subkey), str(e))
+            return None
+        if rec.spec_hash != self.spec_hash:
+            self._reject("spec_mismatch", rec.peer_id, f"runs spec {rec.spec_hash}, ours is {self.spec_hash}")
+            return None
+        if rec.state == "leaving" or item.expiration_time <= now:
+            return None
+        return Member(rec, item.expiration_time)
+
+    def _reject(self, reason: str, who: str, detail: str) -> None:
+        self.metrics.rejected_messages.labels(reason=reason).inc()
+        if (reason, who) not in self._rejected_logged:  # log each offender once, count every time
+            self._rejected_logged.add((reason, who))
+            log.warning("rejected peer record from %s (%s): %s", who[:16], reason, detail)
+
+    def _update(self, view: dict[str, Member]) -> None:
+        old, new = set(self._view), set(view)
+        for pid in new - old - {self.self_id}:
+            self.metrics.peer_joins.inc()
+            log.info("peer joined: %s (%s)", pid[-8:], view[pid].record.device)
+        for pid in old - new - {self.self_id}:
+            self.metrics.peer_leaves.inc()
+            log.info("peer left: %s", pid[-8:])
+        self._view = view
+        self.metrics.peers_seen.set(len(self.others()) + 1)
+
+    # ---- queries -----------------------------------------------------------------------
+    def members(self) -> list[Member]:
+        now = get_dht_time()
+        return [m for m in self._view.values() if m.expires_at > now]
+
+    def others(self) -> list[Member]:
+        return [m for m in self.members() if m.peer_id != self.self_id]
+
+    def known_maddrs(self) -> list[str]:
+        return [a for m in self.others() for a in m.record.maddrs]

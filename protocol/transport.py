@@ -1,0 +1,117 @@
+"""The one transport all strategies share: protobuf streams between peers over hivemind's P2P.
+
+Streams, not unary calls: unary messages are capped at 4 MiB by p2pd's persistent
+connections, streams are not (each message is framed; we keep each under `MAX_MESSAGE`).
+
+Contract:
+- Handler names are namespaced by run id, so two runs on one p2pd never cross.
+- `call()` yields the peer's replies and enforces one overall deadline; on expiry it
+  raises `PeerUnavailable` (so do dial and remote-handler errors). Callers treat that as
+  "this peer is not taking part now", never as fatal.
+- Every message in and out is counted in `swarm_network_{transmit,receive}_bytes_total`
+  under the caller-chosen channel label.
+- Handlers learn the caller's peer id from the libp2p connection (authenticated by its
+  key), never from a field inside the message.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Callable, Iterable, TypeVar
+
+from google.protobuf.message import Message
+from hivemind.p2p import P2P, P2PContext, PeerID
+
+M = TypeVar("M", bound=Message)
+MAX_MESSAGE = 1 << 20  # chunk size for tensor streams; far below p2pd's framing limits
+
+Handler = Callable[[AsyncIterator[Message], str], AsyncIterator[Message]]
+
+
+class PeerUnavailable(Exception):
+    """A peer could not be reached, failed, or missed the deadline."""
+
+
+class Transport:
+    def __init__(self, p2p: P2P, run_id: str, count_bytes: Callable[[str, str, int], None]):
+        self.p2p, self.run_id = p2p, run_id
+        self._count = count_bytes  # (direction 'tx'|'rx', channel, nbytes)
+        self._handlers: list[str] = []
+
+    @property
+    def peer_id(self) -> str:
+        return self.p2p.peer_id.to_base58()
+
+    def _name(self, method: str) -> str:
+        return f"swarm_node.{self.run_id}.{method}"
+
+    async def add_handler(self, method: str, handler: Handler, request_type: type[Message], channel: str) -> None:
+        """Register `handler(requests, caller_peer_id) -> replies` for a bidirectional stream."""
+
+        async def wrapped(requests: AsyncIterator[Message], context: P2PContext) -> AsyncIterator[Message]:
+            async def counted() -> AsyncIterator[Message]:
+                async for msg in requests:
+                    self._count("rx", channel, msg.ByteSize())
+                    yield msg
+
+            async for reply in handler(counted(), context.remote_id.to_base58()):
+                self._count("tx", channel, reply.ByteSize())
+                yield reply
+
+        name = self._name(method)
+        await self.p2p.add_protobuf_handler(name, wrapped, request_type, stream_input=True, stream_output=True)
+        self._handlers.append(name)
+
+    async def call(self, peer_id: str, method: str, requests: Iterable[Message] | AsyncIterator[Message],
+                   reply_type: type[M], *, timeout_s: float, channel: str) -> AsyncIterator[M]:
+        """Stream `requests` to a peer and yield its replies, all within `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+
+        async def outgoing() -> AsyncIterator[Message]:
+            if hasattr(requests, "__aiter__"):
+                async for msg in requests:  # type: ignore[union-attr]
+                    self._count("tx", channel, msg.ByteSize())
+                    yield msg
+            else:
+                for msg in requests:  # type: ignore[union-attr]
+                    self._count("tx", channel, msg.ByteSize())
+                    yield msg
+
+        try:
+            pid = PeerID.from_base58(peer_id)
+            stream = self.p2p.iterate_protobuf_handler(pid, self._name(method), outgoing(), reply_type)
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                try:
+                    reply = await asyncio.wait_for(stream.__anext__(), remaining)
+                except StopAsyncIteration:
+                    return
+                self._count("rx", channel, reply.ByteSize())
+                yield reply
+        except asyncio.TimeoutError:
+            raise PeerUnavailable(f"{peer_id[-8:]} missed the {timeout_s:.1f}s deadline for {method}") from None
+        except asyncio.CancelledError:
+            raise
+        except PeerUnavailable:
+            raise
+        except Exception as e:  # P2PDaemonError, P2PHandlerError, ConnectionError, ...
+            text = (str(e) or type(e).__name__).splitlines()[0][:200]
+            raise PeerUnavailable(f"{peer_id[-8:]} failed {method}: {text}") from None
+
+    async def close(self) -> None:
+        for name in self._handlers:
+            try:
+                await asyncio.wait_for(self.p2p.remove_protobuf_handler(name, stream_input=True, stream_output=True), 3)
+            except Exception:
+                pass  # p2pd is going away anyway
+        self._handlers.clear()
+
+
+async def first_message(requests: AsyncIterator[M], timeout_s: float) -> M | None:
+    """The first request of a stream, or None if the caller sent nothing in time."""
+    try:
+        return await asyncio.wait_for(requests.__anext__(), timeout_s)
+    except (StopAsyncIteration, asyncio.TimeoutError):
+        return None

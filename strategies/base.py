@@ -1,0 +1,77 @@
+"""The Strategy interface every synchronization method implements.
+
+A strategy owns the training loop of a node: it decides when to compute, what to exchange
+with which peers, and when parameters change. The node gives it a `StrategyContext` and
+never looks inside. Contract:
+- `start()` registers RPC handlers (through `ctx.transport`) and returns quickly.
+- `run()` trains until `ctx.should_stop()` is true, then returns; it must not hang past
+  `round_timeout_s` after a stop request (every network await carries a deadline).
+- `stop()` unregisters handlers; called once, after `run()` returned or was cancelled.
+- Tensor math lives in plain functions (testable without a network); the class only maps
+  rounds onto the transport.
+Third parties add strategies through the `swarm_node.strategies` entry-point group.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:  # runtime imports would make strategies depend on the whole node
+    from swarm_node.config import NodeConfig, RunSpec
+    from swarm_node.membership import Membership
+    from swarm_node.metrics import NodeMetrics
+    from swarm_node.trainer import LocalTrainer
+    from swarm_node.protocol.transport import Transport
+
+
+@dataclass
+class Progress:
+    """Mutable training progress the node reports in /status, metrics and the console."""
+
+    step: int = 0
+    train_loss: float | None = None
+    val_loss: float | None = None
+    samples_per_s: float = 0.0
+    last_round: dict[str, Any] = field(default_factory=dict)
+    waiting_for: str | None = None
+    state: str = "joining"  # joining until this peer's replica agrees with the swarm
+
+
+@dataclass
+class StrategyContext:
+    config: "NodeConfig"
+    spec: "RunSpec"
+    peer_id: str
+    transport: "Transport"
+    membership: "Membership"
+    metrics: "NodeMetrics"
+    trainer: "LocalTrainer"
+    compute: Callable[..., "asyncio.Future[Any]"]  # run a blocking fn on the compute thread
+    progress: Progress
+    should_stop: Callable[[], bool]
+    on_step: Callable[[], "asyncio.Future[None] | Any"]  # node hook: eval, checkpoint, heartbeat
+    log: logging.Logger
+
+
+class Strategy(abc.ABC):
+    name: ClassVar[str]
+    role: ClassVar[str] = "trainer"
+
+    def __init__(self, ctx: StrategyContext):
+        self.ctx = ctx
+
+    async def start(self) -> None:
+        """Register handlers; default: none."""
+
+    @abc.abstractmethod
+    async def run(self) -> None:
+        """Train until ctx.should_stop()."""
+
+    async def stop(self) -> None:
+        """Unregister handlers; default: nothing to undo."""
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.ctx.progress.last_round)

@@ -1,0 +1,288 @@
+"""`sync`: synchronous data parallel — every step, average gradients among the live peers.
+
+The baseline every low-communication method is measured against. One round per step:
+
+  leader  = the smallest peer id among live, *online* sync peers not recently failed
+  follower: push my gradients to the leader in one stream; the reply is the average
+  leader  : collect pushes until every expected peer arrived or `round_timeout_s` after
+            its own contribution, average (weighted by samples), reply to everyone
+
+Invariants:
+- Every peer that applies round t applies the same tensor (the leader's average), so
+  replicas stay bit-identical. A push carries the hash of the parameters it started
+  from; a peer whose hash or step disagrees with the leader is told RESYNC and
+  downloads the leader's state instead of contributing (never a silent fork).
+- A peer that arrives after the round closed still receives its average (it just did
+  not contribute), so lateness costs a contribution, not consistency.
+- If the leader fails mid-round, every follower gets an error, applies nothing and
+  retries the same step with the next leader; they stay identical to one another.
+- A peer dying mid-average delays the round by at most `round_timeout_s`; nothing waits
+  longer. Joiners announce `joining` and are not eligible as leader until their first
+  completed round.
+Known hole: all traffic goes through the leader (n x model size in and out per step),
+fine for the small swarms this baseline is for; the DiLoCo family is the scalable path.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterable
+
+import torch
+
+from swarm_node.protocol import codec
+from swarm_node.protocol.pb import swarm_node_wire_pb2 as wire
+from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, first_message
+from swarm_node.trainer import StepResult
+
+from .data_parallel import DataParallelStrategy
+from .state_transfer import StateService, StateTransferError
+
+PUSH = "sync.push"
+Status = wire.SyncReply.Status
+RESULTS_KEPT = 4
+
+
+# ---------------------------------------------------------------- pure math and choice
+def weighted_mean(contributions: Iterable[tuple[list[torch.Tensor], int]]) -> list[torch.Tensor]:
+    """Sample-weighted average of gradient lists (fp32 accumulation)."""
+    contributions = list(contributions)
+    total = sum(n for _, n in contributions)
+    if not contributions or total <= 0:
+        raise ValueError("nothing to average")
+    out = [torch.zeros_like(g, dtype=torch.float32) for g in contributions[0][0]]
+    for grads, n in contributions:
+        for acc, g in zip(out, grads):
+            acc.add_(g.float(), alpha=n / total)
+    return out
+
+
+def pick_leader(candidates: Iterable[str], suspects: Iterable[str] = ()) -> str | None:
+    eligible = sorted(set(candidates) - set(suspects))
+    return eligible[0] if eligible else None
+
+
+# ---------------------------------------------------------------- one round at the leader
+@dataclass
+class ReduceRound:
+    step: int
+    expected: set[str]
+    param_hash: str | None = None
+    contributions: dict[str, tuple[list[torch.Tensor], int]] = field(default_factory=dict)
+    leader_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    result: list[torch.Tensor] | None = None
+
+    def add(self, peer: str, grads: list[torch.Tensor], n: int) -> None:
+        if self.closed.is_set():
+            return
+        self.contributions[peer] = (grads, n)
+        if self.expected <= set(self.contributions):
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed.is_set():
+            self.result = weighted_mean(self.contributions.values())
+            self.closed.set()
+
+    @property
+    def total_samples(self) -> int:
+        return sum(n for _, n in self.contributions.values())
+
+
+class SyncStrategy(DataParallelStrategy):
+    name = "sync"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.rounds: dict[int, ReduceRound] = {}
+        self.suspects: dict[str, float] = {}  # peer -> monotonic time until which it is skipped
+        self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.config.round_timeout_s * 3)
+        params = ctx.trainer.parameters_list()
+        self._shapes = [tuple(p.shape) for p in params]
+        self._numel = sum(p.numel() for p in params)
+
+    async def start(self) -> None:
+        await self.ctx.transport.add_handler(PUSH, self._rpc_push, wire.SyncPush, channel="averaging")
+        await self.state.start()
+
+    # ------------------------------------------------------------ who takes part
+    def _live_suspects(self) -> set[str]:
+        now = time.monotonic()
+        self.suspects = {p: t for p, t in self.suspects.items() if t > now}
+        return set(self.suspects)
+
+    def _online_peers(self) -> list[str]:
+        return [m.peer_id for m in self.ctx.membership.others()
+                if m.record.strategy == self.name and m.record.state == "online"]
+
+    def leader(self) -> str:
+        me = self.ctx.peer_id
+        online = self._online_peers()
+        if self.ctx.progress.state == "online" or not online:
+            online.append(me)
+        return pick_leader(online, self._live_suspects() - {me}) or me
+
+    def _expected(self) -> set[str]:
+        return {m.peer_id for m in self.ctx.membership.others() if m.record.strategy == self.name} | {self.ctx.peer_id}
+
+    def _round(self, step: int) -> ReduceRound:
+        if step not in self.rounds:
+            self.rounds[step] = ReduceRound(step, self._expected())
+            for old in sorted(self.rounds)[:-RESULTS_KEPT]:
+                del self.rounds[old]
+        return self.rounds[step]
+
+    # ------------------------------------------------------------ the step
+    async def reduce(self, result: StepResult) -> list[torch.Tensor] | None:
+        leader = self.leader()
+        t0 = time.perf_counter()
+        if leader == self.ctx.peer_id:
+            update, outcome, size = await self._lead(result)
+        else:
+            update, outcome, size = await self._follow(leader, result)
+        self._account(outcome, size, time.perf_counter() - t0, leader)
+        if update is not None and self.ctx.progress.state != "online":
+            self.ctx.progress.state = "online"
+            await self.ctx.membership.announce("online")
+        return update
+
+    async def _lead(self, result: StepResult) -> tuple[list[torch.Tensor] | None, str, int]:
+        rnd = self._round(result.step)
+        rnd.param_hash = await self.ctx.compute(self.ctx.trainer.param_hash)
+        rnd.leader_ready.set()
+        rnd.add(self.ctx.peer_id, result.grads, result.num_samples)
+        try:
+            await asyncio.wait_for(rnd.closed.wait(), self.ctx.config.round_timeout_s)
+        except asyncio.TimeoutError:
+            missing = sorted(rnd.expected - set(rnd.contributions))
+            self.ctx.log.warning("round %d closed without %d peer(s): %s", rnd.step, len(missing),
+                                 ", ".join(p[-8:] for p in missing))
+            rnd.close()
+        return rnd.result, "ok", len(rnd.contributions)
+
+    async def _follow(self, leader: str, result: StepResult) -> tuple[list[torch.Tensor] | None, str, int]:
+        ctx = self.ctx
+        param_hash = await ctx.compute(ctx.trainer.param_hash)
+        grads_cpu = [g.detach().cpu() for g in result.grads]
+
+        def pushes() -> Iterable[wire.SyncPush]:
+            for chunk in codec.tensors_to_chunks(grads_cpu, codec.NONE, MAX_MESSAGE):
+                yield wire.SyncPush(run_id=ctx.spec.run_id, step=result.step, param_hash=param_hash,
+                                    num_samples=result.num_samples, num_tensors=len(grads_cpu), chunk=chunk)
+
+        assembler = codec.ChunkAssembler(len(self._shapes), max_numel_total=self._numel,
+                                         expected_shapes=self._shapes)
+        status, detail, contributors = None, "", 0
+        try:
+            async for reply in ctx.transport.call(leader, PUSH, pushes(), wire.SyncReply,
+                                                  timeout_s=ctx.config.round_timeout_s * 2 + 10, channel="averaging"):
+                status, detail = reply.status, reply.detail
+                if status != Status.SYNC_STATUS_OK:
+                    break
+                contributors = reply.num_contributors
+                assembler.add(reply.chunk)
+        except PeerUnavailable as e:
+            ctx.log.warning("round %d: leader unavailable (%s); retrying the step without it", result.step, e)
+            self.suspects[leader] = time.monotonic() + ctx.config.ttl_s
+            return None, "timeout" if "deadline" in str(e) else "error", 0
+        except codec.CodecError as e:
+            ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
+            ctx.log.warning("round %d: leader's average rejected: %s", result.step, e)
+            self.suspects[leader] = time.monotonic() + ctx.config.ttl_s
+            return None, "error", 0
+        if status == Status.SYNC_STATUS_OK and assembler.complete:
+            return assembler.result(), "ok", contributors
+        if status == Status.SYNC_STATUS_RESYNC:
+            await self._resync(leader, detail)
+            return None, "resync", 0
+        ctx.log.info("round %d: leader %s answered %s %s", result.step, leader[-8:],
+                     Status.Name(status) if status is not None else "nothing", detail)
+        return None, "error", 0
+
+    async def _resync(self, leader: str, why: str) -> None:
+        ctx = self.ctx
+        ctx.log.info("replica differs from leader %s (%s): downloading its state", leader[-8:], why)
+        try:
+            step = await self.state.download(leader)
+        except (PeerUnavailable, StateTransferError, codec.CodecError) as e:
+            ctx.metrics.recoveries.labels(kind="state_download", outcome="failed").inc()
+            ctx.log.warning("state download from %s failed: %s", leader[-8:], e)
+            return
+        ctx.metrics.recoveries.labels(kind="state_download", outcome="ok").inc()
+        ctx.progress.step = step
+        ctx.log.info("resynchronised to step %d", step)
+
+    def _account(self, outcome: str, size: int, duration_s: float, leader: str) -> None:
+        m = self.ctx.metrics
+        m.rounds.labels(strategy=self.name, outcome=outcome).inc()
+        if outcome == "ok":
+            m.round_duration.observe(duration_s)
+            m.group_size.set(size)
+            m.last_successful_round.set(time.time())
+        self.ctx.progress.last_round = {"step": self.ctx.trainer.step, "outcome": outcome, "group_size": size,
+                                        "duration_s": round(duration_s, 4), "leader": leader}
+
+    # ------------------------------------------------------------ leader side RPC
+    async def _rpc_push(self, requests: AsyncIterator[wire.SyncPush], caller: str) -> AsyncIterator[wire.SyncReply]:
+        ctx = self.ctx
+        timeout = ctx.config.round_timeout_s
+        first = await first_message(requests, timeout)
+        if first is None:
+            return
+        my_step = ctx.trainer.step
+        if first.run_id != ctx.spec.run_id:
+            yield _reply(Status.SYNC_STATUS_REJECTED, "wrong run id")
+            return
+        if self.leader() != ctx.peer_id:
+            yield _reply(Status.SYNC_STATUS_NOT_LEADER, "", leader_hint=self.leader())
+            return
+        if first.step < my_step and first.step not in self.rounds or first.step > my_step + 1:
+            ctx.metrics.rejected_messages.labels(reason="stale_step").inc()
+            yield _reply(Status.SYNC_STATUS_RESYNC, f"step {first.step}, leader at {my_step}")
+            return
+        rnd = self._round(first.step)
+        try:
+            await asyncio.wait_for(rnd.leader_ready.wait(), timeout * 2)
+        except asyncio.TimeoutError:
+            yield _reply(Status.SYNC_STATUS_TIMEOUT, "leader did not reach this step in time")
+            return
+        if first.param_hash != rnd.param_hash:
+            yield _reply(Status.SYNC_STATUS_RESYNC, "parameter hash differs")
+            return
+        if not rnd.closed.is_set():
+            try:
+                grads = await self._receive(first, requests, timeout)
+            except codec.CodecError as e:
+                ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
+                ctx.log.warning("rejected gradients from %s: %s", caller[-8:], e)
+                yield _reply(Status.SYNC_STATUS_REJECTED, str(e))
+                return
+            if grads is not None and first.num_samples > 0:
+                rnd.add(caller, grads, min(int(first.num_samples), 1 << 20))
+        try:
+            await asyncio.wait_for(rnd.closed.wait(), timeout * 2)
+        except asyncio.TimeoutError:
+            yield _reply(Status.SYNC_STATUS_TIMEOUT, "round did not close")
+            return
+        for chunk in codec.tensors_to_chunks([g.cpu() for g in rnd.result], codec.NONE, MAX_MESSAGE):
+            yield wire.SyncReply(status=Status.SYNC_STATUS_OK, step=rnd.step, num_contributors=len(rnd.contributions),
+                                 total_samples=rnd.total_samples, chunk=chunk)
+
+    async def _receive(self, first: wire.SyncPush, rest: AsyncIterator[wire.SyncPush],
+                       timeout_s: float) -> list[torch.Tensor] | None:
+        if first.num_tensors != len(self._shapes):
+            raise codec.CodecError("bad_shape", f"{first.num_tensors} tensors, model has {len(self._shapes)}")
+        assembler = codec.ChunkAssembler(len(self._shapes), max_numel_total=self._numel, expected_shapes=self._shapes)
+        assembler.add(first.chunk)
+        while not assembler.complete:
+            msg = await first_message(rest, timeout_s)
+            if msg is None:
+                return None  # follower vanished mid-push: it simply does not contribute
+            assembler.add(msg.chunk)
+        return assembler.result()
+
+
+def _reply(status: int, detail: str, *, leader_hint: str = "") -> wire.SyncReply:
+    return wire.SyncReply(status=status, detail=detail, leader_hint=leader_hint)
