@@ -115,7 +115,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_strategies(args: argparse.Namespace) -> int:
-    from .strategies.registry import available  # type: ignore[import-not-found]
+    from swarm_node.strategies.registry import available
 
     for name, target in available().items():
         print(f"{name:12s} {target}")

@@ -47,11 +47,11 @@ from .network import IsolationWatchdog, NetworkSettings, SwarmNetwork
 from .processes import install_p2pd_reaper, reap_children
 from .status import NodeStatus, PeerView, Phase
 from .trainer import LocalTrainer, TrainConfig, build_trainer
-from ..protocol.codec import REJECT_REASONS
-from ..protocol.records import PeerRecord
-from ..protocol.transport import Transport
-from ..strategies import registry
-from ..strategies.base import Progress, Strategy, StrategyContext
+from swarm_node.protocol.codec import REJECT_REASONS
+from swarm_node.protocol.records import PeerRecord
+from swarm_node.protocol.transport import Transport
+from swarm_node.strategies import registry
+from swarm_node.strategies.base import Progress, Strategy, StrategyContext
 
 log = logging.getLogger("swarm_node")
 

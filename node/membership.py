@@ -22,7 +22,7 @@ from typing import Callable
 
 from hivemind.utils import get_dht_time
 
-from ..protocol.records import PeerRecord, RecordError, SpecRecord, peers_key, spec_key
+from swarm_node.protocol.records import PeerRecord, RecordError, SpecRecord, peers_key, spec_key
 from .config import RunSpec
 from .metrics import NodeMetrics
 from .network import SwarmNetwork

@@ -79,7 +79,8 @@ class Transport:
 
         try:
             pid = PeerID.from_base58(peer_id)
-            stream = self.p2p.iterate_protobuf_handler(pid, self._name(method), outgoing(), reply_type)
+            stream = await asyncio.wait_for(
+                self.p2p.iterate_protobuf_handler(pid, self._name(method), outgoing(), reply_type), timeout_s)
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:

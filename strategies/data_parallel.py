@@ -56,6 +56,7 @@ class DataParallelStrategy(Strategy):
                 continue
             update = await self.reduce(result)
             if update is None:
+                await asyncio.sleep(0.2)  # no agreed update: retry this step, without spinning
                 continue
             try:
                 await ctx.compute(ctx.trainer.apply_gradients, update)

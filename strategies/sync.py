@@ -118,11 +118,17 @@ class SyncStrategy(DataParallelStrategy):
                 if m.record.strategy == self.name and m.record.state == "online"]
 
     def leader(self) -> str:
+        """Lowest id among online peers; in a swarm with nobody online yet, among everyone."""
         me = self.ctx.peer_id
         online = self._online_peers()
-        if self.ctx.progress.state == "online" or not online:
+        if self.ctx.progress.state == "online":
             online.append(me)
+        if not online:  # fresh swarm: all start from the same seed, so anyone may lead
+            online = [m.peer_id for m in self.ctx.membership.others() if m.record.strategy == self.name] + [me]
         return pick_leader(online, self._live_suspects() - {me}) or me
+
+    def _leader_is_online(self, leader: str) -> bool:
+        return leader in self._online_peers()
 
     def _expected(self) -> set[str]:
         return {m.peer_id for m in self.ctx.membership.others() if m.record.strategy == self.name} | {self.ctx.peer_id}
@@ -138,6 +144,11 @@ class SyncStrategy(DataParallelStrategy):
     async def reduce(self, result: StepResult) -> list[torch.Tensor] | None:
         leader = self.leader()
         t0 = time.perf_counter()
+        if self.ctx.progress.state == "joining" and leader != self.ctx.peer_id and self._leader_is_online(leader):
+            # A joiner adopts the swarm's replica before it contributes anything.
+            await self._resync(leader, "joining a running swarm")
+            self._account("resync", 0, time.perf_counter() - t0, leader)
+            return None
         if leader == self.ctx.peer_id:
             update, outcome, size = await self._lead(result)
         else:
@@ -231,6 +242,18 @@ class SyncStrategy(DataParallelStrategy):
         first = await first_message(requests, timeout)
         if first is None:
             return
+        # Read the whole push before answering anything: closing the stream while the
+        # follower still writes would surface there as a broken pipe, not as our answer.
+        try:
+            grads = await self._receive(first, requests, timeout)
+        except codec.CodecError as e:
+            ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
+            ctx.log.warning("rejected gradients from %s: %s", caller[-8:], e)
+            await _drain(requests, timeout)
+            yield _reply(Status.SYNC_STATUS_REJECTED, str(e))
+            return
+        if grads is None:
+            return  # follower vanished mid-push
         my_step = ctx.trainer.step
         if first.run_id != ctx.spec.run_id:
             yield _reply(Status.SYNC_STATUS_REJECTED, "wrong run id")
@@ -251,16 +274,8 @@ class SyncStrategy(DataParallelStrategy):
         if first.param_hash != rnd.param_hash:
             yield _reply(Status.SYNC_STATUS_RESYNC, "parameter hash differs")
             return
-        if not rnd.closed.is_set():
-            try:
-                grads = await self._receive(first, requests, timeout)
-            except codec.CodecError as e:
-                ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
-                ctx.log.warning("rejected gradients from %s: %s", caller[-8:], e)
-                yield _reply(Status.SYNC_STATUS_REJECTED, str(e))
-                return
-            if grads is not None and first.num_samples > 0:
-                rnd.add(caller, grads, min(int(first.num_samples), 1 << 20))
+        if first.num_samples > 0:
+            rnd.add(caller, grads, min(int(first.num_samples), 1 << 20))  # no-op if already closed
         try:
             await asyncio.wait_for(rnd.closed.wait(), timeout * 2)
         except asyncio.TimeoutError:
@@ -282,6 +297,13 @@ class SyncStrategy(DataParallelStrategy):
                 return None  # follower vanished mid-push: it simply does not contribute
             assembler.add(msg.chunk)
         return assembler.result()
+
+
+async def _drain(requests: AsyncIterator, timeout_s: float, max_messages: int = 100_000) -> None:
+    """Consume what the follower still sends (bounded), so it can read our answer."""
+    for _ in range(max_messages):
+        if await first_message(requests, timeout_s) is None:
+            return
 
 
 def _reply(status: int, detail: str, *, leader_hint: str = "") -> wire.SyncReply:
