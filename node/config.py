@@ -146,6 +146,7 @@ class RunSpec(BaseModel):
     batch_size: int
     lr: float
     seed: int
+    data_fingerprint: str = ""  # sha256 prefix of the loaded corpus: 'stdlib' differs across Pythons
 
     def canonical(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

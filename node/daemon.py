@@ -44,6 +44,7 @@ from .membership import Membership, SpecMismatch
 from .metrics import NodeMetrics
 from .model import GPTConfig
 from .network import IsolationWatchdog, NetworkSettings, SwarmNetwork
+from .preflight import raise_nofile_limit
 from .processes import install_p2pd_reaper, reap_children
 from .status import NodeStatus, PeerView, Phase
 from .trainer import LocalTrainer, TrainConfig, build_trainer
@@ -91,6 +92,8 @@ class Node:
         self._snapshot: NodeStatus | None = None
         self._lock_file = None
         self.resumed_from: int | None = None
+        self.history: list[list] = []  # [step, train_loss, val_loss | None]
+        self._val_step: int | None = None
         self.net: SwarmNetwork | None = None
         self.membership: Membership | None = None
         self.watchdog: IsolationWatchdog | None = None
@@ -125,6 +128,7 @@ class Node:
         self._loop = asyncio.get_running_loop()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_state_dir()
+        raise_nofile_limit()  # p2pd and the DHT hold many sockets; Linux defaults to 1024
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         try:
@@ -137,6 +141,7 @@ class Node:
             dataset = await self.compute(functools.partial(ByteDataset.from_source, cfg.data, max_bytes=cfg.data_max_bytes))
         except DataError as e:
             raise NodeExit(EXIT_CONFIG, f"training data: {e}") from None
+        self.spec = self.spec.model_copy(update={"data_fingerprint": dataset.fingerprint})
         model_cfg = GPTConfig(seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model)
         train_cfg = TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
         self.trainer = await self.compute(functools.partial(
@@ -347,13 +352,39 @@ class Node:
     async def _on_step(self) -> None:
         cfg, step = self.config, self.trainer.step
         self.train_beat.beat()
+        if len(self.history) < 100_000:
+            self.history.append([step, self.progress.train_loss, None])
         if step % cfg.eval_every == 0:
-            self.progress.val_loss = await self.compute(self.trainer.evaluate)
-            self.metrics.val_loss.set(self.progress.val_loss)
+            await self._evaluate()
         if step % cfg.checkpoint_every == 0:
             await self.compute(self.trainer.save_checkpoint, cfg.state_dir / "checkpoint.pt")
         if self.gate is not None:
             await self._spare_gpu_pause()
+
+    async def _evaluate(self) -> float:
+        self.progress.val_loss = await self.compute(self.trainer.evaluate)
+        self.metrics.val_loss.set(self.progress.val_loss)
+        self._val_step = self.trainer.step
+        if self.history and self.history[-1][0] == self.trainer.step:
+            self.history[-1][2] = self.progress.val_loss
+        return self.progress.val_loss
+
+    def _write_summary(self) -> None:
+        """summary.json: what this run of the node did (read by `demo` and the tests)."""
+        rounds = {s.labels["outcome"]: int(s.value) for fam in self.metrics.rounds.collect() for s in fam.samples
+                  if s.name.endswith("_total")}
+        tx = sum(s.value for s in _samples(self.metrics.net_tx_bytes))
+        rx = sum(s.value for s in _samples(self.metrics.net_rx_bytes))
+        summary = {"peer_id": self.net.peer_id.to_base58() if self.net else None, "run_id": self.spec.run_id,
+                   "strategy": self.config.strategy, "step": self.trainer.step if self.trainer else 0,
+                   "resumed_from_step": self.resumed_from, "train_loss": self.progress.train_loss,
+                   "val_loss": self.progress.val_loss, "val_step": self._val_step, "bytes_sent": int(tx),
+                   "bytes_received": int(rx), "rounds": rounds, "stop_reason": self.stop_reason,
+                   "param_hash": self.trainer.param_hash() if self.trainer else None, "history": self.history}
+        path = self.config.state_dir / "summary.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary))
+        os.replace(tmp, path)
 
     async def _spare_gpu_pause(self) -> None:
         import threading
@@ -461,11 +492,21 @@ class Node:
 
     async def shutdown(self) -> None:
         log.info("shutting down (%s)", self.stop_reason or "stop")
+        self.stop_requested = True
+        if self.membership is not None and self.trainer is not None:
+            self._snapshot = self._build_snapshot()  # /readyz answers 503 (draining) from now on
         if self.membership is not None:
             try:  # tell peers right away instead of letting our record expire
                 await asyncio.wait_for(self.membership.announce("leaving", ttl_s=max(self.config.announce_interval_s, 2)), 5)
             except Exception:
                 pass
+        if self.trainer is not None and self.net is not None:
+            try:
+                if self._val_step != self.trainer.step:
+                    await asyncio.wait_for(self._evaluate(), 30)
+                self._write_summary()
+            except Exception as e:
+                log.warning("could not write the run summary: %s", e)
         if self.trainer is not None:
             try:
                 await self.compute(self.trainer.save_checkpoint, self.config.state_dir / "checkpoint.pt")

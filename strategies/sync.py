@@ -97,6 +97,7 @@ class SyncStrategy(DataParallelStrategy):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.rounds: dict[int, ReduceRound] = {}
+        self._adopted = False  # a joiner downloads the swarm's replica once, then contributes
         self.suspects: dict[str, float] = {}  # peer -> monotonic time until which it is skipped
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.config.round_timeout_s * 3)
         params = ctx.trainer.parameters_list()
@@ -144,7 +145,8 @@ class SyncStrategy(DataParallelStrategy):
     async def reduce(self, result: StepResult) -> list[torch.Tensor] | None:
         leader = self.leader()
         t0 = time.perf_counter()
-        if self.ctx.progress.state == "joining" and leader != self.ctx.peer_id and self._leader_is_online(leader):
+        if (self.ctx.progress.state == "joining" and not self._adopted and leader != self.ctx.peer_id
+                and self._leader_is_online(leader)):
             # A joiner adopts the swarm's replica before it contributes anything.
             await self._resync(leader, "joining a running swarm")
             self._account("resync", 0, time.perf_counter() - t0, leader)
@@ -222,6 +224,7 @@ class SyncStrategy(DataParallelStrategy):
             ctx.log.warning("state download from %s failed: %s", leader[-8:], e)
             return
         ctx.metrics.recoveries.labels(kind="state_download", outcome="ok").inc()
+        self._adopted = True
         ctx.progress.step = step
         ctx.log.info("resynchronised to step %d", step)
 

@@ -1,0 +1,58 @@
+"""Shared fixtures. Multi-process tests get a `Swarm` whose nodes are always killed, and the
+session ends by checking that no p2pd started by these tests is still running."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import psutil
+import pytest
+
+from swarm_node.launcher import Swarm
+
+# Small and fast: one layer, short sequences, 1 s heartbeats, 4 s record lifetime.
+FAST_NODE_ARGS = [
+    "--host", "127.0.0.1", "--metrics-addr", "127.0.0.1:0", "--threads", "1",
+    "--announce-interval-s", "1", "--record-ttl-s", "4", "--watchdog-interval-s", "1",
+    "--status-interval-s", "2", "--n-layer", "1", "--d-model", "64", "--n-head", "4", "--seq-len", "32",
+    "--batch-size", "8", "--data-max-bytes", "600000", "--round-timeout-s", "5",
+    "--eval-every", "10", "--checkpoint-every", "10", "--shutdown-grace-s", "10",
+]
+
+
+def _p2pd_pids() -> set[int]:
+    out = set()
+    for p in psutil.process_iter(["pid", "name", "status"]):
+        if p.info["name"] == "p2pd" and p.info["status"] != psutil.STATUS_ZOMBIE:
+            out.add(p.info["pid"])
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_p2pd():
+    before = _p2pd_pids()
+    yield
+    leftover = _p2pd_pids() - before
+    for pid in leftover:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not leftover, f"p2pd processes left running after the tests: {sorted(leftover)}"
+
+
+@pytest.fixture
+def swarm(tmp_path: Path):
+    sw = Swarm(tmp_path, FAST_NODE_ARGS)
+    try:
+        yield sw
+    finally:
+        sw.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,233 @@
+"""Real daemons, real sockets: separate `swarm-node join` processes on loopback.
+
+Every wait is bounded (launcher.wait_for / wait_info), every node is killed by the
+`swarm` fixture, and the session fixture fails if any p2pd outlives the tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from swarm_node.launcher import JOIN_LINE, NodeProcess
+from swarm_node.processes import is_running_process
+
+from .conftest import FAST_NODE_ARGS, free_port
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _peer_ids(status: dict) -> set[str]:
+    return {p["peer_id"] for p in status["peers"]}
+
+
+def _summary(node: NodeProcess) -> dict:
+    return json.loads((node.state_dir / "summary.json").read_text())
+
+
+def _cli(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "swarm_node", *args], capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def _model_state(node: NodeProcess) -> dict[str, torch.Tensor]:
+    return torch.load(node.state_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def test_three_sync_peers_see_each_other_and_stay_identical(swarm):
+    """1. Start a new swarm and two peers joining through its printed join line (sync, min 3 peers).
+    2. Each node's /status lists all three; `swarm-node peers` on a node agrees with its /status.
+    3. /metrics parses as Prometheus text with sane names; /readyz is 200 once training.
+    4. All stop at --max-steps 30 with exit 0 and bit-identical model checkpoints.
+    Result: membership, health and control agree, and sync keeps replicas identical."""
+    common = ["--run-id", "three", "--strategy", "sync", "--min-peers", "3", "--max-steps", "30"]
+    a = swarm.add("a", common)
+    a.wait_info()
+    join_lines = JOIN_LINE.findall(a.log_text())
+    assert len(join_lines) == 1 and join_lines[0].startswith("/ip4/127.0.0.1/tcp/")
+    b = swarm.add("b", common, initial=join_lines[0])
+    c = swarm.add("c", common, initial=join_lines[0])
+    ids = {n.wait_info()["peer_id"] for n in (a, b, c)}
+    assert len(ids) == 3
+
+    for n in (a, b, c):
+        st = n.wait_for(lambda s: _peer_ids(s) == ids or s["phase"] == "draining", 60, "seeing all three peers")
+        assert _peer_ids(st) == ids, st["peers"]
+
+    cli = _cli("peers", "--state-dir", str(b.state_dir), "--json")
+    assert cli.returncode == 0, cli.stderr
+    assert {p["peer_id"] for p in json.loads(cli.stdout)} == ids
+    table = _cli("status", "--state-dir", str(b.state_dir))
+    assert table.returncode == 0 and b.info["peer_id"][:6] in table.stdout, table.stdout + table.stderr
+
+    code, body = a.http("/metrics")
+    assert code == 200
+    families = list(text_string_to_metric_families(body.decode()))
+    names = {f.name for f in families}
+    assert {"swarm_averaging_rounds", "swarm_dht_routing_table_peers", "swarm_ready"} <= names
+    for fam in families:
+        for sample in fam.samples:
+            assert not {"peer", "peer_id", "maddr", "step", "hash"} & set(sample.labels), sample
+            if fam.type == "counter":
+                assert sample.name.endswith(("_total", "_created")), sample.name
+
+    for n in (a, b, c):
+        assert n.proc.wait(120) == 0, n.log_text()[-2000:]
+    states = [_model_state(n) for n in (a, b, c)]
+    for other in states[1:]:
+        for k in states[0]:
+            torch.testing.assert_close(other[k], states[0][k], rtol=0, atol=0, msg=f"replicas differ at {k}")
+    summaries = [_summary(n) for n in (a, b, c)]
+    assert all(s["step"] == 30 for s in summaries)
+    assert len({s["param_hash"] for s in summaries}) == 1
+    assert all(s["rounds"].get("ok", 0) >= 25 for s in summaries), [s["rounds"] for s in summaries]
+    assert all(s["bytes_sent"] > 0 for s in summaries)
+    for n in (a, b, c):
+        assert n.group_pids() == [], f"{n.name} left processes: {n.group_pids()}"
+
+
+def test_sync_reaches_lower_validation_loss_than_solo(swarm):
+    """1. Three sync peers and one solo node train the same model for 60 steps, same seed.
+    2. Read each node's final held-out loss from its summary.
+    Result: the sync swarm (3x the samples per step) ends with a lower validation loss."""
+    steps = ["--max-steps", "60", "--eval-every", "60"]
+    a = swarm.add("a", ["--run-id", "cmp", "--strategy", "sync", "--min-peers", "3", *steps])
+    a.wait_info()
+    others = [swarm.add(n, ["--run-id", "cmp", "--strategy", "sync", "--min-peers", "3", *steps],
+                        initial=a.join_maddr()) for n in ("b", "c")]
+    solo = swarm.add("solo", ["--run-id", "cmp-solo", "--strategy", "solo", *steps])
+    for n in (a, *others, solo):
+        assert n.proc.wait(240) == 0, n.log_text()[-2000:]
+    sync_loss = _summary(a)["val_loss"]
+    solo_loss = _summary(solo)["val_loss"]
+    assert _summary(a)["val_step"] == _summary(solo)["val_step"] == 60
+    print(f"validation loss after 60 steps: sync x3 {sync_loss:.4f}, solo {solo_loss:.4f}")
+    assert sync_loss < solo_loss - 0.02, (sync_loss, solo_loss)
+
+
+def test_sigkill_peer_disappears_and_leaves_no_process(swarm):
+    """1. Two solo peers of one run see each other.
+    2. SIGKILL only the main process of b (the crash path, not its process group).
+    3. b's p2pd must die with it (parent-death signal); a must drop b once its record expires.
+    Result: no process of b survives, and a's view shrinks within the 4 s record lifetime + slack."""
+    a = swarm.add("a", ["--run-id", "kill", "--strategy", "solo", "--min-peers", "2"])
+    a.wait_info()
+    b = swarm.add("b", ["--run-id", "kill", "--strategy", "solo", "--min-peers", "2"], initial=a.join_maddr())
+    b_id = b.wait_info()["peer_id"]
+    a.wait_for(lambda s: b_id in _peer_ids(s), 45, "a seeing b")
+    children = b.group_pids()
+    assert len(children) >= 2, f"expected the node and its p2pd, got {children}"
+    b.kill(group=False)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(is_running_process(p) for p in children):
+        time.sleep(0.2)
+    assert not [p for p in children if is_running_process(p)], "a child of the killed node is still running"
+    t0 = time.monotonic()
+    a.wait_for(lambda s: b_id not in _peer_ids(s), 15, "a dropping the killed peer")
+    print(f"killed peer dropped after {time.monotonic() - t0:.1f}s")
+
+
+def test_restart_keeps_peer_id_and_resumes(swarm, tmp_path):
+    """1. A solo node trains 20 steps and exits (checkpoint at 20).
+    2. Restart it on the same state dir, this time waiting for a second peer (so it holds still).
+    Result: same peer id, and /status reports it resumed at step 20."""
+    first = swarm.add("n", ["--run-id", "resume", "--strategy", "solo", "--max-steps", "20"])
+    peer_id = first.wait_info()["peer_id"]
+    assert first.proc.wait(120) == 0, first.log_text()[-2000:]
+    assert _summary(first)["step"] == 20
+    key = first.state_dir / "identity.key"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+
+    again = NodeProcess("n2", first.state_dir, [*FAST_NODE_ARGS, "--new-swarm", "--run-id", "resume",
+                                                "--strategy", "solo", "--min-peers", "2"])
+    swarm.nodes.append(again)
+    again.start()
+    assert again.wait_info()["peer_id"] == peer_id
+    st = again.wait_for(lambda s: s["resumed_from_step"] == 20 and s["waiting_for"], 30, "resumed step in /status")
+    assert st["step"] == 20 and "peers: 1/2" in st["waiting_for"]
+    assert "resumed at step 20" in again.log_text()
+
+
+def test_unreachable_initial_peer_then_rejoins_and_readyz_flips(swarm, tmp_path):
+    """1. Create A's identity, reserve a port, start B pointing at A's (not yet running) address.
+    2. B starts alone with a warning; /readyz is 503 (not connected).
+    3. Start A on that port with that identity.
+    Result: within 30 s B's watchdog has joined A (bootstrap ok counted), B sees A, /readyz is 200."""
+    a_dir = tmp_path / "a"
+    ident = _cli("identity", "--state-dir", str(a_dir))
+    assert ident.returncode == 0, ident.stderr
+    a_id = re.search(r"peer id: (\S+)", ident.stdout).group(1)
+    port = free_port()
+    a_maddr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{a_id}"
+
+    b = swarm.add("b", ["--run-id", "late", "--strategy", "solo"], initial=a_maddr)
+    b.wait_info()
+    assert "no initial peer answered yet" in b.log_text()
+    time.sleep(2)
+    code, body = b.http("/readyz")
+    assert code == 503 and json.loads(body)["checks"]["connected"] is False, body
+
+    healed = time.monotonic()
+    a = NodeProcess("a", a_dir, [*FAST_NODE_ARGS, "--new-swarm", "--run-id", "late", "--strategy", "solo",
+                                 "--port", str(port)])
+    swarm.nodes.append(a)
+    a.start()
+    assert a.wait_info()["peer_id"] == a_id
+    b.wait_for(lambda s: a_id in _peer_ids(s) and s["phase"] == "ready", 30 + 20, "rejoining after the heal")
+    print(f"rejoined {time.monotonic() - healed:.1f}s after the initial peer came up (includes its startup)")
+    code, _ = b.http("/readyz")
+    assert code == 200
+    _, metrics = b.http("/metrics")
+    ok = re.search(r'^swarm_bootstrap_attempts_total\{outcome="ok"\} (\S+)$', metrics.decode(), re.MULTILINE)
+    failed = re.search(r'^swarm_bootstrap_attempts_total\{outcome="failed"\} (\S+)$', metrics.decode(), re.MULTILINE)
+    assert ok and float(ok.group(1)) >= 1 and failed and float(failed.group(1)) >= 1
+
+
+def test_mismatched_spec_is_refused_with_the_differing_field(swarm):
+    """1. A runs the default spec; B joins the same run id with another learning rate.
+    Result: B exits with code 2 and names the field (lr) and both values."""
+    a = swarm.add("a", ["--run-id", "spec", "--strategy", "solo"])
+    a.wait_info()
+    b = swarm.add("b", ["--run-id", "spec", "--strategy", "solo", "--lr", "0.01"], initial=a.join_maddr())
+    assert b.proc.wait(90) == 2, b.log_text()[-2000:]
+    log = b.log_text()
+    assert "different spec" in log and "lr: ours=0.01 theirs=0.003" in log, log[-2000:]
+
+
+def test_sigterm_drains_and_sync_survives_a_peer_dying_mid_run(swarm):
+    """1. Three sync peers train; at step >= 5 SIGKILL c's whole group (dies mid-average).
+    2. a and b must keep stepping (round timeout 5 s bounds the wait) and drop c.
+    3. SIGTERM b: it drains, exits 0 within the grace period, leaves no process; a notices.
+    Result: sync never hangs on a dead peer, and a drain is clean."""
+    common = ["--run-id", "churn", "--strategy", "sync", "--min-peers", "1"]
+    a = swarm.add("a", common)
+    a.wait_info()
+    b = swarm.add("b", common, initial=a.join_maddr())
+    c = swarm.add("c", common, initial=a.join_maddr())
+    c_id = c.wait_info()["peer_id"]
+    b_id = b.wait_info()["peer_id"]
+    c.wait_for(lambda s: s["last_round"].get("group_size") == 3, 90, "three-peer rounds")
+    c.kill(group=True)
+    killed_at = a.status()["step"]
+    st = a.wait_for(lambda s: s["step"] >= killed_at + 10 and c_id not in _peer_ids(s), 60,
+                    "progress after a peer died")
+    assert b_id in _peer_ids(st)
+
+    t0 = time.monotonic()
+    b.proc.send_signal(signal.SIGTERM)
+    assert b.proc.wait(10 + 5) == 0, b.log_text()[-2000:]
+    print(f"SIGTERM drain took {time.monotonic() - t0:.1f}s")
+    assert b.group_pids() == []
+    assert (b.state_dir / "checkpoint.pt").exists()
+    a.wait_for(lambda s: b_id not in _peer_ids(s), 8, "a noticing b left")
+    step = a.status()["step"]
+    a.wait_for(lambda s: s["step"] >= step + 5, 30, "a training alone")
