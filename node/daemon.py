@@ -92,7 +92,7 @@ class Node:
         self._snapshot: NodeStatus | None = None
         self._lock_file = None
         self.resumed_from: int | None = None
-        self.history: list[list] = []  # [step, train_loss, val_loss | None]
+        self.history: list[list] = []  # [step, train_loss, val_loss | None, seconds since start]
         self._val_step: int | None = None
         self.net: SwarmNetwork | None = None
         self.membership: Membership | None = None
@@ -353,7 +353,7 @@ class Node:
         cfg, step = self.config, self.trainer.step
         self.train_beat.beat()
         if len(self.history) < 100_000:
-            self.history.append([step, self.progress.train_loss, None])
+            self.history.append([step, self.progress.train_loss, None, round(time.monotonic() - self.started_at, 4)])
         if step % cfg.eval_every == 0:
             await self._evaluate()
         if step % cfg.checkpoint_every == 0:

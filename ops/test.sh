@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command: installs what it needs, then runs the whole suite.
+#   unit tests (codec, records, config, trainer, metrics, control, ...) and
+#   multi-process tests that start real swarm-node daemons on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash ops/install.sh
+# promtool lints our /metrics page in the tests; install it when we can (root + apt), else those checks skip.
+if ! command -v promtool >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "[test] installing promtool (Debian package prometheus)"
+  (timeout 300 apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+    || (timeout 120 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1)) \
+    || echo "[test] promtool unavailable: its checks will be skipped"
+fi
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

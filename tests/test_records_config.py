@@ -1,0 +1,105 @@
+"""DHT records validate strictly; config merges CLI > env > TOML and explains errors."""
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from swarm_node.cli import main as cli_main
+from swarm_node.config import ConfigError, NodeConfig, load_config
+from swarm_node.protocol.records import MAX_RECORD_BYTES, PeerRecord, RecordError, SpecRecord
+
+PID = "QmPeer" + "x" * 40
+
+
+def record(**kw) -> PeerRecord:
+    base = dict(peer_id=PID, state="online", spec_hash="abc", strategy="sync", role="trainer", device="cpu",
+                step=3, samples_per_s=12.5, software="0.1.0", maddrs=("/ip4/1.2.3.4/tcp/1/p2p/" + PID,))
+    base.update(kw)
+    return PeerRecord(**base)
+
+
+def test_peer_record_round_trip():
+    r = record()
+    assert PeerRecord.from_wire(r.to_wire(), subkey=PID) == r
+
+
+@pytest.mark.parametrize("index,value,needle", [
+    (7, 3.0, "step must be an int"),          # float where an int belongs
+    (7, True, "step must be an int"),         # bool is not a number here
+    (7, -1, "out of range"),
+    (8, float("nan"), "not finite"),
+    (8, "fast", "must be a number"),
+    (2, "dancing", "state"),
+    (10, ["x"] * 9, "at most 8"),
+])
+def test_peer_record_rejects_bad_fields(index, value, needle):
+    fields = list(msgpack.unpackb(record().to_wire()))
+    fields[index] = value
+    with pytest.raises(RecordError, match=needle):
+        PeerRecord.from_wire(msgpack.packb(fields), subkey=PID)
+
+
+def test_peer_record_rejects_spoofed_subkey_wrong_version_and_garbage():
+    with pytest.raises(RecordError, match="stored under"):
+        PeerRecord.from_wire(record().to_wire(), subkey="QmSomeoneElse")
+    fields = list(msgpack.unpackb(record().to_wire()))
+    fields[0] = 99
+    with pytest.raises(RecordError, match="version"):
+        PeerRecord.from_wire(msgpack.packb(fields))
+    with pytest.raises(RecordError, match="msgpack"):
+        PeerRecord.from_wire(b"\xc1\xc1\xc1")
+    with pytest.raises(RecordError, match="bytes"):
+        PeerRecord.from_wire({"not": "bytes"})
+    with pytest.raises(RecordError, match="exceeds"):
+        PeerRecord.from_wire(b"\x00" * (MAX_RECORD_BYTES + 1))
+
+
+def test_oversized_record_refused_at_encode_time():
+    with pytest.raises(RecordError, match="exceeds"):
+        record(role="r" * (MAX_RECORD_BYTES + 10)).to_wire()
+
+
+def test_spec_record_and_differences():
+    spec = NodeConfig(lr=0.01).run_spec()
+    other = NodeConfig().run_spec()
+    assert spec.digest() != other.digest()
+    assert spec.differences(other.canonical()) == ["lr: ours=0.01 theirs=0.003"]
+    rec = SpecRecord(spec.digest(), spec.canonical())
+    assert SpecRecord.from_wire(rec.to_wire()) == rec
+    with pytest.raises(RecordError):
+        SpecRecord.from_wire(msgpack.packb([1, "d", {"k": [1, 2]}]))
+
+
+def test_config_precedence_cli_env_toml(tmp_path, monkeypatch):
+    toml = tmp_path / "swarm.toml"
+    toml.write_text('run_id = "from-toml"\nlr = 0.5\nbatch_size = 4\ninitial_peers = "/ip4/1.2.3.4/tcp/5/p2p/QmA"\n')
+    monkeypatch.setenv("SWARM_NODE_LR", "0.25")
+    monkeypatch.setenv("SWARM_NODE_BATCH_SIZE", "8")
+    cfg = load_config({"batch_size": 2}, toml)
+    assert cfg.run_id == "from-toml"  # TOML only
+    assert cfg.lr == 0.25  # env beats TOML
+    assert cfg.batch_size == 2  # CLI beats env
+    assert cfg.initial_peers == ["/ip4/1.2.3.4/tcp/5/p2p/QmA"]
+
+
+@pytest.mark.parametrize("values,needle", [
+    ({"port": 70000}, "--port"),
+    ({"initial_peers": ["1.2.3.4:5"]}, "not a peer multiaddr"),
+    ({"d_model": 100, "n_head": 3}, "divisible"),
+    ({"metrics_addr": "nope"}, "host:port"),
+    ({"lr": "fast"}, "--lr"),
+])
+def test_config_errors_are_plain_words(values, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(values)
+
+
+def test_cli_exit_code_2_on_bad_config_and_missing_join_target(capsys, tmp_path):
+    assert cli_main(["join", "--port", "-5", "--state-dir", str(tmp_path)]) == 2
+    assert "--port" in capsys.readouterr().err
+    assert cli_main(["join", "--state-dir", str(tmp_path)]) == 2
+    assert "--new-swarm" in capsys.readouterr().err
+    toml = tmp_path / "bad.toml"
+    toml.write_text("lr = [")
+    assert cli_main(["join", "--new-swarm", "--config", str(toml), "--state-dir", str(tmp_path)]) == 2
+    assert cli_main(["join", "--new-swarm", "--config", str(tmp_path / "missing.toml")]) == 2
