@@ -33,8 +33,10 @@ def snapshot(trainer) -> tuple[dict[str, Any], list[torch.Tensor]]:
     opt_state = trainer.optimizer.state_dict()["state"]
     opt_keys = [[int(i), k] for i in sorted(opt_state) for k in sorted(opt_state[i])
                 if isinstance(opt_state[i][k], torch.Tensor)]
-    tensors = [model_sd[k].detach().cpu() for k in model_sd]
-    tensors += [opt_state[i][k].detach().cpu() for i, k in opt_keys]
+    # Copies, not views: on CPU .cpu() aliases the live tensors, and the snapshot is encoded
+    # on the loop thread while the compute thread may already be applying the next step.
+    tensors = [model_sd[k].detach().to("cpu", copy=True) for k in model_sd]
+    tensors += [opt_state[i][k].detach().to("cpu", copy=True) for i, k in opt_keys]
     meta = {"step": trainer.step, "param_hash": trainer.param_hash(), "model_keys": list(model_sd),
             "opt_keys": opt_keys}
     return meta, tensors

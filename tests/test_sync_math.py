@@ -67,7 +67,7 @@ def test_state_snapshot_restore_makes_replicas_identical_and_rejects_tampering()
     fresh = _trainer("c")
     before = fresh.param_hash()
     bad = [t.clone() for t in tensors]
-    bad[0].add_(1.0)  # payload no longer matches the advertised hash
+    bad[meta["model_keys"].index("blocks.0.ln1.weight")].add_(1.0)  # no longer matches the advertised hash
     with pytest.raises(StateTransferError, match="hash"):
         restore(fresh, meta, bad)
     assert fresh.param_hash() == before and fresh.step == 0  # untouched
