@@ -8,6 +8,7 @@ is rejected and the local replica is left exactly as it was.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, AsyncIterator
 
@@ -64,7 +65,7 @@ def restore(trainer, meta: dict[str, Any], tensors: list[torch.Tensor]) -> None:
         if k != "step" and t.shape != params[i].shape:
             raise StateTransferError(f"optimizer {k} for param {i} has shape {tuple(t.shape)}")
         new_opt.setdefault(i, {})[k] = t
-    backup = trainer.state_dict()
+    backup = copy.deepcopy(trainer.state_dict())  # state_dict() aliases live tensors
     try:
         trainer.model.load_state_dict(new_model)
         sd = trainer.optimizer.state_dict()
