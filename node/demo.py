@@ -61,7 +61,7 @@ def _progress_line(nodes: list[NodeProcess], steps: int) -> str:
         try:
             s = n.status()
         except (LaunchError, OSError, ValueError):
-            parts.append(f"{n.name}: starting")
+            parts.append(f"{n.name}: {'stopping' if (n.state_dir / 'summary.json').exists() else 'starting'}")
             continue
         loss = f"{s['train_loss']:.3f}" if s.get("train_loss") is not None else "-"
         others = len([p for p in s["peers"] if not p["is_self"]])
