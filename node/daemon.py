@@ -129,6 +129,7 @@ class Node:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_state_dir()
         raise_nofile_limit()  # p2pd and the DHT hold many sockets; Linux defaults to 1024
+        (cfg.state_dir / "summary.json").unlink(missing_ok=True)  # describes a previous run
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         try:

@@ -103,3 +103,24 @@ def test_cli_exit_code_2_on_bad_config_and_missing_join_target(capsys, tmp_path)
     toml.write_text("lr = [")
     assert cli_main(["join", "--new-swarm", "--config", str(toml), "--state-dir", str(tmp_path)]) == 2
     assert cli_main(["join", "--new-swarm", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_check_command_grades_and_exit_codes(capsys, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = cli_main(["check", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                         "--state-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 3 and str(port) in out
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]
+    maddr = f"/ip4/127.0.0.1/tcp/{dead}/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    code = cli_main(["check", "--host", "127.0.0.1", "--device", "cpu", "--initial-peers", maddr,
+                     "--state-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and str(dead) in out and "warn" in out.lower()  # unreachable peer: a warning
