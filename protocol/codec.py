@@ -1,6 +1,6 @@
 """Tensor codec: torch tensors <-> `swarmnode.v1.Tensor` / `TensorChunk` wire messages.
 
-Owns: encoding (raw, float16, absmax blockwise int8), validated decoding of untrusted
+Owns: encoding (raw, float16, absmax blockwise int8, blockwise 4-bit E3M0), validated decoding of untrusted
 messages, and cutting tensor lists into size-bounded chunks plus reassembling them.
 Pure functions, no I/O.
 
@@ -14,6 +14,16 @@ Invariants
   * Lossy encodings refuse non-finite sources ("non_finite"); FLOAT16 clamps finite
     values beyond +-65504 instead of letting them become inf. NONE sends NaN/inf as is
     and the receiver decides (allow_non_finite).
+  * Blockwise encodings (INT8_BLOCKWISE, E3M0) carry one fp32 scale per block; a scale
+    must be finite and >= 0 (negative: "malformed"; NaN/inf: "non_finite" for E3M0, and
+    for INT8 caught by the decoded-value check unless allow_non_finite).
+
+E3M0 (4 bits per value; the exact layout is documented on COMPRESSION_E3M0 in the .proto)
+  s = absmax of the block; each value becomes 0 or +-s * 2^-k with k in 0..6, rounded to
+  the nearest such level in linear distance (ties away from zero). Error bound per value:
+  |x_hat - x| <= |x| / 3 when |x| >= s * 2^-6, else <= s * 2^-7. The block's largest
+  magnitude is exact. Decoding multiplies by powers of two only, so (for a finite scale
+  and no fp32 underflow) every decoded value is exactly 0 or +-s * 2^-k.
 
 Failure semantics: reject loudly. Any problem raises `CodecError` whose `.reason` is one
 of REJECT_REASONS; no function ever returns a partially decoded tensor, and a
@@ -36,6 +46,7 @@ if sys.byteorder != "little":  # buffers are little-endian and we reinterpret in
 NONE: int = wire.COMPRESSION_NONE
 FLOAT16: int = wire.COMPRESSION_FLOAT16
 INT8_BLOCKWISE: int = wire.COMPRESSION_INT8_BLOCKWISE
+E3M0: int = wire.COMPRESSION_E3M0
 DEFAULT_BLOCK_SIZE = 256
 MAX_NDIM = 32
 
@@ -49,9 +60,23 @@ _DTYPES: dict[str, torch.dtype] = {
     "int32": torch.int32,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_COMPRESSIONS = (NONE, FLOAT16, INT8_BLOCKWISE)
+_COMPRESSIONS = (NONE, FLOAT16, INT8_BLOCKWISE, E3M0)
+_BLOCKWISE = (INT8_BLOCKWISE, E3M0)
 _FP16_MAX = 65504.0
 _INT8_MAX = 127
+# E3M0: exponent field e = 1..7 stands for magnitude 2^-(7-e) (times the block scale); e = 0
+# is zero. _E3M0_MIDPOINTS[j] is the rounding threshold between level e = j and e = j + 1
+# (ascending), so e = number of midpoints <= |x|/s.
+_E3M0_MAX_SHIFT = 6
+_E3M0_MIDPOINTS = torch.tensor(
+    [2.0 ** -(_E3M0_MAX_SHIFT + 1)] + [0.75 * 2.0**-k for k in range(_E3M0_MAX_SHIFT - 1, -1, -1)],
+    dtype=torch.float32,
+)
+# code (sign << 3 | e) -> signed level; code 8 ("negative zero") decodes to +0.0
+_E3M0_LEVELS = torch.tensor(
+    [0.0] + [2.0 ** -(7 - e) for e in range(1, 8)] + [0.0] + [-(2.0 ** -(7 - e)) for e in range(1, 8)],
+    dtype=torch.float32,
+)
 
 
 class CodecError(ValueError):
@@ -90,6 +115,12 @@ def encode_tensor(
         return msg
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, got {block_size}")
+    if compression == E3M0:
+        if block_size % 2:
+            raise ValueError(f"E3M0 needs an even block_size, got {block_size}")
+        packed, scales = _quantize_e3m0(flat.float(), block_size)
+        msg.buffer, msg.scales, msg.block_size = _to_bytes(packed), _to_bytes(scales), block_size
+        return msg
     q, scales = _quantize(flat.float(), block_size)
     msg.buffer, msg.scales, msg.block_size = _to_bytes(q), _to_bytes(scales), block_size
     return msg
@@ -120,6 +151,39 @@ def _quantize(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(qs), torch.cat(ss)
 
 
+def _quantize_e3m0(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed uint8 codes (ceil(n/2) bytes) and per-block absmax scales of fp32 `x`."""
+    codes, ss = [], []
+    for blk in _blocks(x, block_size):
+        scale = blk.abs().amax(dim=1)
+        divisor = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero block
+        mag = (blk.abs() / divisor[:, None]).reshape(-1)  # in [0, 1]
+        e = torch.bucketize(mag, _E3M0_MIDPOINTS, right=True)  # 0..7, ties round up
+        negative = (blk.reshape(-1) < 0) & (e > 0)  # zero is always code 0
+        codes.append((e | (negative.to(e.dtype) << 3)).to(torch.uint8))
+        ss.append(scale)
+    if not codes:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.float32)
+    c = torch.cat(codes)
+    if c.numel() % 2:
+        c = torch.cat([c, c.new_zeros(1)])  # padding nibble: 0
+    pairs = c.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4), torch.cat(ss)
+
+
+def _dequantize_e3m0(packed: torch.Tensor, scales: torch.Tensor, numel: int, block_size: int) -> torch.Tensor:
+    """fp32 values from validated packed codes (len ceil(numel/2)) and scales."""
+    if numel % 2 and int(packed[-1]) >> 4:
+        raise CodecError("malformed", "E3M0 padding nibble is not zero")
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:numel]
+    levels = _E3M0_LEVELS[codes.long()]
+    out, start = [], 0
+    for blk in _blocks(levels, block_size):
+        out.append((blk * scales[start : start + blk.shape[0], None]).reshape(-1))
+        start += blk.shape[0]
+    return torch.cat(out)
+
+
 # ---------------------------------------------------------------------------- decode
 
 
@@ -143,10 +207,12 @@ def _check_header(
     compression, block_size = msg.compression, msg.block_size
     if compression not in _COMPRESSIONS:  # proto3 enums are open: any int parses
         raise CodecError("malformed", f"unknown compression {compression}")
-    if compression == INT8_BLOCKWISE and block_size <= 0:
+    if compression in _BLOCKWISE and block_size <= 0:
         raise CodecError("malformed", f"block_size must be > 0, got {block_size}")
-    if compression != INT8_BLOCKWISE and block_size != 0:
-        raise CodecError("malformed", "block_size set without INT8_BLOCKWISE")
+    if compression == E3M0 and block_size % 2:
+        raise CodecError("malformed", f"E3M0 block_size must be even, got {block_size}")
+    if compression not in _BLOCKWISE and block_size != 0:
+        raise CodecError("malformed", "block_size set without a blockwise compression")
     dtype = _DTYPES.get(msg.dtype)
     if dtype is None:
         raise CodecError("bad_dtype", f"unknown dtype {msg.dtype[:32]!r}")
@@ -168,6 +234,8 @@ def _check_header(
         buffer_len, scales_len = numel * dtype.itemsize, 0
     elif compression == FLOAT16:
         buffer_len, scales_len = numel * 2, 0
+    elif compression == E3M0:
+        buffer_len, scales_len = -(-numel // 2), -(-numel // block_size) * 4
     else:
         buffer_len, scales_len = numel, -(-numel // block_size) * 4
     return _Header(shape, dtype, compression, block_size, numel, buffer_len, scales_len)
@@ -190,6 +258,14 @@ def _decode_payload(
         out = torch.frombuffer(buffer, dtype=h.dtype)
     elif h.compression == FLOAT16:
         out = torch.frombuffer(buffer, dtype=torch.float16).to(h.dtype)
+    elif h.compression == E3M0:
+        s = torch.frombuffer(bytearray(scales), dtype=torch.float32)
+        if bool((s < 0).any()):
+            raise CodecError("malformed", "negative E3M0 block scale")
+        if not bool(torch.isfinite(s).all()):
+            raise CodecError("non_finite", "E3M0 block scale is NaN/inf")
+        packed = torch.frombuffer(buffer, dtype=torch.uint8)
+        out = _dequantize_e3m0(packed, s, h.numel, h.block_size).to(h.dtype)
     else:
         s = torch.frombuffer(bytearray(scales), dtype=torch.float32)
         if bool((s < 0).any()):
@@ -244,6 +320,8 @@ def estimate_bytes(t: torch.Tensor, compression: int = NONE, *, block_size: int 
         return n * t.element_size()
     if compression == FLOAT16:
         return n * 2
+    if compression == E3M0:
+        return -(-n // 2) + -(-n // block_size) * 4
     return n + -(-n // block_size) * 4
 
 
@@ -270,9 +348,11 @@ def tensors_to_chunks(
         header = wire.Tensor(shape=msg.shape, dtype=msg.dtype, compression=msg.compression, block_size=msg.block_size)
         worst = wire.TensorChunk(tensor_index=index, chunk_index=_INT32_MAX, num_chunks=_INT32_MAX, tensor=header)
         budget = max_chunk_bytes - worst.ByteSize() - _CHUNK_SLACK
-        # Unit = what one chunk must hold whole: an element, or an int8 block and its scale.
+        # Unit = what one chunk must hold whole: an element, or a block and its scale.
         if msg.compression == INT8_BLOCKWISE:
             unit_buf, unit_scale = msg.block_size, 4
+        elif msg.compression == E3M0:  # even block_size: a block is block_size/2 whole bytes
+            unit_buf, unit_scale = msg.block_size // 2, 4
         else:
             unit_buf, unit_scale = (2 if msg.compression == FLOAT16 else _DTYPES[msg.dtype].itemsize), 0
         units_per_chunk = budget // (unit_buf + unit_scale) if budget > 0 else 0

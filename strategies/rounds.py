@@ -1,0 +1,211 @@
+"""Averaging rounds as transactions: freeze a group, all-reduce, commit only on agreement.
+
+One round, as seen by a member:
+  1. join    — tell the leader (lowest online peer id) "round r, my shared-state hash h,
+               weight w". The leader freezes the group when every expected member joined
+               or `grace_s` after its own join, and answers everyone with the sorted group
+               and a group id. A member whose r or h differs is told RESYNC instead.
+  2. reduce  — butterfly all-reduce of the member's vector inside that group.
+  3. commit  — each member votes (complete?, hash of the averaged vector); the leader
+               commits iff every member of the group voted complete with the same hash.
+The result is applied only on commit. On abort the caller keeps its old shared state and
+retries; it never applies a local-only update (that silently forks the model). If the
+leader dies, every member's join or vote fails and they all abort together.
+
+Invariants: the leader's decision is the only commit point; round numbers only move
+forward on commit; every wait is bounded by `timeout_s`/`grace_s`.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import torch
+
+from swarm_node.protocol.allreduce import AllReduceOutcome, ButterflyAllReduce
+from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
+from swarm_node.protocol.transport import PeerUnavailable, Transport, first_message
+
+JoinStatus = rpb.RoundJoinReply.Status
+JOIN, VOTE = "round.join", "round.commit"
+
+
+def group_digest(run_id: str, round_no: int, group: list[str]) -> str:
+    return hashlib.sha256(f"{run_id}|{round_no}|{','.join(group)}".encode()).hexdigest()[:24]
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class RoundOutcome:
+    status: str  # committed | aborted | resync | no_leader
+    result: torch.Tensor | None = None
+    group: list[str] = field(default_factory=list)
+    detail: str = ""
+    leader: str = ""
+    allreduce: AllReduceOutcome | None = None
+
+
+@dataclass
+class _LeaderRound:
+    round_no: int
+    phi_hash: str
+    expected: set[str]
+    joined: dict[str, float] = field(default_factory=dict)
+    frozen: asyncio.Event = field(default_factory=asyncio.Event)
+    group: list[str] = field(default_factory=list)
+    group_id: str = ""
+    votes: dict[str, tuple[bool, str]] = field(default_factory=dict)
+    voted: asyncio.Event = field(default_factory=asyncio.Event)
+    decision: bool | None = None
+
+    def freeze(self, run_id: str) -> None:
+        if not self.frozen.is_set():
+            self.group = sorted(self.joined)
+            self.group_id = group_digest(run_id, self.round_no, self.group)
+            self.frozen.set()
+
+    def vote(self, peer: str, complete: bool, result_hash: str) -> None:
+        if peer in self.group:
+            self.votes[peer] = (complete, result_hash)
+            if set(self.votes) >= set(self.group):
+                self.voted.set()
+
+    def decide(self) -> bool:
+        if self.decision is None:
+            hashes = {h for _, h in self.votes.values()}
+            self.decision = (set(self.votes) >= set(self.group) and all(c for c, _ in self.votes.values())
+                             and len(hashes) == 1)
+        return self.decision
+
+
+class RoundCoordinator:
+    """Runs rounds for one strategy. `leader_fn()` names the leader; `expected_fn()` the
+    members the leader should wait for; `state_fn()` gives the leader's own (round, hash)."""
+
+    def __init__(self, transport: Transport, run_id: str, *, timeout_s: float, grace_s: float,
+                 allreduce: ButterflyAllReduce, leader_fn: Callable[[], str], expected_fn: Callable[[], set[str]],
+                 state_fn: Callable[[], tuple[int, str]]):
+        self.transport, self.run_id = transport, run_id
+        self.timeout_s, self.grace_s = timeout_s, grace_s
+        self.allreduce, self.leader_fn, self.expected_fn, self.state_fn = allreduce, leader_fn, expected_fn, state_fn
+        self._rounds: dict[int, _LeaderRound] = {}
+
+    async def start(self) -> None:
+        await self.allreduce.start()
+        await self.transport.add_handler(JOIN, self._rpc_join, rpb.RoundJoin, channel="averaging")
+        await self.transport.add_handler(VOTE, self._rpc_vote, rpb.CommitVote, channel="averaging")
+
+    # ------------------------------------------------------------------ member side
+    async def run_round(self, round_no: int, phi_hash: str, weight: float, vector: torch.Tensor) -> RoundOutcome:
+        leader = self.leader_fn()
+        me = self.transport.peer_id
+        join = rpb.RoundJoin(run_id=self.run_id, round=round_no, phi_hash=phi_hash, weight=weight,
+                             num_elements=vector.numel())
+        try:
+            if leader == me:
+                reply = await self._lead_join(join)
+            else:
+                reply = await self._call_one(leader, JOIN, join, rpb.RoundJoinReply, self.grace_s + self.timeout_s)
+        except PeerUnavailable as e:
+            return RoundOutcome("aborted", detail=f"leader unreachable: {e}", leader=leader)
+        if reply.status == JoinStatus.ROUND_STATUS_RESYNC:
+            return RoundOutcome("resync", detail=reply.detail, leader=leader)
+        if reply.status != JoinStatus.ROUND_STATUS_OK:
+            return RoundOutcome("aborted", detail=f"{JoinStatus.Name(reply.status)} {reply.detail}", leader=leader)
+        group = list(reply.group)
+        if me not in group:
+            return RoundOutcome("aborted", detail="left out of the frozen group", group=group, leader=leader)
+        ar = await self.allreduce.run(reply.group_id, group, vector, weight)
+        vote = rpb.CommitVote(group_id=reply.group_id, complete=ar.complete,
+                              result_hash=tensor_digest(ar.result) if ar.result is not None else "")
+        try:
+            if leader == me:
+                commit = await self._lead_vote(me, vote)
+            else:
+                decision = await self._call_one(leader, VOTE, vote, rpb.CommitDecision, self.timeout_s * 2 + 5)
+                commit = decision.commit
+        except PeerUnavailable as e:
+            return RoundOutcome("aborted", detail=f"leader lost during commit: {e}", group=group, leader=leader,
+                                allreduce=ar)
+        if commit and ar.result is not None:
+            return RoundOutcome("committed", ar.result, group, leader=leader, allreduce=ar)
+        why = "incomplete all-reduce" if not ar.complete else "members disagreed"
+        return RoundOutcome("aborted", detail=f"{why}; missing {[p[-8:] for p in ar.failed]}", group=group,
+                            leader=leader, allreduce=ar)
+
+    async def _call_one(self, peer: str, method: str, msg, reply_type, timeout_s: float):
+        async for reply in self.transport.call(peer, method, [msg], reply_type, timeout_s=timeout_s,
+                                               channel="averaging"):
+            return reply
+        raise PeerUnavailable(f"{peer[-8:]} closed {method} without answering")
+
+    # ------------------------------------------------------------------ leader side
+    def _round(self, round_no: int, phi_hash: str) -> _LeaderRound:
+        rnd = self._rounds.get(round_no)
+        if rnd is None:
+            rnd = _LeaderRound(round_no, phi_hash, self.expected_fn() | {self.transport.peer_id})
+            self._rounds[round_no] = rnd
+            for old in sorted(self._rounds)[:-4]:
+                del self._rounds[old]
+            asyncio.get_running_loop().call_later(self.grace_s, rnd.freeze, self.run_id)
+        return rnd
+
+    async def _admit(self, join: rpb.RoundJoin, caller: str) -> rpb.RoundJoinReply:
+        if join.run_id != self.run_id:
+            return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_REJECTED, detail="wrong run id")
+        me = self.transport.peer_id
+        if self.leader_fn() != me:
+            return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_NOT_LEADER, leader_hint=self.leader_fn())
+        my_round, my_hash = self.state_fn()
+        if join.round != my_round or join.phi_hash != my_hash:
+            return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_RESYNC, round=my_round,
+                                      detail=f"leader at round {my_round}, member at {join.round}"
+                                      + ("" if join.phi_hash == my_hash else " with a different state"))
+        if not (join.weight >= 0 and join.weight < 1e9):
+            return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_REJECTED, detail="bad weight")
+        rnd = self._round(my_round, my_hash)
+        if not rnd.frozen.is_set():
+            rnd.joined[caller] = join.weight
+            if set(rnd.joined) >= rnd.expected:
+                rnd.freeze(self.run_id)
+        try:
+            await asyncio.wait_for(rnd.frozen.wait(), self.grace_s + self.timeout_s)
+        except asyncio.TimeoutError:
+            return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_TIMEOUT, detail="group never froze")
+        if caller not in rnd.group:
+            return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_TIMEOUT, detail="joined after the group froze")
+        return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_OK, round=my_round, group=rnd.group,
+                                  group_id=rnd.group_id)
+
+    async def _lead_join(self, join: rpb.RoundJoin) -> rpb.RoundJoinReply:
+        return await self._admit(join, self.transport.peer_id)
+
+    async def _rpc_join(self, requests: AsyncIterator[rpb.RoundJoin], caller: str) -> AsyncIterator[rpb.RoundJoinReply]:
+        join = await first_message(requests, self.timeout_s)
+        if join is not None:
+            yield await self._admit(join, caller)
+
+    async def _decide(self, caller: str, vote: rpb.CommitVote) -> rpb.CommitDecision:
+        rnd = next((r for r in self._rounds.values() if r.group_id == vote.group_id), None)
+        if rnd is None:
+            return rpb.CommitDecision(commit=False, detail="unknown round")
+        rnd.vote(caller, vote.complete, vote.result_hash)
+        try:
+            await asyncio.wait_for(rnd.voted.wait(), self.timeout_s * 2)
+        except asyncio.TimeoutError:
+            pass
+        return rpb.CommitDecision(commit=rnd.decide())
+
+    async def _lead_vote(self, me: str, vote: rpb.CommitVote) -> bool:
+        return (await self._decide(me, vote)).commit
+
+    async def _rpc_vote(self, requests: AsyncIterator[rpb.CommitVote], caller: str) -> AsyncIterator[rpb.CommitDecision]:
+        vote = await first_message(requests, self.timeout_s)
+        if vote is not None:
+            yield await self._decide(caller, vote)
