@@ -58,6 +58,11 @@ class NodeConfig(BaseSettings):
     lr: float = Field(3e-3, gt=0, le=10, description="Learning rate of the local optimizer (AdamW).")
     seed: int = Field(0, ge=0, description="Seed for model init and data order.")
     round_timeout_s: float = Field(20.0, gt=0, description="Longest wait for the other peers in one synchronization round.")
+    inner_steps: int = Field(50, ge=1, le=100_000, description="DiLoCo family: local steps between outer rounds (H).")
+    outer_lr: float = Field(0.7, gt=0, le=10, description="DiLoCo family: outer SGD learning rate.")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="DiLoCo family: outer momentum (Nesterov for diloco).")
+    compression: Literal["none", "fp16", "int8", "e3m0"] = Field(
+        "none", description="Wire compression of averaged tensors (accumulation is always fp32).")
 
     # --- local execution ----------------------------------------------------------------
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
@@ -127,7 +132,8 @@ class NodeConfig(BaseSettings):
     def run_spec(self) -> "RunSpec":
         return RunSpec(run_id=self.run_id, strategy=self.strategy, data=self.data, data_max_bytes=self.data_max_bytes,
                        seq_len=self.seq_len, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
-                       batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+                       batch_size=self.batch_size, lr=self.lr, seed=self.seed, inner_steps=self.inner_steps,
+                       outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, compression=self.compression)
 
 
 class RunSpec(BaseModel):
@@ -146,6 +152,10 @@ class RunSpec(BaseModel):
     batch_size: int
     lr: float
     seed: int
+    inner_steps: int = 50
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    compression: str = "none"
     data_fingerprint: str = ""  # sha256 prefix of the loaded corpus: 'stdlib' differs across Pythons
 
     def canonical(self) -> dict[str, Any]:

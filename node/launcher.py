@@ -28,6 +28,22 @@ class LaunchError(RuntimeError):
     pass
 
 
+# Every pid (node or child) this process has launched: lets a test session check, and kill,
+# exactly its own leftovers, never a p2pd that belongs to someone else on the machine.
+LAUNCHED_PIDS: set[int] = set()
+
+
+def leftover_launched_pids() -> list[int]:
+    return sorted(pid for pid in LAUNCHED_PIDS if _alive(pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @dataclass
 class NodeProcess:
     name: str
@@ -49,6 +65,7 @@ class NodeProcess:
         cmd = [sys.executable, "-m", "swarm_node", "join", "--state-dir", str(self.state_dir), *self.args]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
+        LAUNCHED_PIDS.add(self.proc.pid)
         log.close()
         return self
 
@@ -126,6 +143,7 @@ class NodeProcess:
             self._pids_seen |= {p.pid, *(c.pid for c in p.children(recursive=True))}
         except psutil.NoSuchProcess:
             pass
+        LAUNCHED_PIDS.update(self._pids_seen)
 
     def group_pids(self) -> list[int]:
         """Live (non-zombie) processes of this node: its group plus any child seen earlier."""

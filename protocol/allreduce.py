@@ -28,7 +28,7 @@ import torch
 
 from . import codec
 from .pb import swarm_node_rounds_pb2 as rpb
-from .transport import MAX_MESSAGE, PeerUnavailable, Transport, first_message
+from .transport import MAX_MESSAGE, PeerUnavailable, Transport, drain, first_message
 
 log = logging.getLogger(__name__)
 METHOD = "allreduce.shard"
@@ -178,14 +178,14 @@ class ButterflyAllReduce:
         try:
             await asyncio.wait_for(self._event(first.group_id).wait(), self.timeout_s)
         except asyncio.TimeoutError:
-            await _drain(requests, self.timeout_s)
+            await drain(requests, self.timeout_s)
             yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_REJECTED, detail="unknown group")
             return
         red = self._groups.get(first.group_id)
         ok_weight = first.weight >= 0 and first.weight == first.weight and first.weight < 1e9
         if red is None or caller not in red.expected or not ok_weight:
             self.on_reject("malformed")
-            await _drain(requests, self.timeout_s)
+            await drain(requests, self.timeout_s)
             yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_REJECTED, detail="not a member / bad weight")
             return
         assembler = codec.ChunkAssembler(1, max_numel_total=red.length, expected_shapes=[(red.length,)])
@@ -199,9 +199,10 @@ class ButterflyAllReduce:
         except codec.CodecError as e:
             self.on_reject(e.reason)
             log.warning("rejected shard from %s: %s", caller[-8:], e)
-            await _drain(requests, self.timeout_s)
+            await drain(requests, self.timeout_s)
             yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_REJECTED, detail=str(e))
             return
+        await drain(requests, self.timeout_s)
         red.add(caller, assembler.result()[0], float(first.weight))
         try:
             await asyncio.wait_for(red.closed.wait(), self.timeout_s * 2)
@@ -212,8 +213,3 @@ class ButterflyAllReduce:
             yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_OK, num_contributors=len(red.contributors),
                                  total_weight=red.weight, chunk=chunk)
 
-
-async def _drain(requests: AsyncIterator, timeout_s: float, max_messages: int = 100_000) -> None:
-    for _ in range(max_messages):
-        if await first_message(requests, timeout_s) is None:
-            return

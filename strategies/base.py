@@ -75,3 +75,31 @@ class Strategy(abc.ABC):
 
     def status(self) -> dict[str, Any]:
         return dict(self.ctx.progress.last_round)
+
+    # ---- helpers shared by the strategies' loops ----
+    async def wait_for_peers(self) -> bool:
+        """Block (re-checking stop) until `--min-peers` are present; False if stopping."""
+        ctx = self.ctx
+        while not ctx.should_stop():
+            have, need = len(ctx.membership.others()) + 1, ctx.config.min_peers
+            if have >= need:
+                ctx.progress.waiting_for = None
+                return True
+            ctx.progress.waiting_for = f"peers: {have}/{need} needed"
+            await asyncio.sleep(0.5)
+        return False
+
+    def record_step(self, num_samples: int, loss: float, elapsed_s: float) -> None:
+        """Progress and metrics after one applied local step."""
+        ctx, m = self.ctx, self.ctx.metrics
+        ctx.progress.step = ctx.trainer.step
+        ctx.progress.train_loss = loss
+        sps = num_samples / max(elapsed_s, 1e-9)
+        prev = ctx.progress.samples_per_s  # EMA so one slow round does not make the console jump
+        ctx.progress.samples_per_s = sps if prev == 0 else 0.8 * prev + 0.2 * sps
+        m.local_step.set(ctx.trainer.step)
+        m.train_loss.set(loss)
+        m.local_samples.inc(num_samples)
+        m.local_tokens.inc(num_samples * ctx.spec.seq_len)
+        m.step_duration.observe(elapsed_s)
+        m.samples_per_second.set(ctx.progress.samples_per_s)

@@ -24,22 +24,6 @@ class DataParallelStrategy(Strategy):
     async def reduce(self, result: StepResult) -> list[torch.Tensor] | None:
         """Turn this peer's gradients into the update every peer applies, or None to skip."""
 
-    def peers_needed(self) -> int:
-        return self.ctx.config.min_peers
-
-    async def wait_for_peers(self) -> bool:
-        """Block (bounded, re-checking stop) until enough peers are present; False if stopping."""
-        ctx = self.ctx
-        while not ctx.should_stop():
-            have = len(ctx.membership.others()) + 1
-            need = self.peers_needed()
-            if have >= need:
-                ctx.progress.waiting_for = None
-                return True
-            ctx.progress.waiting_for = f"peers: {have}/{need} needed"
-            await asyncio.sleep(0.5)
-        return False
-
     async def run(self) -> None:
         ctx = self.ctx
         max_steps = ctx.config.max_steps
@@ -65,20 +49,5 @@ class DataParallelStrategy(Strategy):
                 ctx.log.warning("update for step %d not applied: %s", step, e)
                 continue
             elapsed = time.perf_counter() - t0
-            self._record_step(result, elapsed)
+            self.record_step(result.num_samples, result.loss, elapsed)
             await ctx.on_step()
-
-    def _record_step(self, result: StepResult, elapsed_s: float) -> None:
-        ctx, m = self.ctx, self.ctx.metrics
-        ctx.progress.step = ctx.trainer.step
-        ctx.progress.train_loss = result.loss
-        sps = result.num_samples / max(elapsed_s, 1e-9)
-        # EMA so one slow round does not make the console jump around
-        prev = ctx.progress.samples_per_s
-        ctx.progress.samples_per_s = sps if prev == 0 else 0.8 * prev + 0.2 * sps
-        m.local_step.set(ctx.trainer.step)
-        m.train_loss.set(result.loss)
-        m.local_samples.inc(result.num_samples)
-        m.local_tokens.inc(result.num_samples * ctx.spec.seq_len)
-        m.step_duration.observe(elapsed_s)
-        m.samples_per_second.set(ctx.progress.samples_per_s)

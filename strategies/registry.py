@@ -11,6 +11,7 @@ ENTRY_POINT_GROUP = "swarm_node.strategies"
 _BUILTIN = {
     "solo": "swarm_node.strategies.solo:SoloStrategy",
     "sync": "swarm_node.strategies.sync:SyncStrategy",
+    "diloco": "swarm_node.strategies.diloco:DiLoCoStrategy",
 }
 
 

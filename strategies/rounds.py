@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -27,7 +26,7 @@ import torch
 
 from swarm_node.protocol.allreduce import AllReduceOutcome, ButterflyAllReduce
 from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
-from swarm_node.protocol.transport import PeerUnavailable, Transport, first_message
+from swarm_node.protocol.transport import PeerUnavailable, Transport, drain, first_message
 
 JoinStatus = rpb.RoundJoinReply.Status
 JOIN, VOTE = "round.join", "round.commit"
@@ -153,7 +152,6 @@ class RoundCoordinator:
             self._rounds[round_no] = rnd
             for old in sorted(self._rounds)[:-4]:
                 del self._rounds[old]
-            asyncio.get_running_loop().call_later(self.grace_s, rnd.freeze, self.run_id)
         return rnd
 
     async def _admit(self, join: rpb.RoundJoin, caller: str) -> rpb.RoundJoinReply:
@@ -170,6 +168,9 @@ class RoundCoordinator:
         if not (join.weight >= 0 and join.weight < 1e9):
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_REJECTED, detail="bad weight")
         rnd = self._round(my_round, my_hash)
+        if caller == me and not rnd.frozen.is_set():
+            # the grace window opens when the leader itself is ready, not at the first join
+            asyncio.get_running_loop().call_later(self.grace_s, rnd.freeze, self.run_id)
         if not rnd.frozen.is_set():
             rnd.joined[caller] = join.weight
             if set(rnd.joined) >= rnd.expected:
@@ -189,6 +190,7 @@ class RoundCoordinator:
     async def _rpc_join(self, requests: AsyncIterator[rpb.RoundJoin], caller: str) -> AsyncIterator[rpb.RoundJoinReply]:
         join = await first_message(requests, self.timeout_s)
         if join is not None:
+            await drain(requests, self.timeout_s)
             yield await self._admit(join, caller)
 
     async def _decide(self, caller: str, vote: rpb.CommitVote) -> rpb.CommitDecision:
@@ -208,4 +210,5 @@ class RoundCoordinator:
     async def _rpc_vote(self, requests: AsyncIterator[rpb.CommitVote], caller: str) -> AsyncIterator[rpb.CommitDecision]:
         vote = await first_message(requests, self.timeout_s)
         if vote is not None:
+            await drain(requests, self.timeout_s)
             yield await self._decide(caller, vote)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import msgpack
 import torch
 
 from swarm_node.protocol import codec
 from swarm_node.protocol.pb import swarm_node_wire_pb2 as wire
-from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, Transport, first_message
+from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, Transport, drain, first_message
 
 log = logging.getLogger(__name__)
 METHOD = "state.get"
@@ -28,8 +28,13 @@ class StateTransferError(Exception):
     pass
 
 
-def snapshot(trainer) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """(meta, tensors): model state in key order, then per-parameter optimizer tensors."""
+ExtraSnapshot = Callable[[], tuple[dict[str, Any], list[torch.Tensor]]]
+ExtraRestore = Callable[[dict[str, Any], list[torch.Tensor]], None]
+
+
+def snapshot(trainer, extra: ExtraSnapshot | None = None) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """(meta, tensors): model state in key order, per-parameter optimizer tensors, then the
+    strategy's own state (e.g. DiLoCo's outer weights and momentum) if `extra` is given."""
     model_sd = trainer.model.state_dict()
     opt_state = trainer.optimizer.state_dict()["state"]
     opt_keys = [[int(i), k] for i in sorted(opt_state) for k in sorted(opt_state[i])
@@ -39,12 +44,22 @@ def snapshot(trainer) -> tuple[dict[str, Any], list[torch.Tensor]]:
     tensors = [model_sd[k].detach().to("cpu", copy=True) for k in model_sd]
     tensors += [opt_state[i][k].detach().to("cpu", copy=True) for i, k in opt_keys]
     meta = {"step": trainer.step, "param_hash": trainer.param_hash(), "model_keys": list(model_sd),
-            "opt_keys": opt_keys}
+            "opt_keys": opt_keys, "num_extra": 0, "extra": {}}
+    if extra is not None:
+        extra_meta, extra_tensors = extra()
+        tensors += [t.detach().to("cpu", copy=True) for t in extra_tensors]
+        meta["num_extra"], meta["extra"] = len(extra_tensors), extra_meta
     return meta, tensors
 
 
-def restore(trainer, meta: dict[str, Any], tensors: list[torch.Tensor]) -> None:
-    """Load a snapshot; on any inconsistency raise and leave the trainer untouched."""
+def restore(trainer, meta: dict[str, Any], tensors: list[torch.Tensor], extra: ExtraRestore | None = None) -> None:
+    """Load a snapshot; on any inconsistency raise and leave the trainer untouched.
+    `extra(meta["extra"], extra_tensors)` must validate before it changes anything."""
+    num_extra = meta.get("num_extra", 0)
+    if not isinstance(num_extra, int) or not 0 <= num_extra <= len(tensors):
+        raise StateTransferError("bad extra-state count")
+    extra_tensors = tensors[len(tensors) - num_extra:]
+    tensors = tensors[:len(tensors) - num_extra]
     model_sd = trainer.model.state_dict()
     keys = meta.get("model_keys")
     opt_keys = meta.get("opt_keys")
@@ -74,14 +89,18 @@ def restore(trainer, meta: dict[str, Any], tensors: list[torch.Tensor]) -> None:
         trainer.step = int(meta["step"])
         if trainer.param_hash() != meta.get("param_hash"):
             raise StateTransferError("parameter hash after loading differs from the advertised one")
+        if extra is not None:
+            extra(meta.get("extra") or {}, extra_tensors)
     except Exception:
         trainer.load_state_dict(backup)
         raise
 
 
 class StateService:
-    def __init__(self, transport: Transport, trainer, compute, *, timeout_s: float):
+    def __init__(self, transport: Transport, trainer, compute, *, timeout_s: float,
+                 extra_snapshot: ExtraSnapshot | None = None, extra_restore: ExtraRestore | None = None):
         self.transport, self.trainer, self.compute, self.timeout_s = transport, trainer, compute, timeout_s
+        self.extra_snapshot, self.extra_restore = extra_snapshot, extra_restore
 
     async def start(self) -> None:
         await self.transport.add_handler(METHOD, self._serve, wire.StateRequest, channel="state")
@@ -90,7 +109,8 @@ class StateService:
         req = await first_message(requests, self.timeout_s)
         if req is None or req.run_id != self.transport.run_id:
             return
-        meta, tensors = await self.compute(snapshot, self.trainer)
+        await drain(requests, self.timeout_s)
+        meta, tensors = await self.compute(snapshot, self.trainer, self.extra_snapshot)
         blob = msgpack.packb(meta, use_bin_type=True)
         first = True
         for chunk in codec.tensors_to_chunks(tensors, codec.NONE, MAX_MESSAGE):
@@ -113,14 +133,14 @@ class StateService:
                 if not msg.meta or len(msg.meta) > MAX_META_BYTES:
                     raise StateTransferError("first state message carries no metadata")
                 meta = msgpack.unpackb(msg.meta, raw=False)
-                if not isinstance(meta, dict) or not 0 <= msg.num_tensors <= 4 * len(self.trainer.parameters_list()) + 64:
+                if not isinstance(meta, dict) or not 0 <= msg.num_tensors <= 6 * len(self.trainer.parameters_list()) + 64:
                     raise StateTransferError("malformed state metadata")
-                # model + two Adam moments per parameter, plus scalars and buffers
-                assembler = codec.ChunkAssembler(msg.num_tensors, max_numel_total=4 * numel + (1 << 16))
+                # model + two Adam moments per parameter (+ outer weights and momentum), plus scalars
+                assembler = codec.ChunkAssembler(msg.num_tensors, max_numel_total=6 * numel + (1 << 16))
             if msg.HasField("chunk"):
                 assembler.add(msg.chunk)
         if meta is None or assembler is None:
             raise PeerUnavailable(f"{peer_id[-8:]} sent no state")
         tensors = assembler.result()
-        await self.compute(restore, self.trainer, meta, tensors)
+        await self.compute(restore, self.trainer, meta, tensors, self.extra_restore)
         return int(meta["step"])

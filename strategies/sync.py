@@ -33,10 +33,11 @@ import torch
 
 from swarm_node.protocol import codec
 from swarm_node.protocol.pb import swarm_node_wire_pb2 as wire
-from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, first_message
+from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message
 from swarm_node.trainer import StepResult
 
 from .data_parallel import DataParallelStrategy
+from .leader import LeaderElection, pick_leader  # noqa: F401  (pick_leader re-exported)
 from .state_transfer import StateService, StateTransferError
 
 PUSH = "sync.push"
@@ -56,11 +57,6 @@ def weighted_mean(contributions: Iterable[tuple[list[torch.Tensor], int]]) -> li
         for acc, g in zip(out, grads):
             acc.add_(g.float(), alpha=n / total)
     return out
-
-
-def pick_leader(candidates: Iterable[str], suspects: Iterable[str] = ()) -> str | None:
-    eligible = sorted(set(candidates) - set(suspects))
-    return eligible[0] if eligible else None
 
 
 # ---------------------------------------------------------------- one round at the leader
@@ -98,7 +94,7 @@ class SyncStrategy(DataParallelStrategy):
         super().__init__(ctx)
         self.rounds: dict[int, ReduceRound] = {}
         self._adopted = False  # a joiner downloads the swarm's replica once, then contributes
-        self.suspects: dict[str, float] = {}  # peer -> monotonic time until which it is skipped
+        self.election = LeaderElection(ctx, self.name)
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.config.round_timeout_s * 3)
         params = ctx.trainer.parameters_list()
         self._shapes = [tuple(p.shape) for p in params]
@@ -109,30 +105,14 @@ class SyncStrategy(DataParallelStrategy):
         await self.state.start()
 
     # ------------------------------------------------------------ who takes part
-    def _live_suspects(self) -> set[str]:
-        now = time.monotonic()
-        self.suspects = {p: t for p, t in self.suspects.items() if t > now}
-        return set(self.suspects)
-
-    def _online_peers(self) -> list[str]:
-        return [m.peer_id for m in self.ctx.membership.others()
-                if m.record.strategy == self.name and m.record.state == "online"]
-
     def leader(self) -> str:
-        """Lowest id among online peers; in a swarm with nobody online yet, among everyone."""
-        me = self.ctx.peer_id
-        online = self._online_peers()
-        if self.ctx.progress.state == "online":
-            online.append(me)
-        if not online:  # fresh swarm: all start from the same seed, so anyone may lead
-            online = [m.peer_id for m in self.ctx.membership.others() if m.record.strategy == self.name] + [me]
-        return pick_leader(online, self._live_suspects() - {me}) or me
+        return self.election.leader()
 
     def _leader_is_online(self, leader: str) -> bool:
-        return leader in self._online_peers()
+        return leader in self.election.online_peers()
 
     def _expected(self) -> set[str]:
-        return {m.peer_id for m in self.ctx.membership.others() if m.record.strategy == self.name} | {self.ctx.peer_id}
+        return self.election.expected()
 
     def _round(self, step: int) -> ReduceRound:
         if step not in self.rounds:
@@ -198,12 +178,12 @@ class SyncStrategy(DataParallelStrategy):
                 assembler.add(reply.chunk)
         except PeerUnavailable as e:
             ctx.log.warning("round %d: leader unavailable (%s); retrying the step without it", result.step, e)
-            self.suspects[leader] = time.monotonic() + ctx.config.ttl_s
+            self.election.suspect(leader)
             return None, "timeout" if "deadline" in str(e) else "error", 0
         except codec.CodecError as e:
             ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
             ctx.log.warning("round %d: leader's average rejected: %s", result.step, e)
-            self.suspects[leader] = time.monotonic() + ctx.config.ttl_s
+            self.election.suspect(leader)
             return None, "error", 0
         if status == Status.SYNC_STATUS_OK and assembler.complete:
             return assembler.result(), "ok", contributors
@@ -252,11 +232,12 @@ class SyncStrategy(DataParallelStrategy):
         except codec.CodecError as e:
             ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
             ctx.log.warning("rejected gradients from %s: %s", caller[-8:], e)
-            await _drain(requests, timeout)
+            await drain(requests, timeout)
             yield _reply(Status.SYNC_STATUS_REJECTED, str(e))
             return
         if grads is None:
             return  # follower vanished mid-push
+        await drain(requests, timeout)
         my_step = ctx.trainer.step
         if first.run_id != ctx.spec.run_id:
             yield _reply(Status.SYNC_STATUS_REJECTED, "wrong run id")
@@ -300,13 +281,6 @@ class SyncStrategy(DataParallelStrategy):
                 return None  # follower vanished mid-push: it simply does not contribute
             assembler.add(msg.chunk)
         return assembler.result()
-
-
-async def _drain(requests: AsyncIterator, timeout_s: float, max_messages: int = 100_000) -> None:
-    """Consume what the follower still sends (bounded), so it can read our answer."""
-    for _ in range(max_messages):
-        if await first_message(requests, timeout_s) is None:
-            return
 
 
 def _reply(status: int, detail: str, *, leader_hint: str = "") -> wire.SyncReply:

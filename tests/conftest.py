@@ -7,10 +7,9 @@ import signal
 import socket
 from pathlib import Path
 
-import psutil
 import pytest
 
-from swarm_node.launcher import Swarm
+from swarm_node.launcher import Swarm, leftover_launched_pids
 
 # Small and fast: one layer, short sequences, 1 s heartbeats, 4 s record lifetime.
 FAST_NODE_ARGS = [
@@ -22,25 +21,18 @@ FAST_NODE_ARGS = [
 ]
 
 
-def _p2pd_pids() -> set[int]:
-    out = set()
-    for p in psutil.process_iter(["pid", "name", "status"]):
-        if p.info["name"] == "p2pd" and p.info["status"] != psutil.STATUS_ZOMBIE:
-            out.add(p.info["pid"])
-    return out
-
-
 @pytest.fixture(scope="session", autouse=True)
-def no_leftover_p2pd():
-    before = _p2pd_pids()
+def no_leftover_processes():
+    """Fail the session if any process our tests launched (a node or its p2pd) still runs.
+    Only pids the launcher recorded are touched: other p2pds on the machine are not ours."""
     yield
-    leftover = _p2pd_pids() - before
+    leftover = leftover_launched_pids()
     for pid in leftover:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert not leftover, f"p2pd processes left running after the tests: {sorted(leftover)}"
+    assert not leftover, f"processes left running after the tests: {leftover}"
 
 
 @pytest.fixture

@@ -480,3 +480,228 @@ def test_assembler_rejects_non_finite_unless_allowed():
 def test_assembler_zero_tensors():
     assert ChunkAssembler(0, max_numel_total=0).result() == []
     _assemble_rejects("malformed", list(tensors_to_chunks([torch.zeros(1)], NONE)), n=0)
+
+
+# ---------------------------------------------------------------- E3M0 (4-bit) and U5
+
+E3M0 = codec.E3M0
+
+
+def _e3m0_scales(msg: wire.Tensor) -> torch.Tensor:
+    return torch.frombuffer(bytearray(msg.scales), dtype=torch.float32).clone()
+
+
+def _wide_range(n: int, seed: int = 0) -> torch.Tensor:
+    # magnitudes spread over ~10 octaves so every level 2^-0 .. 2^-6 (and 0) gets used
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) * torch.pow(2.0, -10 * torch.rand(n, generator=g))
+
+
+def _per_element_scale(scales: torch.Tensor, numel: int, block_size: int) -> torch.Tensor:
+    return scales.repeat_interleave(block_size)[:numel]
+
+
+def test_e3m0_emits_only_zero_or_signed_powers_of_two_of_the_block_scale():
+    t = _wide_range(4096 + 77)  # a short tail block too
+    msg = encode_tensor(t, E3M0, block_size=256)
+    assert msg.compression == E3M0 and msg.block_size == 256
+    assert len(msg.buffer) == math.ceil(t.numel() / 2) and len(msg.scales) == 4 * math.ceil(t.numel() / 256)
+    out = decode_tensor(msg, max_numel=BIG)
+    assert out.dtype == torch.float32 and out.shape == t.shape
+    s = _per_element_scale(_e3m0_scales(msg), t.numel(), 256)
+    levels = torch.stack([torch.zeros_like(s)] + [s * 2.0**-k for k in range(7)])  # (8, n)
+    allowed = (out.abs()[None, :] == levels).any(dim=0)
+    assert bool(allowed.all()), out[~allowed][:5]
+    used = {int(k) for k in torch.log2(s[out != 0] / out[out != 0].abs()).round().tolist()}
+    assert used == set(range(7)) and bool((out == 0).any())  # the data really spans every level
+    assert torch.equal(torch.sign(out[out != 0]), torch.sign(t[out != 0]))
+    assert torch.equal(_e3m0_scales(msg), torch.stack([b.abs().max() for b in t.split(256)]))
+
+
+@pytest.mark.parametrize("block_size", [256, 64, 2])
+def test_e3m0_rounds_to_nearest_level_and_relative_error_bound(block_size):
+    t = _wide_range(3001, seed=1)
+    out = decode_tensor(encode_tensor(t, E3M0, block_size=block_size), max_numel=BIG)
+    s = _per_element_scale(torch.stack([b.abs().max() for b in t.split(block_size)]), t.numel(), block_size)
+    err = (out - t).abs()
+    # nearest of the 8 magnitudes in linear distance (up to float slop at exact midpoints)
+    levels = torch.stack([torch.zeros_like(s)] + [s * 2.0**-k for k in range(7)])
+    best = (levels - t.abs()[None, :]).abs().min(dim=0).values
+    assert bool((err <= best + s * 1e-6).all())
+    # documented bound: |x|/3 above the smallest level, half the smallest level below it
+    bound = torch.where(t.abs() >= s * 2.0**-6, t.abs() / 3, s * 2.0**-7)
+    assert bool((err <= bound * (1 + 1e-6)).all()), (err - bound).max()
+    assert bool((out.abs() <= s).all())
+    # each block's largest magnitude survives exactly
+    for blk_in, blk_out in zip(t.split(block_size), out.split(block_size)):
+        i = blk_in.abs().argmax()
+        assert blk_out[i].item() == blk_in[i].item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (1001,), (1,), ()])
+def test_e3m0_odd_lengths_shapes_and_dtypes(dtype, shape):
+    t = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    msg = encode_tensor(t, E3M0, block_size=16)
+    n = t.numel()
+    assert len(msg.buffer) == (n + 1) // 2 and len(msg.scales) == 4 * math.ceil(n / 16)
+    if n % 2:
+        assert msg.buffer[-1] >> 4 == 0  # padding nibble
+    out = parse_tensor(msg.SerializeToString(), max_numel=BIG)
+    assert out.dtype == dtype and out.shape == t.shape
+    x, y = t.float().reshape(-1), out.float().reshape(-1)
+    s = _per_element_scale(torch.stack([b.abs().max() for b in x.split(16)]), n, 16)
+    levels = torch.stack([torch.zeros_like(s)] + [s * 2.0**-k for k in range(7)])
+    assert bool((y.abs()[None, :] == levels).any(dim=0).all())  # exact in 16-bit dtypes too
+    assert bool(((y - x).abs() <= torch.maximum(x.abs() / 3, s * 2.0**-7) * (1 + 1e-6)).all())
+
+
+def test_e3m0_nibble_layout_and_negative_zero_code():
+    # element 2i in the low nibble of byte i; code = sign<<3 | e; e=7 -> s, e=1 -> s/64
+    t = torch.tensor([4.0, -4.0, 2.0, -0.0625, 0.0])
+    msg = encode_tensor(t, E3M0, block_size=8)
+    assert _e3m0_scales(msg).tolist() == [4.0]
+    assert list(msg.buffer) == [0x7 | (0xF << 4), 0x6 | (0x9 << 4), 0x0]  # 4/64 -> e = 1
+    crafted = wire.Tensor(shape=[2], dtype="float32", compression=E3M0, block_size=2,
+                          buffer=bytes([0x8 | (0x9 << 4)]), scales=msg.scales)
+    out = decode_tensor(crafted, max_numel=BIG)  # code 8 (sign, e=0) is zero, +0.0
+    assert out.tolist() == [0.0, -4.0 / 64] and not bool(torch.signbit(out[0]))
+
+
+def test_e3m0_all_zero_block_empty_and_estimate():
+    t = torch.zeros(300)
+    t[256:] = torch.linspace(-1, 1, 44)
+    msg = encode_tensor(t, E3M0)
+    out = decode_tensor(msg, max_numel=BIG)
+    assert torch.equal(out[:256], torch.zeros(256)) and _e3m0_scales(msg)[0].item() == 0.0
+    assert codec.estimate_bytes(t, E3M0) == len(msg.buffer) + len(msg.scales) == 150 + 8
+    for e in (torch.empty(0), torch.empty(0, 4)):
+        assert decode_tensor(encode_tensor(e, E3M0), max_numel=BIG).shape == e.shape
+    ints = torch.arange(5)
+    assert encode_tensor(ints, E3M0).compression == NONE
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_e3m0_refuses_non_finite_source(bad):
+    t = torch.ones(10)
+    t[3] = bad
+    _reject("non_finite", encode_tensor, t, E3M0)
+
+
+def test_e3m0_encoder_needs_even_positive_block_size():
+    for bs in (3, 255, 0, -2):
+        with pytest.raises(ValueError):
+            encode_tensor(torch.randn(10), E3M0, block_size=bs)
+
+
+def _e3m0_good(n: int = 301, block_size: int = 64) -> wire.Tensor:
+    msg = encode_tensor(torch.randn(n, generator=torch.Generator().manual_seed(3)), E3M0, block_size=block_size)
+    assert decode_tensor(msg, max_numel=BIG).shape == (n,)  # the base message is valid
+    return msg
+
+
+def _e3m0_variant(**overrides) -> wire.Tensor:
+    bad = wire.Tensor()
+    bad.CopyFrom(_e3m0_good())
+    for k, v in overrides.items():
+        setattr(bad, k, v)
+    return bad
+
+
+@pytest.mark.parametrize("delta", [-1, 1, -151])
+def test_e3m0_rejects_wrong_buffer_length(delta):
+    good = _e3m0_good()
+    buf = good.buffer[:delta] if delta < 0 else good.buffer + bytes(delta)
+    _reject("bad_shape", decode_tensor, _e3m0_variant(buffer=buf), max_numel=BIG)
+    # a buffer sized for one byte per element (the INT8 layout) is wrong here too
+    _reject("bad_shape", decode_tensor, _e3m0_variant(buffer=bytes(301)), max_numel=BIG)
+
+
+@pytest.mark.parametrize("delta", [-4, 4, -1, 1])
+def test_e3m0_rejects_wrong_scales_length(delta):
+    good = _e3m0_good()
+    scales = good.scales[:delta] if delta < 0 else good.scales + bytes(delta)
+    _reject("bad_shape", decode_tensor, _e3m0_variant(scales=scales), max_numel=BIG)
+
+
+@pytest.mark.parametrize("block_size", [0, -64, 63, 1])
+def test_e3m0_rejects_bad_block_size(block_size):
+    _reject("malformed", decode_tensor, _e3m0_variant(block_size=block_size), max_numel=BIG)
+
+
+def test_e3m0_rejects_nonzero_padding_nibble():
+    good = _e3m0_good(301)
+    buf = bytearray(good.buffer)
+    buf[-1] |= 0x30
+    _reject("malformed", decode_tensor, _e3m0_variant(buffer=bytes(buf)), max_numel=BIG)
+
+
+def test_e3m0_rejects_negative_and_non_finite_scales():
+    good = _e3m0_good()
+    for value, reason in ((-1.0, "malformed"), (float("inf"), "non_finite"), (float("nan"), "non_finite")):
+        s = _e3m0_scales(good)
+        s[2] = value
+        bad = _e3m0_variant(scales=s.numpy().tobytes())
+        _reject(reason, decode_tensor, bad, max_numel=BIG)
+        _reject(reason, decode_tensor, bad, max_numel=BIG, allow_non_finite=True)
+
+
+def test_e3m0_too_large_refused_on_the_header(monkeypatch):
+    def no_alloc(*a, **k):
+        raise AssertionError("allocated for an oversized header")
+
+    monkeypatch.setattr(codec.torch, "frombuffer", no_alloc)
+    monkeypatch.setattr(codec.torch, "empty", no_alloc)
+    msg = wire.Tensor(shape=[10**12], dtype="float32", compression=E3M0, block_size=256,
+                      buffer=bytes(8), scales=bytes(4))
+    _reject("too_large", decode_tensor, msg, max_numel=10**6)
+
+
+def test_e3m0_compressed_int_and_block_size_on_other_compressions():
+    _reject("bad_dtype", decode_tensor, wire.Tensor(shape=[2], dtype="int32", compression=E3M0,
+                                                    block_size=2, buffer=bytes(1), scales=bytes(4)), max_numel=BIG)
+    _reject("malformed", decode_tensor, _msg(compression=FLOAT16, buffer=bytes(12), block_size=2), max_numel=BIG)
+
+
+@pytest.mark.parametrize("max_chunk_bytes", [1 << 20, 4096])
+def test_e3m0_chunk_round_trip_on_block_boundaries(max_chunk_bytes):
+    tensors = _mixed_tensors()
+    chunks = list(tensors_to_chunks(tensors, E3M0, max_chunk_bytes))
+    assert all(c.ByteSize() <= max_chunk_bytes for c in chunks)
+    big = [c for c in chunks if c.tensor_index == 0]
+    # 600 kB of codes + 18.75 kB of scales: one chunk at 1 MiB, >= 150 at 4 kB
+    assert len(big) == 1 if max_chunk_bytes == 1 << 20 else len(big) >= 150
+    for c in big[:-1]:  # whole blocks: 128 bytes of codes per 4-byte scale
+        assert len(c.tensor.buffer) % 128 == 0 and len(c.tensor.scales) * 32 == len(c.tensor.buffer)
+    chunks = [wire.TensorChunk.FromString(c.SerializeToString()) for c in chunks]
+    out = _assemble(chunks, len(tensors))
+    for got, want in zip(out, tensors):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        ref = decode_tensor(encode_tensor(want, E3M0), max_numel=BIG)
+        assert torch.equal(got, ref)
+
+
+def test_e3m0_is_an_eighth_of_fp32_plus_the_scales():
+    t = torch.randn(1 << 16)
+    raw = codec.estimate_bytes(t, NONE)
+    assert codec.estimate_bytes(t, E3M0) == raw // 8 + (t.numel() // 256) * 4
+    assert codec.estimate_bytes(t, E3M0, block_size=4096) <= raw / 8 * 1.01
+
+
+def test_u5_int8_relative_rms_error_on_gaussian_data():
+    g = torch.Generator().manual_seed(5)
+    for shape in ((100_000,), (257, 129)):
+        t = torch.randn(shape, generator=g)
+        out = decode_tensor(encode_tensor(t, INT8_BLOCKWISE), max_numel=BIG)
+        rel_rms = ((out - t).pow(2).mean().sqrt() / t.pow(2).mean().sqrt()).item()
+        assert rel_rms <= 0.01, rel_rms
+        assert rel_rms > 0  # it is lossy: the check measures something
+
+
+def test_u5_e3m0_relative_rms_error_on_gaussian_data_is_bounded():
+    # not a quality claim, a regression guard: round-to-nearest E3M0 on N(0,1) blocks of
+    # 256 measures ~0.20; the worst case of the per-value bound is 1/3
+    t = torch.randn(100_000, generator=torch.Generator().manual_seed(6))
+    out = decode_tensor(encode_tensor(t, E3M0), max_numel=BIG)
+    rel_rms = ((out - t).pow(2).mean().sqrt() / t.pow(2).mean().sqrt()).item()
+    assert 0.05 < rel_rms <= 0.25, rel_rms

@@ -1,0 +1,206 @@
+"""`diloco`: H local AdamW steps, then one averaged outer step on shared weights φ.
+
+Round r, on every member:
+  θ ← φ  ·  H inner steps on its own data  ·  Δ = φ − θ (fp32)
+  join round r with hash(φ)  ·  butterfly all-reduce of Δ (weighted)  ·  vote  ·  on commit:
+  φ ← OuterSGD(φ, Δ̄) (lr 0.7, Nesterov 0.9)  ·  θ ← φ  ·  r ← r + 1
+
+Invariants (see rounds.py for the transaction):
+- φ and the outer momentum change only on a committed round, identically on every
+  member, so hash(φ) agrees across the swarm; a member whose hash or round differs is
+  told to resync and downloads φ, momentum, round and the inner state from the leader.
+- An aborted round is retried with fresh membership (the Δ is still valid: φ did not
+  move). After `MAX_ATTEMPTS` aborts the H steps are discarded (θ ← φ): never a
+  local-only outer step.
+- A joiner downloads the state, then takes part in the current round with weight 0 and a
+  zero Δ, so it changes nothing until its first full round.
+- Inner AdamW state is local and persists across rounds; φ is fp32 on the CPU.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from swarm_node.protocol import codec
+from swarm_node.protocol.allreduce import ButterflyAllReduce
+from swarm_node.trainer import NonFiniteError
+
+from .base import Strategy
+from .leader import LeaderElection
+from .outer_math import OuterOptimizer, pseudo_gradient, round_digest
+from .rounds import RoundCoordinator
+from .state_transfer import StateService, StateTransferError
+
+MAX_ATTEMPTS = 3
+COMPRESSIONS = {"none": codec.NONE, "fp16": codec.FLOAT16, "int8": codec.INT8_BLOCKWISE, "e3m0": codec.E3M0}
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, start = [], 0
+    for t in like:
+        out.append(flat[start:start + t.numel()].view_as(t).clone())
+        start += t.numel()
+    return out
+
+
+class DiLoCoStrategy(Strategy):
+    name = "diloco"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        cfg = ctx.config
+        self.H = cfg.inner_steps
+        self.params = ctx.trainer.parameters_list()
+        self.outer = OuterOptimizer([p.detach() for p in self.params], lr=cfg.outer_lr,
+                                    momentum=cfg.outer_momentum, nesterov=True)
+        self.phi = self.outer.phi
+        self.phi_hash = round_digest(self.phi)
+        self.round_no = 0
+        self.weight = 1.0
+        self.election = LeaderElection(ctx, self.name)
+        self.allreduce = ButterflyAllReduce(
+            ctx.transport, timeout_s=cfg.round_timeout_s, compression=COMPRESSIONS[cfg.compression],
+            on_reject=lambda reason: ctx.metrics.rejected_messages.labels(reason=reason).inc())
+        self.rounds = RoundCoordinator(
+            ctx.transport, ctx.spec.run_id, timeout_s=cfg.round_timeout_s, grace_s=cfg.round_timeout_s,
+            allreduce=self.allreduce, leader_fn=self.election.leader, expected_fn=self.election.expected,
+            state_fn=lambda: (self.round_no, self.phi_hash))
+        self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3,
+                                  extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore)
+
+    async def start(self) -> None:
+        await self.rounds.start()
+        await self.state.start()
+
+    # ------------------------------------------------------------------ shared state
+    def _extra_snapshot(self):
+        st = self.outer.state_dict()
+        buffers = st["optimizer"].get("state", {})
+        momentum = [buffers.get(i, {}).get("momentum_buffer") for i in range(len(self.phi))]
+        has_momentum = all(m is not None for m in momentum)
+        tensors = list(self.phi) + (momentum if has_momentum else [])
+        return {"round": self.round_no, "has_momentum": has_momentum}, tensors
+
+    def _extra_restore(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+        n = len(self.phi)
+        has_momentum = meta.get("has_momentum") is True
+        if not isinstance(meta.get("round"), int) or len(tensors) != n * (2 if has_momentum else 1):
+            raise StateTransferError("outer state does not match this model")
+        phi = tensors[:n]
+        if any(a.shape != b.shape for a, b in zip(phi, self.phi)):
+            raise StateTransferError("outer weights have the wrong shapes")
+        opt = self.outer.state_dict()["optimizer"]
+        opt["state"] = {i: {"momentum_buffer": tensors[n + i]} for i in range(n)} if has_momentum else {}
+        self.outer.load_state_dict({"phi": phi, "optimizer": opt})
+        self.phi = self.outer.phi
+        self.phi_hash = round_digest(self.phi)
+        self.round_no = meta["round"]
+        self._reset_theta()
+
+    def _reset_theta(self) -> None:
+        with torch.no_grad():
+            for p, f in zip(self.params, self.phi):
+                p.copy_(f.to(p.device, p.dtype))
+
+    # ------------------------------------------------------------------ the loop
+    async def run(self) -> None:
+        ctx = self.ctx
+        if self.election.online_peers():
+            await self._adopt(self.election.leader(), "joining a running swarm")
+        while not ctx.should_stop() and (ctx.config.max_steps == 0 or ctx.trainer.step < ctx.config.max_steps):
+            if not await self.wait_for_peers():
+                break
+            if self.weight > 0:
+                await self._inner_phase()
+                if ctx.should_stop() and ctx.trainer.step % self.H:
+                    break  # draining mid-phase: the local steps are checkpointed, not averaged
+            await self._outer_round()
+
+    async def _inner_phase(self) -> None:
+        ctx = self.ctx
+        for _ in range(self.H):
+            if ctx.should_stop() or (ctx.config.max_steps and ctx.trainer.step >= ctx.config.max_steps):
+                return
+            t0 = time.perf_counter()
+            try:
+                result = await ctx.compute(ctx.trainer.compute_gradients, ctx.trainer.step)
+                await ctx.compute(ctx.trainer.apply_gradients, result.grads)
+            except NonFiniteError as e:
+                ctx.metrics.rejected_messages.labels(reason="non_finite").inc()
+                ctx.log.warning("inner step skipped: %s", e)
+                continue
+            self.record_step(result.num_samples, result.loss, time.perf_counter() - t0)
+            await ctx.on_step()
+
+    async def _outer_round(self) -> None:
+        ctx = self.ctx
+        if self.weight > 0:
+            theta = [p.detach() for p in self.params]
+            delta = await ctx.compute(lambda: flatten(pseudo_gradient(self.phi, theta)))
+        else:
+            delta = torch.zeros(sum(p.numel() for p in self.params))
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            t0 = time.perf_counter()
+            out = await self.rounds.run_round(self.round_no, self.phi_hash, self.weight, delta)
+            duration = time.perf_counter() - t0
+            if out.status == "committed":
+                await ctx.compute(self._apply, out.result)
+                self._account("ok", len(out.group), duration, out)
+                return
+            if out.status == "resync":
+                self._account("resync", 0, duration, out)
+                await self._adopt(out.leader, out.detail)
+                return
+            self._account("error", len(out.group), duration, out)
+            if "unreachable" in out.detail or "lost" in out.detail:
+                self.election.suspect(out.leader)
+            ctx.log.warning("round %d attempt %d/%d aborted: %s", self.round_no, attempt, MAX_ATTEMPTS, out.detail)
+            if ctx.should_stop():
+                break
+            await asyncio.sleep(0.5)
+        ctx.log.warning("round %d failed %d times: discarding the local steps (θ ← φ)", self.round_no, MAX_ATTEMPTS)
+        await ctx.compute(self._reset_theta)
+
+    def _apply(self, mean_delta: torch.Tensor) -> None:
+        self.phi = self.outer.step(unflatten(mean_delta, self.phi))
+        self.phi_hash = round_digest(self.phi)
+        self.round_no += 1
+        self.ctx.trainer.step = self.round_no * self.H  # a joiner lines up with the swarm's step count
+        self._reset_theta()
+        if self.weight == 0:
+            self.ctx.log.info("first round done: contributing from now on")
+        self.weight = 1.0
+
+    async def _adopt(self, leader: str, why: str) -> None:
+        ctx = self.ctx
+        ctx.log.info("adopting the swarm's state from %s (%s)", leader[-8:], why)
+        try:
+            await self.state.download(leader)
+        except Exception as e:  # PeerUnavailable, StateTransferError, CodecError
+            ctx.metrics.recoveries.labels(kind="state_download", outcome="failed").inc()
+            ctx.log.warning("state download from %s failed: %s", leader[-8:], e)
+            self.election.suspect(leader)
+            return
+        ctx.metrics.recoveries.labels(kind="state_download", outcome="ok").inc()
+        self.weight = 0.0  # take part in the next round without changing its average
+        ctx.progress.step = ctx.trainer.step
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _account(self, outcome: str, size: int, duration_s: float, out) -> None:
+        ctx, m = self.ctx, self.ctx.metrics
+        m.rounds.labels(strategy=self.name, outcome=outcome).inc()
+        if outcome == "ok":
+            m.round_duration.observe(duration_s)
+            m.group_size.set(size)
+            m.last_successful_round.set(time.time())
+            if ctx.progress.state != "online":
+                ctx.progress.state = "online"
+        ctx.progress.last_round = {"round": self.round_no, "outcome": outcome, "group_size": size,
+                                   "duration_s": round(duration_s, 4), "leader": out.leader,
+                                   "phi_hash": self.phi_hash, "detail": out.detail[:200]}

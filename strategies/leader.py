@@ -1,0 +1,51 @@
+"""Who coordinates a round: the lowest peer id among live, *online* peers of a strategy.
+
+Every peer derives the same answer from its membership view, so no election messages
+are needed; views converge within one announce interval. Joiners (state `joining`) are
+not eligible while anyone is online, so a fresh joiner never leads the swarm away from
+the model everyone else holds. A peer that failed us is skipped ("suspect") until its
+record would have expired anyway.
+"""
+from __future__ import annotations
+
+import time
+
+from .base import StrategyContext
+
+
+def pick_leader(candidates, suspects=()) -> str | None:
+    eligible = sorted(set(candidates) - set(suspects))
+    return eligible[0] if eligible else None
+
+
+class LeaderElection:
+    def __init__(self, ctx: StrategyContext, strategy_name: str):
+        self.ctx, self.strategy_name = ctx, strategy_name
+        self.suspects: dict[str, float] = {}  # peer -> monotonic time until which it is skipped
+
+    def suspect(self, peer: str) -> None:
+        if peer != self.ctx.peer_id:
+            self.suspects[peer] = time.monotonic() + self.ctx.config.ttl_s
+
+    def live_suspects(self) -> set[str]:
+        now = time.monotonic()
+        self.suspects = {p: t for p, t in self.suspects.items() if t > now}
+        return set(self.suspects)
+
+    def peers(self) -> list:
+        return [m for m in self.ctx.membership.others() if m.record.strategy == self.strategy_name]
+
+    def online_peers(self) -> list[str]:
+        return [m.peer_id for m in self.peers() if m.record.state == "online"]
+
+    def expected(self) -> set[str]:
+        return {m.peer_id for m in self.peers()} | {self.ctx.peer_id}
+
+    def leader(self) -> str:
+        me = self.ctx.peer_id
+        online = self.online_peers()
+        if self.ctx.progress.state == "online":
+            online.append(me)
+        if not online:  # fresh swarm: all start from the same seed, so anyone may lead
+            online = [m.peer_id for m in self.peers()] + [me]
+        return pick_leader(online, self.live_suspects() - {me}) or me
