@@ -94,6 +94,7 @@ class Node:
         self.resumed_from: int | None = None
         self.history: list[list] = []  # [step, train_loss, val_loss | None, seconds since start]
         self._val_step: int | None = None
+        self._val_hash: str | None = None
         self.net: SwarmNetwork | None = None
         self.membership: Membership | None = None
         self.watchdog: IsolationWatchdog | None = None
@@ -366,6 +367,7 @@ class Node:
         self.progress.val_loss = await self.compute(self.trainer.evaluate)
         self.metrics.val_loss.set(self.progress.val_loss)
         self._val_step = self.trainer.step
+        self._val_hash = await self.compute(self.trainer.param_hash)
         if self.history and self.history[-1][0] == self.trainer.step:
             self.history[-1][2] = self.progress.val_loss
         return self.progress.val_loss
@@ -503,7 +505,8 @@ class Node:
                 pass
         if self.trainer is not None and self.net is not None:
             try:
-                if self._val_step != self.trainer.step:
+                # re-evaluate if the weights moved since (e.g. DiLoCo's final outer step)
+                if self._val_step != self.trainer.step or self._val_hash != self.trainer.param_hash():
                     await asyncio.wait_for(self._evaluate(), 30)
                 self._write_summary()
             except Exception as e:

@@ -78,11 +78,13 @@ class Strategy(abc.ABC):
 
     # ---- helpers shared by the strategies' loops ----
     async def wait_for_peers(self) -> bool:
-        """Block (re-checking stop) until `--min-peers` are present; False if stopping."""
+        """Before the first step, block (re-checking stop) until `--min-peers` are present.
+        Afterwards it never blocks: a swarm that loses peers keeps training. False if stopping."""
         ctx = self.ctx
         while not ctx.should_stop():
             have, need = len(ctx.membership.others()) + 1, ctx.config.min_peers
-            if have >= need:
+            if have >= need or getattr(self, "_quorum_reached", False):
+                self._quorum_reached = True
                 ctx.progress.waiting_for = None
                 return True
             ctx.progress.waiting_for = f"peers: {have}/{need} needed"

@@ -30,10 +30,10 @@ from swarm_node.trainer import NonFiniteError
 from .base import Strategy
 from .leader import LeaderElection
 from .outer_math import OuterOptimizer, pseudo_gradient, round_digest
-from .rounds import RoundCoordinator
+from .rounds import RoundCoordinator, tensor_digest
 from .state_transfer import StateService, StateTransferError
 
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 5  # with backoff 0.5, 1, 2, 4 s: membership views converge meanwhile
 COMPRESSIONS = {"none": codec.NONE, "fp16": codec.FLOAT16, "int8": codec.INT8_BLOCKWISE, "e3m0": codec.E3M0}
 
 
@@ -145,13 +145,23 @@ class DiLoCoStrategy(Strategy):
             delta = await ctx.compute(lambda: flatten(pseudo_gradient(self.phi, theta)))
         else:
             delta = torch.zeros(sum(p.numel() for p in self.params))
+        hint: str | None = None
         for attempt in range(1, MAX_ATTEMPTS + 1):
             t0 = time.perf_counter()
-            out = await self.rounds.run_round(self.round_no, self.phi_hash, self.weight, delta)
+            out = await self.rounds.run_round(self.round_no, self.phi_hash, self.weight, delta, leader=hint)
+            hint = None
             duration = time.perf_counter() - t0
+            if out.status == "not_leader" and out.leader in self.election.expected():
+                hint = out.leader  # ask the peer it named, once, without waiting
+                continue
             if out.status == "committed":
+                before = self.phi_hash
                 await ctx.compute(self._apply, out.result)
+                self.election.mark_committed(out.group)
                 self._account("ok", len(out.group), duration, out)
+                ctx.log.info("round %d committed by %d peers in %.2fs: phi %s -> %s (delta %s, weight %g)",
+                             self.round_no - 1, len(out.group), duration, before, self.phi_hash,
+                             tensor_digest(out.result), self.weight)
                 return
             if out.status == "resync":
                 self._account("resync", 0, duration, out)
@@ -163,7 +173,7 @@ class DiLoCoStrategy(Strategy):
             ctx.log.warning("round %d attempt %d/%d aborted: %s", self.round_no, attempt, MAX_ATTEMPTS, out.detail)
             if ctx.should_stop():
                 break
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5 * 2 ** (attempt - 1))
         ctx.log.warning("round %d failed %d times: discarding the local steps (θ ← φ)", self.round_no, MAX_ATTEMPTS)
         await ctx.compute(self._reset_theta)
 

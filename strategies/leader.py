@@ -22,6 +22,7 @@ class LeaderElection:
     def __init__(self, ctx: StrategyContext, strategy_name: str):
         self.ctx, self.strategy_name = ctx, strategy_name
         self.suspects: dict[str, float] = {}  # peer -> monotonic time until which it is skipped
+        self.committed_with: set[str] = set()  # members of our last committed round: online, whatever records say
 
     def suspect(self, peer: str) -> None:
         if peer != self.ctx.peer_id:
@@ -35,8 +36,13 @@ class LeaderElection:
     def peers(self) -> list:
         return [m for m in self.ctx.membership.others() if m.record.strategy == self.strategy_name]
 
+    def mark_committed(self, group: list[str]) -> None:
+        """Peers that just committed a round with us are online, even before their records
+        say so (records lag by up to one announce interval)."""
+        self.committed_with = set(group) - {self.ctx.peer_id}
+
     def online_peers(self) -> list[str]:
-        return [m.peer_id for m in self.peers() if m.record.state == "online"]
+        return [m.peer_id for m in self.peers() if m.record.state == "online" or m.peer_id in self.committed_with]
 
     def expected(self) -> set[str]:
         return {m.peer_id for m in self.peers()} | {self.ctx.peer_id}

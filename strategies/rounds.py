@@ -42,7 +42,7 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 @dataclass
 class RoundOutcome:
-    status: str  # committed | aborted | resync | no_leader
+    status: str  # committed | aborted | resync | not_leader (leader = the hinted one)
     result: torch.Tensor | None = None
     group: list[str] = field(default_factory=list)
     detail: str = ""
@@ -101,8 +101,9 @@ class RoundCoordinator:
         await self.transport.add_handler(VOTE, self._rpc_vote, rpb.CommitVote, channel="averaging")
 
     # ------------------------------------------------------------------ member side
-    async def run_round(self, round_no: int, phi_hash: str, weight: float, vector: torch.Tensor) -> RoundOutcome:
-        leader = self.leader_fn()
+    async def run_round(self, round_no: int, phi_hash: str, weight: float, vector: torch.Tensor,
+                        leader: str | None = None) -> RoundOutcome:
+        leader = leader or self.leader_fn()
         me = self.transport.peer_id
         join = rpb.RoundJoin(run_id=self.run_id, round=round_no, phi_hash=phi_hash, weight=weight,
                              num_elements=vector.numel())
@@ -115,6 +116,9 @@ class RoundCoordinator:
             return RoundOutcome("aborted", detail=f"leader unreachable: {e}", leader=leader)
         if reply.status == JoinStatus.ROUND_STATUS_RESYNC:
             return RoundOutcome("resync", detail=reply.detail, leader=leader)
+        if reply.status == JoinStatus.ROUND_STATUS_NOT_LEADER and reply.leader_hint:
+            return RoundOutcome("not_leader", detail=f"{leader[-8:]} points to {reply.leader_hint[-8:]}",
+                                leader=reply.leader_hint)
         if reply.status != JoinStatus.ROUND_STATUS_OK:
             return RoundOutcome("aborted", detail=f"{JoinStatus.Name(reply.status)} {reply.detail}", leader=leader)
         group = list(reply.group)

@@ -208,7 +208,7 @@ def test_sigterm_drains_and_sync_survives_a_peer_dying_mid_run(swarm):
     2. a and b must keep stepping (round timeout 5 s bounds the wait) and drop c.
     3. SIGTERM b: it drains, exits 0 within the grace period, leaves no process; a notices.
     Result: sync never hangs on a dead peer, and a drain is clean."""
-    common = ["--run-id", "churn", "--strategy", "sync", "--min-peers", "1"]
+    common = ["--run-id", "churn", "--strategy", "sync", "--min-peers", "3"]
     a = swarm.add("a", common)
     a.wait_info()
     b = swarm.add("b", common, initial=a.join_maddr())
@@ -231,3 +231,39 @@ def test_sigterm_drains_and_sync_survives_a_peer_dying_mid_run(swarm):
     a.wait_for(lambda s: b_id not in _peer_ids(s), 8, "a noticing b left")
     step = a.status()["step"]
     a.wait_for(lambda s: s["step"] >= step + 5, 30, "a training alone")
+
+
+def test_diloco_survives_a_kill_and_admits_a_joiner_with_identical_outer_weights(swarm):
+    """1. Three diloco peers (H=5) train; once rounds include all three, SIGKILL b's group.
+    2. a and c keep committing rounds of two; then a fresh peer d joins late.
+    3. d downloads φ and the outer momentum, takes part with weight 0 once, then contributes.
+    4. All run to --max-steps 1000 (a multiple of H, so everyone ends right after a commit).
+    Result: survivors and the joiner end with bit-identical weights, finite and lower loss."""
+    common = ["--run-id", "dlc", "--strategy", "diloco", "--inner-steps", "10", "--max-steps", "1000",
+              "--min-peers", "3"]
+    a = swarm.add("a", common)
+    a.wait_info()
+    b = swarm.add("b", common, initial=a.join_maddr())
+    c = swarm.add("c", common, initial=a.join_maddr())
+    for n in (b, c):
+        n.wait_info()
+    a.wait_for(lambda s: s["last_round"].get("group_size") == 3, 90, "three-peer rounds")
+    b.kill(group=True)
+    killed_round = a.status()["last_round"]["round"]
+    a.wait_for(lambda s: s["last_round"].get("round", 0) >= killed_round + 3
+               and s["last_round"].get("group_size") == 2, 60, "rounds of two after the kill")
+    d = swarm.add("d", [*common, "--min-peers", "1"], initial=a.join_maddr())
+    d.wait_info()
+    d.wait_for(lambda s: s["last_round"].get("group_size") == 3 and s["last_round"].get("outcome") == "ok"
+               or s["phase"] == "draining", 90, "the joiner's first committed round")
+    for n in (a, c, d):
+        assert n.proc.wait(240) == 0, n.log_text()[-2000:]
+    summaries = {n.name: _summary(n) for n in (a, c, d)}
+    assert len({s["param_hash"] for s in summaries.values()}) == 1, {k: s["param_hash"] for k, s in summaries.items()}
+    assert all(s["step"] == 1000 for s in summaries.values())
+    first = summaries["a"]["history"][0][1]  # the founder's loss at step 1 (d joined a trained model)
+    vals = [s["val_loss"] for s in summaries.values()]
+    assert all(v == v and v < first - 1.0 for v in vals), (first, vals)
+    assert max(vals) - min(vals) < 1e-6, vals  # identical weights, identical held-out loss
+    assert "adopting the swarm's state" in d.log_text()
+    assert summaries["a"]["rounds"]["ok"] >= 80

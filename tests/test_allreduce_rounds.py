@@ -1,0 +1,65 @@
+"""Pure parts of the averaging layer: shard bounds, shard reduction, the commit decision."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from swarm_node.protocol.allreduce import _Reduction, shard_bounds
+from swarm_node.strategies.diloco import flatten, unflatten
+from swarm_node.strategies.rounds import _LeaderRound, group_digest
+
+
+@pytest.mark.parametrize("numel,parts", [(10, 3), (3, 5), (0, 2), (1000, 1), (7, 7)])
+def test_shard_bounds_cover_exactly_once(numel, parts):
+    b = shard_bounds(numel, parts)
+    assert len(b) == parts and b[0][0] == 0 and b[-1][1] == numel
+    assert all(prev[1] == cur[0] for prev, cur in zip(b, b[1:]))
+    sizes = [e - s for s, e in b]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_reduction_weighted_mean_zero_weight_joiner_and_duplicates():
+    async def go():
+        red = _Reduction(expected={"a", "b", "j"}, length=3, total=torch.zeros(3))
+        red.add("a", torch.tensor([1.0, 2.0, 3.0]), 1.0)
+        red.add("a", torch.tensor([100.0, 100.0, 100.0]), 1.0)  # a duplicate push is ignored
+        red.add("j", torch.tensor([50.0, 50.0, 50.0]), 0.0)  # joiner: weight 0 changes nothing
+        assert not red.closed.is_set()
+        red.add("b", torch.tensor([3.0, 2.0, 1.0]), 3.0)
+        assert red.closed.is_set()
+        torch.testing.assert_close(red.result, torch.tensor([2.5, 2.0, 1.5]))
+        only_joiners = _Reduction(expected={"j"}, length=2, total=torch.zeros(2))
+        only_joiners.add("j", torch.ones(2), 0.0)
+        torch.testing.assert_close(only_joiners.result, torch.zeros(2))  # zero update, not NaN
+
+    asyncio.run(go())
+
+
+def test_commit_needs_every_member_complete_and_agreeing():
+    async def go():
+        def round_with(votes):
+            r = _LeaderRound(0, "h", expected={"a", "b"})
+            r.joined = {"a": 1.0, "b": 1.0}
+            r.freeze("run")
+            for peer, (complete, digest) in votes.items():
+                r.vote(peer, complete, digest)
+            return r
+
+        assert round_with({"a": (True, "x"), "b": (True, "x")}).decide() is True
+        assert round_with({"a": (True, "x"), "b": (False, "x")}).decide() is False
+        assert round_with({"a": (True, "x"), "b": (True, "y")}).decide() is False
+        assert round_with({"a": (True, "x")}).decide() is False  # b never voted
+        r = round_with({"a": (True, "x"), "outsider": (True, "x"), "b": (True, "x")})
+        assert "outsider" not in r.votes and r.decide() is True
+        assert r.group_id == group_digest("run", 0, ["a", "b"])
+
+    asyncio.run(go())
+
+
+def test_flatten_unflatten_round_trip():
+    ts = [torch.randn(2, 3), torch.randn(4), torch.randn(1, 1, 2)]
+    back = unflatten(flatten(ts), ts)
+    for a, b in zip(ts, back):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
