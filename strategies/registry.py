@@ -12,6 +12,7 @@ _BUILTIN = {
     "solo": "swarm_node.strategies.solo:SoloStrategy",
     "sync": "swarm_node.strategies.sync:SyncStrategy",
     "diloco": "swarm_node.strategies.diloco:DiLoCoStrategy",
+    "noloco": "swarm_node.strategies.noloco:NoLoCoStrategy",
 }
 
 
