@@ -63,3 +63,19 @@ def test_flatten_unflatten_round_trip():
     back = unflatten(flatten(ts), ts)
     for a, b in zip(ts, back):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_noloco_with_gamma_equal_lr_needs_only_the_partners_theta():
+    """The strategy passes its own φ in place of the partner's (unknown) φ: with γ = η that
+    must equal the collapsed update δ ← βδ + η(mean θ − φ_i) the NoLoCo code uses."""
+    from swarm_node.strategies.outer_math import noloco_update
+
+    g = torch.Generator().manual_seed(0)
+    phi = [torch.randn(5, generator=g)]
+    mom = [torch.randn(5, generator=g)]
+    t1, t2 = [torch.randn(5, generator=g)], [torch.randn(5, generator=g)]
+    lr, beta = 0.7, 0.5
+    new_phi, new_mom = noloco_update(phi, mom, [phi, phi], [t1, t2], lr=lr, gamma=lr, beta=beta)
+    expected_mom = beta * mom[0] + lr * ((t1[0] + t2[0]) / 2 - phi[0])
+    torch.testing.assert_close(new_mom[0], expected_mom, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(new_phi[0], phi[0] + expected_mom, rtol=1e-6, atol=1e-6)

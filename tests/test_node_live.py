@@ -267,3 +267,23 @@ def test_diloco_survives_a_kill_and_admits_a_joiner_with_identical_outer_weights
     assert max(vals) - min(vals) < 1e-6, vals  # identical weights, identical held-out loss
     assert "adopting the swarm's state" in d.log_text()
     assert summaries["a"]["rounds"]["ok"] >= 80
+
+
+def test_noloco_three_peers_pair_up_and_the_odd_one_skips(swarm):
+    """1. Three noloco peers (H=10) train 100 steps: 10 rounds, one pair and one odd peer each.
+    Result: every peer accounts for all 10 rounds (paired or odd one out), pair exchanges
+    come in twos, and every peer's held-out loss ends finite and well below the start."""
+    common = ["--run-id", "nlc", "--strategy", "noloco", "--inner-steps", "10", "--max-steps", "100",
+              "--min-peers", "3"]
+    a = swarm.add("a", common)
+    a.wait_info()
+    others = [swarm.add(n, common, initial=a.join_maddr()) for n in ("b", "c")]
+    for n in (a, *others):
+        assert n.proc.wait(180) == 0, n.log_text()[-2000:]
+    summaries = [_summary(n) for n in (a, *others)]
+    for s in summaries:
+        assert s["rounds"]["ok"] + s["rounds"]["no_peers"] + s["rounds"]["timeout"] + s["rounds"]["error"] == 10
+        assert s["val_loss"] == s["val_loss"] and s["val_loss"] < s["history"][0][1] - 1.0
+    oks = sum(s["rounds"]["ok"] for s in summaries)
+    assert oks % 2 == 0 and oks >= 12, [s["rounds"] for s in summaries]  # most rounds paired up
+    assert len({s["param_hash"] for s in summaries}) == 3  # NoLoCo replicas are not identical
