@@ -61,6 +61,9 @@ class NodeConfig(BaseSettings):
     inner_steps: int = Field(50, ge=1, le=100_000, description="DiLoCo family: local steps between outer rounds (H).")
     outer_lr: float = Field(0.7, gt=0, le=10, description="DiLoCo family: outer SGD learning rate.")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="DiLoCo family: outer momentum (Nesterov for diloco).")
+    fragments: int = Field(5, ge=1, le=1024, description="streaming-diloco: fragments synced in turn (P; must divide H).")
+    overlap_steps: int = Field(1, ge=0, description="streaming-diloco: local steps a fragment's exchange overlaps (tau < H/P).")
+    mix_alpha: float = Field(0.5, ge=0, le=1, description="streaming-diloco: merge weight of the local fragment (alpha).")
     compression: Literal["none", "fp16", "int8", "e3m0"] = Field(
         "none", description="Wire compression of averaged tensors (accumulation is always fp32).")
 
@@ -123,6 +126,12 @@ class NodeConfig(BaseSettings):
     def _check_combination(self) -> "NodeConfig":
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.strategy == "streaming-diloco":
+            H, P, tau = self.inner_steps, self.fragments, self.overlap_steps
+            if H % P:
+                raise ValueError(f"streaming-diloco needs --inner-steps ({H}) divisible by --fragments ({P})")
+            if tau >= H // P:
+                raise ValueError(f"streaming-diloco needs --overlap-steps ({tau}) < inner-steps/fragments ({H // P})")
         return self
 
     @property
@@ -133,7 +142,8 @@ class NodeConfig(BaseSettings):
         return RunSpec(run_id=self.run_id, strategy=self.strategy, data=self.data, data_max_bytes=self.data_max_bytes,
                        seq_len=self.seq_len, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
                        batch_size=self.batch_size, lr=self.lr, seed=self.seed, inner_steps=self.inner_steps,
-                       outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, compression=self.compression)
+                       outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, compression=self.compression,
+                       fragments=self.fragments, overlap_steps=self.overlap_steps, mix_alpha=self.mix_alpha)
 
 
 class RunSpec(BaseModel):
@@ -156,6 +166,9 @@ class RunSpec(BaseModel):
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     compression: str = "none"
+    fragments: int = 5
+    overlap_steps: int = 1
+    mix_alpha: float = 0.5
     data_fingerprint: str = ""  # sha256 prefix of the loaded corpus: 'stdlib' differs across Pythons
 
     def canonical(self) -> dict[str, Any]:
@@ -205,5 +218,8 @@ def explain_validation_error(e: ValidationError) -> str:
             msg = "unknown setting (check the spelling; `swarm-node join --help` lists them all)"
         given = err.get("input")
         shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
-        lines.append(f"  {flag} / {ENV_PREFIX}{field.upper()}: {msg}{shown}")
+        if not err["loc"]:  # a rule across several settings
+            lines.append(f"  {msg}")
+        else:
+            lines.append(f"  {flag} / {ENV_PREFIX}{field.upper()}: {msg}{shown}")
     return "\n".join(lines)

@@ -383,7 +383,8 @@ class Node:
                    "resumed_from_step": self.resumed_from, "train_loss": self.progress.train_loss,
                    "val_loss": self.progress.val_loss, "val_step": self._val_step, "bytes_sent": int(tx),
                    "bytes_received": int(rx), "rounds": rounds, "stop_reason": self.stop_reason,
-                   "param_hash": self.trainer.param_hash() if self.trainer else None, "history": self.history}
+                   "param_hash": self.trainer.param_hash() if self.trainer else None,
+                   "last_round": dict(self.progress.last_round), "history": self.history}
         path = self.config.state_dir / "summary.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary))

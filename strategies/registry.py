@@ -13,6 +13,7 @@ _BUILTIN = {
     "sync": "swarm_node.strategies.sync:SyncStrategy",
     "diloco": "swarm_node.strategies.diloco:DiLoCoStrategy",
     "noloco": "swarm_node.strategies.noloco:NoLoCoStrategy",
+    "streaming-diloco": "swarm_node.strategies.streaming_diloco:StreamingDiLoCoStrategy",
 }
 
 

@@ -165,6 +165,13 @@ class RoundCoordinator:
         if self.leader_fn() != me:
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_NOT_LEADER, leader_hint=self.leader_fn())
         my_round, my_hash = self.state_fn()
+        if join.round > my_round:
+            # a member can finish its local steps before the leader applied the previous
+            # round: give the leader a moment to catch up instead of sending it to resync
+            deadline = asyncio.get_running_loop().time() + self.timeout_s
+            while join.round > my_round and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+                my_round, my_hash = self.state_fn()
         if join.round != my_round or join.phi_hash != my_hash:
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_RESYNC, round=my_round,
                                       detail=f"leader at round {my_round}, member at {join.round}"

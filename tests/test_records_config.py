@@ -124,3 +124,13 @@ def test_check_command_grades_and_exit_codes(capsys, tmp_path):
                      "--state-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0 and str(dead) in out and "warn" in out.lower()  # unreachable peer: a warning
+
+
+@pytest.mark.parametrize("values,needle", [
+    ({"strategy": "streaming-diloco", "inner_steps": 50, "fragments": 4}, "divisible by --fragments"),
+    ({"strategy": "streaming-diloco", "inner_steps": 20, "fragments": 4, "overlap_steps": 5}, "< inner-steps/fragments"),
+])
+def test_streaming_rejects_invalid_schedule(values, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(values)
+    assert "--config" not in str(pytest.raises(ConfigError, load_config, values).value)

@@ -1,0 +1,159 @@
+"""`streaming-diloco`: DiLoCo whose parameters sync in P staggered fragments, overlapped
+with training.
+
+Parameter i belongs to fragment i mod P (strided). Fragment f is sent after every inner
+step t with t ≡ (f+1)·H/P (mod H): its pseudo-gradient Δ_f = φ_f − θ_f goes into a round
+(the same freeze / butterfly all-reduce / commit transaction as `diloco`) that runs on the
+event loop while the next τ inner steps run on the compute thread. At step t+τ the
+committed mean updates φ_f with fragment f's own outer Nesterov optimizer, and the local
+fragment merges: θ_f ← α·θ_f + (1−α)·φ_f. Peak traffic per round is 1/P of DiLoCo's.
+
+Invariants: as in diloco.py, φ and the outer momenta change only on a committed round,
+identically everywhere (hash(φ) is checked at every join). τ < H/P guarantees each
+fragment's round is applied before the next one is sent. An aborted fragment round
+leaves φ_f and θ_f as they are (no local-only update); a peer whose state then disagrees
+is sent to resync. With P=1, τ=0, α=0 this is exactly DiLoCo.
+Known gap: an aborted fragment round is not retried (DiLoCo retries); it is simply
+skipped until the fragment's next turn.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from .diloco import DiLoCoStrategy, flatten, unflatten
+from .outer_math import OuterOptimizer, fragment_due, fragment_indices, merge, round_digest
+from .rounds import RoundOutcome, tensor_digest
+from .state_transfer import StateTransferError
+
+
+class StreamingDiLoCoStrategy(DiLoCoStrategy):
+    name = "streaming-diloco"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        cfg = ctx.config
+        self.P, self.tau, self.alpha = cfg.fragments, cfg.overlap_steps, cfg.mix_alpha
+        self.every = self.H // self.P
+        self.frags = [fragment_indices(len(self.params), f, self.P) for f in range(self.P)]
+        self.outers = [OuterOptimizer([self.phi[i] for i in idx], lr=cfg.outer_lr, momentum=cfg.outer_momentum,
+                                      nesterov=True) for idx in self.frags]
+        self.pending: dict[int, tuple[int, asyncio.Task]] = {}  # apply step -> (fragment, round task)
+
+    # ------------------------------------------------------------------ shared state
+    def _extra_snapshot(self):
+        momentum, has = [], []
+        for f, idx in enumerate(self.frags):
+            bufs = self.outers[f].state_dict()["optimizer"].get("state", {})
+            present = all(bufs.get(j, {}).get("momentum_buffer") is not None for j in range(len(idx)))
+            has.append(present)
+            if present:
+                momentum += [bufs[j]["momentum_buffer"] for j in range(len(idx))]
+        return {"round": self.round_no, "has_momentum": has}, list(self.phi) + momentum
+
+    def _extra_restore(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+        n, has = len(self.phi), meta.get("has_momentum")
+        if not isinstance(meta.get("round"), int) or not isinstance(has, list) or len(has) != self.P:
+            raise StateTransferError("streaming outer state does not match this configuration")
+        expected = n + sum(len(idx) for idx, h in zip(self.frags, has) if h)
+        if len(tensors) != expected or any(a.shape != b.shape for a, b in zip(tensors[:n], self.phi)):
+            raise StateTransferError("outer weights have the wrong count or shapes")
+        phi, cursor = tensors[:n], n
+        for f, idx in enumerate(self.frags):
+            opt = self.outers[f].state_dict()["optimizer"]
+            if has[f]:
+                opt["state"] = {j: {"momentum_buffer": tensors[cursor + j]} for j in range(len(idx))}
+                cursor += len(idx)
+            else:
+                opt["state"] = {}
+            self.outers[f].load_state_dict({"phi": [phi[i] for i in idx], "optimizer": opt})
+        self.phi = [t.clone() for t in phi]
+        self.phi_hash = round_digest(self.phi)
+        self.round_no = meta["round"]
+        self.pending.clear()
+        self._reset_theta()
+
+    # ------------------------------------------------------------------ the loop
+    async def run(self) -> None:
+        ctx = self.ctx
+        if self.election.online_peers():
+            await self._adopt(self.election.leader(), "joining a running swarm")
+        try:
+            while not ctx.should_stop() and (ctx.config.max_steps == 0 or ctx.trainer.step < ctx.config.max_steps):
+                if not await self.wait_for_peers():
+                    break
+                await self._one_inner_step()
+                t = ctx.trainer.step
+                if self.tau == 0:
+                    await self._maybe_send(t)
+                    await self._maybe_apply(t)
+                else:
+                    await self._maybe_apply(t)
+                    await self._maybe_send(t)
+            # finish rounds already in flight so the final weights include them
+            for t in sorted(self.pending):
+                await self._maybe_apply(t)
+        finally:
+            for _, task in self.pending.values():
+                task.cancel()
+
+    async def _one_inner_step(self) -> None:
+        ctx = self.ctx
+        t0 = time.perf_counter()
+        result = await ctx.compute(ctx.trainer.compute_gradients, ctx.trainer.step)
+        await ctx.compute(ctx.trainer.apply_gradients, result.grads)
+        self.record_step(result.num_samples, result.loss, time.perf_counter() - t0)
+        await ctx.on_step()
+
+    async def _maybe_send(self, t: int) -> None:
+        f = fragment_due(t, self.H, self.P)
+        if f is None:
+            return
+        idx = self.frags[f]
+        if self.weight > 0:
+            delta = await self.ctx.compute(
+                lambda: flatten([self.phi[i] - self.params[i].detach().float().cpu() for i in idx]))
+        else:
+            delta = torch.zeros(sum(self.params[i].numel() for i in idx))
+        task = asyncio.create_task(self.rounds.run_round(self.round_no, self.phi_hash, self.weight, delta))
+        self.pending[t + self.tau] = (f, task)
+
+    async def _maybe_apply(self, t: int) -> None:
+        if t not in self.pending:
+            return
+        f, task = self.pending.pop(t)
+        t0 = time.perf_counter()
+        out: RoundOutcome = await task
+        duration = time.perf_counter() - t0
+        if out.status == "committed":
+            await self.ctx.compute(self._apply_fragment, f, out.result)
+            self.election.mark_committed(out.group)
+            self._account("ok", len(out.group), duration, out)
+            self.ctx.log.debug("fragment %d round %d committed: phi %s (delta %s)", f, self.round_no - 1,
+                               self.phi_hash, tensor_digest(out.result))
+        elif out.status == "resync":
+            self._account("resync", 0, duration, out)
+            for _, other in self.pending.values():
+                other.cancel()
+            self.pending.clear()
+            await self._adopt(out.leader, out.detail)
+        else:
+            self._account("error", len(out.group), duration, out)
+            if "unreachable" in out.detail or "lost" in out.detail:
+                self.election.suspect(out.leader)
+            self.ctx.log.info("fragment %d round %d skipped: %s", f, self.round_no, out.detail)
+
+    def _apply_fragment(self, f: int, mean_delta: torch.Tensor) -> None:
+        idx = self.frags[f]
+        new_phi = self.outers[f].step(unflatten(mean_delta, [self.phi[i] for i in idx]))
+        theta = [self.params[i].detach().float().cpu() for i in idx]
+        mixed = merge(theta, new_phi, self.alpha)
+        with torch.no_grad():
+            for i, p_new, m in zip(idx, new_phi, mixed):
+                self.phi[i] = p_new
+                self.params[i].copy_(m.to(self.params[i].device, self.params[i].dtype))
+        self.phi_hash = round_digest(self.phi)
+        self.round_no += 1
+        self.weight = 1.0
