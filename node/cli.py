@@ -18,7 +18,6 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any
 
 from . import __version__
 from .config import DEFAULT_STATE_DIR, ConfigError, NodeConfig, load_config

@@ -23,12 +23,10 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -378,11 +376,12 @@ class Node:
                   if s.name.endswith("_total")}
         tx = sum(s.value for s in _samples(self.metrics.net_tx_bytes))
         rx = sum(s.value for s in _samples(self.metrics.net_rx_bytes))
+        by_channel = {s.labels["channel"]: int(s.value) for s in _samples(self.metrics.net_tx_bytes)}
         summary = {"peer_id": self.net.peer_id.to_base58() if self.net else None, "run_id": self.spec.run_id,
                    "strategy": self.config.strategy, "step": self.trainer.step if self.trainer else 0,
                    "resumed_from_step": self.resumed_from, "train_loss": self.progress.train_loss,
                    "val_loss": self.progress.val_loss, "val_step": self._val_step, "bytes_sent": int(tx),
-                   "bytes_received": int(rx), "rounds": rounds, "stop_reason": self.stop_reason,
+                   "bytes_received": int(rx), "bytes_sent_by_channel": by_channel, "rounds": rounds, "stop_reason": self.stop_reason,
                    "param_hash": self.trainer.param_hash() if self.trainer else None,
                    "last_round": dict(self.progress.last_round), "history": self.history}
         path = self.config.state_dir / "summary.json"

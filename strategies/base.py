@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -90,6 +91,24 @@ class Strategy(abc.ABC):
             ctx.progress.waiting_for = f"peers: {have}/{need} needed"
             await asyncio.sleep(0.5)
         return False
+
+    async def local_step(self) -> bool:
+        """One local optimizer step on this peer's own batch (no exchange). Returns False,
+        with nothing changed, when the loss or gradients were NaN/inf (counted)."""
+        from swarm_node.trainer import NonFiniteError  # the trainer imports torch; keep base light
+
+        ctx = self.ctx
+        t0 = time.perf_counter()
+        try:
+            result = await ctx.compute(ctx.trainer.compute_gradients, ctx.trainer.step)
+            await ctx.compute(ctx.trainer.apply_gradients, result.grads)
+        except NonFiniteError as e:
+            ctx.metrics.rejected_messages.labels(reason="non_finite").inc()
+            ctx.log.warning("local step skipped: %s", e)
+            return False
+        self.record_step(result.num_samples, result.loss, time.perf_counter() - t0)
+        await ctx.on_step()
+        return True
 
     def record_step(self, num_samples: int, loss: float, elapsed_s: float) -> None:
         """Progress and metrics after one applied local step."""

@@ -25,7 +25,6 @@ import torch
 
 from swarm_node.protocol import codec
 from swarm_node.protocol.allreduce import ButterflyAllReduce
-from swarm_node.trainer import NonFiniteError
 
 from .base import Strategy
 from .leader import LeaderElection
@@ -127,16 +126,7 @@ class DiLoCoStrategy(Strategy):
         for _ in range(self.H):
             if ctx.should_stop() or (ctx.config.max_steps and ctx.trainer.step >= ctx.config.max_steps):
                 return
-            t0 = time.perf_counter()
-            try:
-                result = await ctx.compute(ctx.trainer.compute_gradients, ctx.trainer.step)
-                await ctx.compute(ctx.trainer.apply_gradients, result.grads)
-            except NonFiniteError as e:
-                ctx.metrics.rejected_messages.labels(reason="non_finite").inc()
-                ctx.log.warning("inner step skipped: %s", e)
-                continue
-            self.record_step(result.num_samples, result.loss, time.perf_counter() - t0)
-            await ctx.on_step()
+            await self.local_step()
 
     async def _outer_round(self) -> None:
         ctx = self.ctx

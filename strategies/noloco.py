@@ -28,7 +28,6 @@ import torch
 from swarm_node.protocol import codec
 from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
 from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message
-from swarm_node.trainer import NonFiniteError
 
 from .base import Strategy
 from .diloco import COMPRESSIONS
@@ -98,16 +97,7 @@ class NoLoCoStrategy(Strategy):
             for _ in range(self.H):
                 if ctx.should_stop() or (ctx.config.max_steps and ctx.trainer.step >= ctx.config.max_steps):
                     break
-                t0 = time.perf_counter()
-                try:
-                    result = await ctx.compute(ctx.trainer.compute_gradients, ctx.trainer.step)
-                    await ctx.compute(ctx.trainer.apply_gradients, result.grads)
-                except NonFiniteError as e:
-                    ctx.metrics.rejected_messages.labels(reason="non_finite").inc()
-                    ctx.log.warning("inner step skipped: %s", e)
-                    continue
-                self.record_step(result.num_samples, result.loss, time.perf_counter() - t0)
-                await ctx.on_step()
+                await self.local_step()
             if ctx.trainer.step % self.H == 0 and not ctx.should_stop():
                 await self._pair_round(ctx.trainer.step // self.H)
 

@@ -84,7 +84,8 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             while not ctx.should_stop() and (ctx.config.max_steps == 0 or ctx.trainer.step < ctx.config.max_steps):
                 if not await self.wait_for_peers():
                     break
-                await self._one_inner_step()
+                if not await self.local_step():
+                    continue
                 t = ctx.trainer.step
                 if self.tau == 0:
                     await self._maybe_send(t)
@@ -98,14 +99,6 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         finally:
             for _, task in self.pending.values():
                 task.cancel()
-
-    async def _one_inner_step(self) -> None:
-        ctx = self.ctx
-        t0 = time.perf_counter()
-        result = await ctx.compute(ctx.trainer.compute_gradients, ctx.trainer.step)
-        await ctx.compute(ctx.trainer.apply_gradients, result.grads)
-        self.record_step(result.num_samples, result.loss, time.perf_counter() - t0)
-        await ctx.on_step()
 
     async def _maybe_send(self, t: int) -> None:
         f = fragment_due(t, self.H, self.P)

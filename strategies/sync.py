@@ -37,7 +37,7 @@ from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, f
 from swarm_node.trainer import StepResult
 
 from .data_parallel import DataParallelStrategy
-from .leader import LeaderElection, pick_leader  # noqa: F401  (pick_leader re-exported)
+from .leader import LeaderElection
 from .state_transfer import StateService, StateTransferError
 
 PUSH = "sync.push"

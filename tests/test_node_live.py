@@ -6,13 +6,11 @@ Every wait is bounded (launcher.wait_for / wait_info), every node is killed by t
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch

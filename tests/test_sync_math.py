@@ -10,7 +10,8 @@ from swarm_node.data import ByteDataset
 from swarm_node.model import GPTConfig
 from swarm_node.strategies import registry
 from swarm_node.strategies.state_transfer import StateTransferError, restore, snapshot
-from swarm_node.strategies.sync import ReduceRound, pick_leader, weighted_mean
+from swarm_node.strategies.leader import pick_leader
+from swarm_node.strategies.sync import ReduceRound, weighted_mean
 from swarm_node.trainer import TrainConfig, build_trainer
 
 
