@@ -62,6 +62,7 @@ class _LeaderRound:
     votes: dict[str, tuple[bool, str]] = field(default_factory=dict)
     voted: asyncio.Event = field(default_factory=asyncio.Event)
     decision: bool | None = None
+    num_elements: int | None = None  # every member must all-reduce a vector of this length
 
     def freeze(self, run_id: str) -> None:
         if not self.frozen.is_set():
@@ -179,6 +180,11 @@ class RoundCoordinator:
         if not (join.weight >= 0 and join.weight < 1e9):
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_REJECTED, detail="bad weight")
         rnd = self._round(my_round, my_hash)
+        if rnd.num_elements is None:
+            rnd.num_elements = join.num_elements
+        elif join.num_elements != rnd.num_elements:
+            return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_REJECTED,
+                                      detail=f"vector of {join.num_elements} elements, round uses {rnd.num_elements}")
         if caller == me and not rnd.frozen.is_set():
             # the grace window opens when the leader itself is ready, not at the first join
             asyncio.get_running_loop().call_later(self.grace_s, rnd.freeze, self.run_id)

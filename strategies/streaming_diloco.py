@@ -110,6 +110,9 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
                 lambda: flatten([self.phi[i] - self.params[i].detach().float().cpu() for i in idx]))
         else:
             delta = torch.zeros(sum(self.params[i].numel() for i in idx))
+        # A round is named by its place in the schedule, which fixes the fragment (and so the
+        # vector length) for everyone; a peer that missed a commit differs in hash(φ) instead.
+        self.round_no = t // self.every
         task = asyncio.create_task(self.rounds.run_round(self.round_no, self.phi_hash, self.weight, delta))
         self.pending[t + self.tau] = (f, task)
 
@@ -148,5 +151,4 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
                 self.phi[i] = p_new
                 self.params[i].copy_(m.to(self.params[i].device, self.params[i].dtype))
         self.phi_hash = round_digest(self.phi)
-        self.round_no += 1
         self.weight = 1.0
