@@ -50,6 +50,7 @@ from collections import defaultdict
 COMPRESSIONS = ("none", "fp16", "int8", "e3m0")
 VALUE_MAX = 64.0  # |x| <= 64, multiples of 1/64: fp32 sums of a few peers are exact
 GOAL_RATIO = 0.8  # issue: gloo_time / our_time >= 0.8
+FOREIGN_WARN_CORES = 0.25  # other processes' CPU during a timed run above this: say the numbers are perturbed
 
 
 class BenchError(RuntimeError):
@@ -338,6 +339,7 @@ async def _worker_main(rank: int, cfg: dict, cmd_q, res_q) -> None:
                 if result is None or not out_complete or not err <= limit:
                     raise BenchError(f"worker {rank} {method} {tag}: wrong or incomplete result: complete="
                                      f"{out_complete} counts={counts} max_abs_err={err} (allowed {limit})")
+                rep["window_cpu_s"] = time.process_time() - cpu0 + p2pd_cpu() - p2pd0
                 put("result", rep)
             elif kind == "micro":  # codec steps for one shard, this worker alone
                 reps = cmd[1]
@@ -389,8 +391,9 @@ async def _worker_main(rank: int, cfg: dict, cmd_q, res_q) -> None:
                 lag = await sleep_until(start_at)
                 await asyncio.wait_for(asyncio.gather(*(send_to(p, m) for p, m in batches.items())), step_s)
                 end = time.monotonic()
-                put("result", {"wall_s": end - start_at, "lag_s": lag, "py_cpu_s": time.process_time() - cpu0,
-                               "p2pd_cpu_s": p2pd_cpu() - p2pd0,
+                py_cpu, p2_cpu = time.process_time() - cpu0, p2pd_cpu() - p2pd0
+                put("result", {"wall_s": end - start_at, "lag_s": lag, "py_cpu_s": py_cpu, "p2pd_cpu_s": p2_cpu,
+                               "window_cpu_s": py_cpu + p2_cpu,
                                "wire_bytes": sum(m.ByteSize() for ms in batches.values() for m in ms)})
                 del batches
             elif kind == "stop":
@@ -465,16 +468,25 @@ class Pool:
             got[rank] = payload
         return got
 
-    def barrier_round(self, prep: tuple, timeout_s: float) -> list[dict]:
-        """Send `prep`, wait until every worker is ready, then start all at one instant."""
+    def barrier_round(self, prep: tuple, timeout_s: float) -> tuple[list[dict], float]:
+        """Send `prep`, wait until every worker is ready, then start all at one instant.
+        Returns the workers' reports and the CPU (in cores) that processes other than ours
+        used meanwhile: machine-wide busy time minus our workers', p2pds' and our own."""
+        import psutil
+
         self.send(prep)
         self.collect("ready", timeout_s)
-        self.send(("go", time.monotonic() + 0.05))
+        me = psutil.Process()
+        t0, busy0, mine0 = time.monotonic(), _busy_cpu_s(), sum(me.cpu_times()[:2])
+        self.send(("go", t0 + 0.05))
         res = self.collect("result", timeout_s)
-        return [res[i] for i in range(self.n)]
+        window, busy, mine = time.monotonic() - t0, _busy_cpu_s() - busy0, sum(me.cpu_times()[:2]) - mine0
+        ours = mine + sum(r["window_cpu_s"] for r in res.values())
+        return [res[i] for i in range(self.n)], max(0.0, busy - ours) / window
 
-    def close(self) -> list[int]:
-        """Stop everything; return the pids of our p2pds that are still running."""
+    def close(self, grace_s: float = 0.0) -> list[int]:
+        """Stop everything (after `grace_s` for workers told to stop to exit on their own, so
+        that their exit handlers run); return the pids of our p2pds that were still running."""
         import psutil
 
         from swarm_node.processes import is_running_process
@@ -486,6 +498,9 @@ class Pool:
                     self.p2pd_pids.add(c.pid)
         except psutil.Error:
             pass
+        until = time.monotonic() + grace_s
+        for p in self.procs:
+            p.join(max(0.0, until - time.monotonic()))
         for p in self.procs:
             if p.is_alive():
                 p.kill()
@@ -506,6 +521,15 @@ class Pool:
         return left
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores, all processes)."""
+    import psutil
+
+    ct = psutil.cpu_times()
+    idle = ct.idle + getattr(ct, "iowait", 0.0) + getattr(ct, "guest", 0.0) + getattr(ct, "guest_nice", 0.0)
+    return sum(ct) - idle
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -524,7 +548,7 @@ def run_bench(args) -> dict:
     cfg = {"peers": n, "numel": numel, "compression": args.compression, "step_timeout_s": args.step_timeout_s,
            "lifetime_s": args.deadline_s + 30, "parent_pid": os.getpid(), "instrument": not args.no_instrument}
     pool = Pool(n, cfg, deadline)
-    leftover: list[int] = []
+    grace_s = 0.0  # on failure: kill at once
     try:
         pool.collect("hello", args.step_timeout_s)
         pool.send(("p2p",))
@@ -539,33 +563,37 @@ def run_bench(args) -> dict:
         print(f"setup: {n} workers, p2p connected, gloo ready in {setup_s:.1f}s", flush=True)
 
         runs: dict[str, list[list[dict]]] = {"gloo": [], "ours": []}
+        foreign: dict[str, list[float]] = {"gloo": [], "ours": []}
         for r in range(-1, args.repeats):  # r = -1: warm-up of each, not counted
             tag = "w" if r < 0 else f"r{r}"
             for method in ("gloo", "ours"):
-                res = pool.barrier_round(("prep", method, tag), args.step_timeout_s)
+                res, other = pool.barrier_round(("prep", method, tag), args.step_timeout_s)
                 wall = max(x["wall_s"] for x in res)
                 print(f"  {'warm-up' if r < 0 else f'repeat {r}'}: {method:4s} {wall:7.3f}s  "
                       f"max_abs_err {max(x['max_abs_err'] for x in res):.3g}  "
-                      f"start lag <= {max(x['lag_s'] for x in res) * 1e3:.1f} ms", flush=True)
+                      f"start lag <= {max(x['lag_s'] for x in res) * 1e3:.1f} ms  "
+                      f"other processes' CPU {other:.2f} cores", flush=True)
                 if r >= 0:
                     runs[method].append(res)
+                    foreign[method].append(other)
 
         pool.send(("micro", 3), ranks=[0])
         micro = pool.collect("micro", args.step_timeout_s, ranks=[0])[0]
         pool.send(("xfer_pair", infos[1]["peer_id"], 3), ranks=[0])
         pair = pool.collect("xfer_pair", args.step_timeout_s, ranks=[0])[0]
-        xfer_all = pool.barrier_round(("xfer_all_prep",), args.step_timeout_s)
+        xfer_all, _ = pool.barrier_round(("xfer_all_prep",), args.step_timeout_s)
 
         pool.send(("stop",))
         pool.collect("bye", 30)
+        grace_s = 15.0
     finally:
-        leftover = pool.close()
+        leftover = pool.close(grace_s)
     if leftover:
         raise BenchError(f"p2pd processes survived their workers (killed now): {leftover}")
-    return summarize(args, n, numel, state_mb, runs, micro, pair, xfer_all, setup_s, pool.p2pd_pids)
+    return summarize(args, n, numel, state_mb, runs, foreign, micro, pair, xfer_all, setup_s, pool.p2pd_pids)
 
 
-def summarize(args, n, numel, state_mb, runs, micro, pair, xfer_all, setup_s, p2pd_pids) -> dict:
+def summarize(args, n, numel, state_mb, runs, foreign, micro, pair, xfer_all, setup_s, p2pd_pids) -> dict:
     walls = {m: [max(w["wall_s"] for w in rep) for rep in runs[m]] for m in runs}
     med = {m: _med(walls[m]) for m in walls}
     ratio = med["gloo"] / med["ours"]
@@ -615,6 +643,7 @@ def summarize(args, n, numel, state_mb, runs, micro, pair, xfer_all, setup_s, p2
             "all_to_all_py_cpu_s": _med([w["py_cpu_s"] for w in xfer_all]),
             "all_to_all_p2pd_cpu_s": _med([w["p2pd_cpu_s"] for w in xfer_all]),
         },
+        "other_processes_cpu_cores_max": max(foreign["gloo"] + foreign["ours"]),
         "p2pd_reaped": len(p2pd_pids),
     }
     return res
@@ -630,6 +659,9 @@ def report(res: dict) -> None:
         print(f"{label:<28}{res[f'{m}_s_median']:>10.3f}{walls:>28}{res[f'{m}_mb_s']:>9.1f}"
               f"{res[f'{m}_busbw_mb_s']:>10.1f}{res[f'{m}_max_abs_err']:>10.3g}")
     verdict = "MET" if res["goal_met"] else "NOT met"
+    if res["other_processes_cpu_cores_max"] > FOREIGN_WARN_CORES:
+        print(f"WARNING: other processes used up to {res['other_processes_cpu_cores_max']:.2f} of {res['cpus']} cores "
+              f"during the timed runs: these numbers are perturbed, re-run on a quiet machine")
     print(f"ratio gloo_time / our_time = {res['ratio_gloo_over_ours']:.3f}  (goal >= {res['goal_ratio']}: {verdict}); "
           f"ours complete on every run: {res['ours_complete']}, error bound {res['error_bound']:.3g}")
     print()

@@ -133,7 +133,9 @@ class ButterflyAllReduce:
         pieces: list[torch.Tensor | None] = [None] * len(group)
         counts = [0] * len(group)
         failed: list[str] = []
-        pieces[my_index], counts[my_index] = mine.result, len(mine.contributors)
+        # Others receive my shard's mean through the (possibly lossy) codec: use exactly what
+        # they decode, or members would hold different vectors and never agree on a commit.
+        pieces[my_index], counts[my_index] = self._as_sent(mine.result), len(mine.contributors)
         failed += sorted(set(group) - mine.contributors)
         for j, task in tasks.items():
             piece, n, err = await task
@@ -145,6 +147,11 @@ class ButterflyAllReduce:
         result = torch.cat(pieces) if have_all else None  # type: ignore[arg-type]
         complete = have_all and all(c == len(group) for c in counts)
         return AllReduceOutcome(result, complete, counts, sorted(set(failed)), time.perf_counter() - t0)
+
+    def _as_sent(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compression == codec.NONE:
+            return x
+        return codec.decode_tensor(codec.encode_tensor(x, self.compression), max_numel=x.numel())
 
     async def _push(self, peer: str, group_id: str, shard: int, x: torch.Tensor,
                     weight: float) -> tuple[torch.Tensor | None, int, str]:

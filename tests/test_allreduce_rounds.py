@@ -79,3 +79,23 @@ def test_noloco_with_gamma_equal_lr_needs_only_the_partners_theta():
     expected_mom = beta * mom[0] + lr * ((t1[0] + t2[0]) / 2 - phi[0])
     torch.testing.assert_close(new_mom[0], expected_mom, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(new_phi[0], phi[0] + expected_mom, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "e3m0"])
+def test_lossy_shard_is_used_exactly_as_the_others_decode_it(name):
+    """A reducer must keep the compressed-then-decoded mean of its own shard (what the other
+    members receive), or members hold different vectors and a lossy round never commits."""
+    from swarm_node.protocol import codec
+    from swarm_node.protocol.allreduce import ButterflyAllReduce
+    from swarm_node.strategies.diloco import COMPRESSIONS
+
+    ar = ButterflyAllReduce(transport=None, timeout_s=1, compression=COMPRESSIONS[name])
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    mine = ar._as_sent(x)
+    chunks = list(codec.tensors_to_chunks([x], COMPRESSIONS[name]))
+    asm = codec.ChunkAssembler(1, max_numel_total=1000)
+    for c in chunks:
+        asm.add(c)
+    theirs = asm.result()[0]
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    assert not torch.equal(mine, x)  # it really is lossy, so the test can tell the difference
