@@ -32,8 +32,8 @@ JoinStatus = rpb.RoundJoinReply.Status
 JOIN, VOTE = "round.join", "round.commit"
 
 
-def group_digest(run_id: str, round_no: int, group: list[str]) -> str:
-    return hashlib.sha256(f"{run_id}|{round_no}|{','.join(group)}".encode()).hexdigest()[:24]
+def group_digest(run_id: str, round_no: int, group: list[str], epoch: int = 0) -> str:
+    return hashlib.sha256(f"{run_id}|{round_no}|{epoch}|{','.join(group)}".encode()).hexdigest()[:24]
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -63,11 +63,12 @@ class _LeaderRound:
     voted: asyncio.Event = field(default_factory=asyncio.Event)
     decision: bool | None = None
     num_elements: int | None = None  # every member must all-reduce a vector of this length
+    epoch: int = 0  # retries of one round are new epochs: fresh group, group id and votes
 
     def freeze(self, run_id: str) -> None:
         if not self.frozen.is_set():
             self.group = sorted(self.joined)
-            self.group_id = group_digest(run_id, self.round_no, self.group)
+            self.group_id = group_digest(run_id, self.round_no, self.group, self.epoch)
             self.frozen.set()
 
     def vote(self, peer: str, complete: bool, result_hash: str) -> None:
@@ -152,8 +153,11 @@ class RoundCoordinator:
     # ------------------------------------------------------------------ leader side
     def _round(self, round_no: int, phi_hash: str) -> _LeaderRound:
         rnd = self._rounds.get(round_no)
-        if rnd is None:
-            rnd = _LeaderRound(round_no, phi_hash, self.expected_fn() | {self.transport.peer_id})
+        if rnd is None or rnd.decision is False:
+            # an aborted round is retried as a new epoch; reusing it would hand out the old
+            # group, the old group id (reducers still hold that epoch's shards) and the old verdict
+            epoch = 0 if rnd is None else rnd.epoch + 1
+            rnd = _LeaderRound(round_no, phi_hash, self.expected_fn() | {self.transport.peer_id}, epoch=epoch)
             self._rounds[round_no] = rnd
             for old in sorted(self._rounds)[:-4]:
                 del self._rounds[old]

@@ -99,3 +99,33 @@ def test_lossy_shard_is_used_exactly_as_the_others_decode_it(name):
     theirs = asm.result()[0]
     torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
     assert not torch.equal(mine, x)  # it really is lossy, so the test can tell the difference
+
+
+def test_an_aborted_round_is_retried_as_a_fresh_epoch():
+    """Regression: retries reused the aborted round (old group id, cached 'abort'), so once
+    a round failed it failed forever. A retry must get a new epoch, group id and vote."""
+    from swarm_node.strategies.rounds import RoundCoordinator
+
+    async def go():
+        class T:  # the minimum of Transport the leader-side bookkeeping touches
+            peer_id = "a"
+
+        rc = RoundCoordinator(T(), "run", timeout_s=1, grace_s=1, allreduce=None, leader_fn=lambda: "a",
+                              expected_fn=lambda: {"b"}, state_fn=lambda: (5, "h"))
+        first = rc._round(5, "h")
+        first.joined = {"a": 1.0, "b": 1.0}
+        first.freeze("run")
+        first.vote("a", True, "x")
+        first.vote("b", False, "")
+        assert first.decide() is False
+        retry = rc._round(5, "h")
+        assert retry is not first and retry.epoch == 1 and retry.decision is None
+        retry.joined = {"a": 1.0, "b": 1.0}
+        retry.freeze("run")
+        assert retry.group_id != first.group_id
+        retry.vote("a", True, "x")
+        retry.vote("b", True, "x")
+        assert retry.decide() is True
+        assert rc._round(5, "h") is retry  # a committed round is not reopened
+
+    asyncio.run(go())
