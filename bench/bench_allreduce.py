@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -173,6 +174,17 @@ def _instrument(stats: _Stats) -> None:
             stats.closed_at = time.monotonic()
 
     ar._Reduction.add, ar._Reduction.close = red_add, red_close
+
+    orig_as_sent = getattr(ar.ButterflyAllReduce, "_as_sent", None)
+    if orig_as_sent is not None:  # lossy wire: a reducer round-trips its own mean through the codec
+        def as_sent(self, x):
+            t = time.thread_time()
+            try:
+                return orig_as_sent(self, x)
+            finally:
+                stats.t["own_shard_codec_s"] += time.thread_time() - t
+
+        ar.ButterflyAllReduce._as_sent = as_sent
 
     # hivemind 1.1.12's send_protobuf / receive_protobuf, with the (de)serialization timed
     async def send_protobuf(protobuf, writer):
@@ -329,8 +341,9 @@ async def _worker_main(rank: int, cfg: dict, cmd_q, res_q) -> None:
                 end = time.monotonic()
                 cpu1, p2pd1 = time.process_time(), p2pd_cpu()
                 err = float("inf") if result is None else float((result - expected).abs().max())
+                digest = None if result is None else hashlib.blake2b(result.numpy().tobytes(), digest_size=16).hexdigest()
                 rep = {"wall_s": end - start_at, "lag_s": lag, "py_cpu_s": cpu1 - cpu0, "p2pd_cpu_s": p2pd1 - p2pd0,
-                       "max_abs_err": err, "complete": bool(out_complete), "counts": counts,
+                       "max_abs_err": err, "complete": bool(out_complete), "counts": counts, "digest": digest,
                        "timers": dict(stats.t),
                        "closed_s": None if stats.closed_at is None else stats.closed_at - start_at,
                        "tx_bytes": sum(v for (d, _), v in counters.items() if d == "tx"),
@@ -364,9 +377,8 @@ async def _worker_main(rank: int, cfg: dict, cmd_q, res_q) -> None:
                     total = torch.zeros(e - s)
                     for _ in range(n):
                         total.add_(back, alpha=1.0)
-                    mean = total / float(n)
+                    total.div_(float(n))
                     t6 = time.perf_counter()
-                    del mean
                     for k, v in (("encode_chunk_s", t1 - t0), ("wrap_msgs_s", t2 - t1), ("serialize_s", t3 - t2),
                                  ("parse_s", t4 - t3), ("assemble_decode_s", t5 - t4), ("reduce_s", t6 - t5)):
                         res[k].append(v)
@@ -573,6 +585,8 @@ def run_bench(args) -> dict:
                       f"max_abs_err {max(x['max_abs_err'] for x in res):.3g}  "
                       f"start lag <= {max(x['lag_s'] for x in res) * 1e3:.1f} ms  "
                       f"other processes' CPU {other:.2f} cores", flush=True)
+                if len({x["digest"] for x in res}) != 1:  # a commit needs every member to hold the same vector
+                    raise BenchError(f"{method} {tag}: the workers' results differ bit-wise")
                 if r >= 0:
                     runs[method].append(res)
                     foreign[method].append(other)
@@ -601,7 +615,7 @@ def summarize(args, n, numel, state_mb, runs, foreign, micro, pair, xfer_all, se
 
     ours = [w for rep in runs["ours"] for w in rep]  # every worker of every counted repetition
     gloo = [w for rep in runs["gloo"] for w in rep]
-    timer_keys = ("encode_s", "serialize_s", "parse_s", "assemble_decode_s", "reduce_s")
+    timer_keys = ("encode_s", "serialize_s", "parse_s", "assemble_decode_s", "reduce_s", "own_shard_codec_s")
     per_worker = {k: _med([w["timers"].get(k, 0.0) for w in ours]) for k in timer_keys}
     py_cpu, p2pd_cpu = _med([w["py_cpu_s"] for w in ours]), _med([w["p2pd_cpu_s"] for w in ours])
     timed = sum(per_worker.values())
@@ -625,6 +639,7 @@ def summarize(args, n, numel, state_mb, runs, foreign, micro, pair, xfer_all, se
         "ours_max_abs_err": max(w["max_abs_err"] for w in ours), "gloo_max_abs_err": max(w["max_abs_err"] for w in gloo),
         "error_bound": _error_bound(args.compression),
         "ours_complete": all(w["complete"] for w in ours),
+        "results_identical_across_workers": True,  # checked on every run, else the bench fails
         "ours_tx_mb_per_worker": _med([w["tx_bytes"] for w in ours]) / 1e6,
         "phases_per_worker_per_run": {
             **{k: per_worker[k] for k in timer_keys},
@@ -676,6 +691,7 @@ def report(res: dict) -> None:
         ("  protobuf parse", ph["parse_s"]),
         ("  chunk assembly + decode", ph["assemble_decode_s"]),
         ("  fp32 accumulate + mean", ph["reduce_s"]),
+        ("  own mean through the codec (lossy only)", ph["own_shard_codec_s"]),
         ("  other (stream I/O, asyncio, hivemind)", ph["python_cpu_other_s"]),
         ("p2pd CPU (libp2p, encryption, muxing)", ph["p2pd_cpu_s"]),
         (f"CPU floor: all workers' CPU / {res['cpus']} cores", ph["cpu_floor_s"]),

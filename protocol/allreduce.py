@@ -56,6 +56,7 @@ class _Reduction:
     expected: set[str]
     length: int
     total: torch.Tensor
+    index: int = -1  # which shard of the group this member reduces
     weight: float = 0.0
     contributors: set[str] = field(default_factory=set)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -116,7 +117,7 @@ class ButterflyAllReduce:
         bounds = shard_bounds(vector.numel(), len(group))
         my_index = group.index(me)
         lo, hi = bounds[my_index]
-        mine = _Reduction(expected=set(group), length=hi - lo, total=torch.zeros(hi - lo))
+        mine = _Reduction(expected=set(group), length=hi - lo, total=torch.zeros(hi - lo), index=my_index)
         self._groups[group_id] = mine
         self._event(group_id).set()
         mine.add(me, vector[lo:hi], weight)
@@ -190,10 +191,10 @@ class ButterflyAllReduce:
             return
         red = self._groups.get(first.group_id)
         ok_weight = first.weight >= 0 and first.weight == first.weight and first.weight < 1e9
-        if red is None or caller not in red.expected or not ok_weight:
+        if red is None or caller not in red.expected or not ok_weight or first.shard != red.index:
             self.on_reject("malformed")
             await drain(requests, self.timeout_s)
-            yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_REJECTED, detail="not a member / bad weight")
+            yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_REJECTED, detail="not a member / bad weight / wrong shard")
             return
         assembler = codec.ChunkAssembler(1, max_numel_total=red.length, expected_shapes=[(red.length,)])
         try:
