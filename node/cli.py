@@ -136,8 +136,11 @@ def _cmd_identity(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoOptions, run_demo
 
+    extra = list(args.node_args or [])
+    if extra[:1] == ["--"]:  # argparse keeps the separator in a REMAINDER argument
+        extra = extra[1:]
     return run_demo(DemoOptions(peers=args.peers, strategy=args.strategy, steps=args.steps, run_id=args.run_id,
-                                workdir=args.workdir, compare_solo=args.compare_solo, extra=args.node_args or []))
+                                workdir=args.workdir, compare_solo=args.compare_solo, extra=extra))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -151,4 +151,4 @@ def _print_summary(nodes: list[NodeProcess], elapsed_s: float) -> None:
     if sync_vals and solo_val is not None:
         mean = sum(sync_vals) / len(sync_vals)
         print(f"\nheld-out loss: swarm {mean:.3f} vs solo {solo_val:.3f} after the same number of steps "
-              f"({'better' if mean < solo_val else 'not better'} by {abs(solo_val - mean):.3f})")
+              f"({'better' if mean < solo_val else 'worse'} by {abs(solo_val - mean):.3f})")

@@ -61,6 +61,7 @@ class _Reduction:
     contributors: set[str] = field(default_factory=set)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     result: torch.Tensor | None = None
+    encoded: list | None = None  # the result's wire chunks, encoded once for every contributor
 
     def add(self, peer: str, x: torch.Tensor, w: float) -> None:
         if self.closed.is_set() or peer in self.contributors:
@@ -217,7 +218,9 @@ class ButterflyAllReduce:
         except asyncio.TimeoutError:
             yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_TIMEOUT, detail="shard never closed")
             return
-        for chunk in codec.tensors_to_chunks([red.result], self.compression, MAX_MESSAGE):
+        if red.encoded is None:
+            red.encoded = list(codec.tensors_to_chunks([red.result], self.compression, MAX_MESSAGE))
+        for chunk in red.encoded:
             yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_OK, num_contributors=len(red.contributors),
                                  total_weight=red.weight, chunk=chunk)
 

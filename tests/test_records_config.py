@@ -134,3 +134,12 @@ def test_streaming_rejects_invalid_schedule(values, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(values)
     assert "--config" not in str(pytest.raises(ConfigError, load_config, values).value)
+
+
+def test_demo_passes_flags_after_double_dash_to_every_node(monkeypatch):
+    import swarm_node.demo as demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda opts: seen.setdefault("opts", opts) and 0)
+    assert cli_main(["demo", "--strategy", "diloco", "--steps", "5", "--", "--inner-steps", "10"]) == 0
+    assert seen["opts"].extra == ["--inner-steps", "10"] and seen["opts"].strategy == "diloco"
