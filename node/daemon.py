@@ -393,8 +393,9 @@ class Node:
         import threading
 
         stop = threading.Event()
-        self.metrics.spare_gpu_paused.set(1 if self.gate.should_pause() else 0)
-        if self.gate.should_pause():
+        busy = self.gate.should_pause()  # one probe per step (nvidia-smi is a subprocess)
+        self.metrics.spare_gpu_paused.set(1 if busy else 0)
+        if busy:
             log.info("another process is using the GPU: pausing training (--spare-gpu)")
             self.progress.waiting_for = "GPU in use by another process"
             waiter = asyncio.get_running_loop().run_in_executor(None, self.gate.wait_until_free, stop)

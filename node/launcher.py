@@ -21,6 +21,8 @@ from typing import Any
 
 import psutil
 
+from .processes import is_running_process
+
 JOIN_LINE = re.compile(r"^To join this swarm: swarm-node join --initial-peers (\S+)$", re.MULTILINE)
 
 
@@ -34,14 +36,7 @@ LAUNCHED_PIDS: set[int] = set()
 
 
 def leftover_launched_pids() -> list[int]:
-    return sorted(pid for pid in LAUNCHED_PIDS if _alive(pid))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    return sorted(pid for pid in LAUNCHED_PIDS if is_running_process(pid))
 
 
 @dataclass

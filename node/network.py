@@ -59,7 +59,7 @@ def split_peer_maddr(maddr: str) -> tuple[PeerID, Multiaddr]:
 
 def choose_join_maddrs(visible: Iterable[Multiaddr], peer_id: PeerID) -> list[str]:
     """Addresses other machines can dial: routable ones first; loopback only if nothing else."""
-    tcp = [m for m in visible if "tcp" in m.protocols().__repr__() or "/tcp/" in str(m)]
+    tcp = [m for m in visible if "/tcp/" in str(m)]
     routable = [m for m in tcp if not str(m).startswith(("/ip4/127.", "/ip6/::1"))]
     chosen = routable or tcp
     suffix = f"/p2p/{peer_id.to_base58()}"

@@ -40,6 +40,13 @@ def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
 
 
+def load_params(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """θ ← values (e.g. φ), in place, on each parameter's own device and dtype."""
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v.to(p.device, p.dtype))
+
+
 def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     out, start = [], 0
     for t in like:
@@ -103,9 +110,7 @@ class DiLoCoStrategy(Strategy):
         self._reset_theta()
 
     def _reset_theta(self) -> None:
-        with torch.no_grad():
-            for p, f in zip(self.params, self.phi):
-                p.copy_(f.to(p.device, p.dtype))
+        load_params(self.params, self.phi)
 
     # ------------------------------------------------------------------ the loop
     async def run(self) -> None:

@@ -30,7 +30,7 @@ from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
 from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message
 
 from .base import Strategy
-from .diloco import COMPRESSIONS
+from .diloco import COMPRESSIONS, load_params
 from .leader import LeaderElection
 from .outer_math import noloco_update, pair_peers, pairing_seed, replica_spread
 from .state_transfer import StateService
@@ -126,7 +126,7 @@ class NoLoCoStrategy(Strategy):
         # γ = η: the partner's φ cancels, so our own φ stands in for it in the group
         self.phi, self.momentum = await ctx.compute(lambda: noloco_update(
             self.phi, self.momentum, [self.phi, self.phi], [theta, theirs], lr=lr, gamma=lr, beta=beta))
-        await ctx.compute(self._reset_theta)
+        await ctx.compute(load_params, self.params, self.phi)
         spread = replica_spread([theta, theirs])
         self._account("ok", 2, time.perf_counter() - t0, partner, f"pair spread {spread:.4g}")
 
@@ -181,11 +181,6 @@ class NoLoCoStrategy(Strategy):
             yield rpb.PairReply(status=PairStatus.PAIR_STATUS_OK, chunk=chunk)
 
     # ------------------------------------------------------------------ helpers
-    def _reset_theta(self) -> None:
-        with torch.no_grad():
-            for p, f in zip(self.params, self.phi):
-                p.copy_(f.to(p.device, p.dtype))
-
     def _account(self, outcome: str, size: int, duration_s: float, partner: str | None, detail: str) -> None:
         ctx, m = self.ctx, self.ctx.metrics
         m.rounds.labels(strategy=self.name, outcome=outcome).inc()

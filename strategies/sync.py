@@ -38,6 +38,7 @@ from swarm_node.trainer import StepResult
 
 from .data_parallel import DataParallelStrategy
 from .leader import LeaderElection
+from .outer_math import weighted_mean
 from .state_transfer import StateService, StateTransferError
 
 PUSH = "sync.push"
@@ -46,19 +47,6 @@ RESULTS_KEPT = 4
 
 
 # ---------------------------------------------------------------- pure math and choice
-def weighted_mean(contributions: Iterable[tuple[list[torch.Tensor], int]]) -> list[torch.Tensor]:
-    """Sample-weighted average of gradient lists (fp32 accumulation)."""
-    contributions = list(contributions)
-    total = sum(n for _, n in contributions)
-    if not contributions or total <= 0:
-        raise ValueError("nothing to average")
-    out = [torch.zeros_like(g, dtype=torch.float32) for g in contributions[0][0]]
-    for grads, n in contributions:
-        for acc, g in zip(out, grads):
-            acc.add_(g.float(), alpha=n / total)
-    return out
-
-
 # ---------------------------------------------------------------- one round at the leader
 @dataclass
 class ReduceRound:
@@ -79,7 +67,7 @@ class ReduceRound:
 
     def close(self) -> None:
         if not self.closed.is_set():
-            self.result = weighted_mean(self.contributions.values())
+            self.result = weighted_mean((g, float(n)) for g, n in self.contributions.values())
             self.closed.set()
 
     @property

@@ -32,6 +32,16 @@ def _summary(node: NodeProcess) -> dict:
     return json.loads((node.state_dir / "summary.json").read_text())
 
 
+def _three_peers(swarm, common: list[str]) -> list[NodeProcess]:
+    """Start a, then b and c through a's join line; run them to completion (exit 0)."""
+    a = swarm.add("a", common)
+    a.wait_info()
+    nodes = [a, *(swarm.add(n, common, initial=a.join_maddr()) for n in ("b", "c"))]
+    for n in nodes:
+        assert n.proc.wait(180) == 0, n.log_text()[-2000:]
+    return nodes
+
+
 def _cli(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "swarm_node", *args], capture_output=True, text=True,
                           timeout=timeout_s)
@@ -273,12 +283,7 @@ def test_noloco_three_peers_pair_up_and_the_odd_one_skips(swarm):
     come in twos, and every peer's held-out loss ends finite and well below the start."""
     common = ["--run-id", "nlc", "--strategy", "noloco", "--inner-steps", "10", "--max-steps", "100",
               "--min-peers", "3"]
-    a = swarm.add("a", common)
-    a.wait_info()
-    others = [swarm.add(n, common, initial=a.join_maddr()) for n in ("b", "c")]
-    for n in (a, *others):
-        assert n.proc.wait(180) == 0, n.log_text()[-2000:]
-    summaries = [_summary(n) for n in (a, *others)]
+    summaries = [_summary(n) for n in _three_peers(swarm, common)]
     for s in summaries:
         assert s["rounds"]["ok"] + s["rounds"]["no_peers"] + s["rounds"]["timeout"] + s["rounds"]["error"] == 10
         assert s["val_loss"] == s["val_loss"] and s["val_loss"] < s["history"][0][1] - 1.0
@@ -296,12 +301,7 @@ def test_streaming_diloco_fragments_commit_with_identical_outer_weights(swarm):
     common = ["--run-id", "sdl", "--strategy", "streaming-diloco", "--inner-steps", "10", "--fragments", "2",
               "--overlap-steps", "1", "--mix-alpha", "0.5", "--max-steps", "80", "--min-peers", "3",
               "--compression", "e3m0"]
-    a = swarm.add("a", common)
-    a.wait_info()
-    others = [swarm.add(n, common, initial=a.join_maddr()) for n in ("b", "c")]
-    for n in (a, *others):
-        assert n.proc.wait(180) == 0, n.log_text()[-2000:]
-    summaries = [_summary(n) for n in (a, *others)]
+    summaries = [_summary(n) for n in _three_peers(swarm, common)]
     # Under CPU starvation a member can lose the leader's commit reply: it aborts locally,
     # is told to resync at the next round and adopts φ (never a silent fork). So: most
     # rounds commit, and whatever happened, every peer ends on the same φ.
