@@ -47,7 +47,7 @@ for pair in "CHAOS_INTERVAL_S=$CHAOS_INTERVAL_S" "CHAOS_DOWN_S=$CHAOS_DOWN_S" \
 done
 
 actions=$(echo "$CHAOS_ACTIONS" | tr ',' ' ')
-[ -n "$actions" ] || die "CHAOS_ACTIONS is empty"
+[ "$(echo $actions | wc -w)" -gt 0 ] || die "CHAOS_ACTIONS names no action"
 for a in $actions; do
   case "$a" in
     kill|term|pause|disconnect|restart) ;;
@@ -55,7 +55,7 @@ for a in $actions; do
   esac
 done
 services=$(echo "$CHAOS_TARGET" | tr ',' ' ')
-[ -n "$services" ] || die "CHAOS_TARGET is empty"
+[ "$(echo $services | wc -w)" -gt 0 ] || die "CHAOS_TARGET names no compose service"
 
 if [ -z "$CHAOS_PROJECT" ]; then
   # Docker names a container's hostname after its id: read our own compose project label.
