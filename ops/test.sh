@@ -5,11 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ops/install.sh
-# promtool lints our /metrics page in the tests; install it when we can (root + apt), else those checks skip.
+# promtool lints our /metrics page and tests the alert rules, and the prometheus server scrapes live nodes
+# in the tests; install the package when we can (root + apt), else those checks skip.
 if ! command -v promtool >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "[test] installing promtool (Debian package prometheus)"
   (timeout 300 apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
     || (timeout 120 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1)) \
     || echo "[test] promtool unavailable: its checks will be skipped"
+fi
+# docker-compose 1.29 validates docker-compose.yml (`config -q`) without a Docker engine; without
+# --no-install-recommends apt would pull docker.io and containerd too.
+if ! command -v docker-compose >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "[test] installing docker-compose (Debian package docker-compose)"
+  (timeout 300 apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 \
+    || (timeout 120 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1)) \
+    || echo "[test] docker-compose unavailable: the compose validation will be skipped"
 fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
