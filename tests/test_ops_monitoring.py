@@ -485,6 +485,9 @@ def test_chaos_heals_a_pause_when_stopped(tmp_path):
         p.send_signal(signal.SIGTERM)
         assert p.wait(10) == 0
         assert time.monotonic() - start < 5, "a TERM must not wait for the fault to end"
+        time.sleep(0.2)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(p.pid, 0)  # nothing of chaos is left, not even its background sleep
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)

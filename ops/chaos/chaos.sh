@@ -67,6 +67,7 @@ fi
 # The undo of the fault in progress, run on exit so that stopping chaos heals the swarm.
 UNDO=""
 heal() {
+  if [ -n "${NAP_PID:-}" ]; then kill "$NAP_PID" 2>/dev/null || true; fi   # leave no sleep behind
   if [ -n "$UNDO" ]; then
     log "healing on exit: docker $UNDO"
     # shellcheck disable=SC2086  # UNDO is a docker argument list built below
@@ -91,7 +92,8 @@ pick_target() {
 
 # Sleep in the background and wait: a trapped TERM interrupts `wait` at once, whereas a
 # foreground sleep would delay it past `docker stop`'s timeout (then KILL, and no heal).
-nap() { [ "$1" -eq 0 ] || { sleep "$1" & wait $!; }; }
+NAP_PID=""
+nap() { [ "$1" -eq 0 ] || { sleep "$1" & NAP_PID=$!; wait "$NAP_PID"; NAP_PID=""; }; }
 hold() { nap "$CHAOS_DOWN_S"; }
 
 inject() {
