@@ -528,8 +528,8 @@ def test_live_prometheus_scrapes_real_nodes(swarm, tmp_path):
     prometheus = need("prometheus")
     promtool = shutil.which("promtool")
     a = swarm.add("a")
-    a.wait_info()
-    b = swarm.add("b", initial=a.join_maddr())
+    # node.json is written before the join line is printed: read the address from it, no race.
+    b = swarm.add("b", initial=a.wait_info()["join_maddrs"][0])
     targets = [a.wait_info()["http"], b.wait_info()["http"]]
 
     # Scrape as the compose config does (job swarm-node, so the real rules apply), but every 1 s.
