@@ -420,6 +420,16 @@ class SequentialScheme:
     def _after_round(self, stragglers: frozenset[int]) -> None:
         """Plan ahead from this round's outcome; runs before `round` advances."""
 
+    def _forget(self, job: int) -> None:
+        """Drop a decided job's bookkeeping, so the live state stays O(T*n) whatever J is."""
+
+    def clone(self) -> SequentialScheme:
+        """An independent copy, cheaper than copy.deepcopy: the runtime model trials every round on one."""
+        new = copy.copy(self)
+        new.decoded_round = list(self.decoded_round)
+        new.missed = set(self.missed)
+        return new
+
     def tolerates(self, history: np.ndarray, stragglers: Collection[int]) -> bool:
         """Whether the scheme's straggler model admits this round after the (effective) history."""
         raise NotImplementedError
@@ -443,9 +453,11 @@ class SequentialScheme:
             if self._decodable(job):
                 self.decoded_round[job] = r
                 decoded.append(job)
+                self._forget(job)
             elif r == job + self.T:
                 self.missed.add(job)
                 missed.append(job)
+                self._forget(job)
         reps = sum(t.repeat for ts in tasks for t in ts)
         self.repeats += reps
         self._after_round(strag)
@@ -486,7 +498,15 @@ class GradientCodingScheme(SequentialScheme):
         self.load = gc_load(n, s)
         if rule == "lt":
             self.name = "GC(<s)"
-        self._received = [0] * jobs
+        self._received: dict[int, int] = {}  # open job -> results received
+
+    def clone(self) -> GradientCodingScheme:
+        new = super().clone()
+        new._received = dict(self._received)
+        return new
+
+    def _forget(self, job: int) -> None:
+        self._received.pop(job, None)
 
     def assignments(self) -> tuple[tuple[Task, ...], ...]:
         r = self.round
@@ -494,10 +514,10 @@ class GradientCodingScheme(SequentialScheme):
         return tuple(task for _ in range(self.n))
 
     def _deliver(self, worker: int, task: Task) -> None:
-        self._received[task.job] += 1
+        self._received[task.job] = self._received.get(task.job, 0) + 1
 
     def _decodable(self, job: int) -> bool:
-        missing = self.n - self._received[job]
+        missing = self.n - self._received.get(job, 0)
         return missing <= self.s if self.rule == "le" else missing < self.s
 
     def tolerates(self, history: np.ndarray, stragglers: Collection[int]) -> bool:
@@ -517,8 +537,17 @@ class SelectiveRepetitionSGC(SequentialScheme):
         self.s = sr_sgc_s(B, W, lam)
         self.T = B
         self.load = gc_load(n, self.s)
-        self._received: list[set[int]] = [set() for _ in range(jobs)]
+        self._received: dict[int, set[int]] = {}  # open job -> workers whose result arrived
         self._redo: dict[int, dict[int, int]] = {}  # round -> {worker: job it redoes then}
+
+    def clone(self) -> SelectiveRepetitionSGC:
+        new = super().clone()
+        new._received = {j: set(w) for j, w in self._received.items()}
+        new._redo = {r: dict(p) for r, p in self._redo.items()}
+        return new
+
+    def _forget(self, job: int) -> None:
+        self._received.pop(job, None)
 
     def assignments(self) -> tuple[tuple[Task, ...], ...]:
         r = self.round
@@ -534,17 +563,18 @@ class SelectiveRepetitionSGC(SequentialScheme):
         return tuple(out)
 
     def _deliver(self, worker: int, task: Task) -> None:
-        self._received[task.job].add(worker)
+        self._received.setdefault(task.job, set()).add(worker)
 
     def _decodable(self, job: int) -> bool:
-        return len(self._received[job]) >= self.n - self.s
+        return len(self._received.get(job, ())) >= self.n - self.s
 
     def _after_round(self, stragglers: frozenset[int]) -> None:
         r = self.round
         self._redo.pop(r, None)
         if not self._open(r):
             return
-        missing = [i for i in range(self.n) if i not in self._received[r]]
+        got = self._received.get(r, set())
+        missing = [i for i in range(self.n) if i not in got]
         need = len(missing) - self.s  # > 0, otherwise job r would have decoded this round
         # Stragglers of round r first: under C2 they cannot straggle again in round r+B. Then workers
         # that were busy with a redo. Ties go to the lowest id, which keeps runs deterministic.
@@ -566,39 +596,59 @@ class MultiplexedSGC(SequentialScheme):
         self.B, self.W, self.lam = B, W, lam
         self.T = W - 2 + B
         self.load = self.split.load
-        self._d1_done = [[0] * n for _ in range(jobs)]  # per job, per worker: D1 chunks delivered
-        self._d2_got: list[list[set[int]]] = [[set() for _ in range(B)] for _ in range(jobs)]
+        # Cached: Fraction properties are recomputed on every access, and assignments() is hot
+        self._d1_size, self._d2_size = self.split.d1_chunk_size, self.split.d2_task_size
+        self._d1_full, self._slots = self.split.d1_chunks_per_worker, self.split.mini_tasks_per_round
+        self._d1_done: dict[int, list[int]] = {}  # open job -> per worker, D1 chunks delivered
+        self._d2_got: dict[int, list[set[int]]] = {}  # open job -> per D2 group, workers delivered
+
+    def clone(self) -> MultiplexedSGC:
+        new = super().clone()
+        new._d1_done = {j: list(d) for j, d in self._d1_done.items()}
+        new._d2_got = {j: [set(g) for g in gs] for j, gs in self._d2_got.items()}
+        return new
+
+    def _forget(self, job: int) -> None:
+        self._d1_done.pop(job, None)
+        self._d2_got.pop(job, None)
+
+    def _d1(self, job: int) -> list[int]:
+        return self._d1_done.setdefault(job, [0] * self.n)
+
+    def _d2(self, job: int) -> list[set[int]]:
+        return self._d2_got.setdefault(job, [set() for _ in range(self.B)])
 
     def assignments(self) -> tuple[tuple[Task, ...], ...]:
-        r, sp = self.round, self.split
+        r = self.round
         out = []
         for i in range(self.n):
             tasks = []
-            for m in range(sp.mini_tasks_per_round):
+            for m in range(self._slots):
                 t = r - m
                 if not self._open(t):
                     continue
-                done = self._d1_done[t][i]
+                done = self._d1(t)[i]
                 if m < self.W - 1:
-                    tasks.append(Task(t, "d1", done, sp.d1_chunk_size))
-                elif done == sp.d1_chunks_per_worker:
-                    tasks.append(Task(t, "d2", m - (self.W - 1), sp.d2_task_size))
+                    tasks.append(Task(t, "d1", done, self._d1_size))
+                elif done == self._d1_full:
+                    tasks.append(Task(t, "d2", m - (self.W - 1), self._d2_size))
                 else:  # adaptivity: behind on D1, so this D2 slot repeats the missing chunk
-                    tasks.append(Task(t, "d1", done, sp.d1_chunk_size, repeat=True))
+                    tasks.append(Task(t, "d1", done, self._d1_size, repeat=True))
             out.append(tuple(tasks))
         return tuple(out)
 
     def _deliver(self, worker: int, task: Task) -> None:
         if task.kind == "d1":
-            assert task.index == self._d1_done[task.job][worker]  # chunks are delivered in order
-            self._d1_done[task.job][worker] += 1
+            d1 = self._d1(task.job)
+            assert task.index == d1[worker]  # chunks are delivered in order
+            d1[worker] += 1
         else:
-            self._d2_got[task.job][task.index].add(worker)
+            self._d2(task.job)[task.index].add(worker)
 
     def _decodable(self, job: int) -> bool:
-        full = self.split.d1_chunks_per_worker
-        return (all(d == full for d in self._d1_done[job])
-                and all(len(g) >= self.n - self.lam for g in self._d2_got[job]))
+        full = self._d1_full
+        return (all(d == full for d in self._d1(job))
+                and all(len(g) >= self.n - self.lam for g in self._d2(job)))
 
     def tolerates(self, history: np.ndarray, stragglers: Collection[int]) -> bool:
         return round_conforms(history, stragglers, self.B, self.W, self.lam)
@@ -656,9 +706,9 @@ def simulate_runtime(scheme: SequentialScheme, trace: object, delays: DelayModel
     while not scheme.done:
         r = scheme.round
         strag = np.flatnonzero(tr[r]).tolist() if r < tr.shape[0] else []
-        work = [float(sum((t.size for t in ts), Fraction(0))) for ts in scheme.assignments()]
-        trial = copy.deepcopy(scheme)
-        ok = scheme.tolerates(effective, strag) and not trial.step(strag).missed
+        work = [sum(float(t.size) for t in ts) for ts in scheme.assignments()]
+        trial = scheme.clone()
+        ok = scheme.tolerates(effective, strag) and not trial.step(strag).missed  # skip the trial if intolerable
         if ok:
             scheme = trial
             waited = [delays.base_s + w * delays.compute_s for i, w in enumerate(work) if w > 0 and i not in strag]
