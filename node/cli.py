@@ -6,6 +6,7 @@
   peers       the peers this node sees
   drain       ask a running node to finish its step and leave
   demo        start N real nodes on loopback, show progress, summarise
+  simulate    run a churn scenario (kill, term, restart, partition, ...) against real nodes
   strategies  list installed strategies
   identity    show (or create) the node's peer id
 
@@ -53,9 +54,9 @@ def _config_from(args: argparse.Namespace) -> NodeConfig:
 
 def _cmd_join(args: argparse.Namespace) -> int:
     cfg = _config_from(args)
-    if not cfg.initial_peers and not cfg.new_swarm:
-        raise ConfigError("give --initial-peers MADDR (the join line printed by a running node) "
-                          "or --new-swarm to start a new swarm")
+    if not cfg.initial_peers and not cfg.new_swarm and not cfg.discover:
+        raise ConfigError("give --initial-peers MADDR (the join line printed by a running node), "
+                          "--discover to find peers on the local network, or --new-swarm to start a new swarm")
     from .logs import configure_logging
 
     configure_logging(cfg.log_format, cfg.log_level)
@@ -143,6 +144,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                 workdir=args.workdir, compare_solo=args.compare_solo, extra=extra))
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulate import simulate
+
+    extra = list(args.node_args or [])
+    if extra[:1] == ["--"]:  # argparse keeps the separator in a REMAINDER argument
+        extra = extra[1:]
+    return simulate(args, extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swarm-node", description="Pool spare GPUs (or CPUs) to train one model "
                                 "over a peer-to-peer swarm.")
@@ -186,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also train one solo node for the same steps and compare validation loss")
     demo.add_argument("node_args", nargs=argparse.REMAINDER, help="after --: extra flags for every node")
     demo.set_defaults(fn=_cmd_demo)
+
+    sim = sub.add_parser("simulate", help="run a churn scenario against a swarm of real nodes and judge it")
+    sim.add_argument("--strategy", default="sync")
+    sim.add_argument("--peers", type=int, default=4)
+    sim.add_argument("--scenario", default="churn", help="a scenario file, or a built-in name (see --list)")
+    sim.add_argument("--list", action="store_true", help="list the built-in scenarios of --strategy and exit")
+    sim.add_argument("--netns", action="store_true", help="one network namespace per node (root); "
+                     "default: loopback, where partition/loss/shape/delay are skipped with a warning")
+    sim.add_argument("--strict", action="store_true", help="refuse events the backend cannot do instead of skipping")
+    sim.add_argument("--duration-s", type=float, default=0.0, help="stop this long after training starts")
+    sim.add_argument("--max-steps", type=int, default=None, help="steps per node (default: the strategy's profile)")
+    sim.add_argument("--workdir", type=Path, default=None, help="keep node state here (default: a temp dir)")
+    sim.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
+    sim.add_argument("node_args", nargs=argparse.REMAINDER, help="after --: extra flags for every node")
+    sim.set_defaults(fn=_cmd_simulate)
     return p
 
 

@@ -47,6 +47,7 @@ class NodeProcess:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    cmd_prefix: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", H]: must exec, keeping the pid
     _info: dict[str, Any] | None = None
     _pids_seen: set[int] = field(default_factory=set)
 
@@ -57,7 +58,8 @@ class NodeProcess:
         self.log_path = self.state_dir / "node.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "SWARM_NODE_LOG_FORMAT": "console", **self.env}
         log = open(self.log_path, "ab")
-        cmd = [sys.executable, "-m", "swarm_node", "join", "--state-dir", str(self.state_dir), *self.args]
+        cmd = [*self.cmd_prefix, sys.executable, "-m", "swarm_node", "join", "--state-dir", str(self.state_dir),
+               *self.args]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
         LAUNCHED_PIDS.add(self.proc.pid)

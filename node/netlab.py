@@ -194,7 +194,7 @@ class NetLab:
         self._nft(h, "swlab_loss", f"""
             chain input {{ type filter hook input priority -5; policy accept;
                 iif "lo" accept; ip saddr {self.observer_ip} accept;
-                numgen random mod 100 < {int(percent)} drop; }}""")
+                {"drop" if percent >= 100 else f"numgen random mod 100 < {int(percent)} drop"}; }}""")
 
     def shape(self, name: str, rate: str) -> None:
         h = self.host(name)

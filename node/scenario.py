@@ -56,7 +56,7 @@ class Event:
     at_s: float | None = None
     at_step: int | None = None
     arg: str | None = None
-    line: int = 0  # 1-based line in the source text; 0 when built in Python
+    line: int = field(default=0, compare=False)  # 1-based line in the source text; 0 when built in Python
 
     def __post_init__(self) -> None:
         where = f"line {self.line}: " if self.line else ""

@@ -1,0 +1,650 @@
+"""Run a churn scenario against a swarm of real `swarm-node join` processes, and judge it.
+
+Two backends place the nodes:
+- `LoopbackBackend` (no root): every node on 127.0.0.1 with its own fixed port, so a restart
+  with the same state dir comes back at the same address. Network events (partition, heal,
+  loss, shape, delay) are impossible there: they are SKIPPED with a warning, listed before the
+  run starts and in the report (`strict=True` refuses the scenario instead).
+- `NetnsBackend` (root): one network namespace per node from `netlab.NetLab`; nodes run under
+  `ip netns exec` and listen on their host's own IP.
+
+Invariants: every observation comes from a node's `/status`, `/readyz` and `/metrics` over
+HTTP, plus the `summary.json` a node writes when it drains (for its final param hash and
+held-out loss); never from logs. Teardown always runs, also on exceptions and Ctrl-C: every
+node's process group is killed, the lab is deleted, and the report says whether anything of
+ours is still running. Every wait is bounded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .launcher import LaunchError, NodeProcess, leftover_launched_pids
+from .scenario import Event, Scenario, ScenarioError
+
+# Small and quick to react: one layer, 1 s heartbeats, 4 s record lifetime, 1 s watchdog.
+DEFAULT_NODE_ARGS = [
+    "--threads", "1", "--announce-interval-s", "1", "--record-ttl-s", "4", "--watchdog-interval-s", "1",
+    "--status-interval-s", "5", "--n-layer", "1", "--d-model", "64", "--n-head", "4", "--seq-len", "32",
+    "--batch-size", "8", "--data-max-bytes", "600000", "--round-timeout-s", "5", "--eval-every", "10",
+    "--checkpoint-every", "10", "--shutdown-grace-s", "10", "--log-format", "console",
+]
+POLL_S = 1.0
+HTTP_TIMEOUT_S = 2.0
+
+
+# ---------------------------------------------------------------------------------- backends
+class LoopbackBackend:
+    name = "loopback"
+
+    def __init__(self) -> None:
+        self._ports: dict[str, int] = {}
+
+    def setup(self) -> None:
+        pass
+
+    def node_args(self, name: str) -> list[str]:
+        if name not in self._ports:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self._ports[name] = s.getsockname()[1]
+        return ["--host", "127.0.0.1", "--port", str(self._ports[name]), "--metrics-addr", "127.0.0.1:0"]
+
+    def cmd_prefix(self, name: str) -> list[str]:
+        return []
+
+    def unsupported(self, event: Event) -> str | None:
+        if event.is_network:
+            return f"{event.action} needs the network-namespace lab (root, --netns); loopback has no per-node network"
+        return None
+
+    def apply(self, event: Event) -> None:
+        raise ScenarioError(f"loopback cannot {event.action}")
+
+    def close(self) -> list[str]:
+        return []
+
+
+class NetnsBackend:
+    name = "netns"
+    PORT = 31337
+
+    def __init__(self, prefix: str = "swl", subnet: str = "10.77.0.0/24") -> None:
+        from .netlab import NetLab
+
+        self.lab = NetLab(prefix, subnet)
+
+    def setup(self) -> None:
+        self.lab.up()
+
+    def node_args(self, name: str) -> list[str]:
+        ip = self.lab.add_host(name).ip
+        return ["--host", ip, "--port", str(self.PORT), "--metrics-addr", f"{ip}:9108"]
+
+    def cmd_prefix(self, name: str) -> list[str]:
+        return self.lab.host(name).prefix()
+
+    def unsupported(self, event: Event) -> str | None:
+        if event.action == "delay":
+            ok, why = self.lab.netem_available()
+            return None if ok else why
+        return None
+
+    def apply(self, event: Event) -> None:
+        lab, t = self.lab, event.target
+        if event.action == "partition":
+            lab.partition(t)
+        elif event.action == "heal":
+            lab.heal(t)
+        elif event.action == "loss":
+            lab.loss(t, int(event.arg))
+        elif event.action == "shape":
+            lab.shape(t, event.arg)
+        elif event.action == "delay":
+            lab.delay(t, event.arg)
+
+    def close(self) -> list[str]:
+        from .netlab import lab_namespaces
+
+        self.lab.down()
+        return lab_namespaces(self.lab.prefix)
+
+
+# ---------------------------------------------------------------------------------- results
+@dataclass
+class Fired:
+    event: Event
+    at_s: float | None = None  # seconds after training started; None if never reached
+    skipped: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    strategy: str
+    backend: str
+    scenario: str
+    fired: list[Fired] = field(default_factory=list)
+    kills: int = 0
+    kills_survived: int = 0
+    rejoin_s: dict[str, float | None] = field(default_factory=dict)  # "heal n3" / "restart n1" -> seconds
+    train_loss: dict[str, float | None] = field(default_factory=dict)  # start / before / end (polled)
+    val_loss: dict[str, float | None] = field(default_factory=dict)  # before / end (summaries)
+    nan_seen: bool = False
+    final: dict[str, dict] = field(default_factory=dict)  # survivor -> step, param_hash, val_loss
+    consistent: bool | None = None
+    final_rounds: dict[str, Any] = field(default_factory=dict)  # phi_hash consistency: rounds compared
+    leftover: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "fired"}
+        d["fired"] = [{"event": f.event.describe(), "at_s": f.at_s, "skipped": f.skipped, **f.detail}
+                      for f in self.fired]
+        d["ok"] = self.ok
+        return d
+
+    def format(self) -> str:
+        def num(v: float | None, fmt: str = ".3f") -> str:
+            return "-" if v is None else format(v, fmt)
+
+        lines = [f"scenario {self.scenario} | strategy {self.strategy} | backend {self.backend} | "
+                 f"{self.duration_s:.0f}s", "events:"]
+        for f in self.fired:
+            when = "never reached" if f.at_s is None and not f.skipped else (
+                "SKIPPED: " + f.skipped if f.skipped else f"t={f.at_s:.1f}s")
+            extra = " ".join(f"{k}={v}" for k, v in f.detail.items())
+            lines.append(f"  {f.event.describe():32s} {when} {extra}".rstrip())
+        lines.append(f"kills survived: {self.kills_survived}/{self.kills}")
+        for what, s in self.rejoin_s.items():
+            lines.append(f"re-join after {what}: {num(s, '.1f')} s" if s is not None else
+                         f"re-join after {what}: NOT within the deadline")
+        tl, vl = self.train_loss, self.val_loss
+        lines.append(f"train loss: start {num(tl.get('start'))}, before churn {num(tl.get('before'))}, "
+                     f"end {num(tl.get('end'))}")
+        lines.append(f"held-out loss: before churn {num(vl.get('before'))}, end {num(vl.get('end'))}")
+        lines.append(f"NaN seen: {'YES' if self.nan_seen else 'no'}")
+        for name, f in sorted(self.final.items()):
+            lines.append(f"  {name}: step {f.get('step')} hash {str(f.get('param_hash'))[:12]} "
+                         f"val {num(f.get('val_loss'))}")
+        how = f" ({self.final_rounds['compared']} rounds compared)" if self.final_rounds else ""
+        lines.append("survivors consistent: " + {None: "not checked (replicas differ by design, or < 2 survivors)",
+                                                   True: "yes" + how, False: "NO" + how}[self.consistent])
+        lines.append("left running: " + (", ".join(self.leftover) if self.leftover else "nothing"))
+        lines.append("RESULT: " + ("ok" if self.ok else "FAILED\n  - " + "\n  - ".join(self.problems)))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- runner
+@dataclass
+class RunOptions:
+    strategy: str
+    peers: int
+    scenario: Scenario
+    netns: bool = False
+    node_args: list[str] = field(default_factory=list)  # strategy flags + user flags (win over defaults)
+    max_steps: int = 0
+    duration_s: float = 0.0  # hard end, seconds after training started (0 = scenario + settle / max-steps)
+    settle_s: float = 15.0  # without max-steps: how long to keep running after the last event
+    consistency: str | None = None  # "param_hash" | "phi_hash" | None: see churn_scenarios.Profile
+    workdir: Path | None = None
+    run_id: str = "churn"
+    strict: bool = False  # refuse a scenario with events this backend cannot do (else skip them)
+    start_timeout_s: float = 120.0
+    rejoin_timeout_s: float = 45.0
+    timeout_s: float = 900.0  # the whole run
+    progress: Callable[[str], None] = print
+    netns_prefix: str = "swl"
+
+
+@dataclass
+class _Node:
+    proc: NodeProcess
+    alive: bool = True
+    paused: bool = False
+    terminating_since: float | None = None
+    status: dict | None = None
+    readyz: int | None = None
+    metrics: str = ""
+    restarted: bool = False
+
+
+class ChurnRunner:
+    def __init__(self, opts: RunOptions):
+        if opts.peers < 2:
+            raise ScenarioError("a churn scenario needs at least 2 peers")
+        self.o = opts
+        self.names = [f"n{i}" for i in range(opts.peers)]
+        opts.scenario.check_targets(self.names)
+        self.backend = NetnsBackend(opts.netns_prefix) if opts.netns else LoopbackBackend()
+        self.report = Report(opts.strategy, self.backend.name, opts.scenario.name)
+        self.nodes: dict[str, _Node] = {}
+        self.all_procs: list[NodeProcess] = []
+        self.t0: float | None = None
+        self.samples: list[tuple[float, str, int, float | None]] = []  # t, node, step, train loss
+        self.rounds: dict[str, dict[int, tuple[float, str]]] = {}  # node -> outer round -> (t, phi hash), "ok" only
+        self.last_fire_s = 0.0
+        self.watch: dict[str, dict] = {}  # "heal n3" -> what we wait for
+        self.partitioned: dict[str, dict] = {}
+        self.workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="swarm-node-churn-"))
+
+    # ---- public ------------------------------------------------------------------------
+    def run(self) -> Report:
+        started = time.monotonic()
+        skipped = {id(e): why for e in self.o.scenario.events if (why := self.backend.unsupported(e))}
+        for e in self.o.scenario.events:
+            if id(e) in skipped:
+                if self.o.strict:
+                    raise ScenarioError(f"{e.describe()}: {skipped[id(e)]}")
+                self.o.progress(f"warning: will skip `{e.describe()}`: {skipped[id(e)]}")
+        try:
+            self.backend.setup()
+            self._start_swarm()
+            self._loop(skipped)
+            self._drain_all()
+        finally:
+            self._teardown()
+            self.report.duration_s = round(time.monotonic() - started, 1)
+        self._judge()
+        return self.report
+
+    # ---- starting ----------------------------------------------------------------------
+    def _args(self, name: str, min_peers: int, initial: list[str]) -> list[str]:
+        args = [*DEFAULT_NODE_ARGS, *self.backend.node_args(name), "--run-id", self.o.run_id,
+                "--strategy", self.o.strategy, "--min-peers", str(min_peers)]
+        if self.o.max_steps:
+            args += ["--max-steps", str(self.o.max_steps)]
+        args += ["--initial-peers", *initial] if initial else ["--new-swarm"]
+        return [*args, *self.o.node_args]  # user flags last: argparse keeps the last value
+
+    def _launch(self, name: str, min_peers: int, initial: list[str]) -> _Node:
+        proc = NodeProcess(name, self.workdir / name, self._args(name, min_peers, initial),
+                           cmd_prefix=self.backend.cmd_prefix(name))
+        self.all_procs.append(proc)
+        proc.start()
+        node = _Node(proc)
+        self.nodes[name] = node
+        return node
+
+    def _start_swarm(self) -> None:
+        first = self._launch(self.names[0], self.o.peers, [])
+        maddr = first.proc.wait_info(self.o.start_timeout_s)["join_maddrs"][0]
+        for name in self.names[1:]:
+            self._launch(name, self.o.peers, [maddr])
+        self.o.progress(f"started {self.o.peers} {self.o.strategy} peers ({self.backend.name}); "
+                        f"waiting until all train")
+        deadline = time.monotonic() + self.o.start_timeout_s
+        for n in self.nodes.values():
+            n.proc.wait_for(lambda s: s["step"] >= 1, max(1.0, deadline - time.monotonic()), "training to start")
+        self.t0 = time.monotonic()
+        self.o.progress("all peers train: scenario clock starts")
+
+    def _live_maddrs(self, exclude: str) -> list[str]:
+        out = []
+        for name, n in self.nodes.items():
+            if name != exclude and n.alive and n.terminating_since is None and n.proc.proc.poll() is None:
+                out += n.proc.info.get("join_maddrs", [])[:1]
+        return out
+
+    # ---- the loop ----------------------------------------------------------------------
+    def now(self) -> float:
+        return time.monotonic() - (self.t0 or time.monotonic())
+
+    def _loop(self, skipped: dict[int, str]) -> None:
+        events = list(self.o.scenario.events)
+        self.report.fired = [Fired(e) for e in events]
+        nxt, last_fire, last_print = 0, 0.0, -10.0
+        hard_end = time.monotonic() + self.o.timeout_s
+        while time.monotonic() < hard_end:
+            tick = time.monotonic()
+            self._poll()
+            while nxt < len(events) and self._due(events[nxt]):
+                f = self.report.fired[nxt]
+                if id(events[nxt]) in skipped:
+                    f.skipped = skipped[id(events[nxt])]
+                else:
+                    f.at_s = round(self.now(), 1)
+                    self.o.progress(f"[t={f.at_s:5.1f}s] {events[nxt].describe()}")
+                    self._fire(events[nxt], f)
+                    self._poll()
+                last_fire, nxt = self.now(), nxt + 1
+                self.last_fire_s = last_fire
+            self._update_watches()
+            if self.now() - last_print >= 5:
+                last_print = self.now()
+                self.o.progress(self._progress_line())
+            if self._finished(nxt == len(events), last_fire):
+                return
+            time.sleep(max(0.0, POLL_S - (time.monotonic() - tick)))
+        self.report.problems.append(f"the run did not finish within {self.o.timeout_s:.0f}s")
+
+    def _finished(self, all_fired: bool, last_fire: float) -> bool:
+        if self.o.duration_s and self.now() >= self.o.duration_s:
+            return True
+        if not all_fired or any(w["done_s"] is None for w in self.watch.values()):
+            return False
+        if self.o.max_steps:  # every live node stops by itself at --max-steps
+            return not any(n.alive and n.proc.proc.poll() is None for n in self.nodes.values())
+        return self.now() >= last_fire + self.o.settle_s
+
+    def _due(self, e: Event) -> bool:
+        if e.at_s is not None:
+            return self.now() >= e.at_s
+        steps = [n.status["step"] for n in self.nodes.values() if n.alive and n.status]
+        return bool(steps) and max(steps) >= e.at_step
+
+    def _poll(self) -> None:
+        t = self.now()
+        for name, n in self.nodes.items():
+            rc = n.proc.proc.poll()
+            if rc is not None:
+                if n.alive:
+                    n.alive = False
+                    if n.terminating_since is None and rc != 0:
+                        self.report.problems.append(f"{name} exited on its own with code {rc}")
+                if n.terminating_since is not None:
+                    took = time.monotonic() - n.terminating_since
+                    n.terminating_since = None
+                    self._detail_for("term", name)["exit_code"] = rc
+                    self._detail_for("term", name)["drain_s"] = round(took, 1)
+                    if rc != 0:
+                        self.report.problems.append(f"term {name}: exit code {rc}, expected 0 (graceful drain)")
+                continue
+            if n.terminating_since is not None and time.monotonic() - n.terminating_since > 40:
+                self.report.problems.append(f"term {name}: still running 40 s after SIGTERM; killed")
+                n.proc.kill()
+                continue
+            if n.paused:
+                continue
+            if not self._has_info(n):
+                continue  # still starting: its HTTP address is not known yet
+            try:
+                code, body = n.proc.http("/status", timeout_s=HTTP_TIMEOUT_S)
+                if code == 200:
+                    n.status = json.loads(body)
+                n.readyz = n.proc.http("/readyz", timeout_s=HTTP_TIMEOUT_S)[0]
+                n.metrics = n.proc.http("/metrics", timeout_s=HTTP_TIMEOUT_S)[1].decode(errors="replace")
+            except (OSError, ValueError, LaunchError):
+                continue  # starting, draining, or just slow: the next poll tries again
+            loss = n.status.get("train_loss") if n.status else None
+            metric_loss = _metric(n.metrics, "swarm_train_loss")
+            if metric_loss is not None and not math.isfinite(metric_loss):
+                self.report.nan_seen = True
+            if n.status:
+                self.samples.append((t, name, n.status["step"], loss))
+                lr = n.status.get("last_round") or {}
+                if lr.get("outcome") == "ok" and lr.get("phi_hash"):
+                    # latest wins: an isolated peer may have committed a round number alone before it
+                    # re-adopted the swarm's φ; what counts is what it reports once re-joined
+                    self.rounds.setdefault(name, {})[int(lr["round"])] = (t, lr["phi_hash"])
+            if name in self.partitioned and n.status:
+                iso = self.partitioned[name]
+                iso["max_routing_table"] = max(iso.get("max_routing_table", 0), n.status["routing_table_size"]) \
+                    if t - iso["since_s"] > 10 else iso.get("max_routing_table", 0)
+                iso["min_routing_table"] = min(iso.get("min_routing_table", 99), n.status["routing_table_size"])
+                if n.status["routing_table_size"] <= 1 and n.readyz == 503 and "isolated_after_s" not in iso:
+                    iso["isolated_after_s"] = round(t - iso["since_s"], 1)  # the node knows it is cut off
+                iso.setdefault("readyz_seen", set()).add(n.readyz)
+
+    @staticmethod
+    def _has_info(n: _Node) -> bool:
+        if not (n.proc.state_dir / "node.json").exists():
+            return False  # still starting; reading .info now would block the loop until it is up
+        try:
+            return bool(n.proc.info)
+        except LaunchError:
+            return False
+
+    # ---- events ------------------------------------------------------------------------
+    def _detail_for(self, action: str, target: str) -> dict:
+        for f in reversed(self.report.fired):
+            if f.event.action == action and f.event.target == target and f.at_s is not None:
+                return f.detail
+        return {}
+
+    def _survivor_steps(self, exclude: str) -> int:
+        return max((n.status["step"] for k, n in self.nodes.items() if k != exclude and n.alive and n.status),
+                   default=0)
+
+    def _fire(self, e: Event, f: Fired) -> None:
+        name = e.target
+        node = self.nodes.get(name)
+        if e.action in ("kill", "term"):
+            f.detail["survivors_step"] = self._survivor_steps(name)
+            if e.action == "kill":
+                node.proc.kill(group=True)
+                node.alive = False
+                left = node.proc.group_pids()
+                f.detail["left_in_group"] = len(left)
+                if left:
+                    self.report.problems.append(f"kill {name}: {len(left)} processes survived killpg")
+            else:
+                if node.paused:
+                    self._signal(node, signal.SIGCONT)
+                node.terminating_since = time.monotonic()
+                node.proc.proc.send_signal(signal.SIGTERM)
+        elif e.action in ("pause", "resume"):
+            self._signal(node, signal.SIGSTOP if e.action == "pause" else signal.SIGCONT)
+            node.paused = e.action == "pause"
+        elif e.action in ("restart", "join"):
+            if node is not None and node.proc.proc.poll() is None:  # restart of a running node: drain it first
+                self._signal(node, signal.SIGCONT)
+                node.proc.terminate(30)
+            new = self._launch(name, 1, self._live_maddrs(exclude=name))
+            new.restarted = True
+            key = f"{e.action} {name}"
+            self.watch[key] = {"node": name, "since": time.monotonic(), "done_s": None, "want": "ready"}
+        elif e.is_network:
+            self.backend.apply(e)
+            if e.action == "partition":
+                self.partitioned[name] = {"since_s": self.now()}
+            elif e.action == "heal":
+                iso = self.partitioned.pop(name, {})
+                f.detail.update({k: (sorted(v) if isinstance(v, set) else v) for k, v in iso.items() if k != "since_s"})
+                f.detail["bootstrap_ok_before"] = _metric(node.metrics, 'swarm_bootstrap_attempts_total{outcome="ok"}')
+                self.watch[f"heal {name}"] = {"node": name, "since": time.monotonic(), "done_s": None,
+                                              "want": "rejoined", "boot_ok": f.detail["bootstrap_ok_before"] or 0.0}
+
+    def _signal(self, node: _Node, sig: int) -> None:
+        try:
+            os.killpg(node.proc.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _update_watches(self) -> None:
+        for key, w in self.watch.items():
+            if w["done_s"] is not None:
+                continue
+            n = self.nodes[w["node"]]
+            waited = time.monotonic() - w["since"]
+            if waited > self.o.rejoin_timeout_s or not n.alive:
+                w["done_s"] = -1.0
+                self.report.rejoin_s[key] = None
+                self.report.problems.append(f"{key}: not re-joined within {self.o.rejoin_timeout_s:.0f}s "
+                                            f"(last status: {_brief(n.status)}, readyz {n.readyz})")
+                continue
+            s = n.status
+            if not s or n.readyz != 200 or s["phase"] != "ready":
+                continue
+            others = sum(1 for k, o in self.nodes.items() if k != w["node"] and o.alive)
+            if w["want"] == "rejoined":
+                if s["routing_table_size"] < min(2, others):
+                    continue
+                # not a condition: a peer that dials the healed one also refills its table
+                boot = _metric(n.metrics, 'swarm_bootstrap_attempts_total{outcome="ok"}')
+                self._detail_for("heal", w["node"])["bootstrap_ok_after"] = boot
+                self._detail_for("heal", w["node"])["routing_table_after"] = s["routing_table_size"]
+            elif s["routing_table_size"] < min(1, others) or s["step"] < 1:
+                continue
+            w["done_s"], w["done_at_s"] = round(waited, 1), self.now()
+            self.report.rejoin_s[key] = w["done_s"]
+            self.o.progress(f"[t={self.now():5.1f}s] {key}: re-joined after {w['done_s']:.1f}s")
+
+    def _progress_line(self) -> str:
+        parts = []
+        for name, n in self.nodes.items():
+            if not n.alive:
+                parts.append(f"{name}: down")
+            elif n.paused:
+                parts.append(f"{name}: paused")
+            elif n.status:
+                s = n.status
+                loss = "-" if s.get("train_loss") is None else f"{s['train_loss']:.2f}"
+                parts.append(f"{name}: step {s['step']} loss {loss} rt {s['routing_table_size']} {s['phase']}"
+                             + (" PARTITIONED" if name in self.partitioned else ""))
+            else:
+                parts.append(f"{name}: starting")
+        return f"[t={self.now():5.1f}s] " + " | ".join(parts)
+
+    # ---- ending ------------------------------------------------------------------------
+    def _drain_all(self) -> None:
+        for n in self.nodes.values():
+            if n.proc.proc.poll() is None:
+                self._signal(n, signal.SIGCONT)
+                n.proc.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 40
+        for name, n in self.nodes.items():
+            try:
+                rc = n.proc.proc.wait(max(0.1, deadline - time.monotonic()))
+                if n.alive and rc != 0:
+                    self.report.problems.append(f"{name} exited with {rc} at the end (expected 0)")
+            except Exception:
+                self.report.problems.append(f"{name} did not drain within 40 s at the end; killed")
+                n.proc.kill()
+
+    def _teardown(self) -> None:
+        for p in self.all_procs:
+            try:
+                p.close()
+            except Exception:  # keep tearing down the others
+                pass
+        ours = {p.proc.pid for p in self.all_procs if p.proc is not None}
+        left = [pid for p in self.all_procs for pid in p.group_pids()]
+        left += [pid for pid in leftover_launched_pids() if pid in ours]
+        self.report.leftover = [f"pid {pid}" for pid in sorted(set(left))]
+        try:
+            self.report.leftover += [f"namespace {ns}" for ns in self.backend.close()]
+        except Exception as e:
+            self.report.leftover.append(f"lab teardown failed: {e}")
+
+    # ---- judging -----------------------------------------------------------------------
+    def _judge(self) -> None:
+        r = self.report
+        fired = [f for f in r.fired if f.at_s is not None]
+        for f in r.fired:
+            if f.at_s is None and not f.skipped:
+                r.problems.append(f"`{f.event.describe()}` never fired")
+        # a kill is survived when the other peers kept stepping afterwards
+        for f in fired:
+            if f.event.action not in ("kill", "term"):
+                continue
+            r.kills += 1
+            later = [step for t, name, step, _ in self.samples if t > f.at_s + 1 and name != f.event.target]
+            if later and max(later) >= f.detail.get("survivors_step", 0) + 3:
+                r.kills_survived += 1
+            else:
+                r.problems.append(f"{f.event.describe()}: the others did not keep training")
+        first_event = min((f.at_s for f in fired), default=None)
+        losses = [(t, v) for t, _, _, v in self.samples if v is not None]
+        if losses:
+            r.train_loss["start"] = _mean([v for t, v in losses[:3]])
+            if first_event is not None:
+                r.train_loss["before"] = _mean([v for t, v in losses if first_event - 5 <= t <= first_event])
+            r.train_loss["end"] = _mean([v for t, v in losses if t >= losses[-1][0] - 5])
+        # survivors: alive until the end (not killed or drained by the scenario)
+        ended = [n for n, node in self.nodes.items() if not any(
+            f.event.target == n and f.event.action in ("kill", "term") and f.at_s is not None
+            and not self._came_back(n, f.at_s) for f in fired)]
+        for name in ended:
+            try:
+                summ = json.loads((self.workdir / name / "summary.json").read_text())
+            except (OSError, ValueError):
+                r.problems.append(f"{name}: no summary.json after its drain")
+                continue
+            r.final[name] = {"step": summ.get("step"), "param_hash": summ.get("param_hash"),
+                             "val_loss": summ.get("val_loss"), "restarted": self.nodes[name].restarted}
+            v = summ.get("val_loss")
+            if v is None or not math.isfinite(v):
+                r.nan_seen = r.nan_seen or v is not None
+            if first_event is not None and not self.nodes[name].restarted and r.val_loss.get("before") is None:
+                step_at = min((s for t, n, s, _ in self.samples if n == name and t >= first_event), default=None)
+                before = [h[2] for h in summ.get("history", []) if h[2] is not None and step_at and h[0] <= step_at]
+                r.val_loss["before"] = before[-1] if before else None
+        vals = [f["val_loss"] for f in r.final.values() if f["val_loss"] is not None]
+        r.val_loss["end"] = _mean(vals) if vals else None
+        if r.nan_seen:
+            r.problems.append("a non-finite loss was seen")
+        if not r.final:
+            r.problems.append("no peer survived the scenario")
+        before = r.val_loss.get("before") or r.train_loss.get("before")
+        end = r.val_loss.get("end") if r.val_loss.get("before") else r.train_loss.get("end")
+        if before is not None and end is not None and not end < before:
+            r.problems.append(f"loss did not fall through the churn: {before:.3f} -> {end:.3f}")
+        if self.o.consistency == "param_hash" and len(r.final) >= 2:
+            steps = {f["step"] for f in r.final.values()}
+            hashes = {f["param_hash"] for f in r.final.values()}
+            r.consistent = len(steps) == 1 and len(hashes) == 1
+            if not r.consistent:
+                r.problems.append(f"survivors differ: steps {sorted(steps)}, {len(hashes)} distinct param hashes")
+        elif self.o.consistency == "phi_hash" and len(r.final) >= 2:
+            self._judge_phi(ended)
+        if r.leftover:
+            r.problems.append("left running: " + ", ".join(r.leftover))
+
+    def _judge_phi(self, survivors: list[str]) -> None:
+        """Every survivor committed rounds after the last event, and wherever two of them
+        report the same round, they report the same φ hash."""
+        r = self.report
+        since = max([self.last_fire_s, *(w["done_at_s"] for w in self.watch.values() if w.get("done_at_s"))])
+        seen = {n: {k: h for k, (t, h) in self.rounds.get(n, {}).items() if t > since}
+                for n in survivors}
+        quiet = [n for n, rounds in seen.items() if not rounds]
+        common = set.intersection(*(set(v) for v in seen.values())) if not quiet else set()
+        disagree = sorted(k for k in set().union(*seen.values())
+                          if len({v[k] for v in seen.values() if k in v}) > 1)
+        r.consistent = not quiet and bool(common) and not disagree
+        r.final_rounds = {"compared": len(common), "last_common": max(common, default=None)}
+        if quiet:
+            r.problems.append(f"no committed round seen after the last event on: {', '.join(quiet)}")
+        elif not common:
+            r.problems.append("survivors never reported the same outer round after the last event")
+        if disagree:
+            r.problems.append(f"φ hash differs between survivors in rounds {disagree[:5]}")
+
+    def _came_back(self, name: str, since_s: float) -> bool:
+        return any(f.event.target == name and f.event.action == "restart" and f.at_s is not None
+                   and f.at_s >= since_s for f in self.report.fired)
+
+
+def _metric(text: str, name: str) -> float | None:
+    m = re.search(r"^" + re.escape(name) + r" (\S+)$", text or "", re.MULTILINE)
+    return float(m.group(1)) if m else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 4) if values else None
+
+
+def _brief(status: dict | None) -> str:
+    if not status:
+        return "none"
+    return f"phase {status['phase']}, routing table {status['routing_table_size']}, step {status['step']}"
+
+
+def run_scenario(opts: RunOptions) -> Report:
+    return ChurnRunner(opts).run()
