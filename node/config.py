@@ -45,6 +45,11 @@ class NodeConfig(BaseSettings):
     watchdog_interval_s: float = Field(5.0, gt=0.1, description="How often the isolation watchdog checks the routing table.")
     watchdog: bool = Field(True, description="Reconnect to initial and known peers when isolated (hivemind never does).")
     min_peers: int = Field(1, ge=1, description="Peers (including this one) needed before training starts.")
+    discover: bool = Field(False, description="Find peers of this run on the local network by mDNS and advertise "
+                           "this node there. Without --initial-peers it joins what it finds, or starts a new "
+                           "swarm if nothing answers within --discover-timeout-s; with --new-swarm it only advertises.")
+    discover_timeout_s: float = Field(10.0, gt=0, le=600, description="With --discover: how long to look for LAN "
+                                      "peers before starting a new swarm.")
 
     # --- run spec (must match across the swarm) ---------------------------------------
     strategy: str = Field("sync", description="Synchronization strategy (see `swarm-node strategies`).")

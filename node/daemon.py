@@ -2,7 +2,9 @@
 
 Order of startup (each step logs; a failure exits with a documented code):
   1. lock the state dir, load or create the identity (0600), build model/trainer, resume
-  2. start p2pd + in-process DHT; dial initial peers with backoff (never fatal unless
+  2. start p2pd + in-process DHT; with --discover, start the mDNS sidecar and (without
+     --initial-peers) take the LAN peers it finds as initial peers (node/discovery.py);
+     dial initial peers with backoff (never fatal unless
      --join-timeout-s is set); refuse a mismatched run spec (exit 2)
   3. start the strategy, health HTTP, gRPC control; print the join line; write node.json
 Run: heartbeat (announce + read membership), isolation watchdog, strategy loop, status line.
@@ -41,6 +43,7 @@ from .identity import ensure_identity
 from .membership import Membership, SpecMismatch
 from .metrics import NodeMetrics
 from .model import GPTConfig
+from .discovery import DiscoveryClient
 from .network import IsolationWatchdog, NetworkSettings, SwarmNetwork
 from .preflight import raise_nofile_limit
 from .processes import install_p2pd_reaper, reap_children
@@ -55,7 +58,7 @@ from swarm_node.strategies.base import Progress, Strategy, StrategyContext
 log = logging.getLogger("swarm_node")
 
 EXIT_OK, EXIT_CONFIG, EXIT_STARTUP, EXIT_JOIN, EXIT_INTERRUPTED, EXIT_TEMPFAIL = 0, 2, 3, 4, 130, 75
-NODE_REJECT_REASONS = (*REJECT_REASONS, "spec_mismatch", "bad_record", "stale_step")
+NODE_REJECT_REASONS = (*REJECT_REASONS, "spec_mismatch", "bad_record", "stale_step", "bad_advert")
 JOIN_LINE_PREFIX = "To join this swarm: swarm-node join --initial-peers "
 
 
@@ -96,6 +99,10 @@ class Node:
         self.net: SwarmNetwork | None = None
         self.membership: Membership | None = None
         self.watchdog: IsolationWatchdog | None = None
+        # --initial-peers, plus (with --discover) the LAN peers found at startup
+        self.initial_peers: list[str] = list(config.initial_peers)
+        self.discovery: DiscoveryClient | None = None
+        self._dial_tasks: set[asyncio.Task] = set()
         self.strategy: Strategy | None = None
         self.transport: Transport | None = None
         self.health: HealthServer | None = None
@@ -160,8 +167,9 @@ class Node:
         except Exception as e:
             raise NodeExit(EXIT_STARTUP, f"could not start the p2p daemon: {e}") from None
         self.addresses.join_maddrs = await self.net.join_maddrs()
+        await self._discover(identity.path)
         self.membership = Membership(self.net, self.spec, self.metrics, cfg.ttl_s, self._make_record)
-        self.watchdog = IsolationWatchdog(self.net, cfg.initial_peers, self.membership.known_maddrs,
+        self.watchdog = IsolationWatchdog(self.net, self.initial_peers, self.membership.known_maddrs,
                                           cfg.watchdog_interval_s, enabled=cfg.watchdog)
         await self._join()
         try:
@@ -210,7 +218,7 @@ class Node:
 
     async def _join(self) -> None:
         cfg = self.config
-        if not cfg.initial_peers:
+        if not self.initial_peers:
             log.info("started a new swarm (run '%s')", cfg.run_id)
             return
         deadline = time.monotonic() + cfg.join_timeout_s if cfg.join_timeout_s else None
@@ -221,13 +229,51 @@ class Node:
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise NodeExit(EXIT_JOIN, f"none of the initial peers answered within {cfg.join_timeout_s:.0f}s: "
-                                          + ", ".join(cfg.initial_peers))
+                                          + ", ".join(self.initial_peers))
             if deadline is None:
                 log.warning("no initial peer answered yet; starting alone and retrying in the background "
-                            "(peers: %s)", ", ".join(cfg.initial_peers))
+                            "(peers: %s)", ", ".join(self.initial_peers))
                 return
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 10.0)
+
+    async def _discover(self, identity_path) -> None:
+        """--discover: advertise this node on the LAN by mDNS (sidecar process). With neither
+        --initial-peers nor --new-swarm, wait (bounded) for peers of this run and use them as
+        initial peers; if none answers, this node starts the swarm. Peers found later are
+        dialled as they appear. --new-swarm only advertises."""
+        cfg = self.config
+        if not cfg.discover:
+            return
+        maddrs = [m for m in self.addresses.join_maddrs if m.startswith("/ip4/")]
+        if not maddrs:
+            log.warning("--discover: no IPv4 join address to advertise (%s); LAN discovery is off",
+                        self.addresses.join_maddrs)
+            return
+        self.discovery = DiscoveryClient(
+            identity_path=identity_path, run_id=cfg.run_id, maddrs=maddrs, browse=not cfg.new_swarm,
+            on_peer=self._dial_discovered,
+            on_reject=lambda reason: self.metrics.rejected_messages.labels(reason="bad_advert").inc())
+        self.discovery.start()
+        if cfg.initial_peers or cfg.new_swarm:
+            self.discovery.deliver_later = True
+            return
+        found = await self.discovery.wait_for_peers(cfg.discover_timeout_s)
+        if found:
+            d = self.discovery
+            log.info("mDNS discovery: found %d peer(s) of run '%s' on the LAN in %.1fs (sidecar up after %.1fs)",
+                     len(d.peers), cfg.run_id, d.first_peer_after_s, d.ready_after_s or 0.0)
+            self.initial_peers.extend(found)
+        else:
+            log.info("mDNS discovery: no peer of run '%s' answered within %.0fs: starting a new swarm "
+                     "(still advertising)", cfg.run_id, cfg.discover_timeout_s)
+
+    def _dial_discovered(self, peer_id: str, maddrs: list[str]) -> None:
+        if self.net is None or self.stop_requested:
+            return
+        task = asyncio.get_running_loop().create_task(self.net.connect_peers(maddrs), name=f"dial {peer_id[:8]}")
+        self._dial_tasks.add(task)
+        task.add_done_callback(self._dial_tasks.discard)
 
     def _start_servers(self) -> None:
         cfg = self.config
@@ -285,7 +331,7 @@ class Node:
         (self.metrics.net_tx_bytes if direction == "tx" else self.metrics.net_rx_bytes).labels(channel=channel).inc(n)
 
     def _checks(self) -> dict[str, bool]:
-        alone_ok = not self.config.initial_peers
+        alone_ok = not self.initial_peers
         return {
             "dht": self.net is not None,
             "model_loaded": self.trainer is not None,
@@ -526,6 +572,8 @@ class Node:
             self.control.stop(1.0)
         if self.health is not None:
             self.health.stop(2.0)
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self.net is not None:
             await self.net.shutdown()
         self._executor.shutdown(wait=False, cancel_futures=True)

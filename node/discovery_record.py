@@ -1,0 +1,128 @@
+"""The LAN-discovery advertisement: what one node tells another about how to join it.
+
+A node's mDNS sidecar (node/mdns_sidecar.py) serves this record over a py-libp2p stream to
+any sidecar that found it by mDNS. The sidecar's libp2p key *is* the node's identity key,
+so the secure channel already proves which peer id is speaking; the record additionally
+carries a signature by that key over its content, so the binding of (run id, join
+multiaddrs) to the peer id survives being cached or relayed.
+
+Wire form: msgpack array `[VERSION, run_id, peer_id, [maddr, ...], signature]`; the signature
+covers `SIGNING_DOMAIN + msgpack([VERSION, run_id, peer_id, maddrs])`.
+
+Invariants (checked by `decode_advert`, each failure a `AdvertRejected` with a bounded reason):
+- the encoded record is at most `MAX_ADVERT_BYTES` (enforced at encode time too);
+- types are exact: a str is a str, the list holds 1..`MAX_MADDRS` str of at most
+  `MAX_MADDR_CHARS` characters; a bool or float never passes for anything else;
+- the run id equals ours (`wrong_run`), the peer id equals the authenticated remote one
+  (`peer_mismatch`), every multiaddr is `/ip4|ip6|dns*/.../tcp/N/p2p/<that peer id>`;
+- the signature verifies under the remote's public key (`bad_signature`).
+
+Pure: no libp2p import (the node process must never import py-libp2p: its `crypto.pb`
+protobuf clashes with hivemind's). Signing and verification are injected callables.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable
+
+import msgpack
+
+VERSION = 1
+SIGNING_DOMAIN = b"swarm-node/discovery-advert/v1\x00"
+MAX_ADVERT_BYTES = 4096
+MAX_MADDRS = 8
+MAX_MADDR_CHARS = 256
+MAX_SIGNATURE_BYTES = 1024  # RSA-4096 is 512 bytes; Ed25519 is 64
+REJECT_REASONS = ("malformed", "too_large", "bad_version", "wrong_run", "peer_mismatch", "bad_maddr",
+                  "bad_signature")
+_ADDR_PROTOCOLS = ("ip4", "ip6", "dns", "dns4", "dns6")
+
+Signer = Callable[[bytes], bytes]
+Verifier = Callable[[bytes, bytes], bool]  # (data, signature) -> valid
+
+
+class AdvertRejected(ValueError):
+    """A record that must be ignored; `reason` is one of REJECT_REASONS (a metric label)."""
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in REJECT_REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True, slots=True)
+class Advert:
+    run_id: str
+    peer_id: str
+    maddrs: tuple[str, ...]
+
+
+def _signed_part(run_id: str, peer_id: str, maddrs: list[str] | tuple[str, ...]) -> bytes:
+    return SIGNING_DOMAIN + msgpack.packb([VERSION, run_id, peer_id, list(maddrs)], use_bin_type=True)
+
+
+def encode_advert(advert: Advert, sign: Signer) -> bytes:
+    """Sign and serialise; raises ValueError if the record itself breaks an invariant."""
+    check_maddrs(advert.maddrs, advert.peer_id)
+    signature = sign(_signed_part(advert.run_id, advert.peer_id, advert.maddrs))
+    blob = msgpack.packb([VERSION, advert.run_id, advert.peer_id, list(advert.maddrs), signature],
+                         use_bin_type=True)
+    if len(blob) > MAX_ADVERT_BYTES:
+        raise ValueError(f"advertisement is {len(blob)} bytes, more than {MAX_ADVERT_BYTES}")
+    return blob
+
+
+def check_maddrs(maddrs: object, peer_id: str) -> None:
+    """Raise AdvertRejected('bad_maddr') unless maddrs are dialable peer multiaddrs of peer_id."""
+    if not isinstance(maddrs, (list, tuple)) or not 1 <= len(maddrs) <= MAX_MADDRS:
+        raise AdvertRejected("bad_maddr", f"expected 1..{MAX_MADDRS} multiaddrs")
+    suffix = f"/p2p/{peer_id}"
+    for m in maddrs:
+        if type(m) is not str or len(m) > MAX_MADDR_CHARS:
+            raise AdvertRejected("bad_maddr", f"not a multiaddr string of at most {MAX_MADDR_CHARS} chars")
+        parts = m.split("/")
+        # '/ip4/10.0.0.1/tcp/31337/p2p/Qm..' -> ['', 'ip4', '10.0.0.1', 'tcp', '31337', 'p2p', 'Qm..']
+        if (len(parts) != 7 or parts[0] or parts[1] not in _ADDR_PROTOCOLS or not parts[2] or parts[3] != "tcp"
+                or not parts[4].isdigit() or not 0 < int(parts[4]) < 65536 or not m.endswith(suffix)):
+            raise AdvertRejected("bad_maddr", f"{m[:80]!r} is not /ip4|ip6|dns/HOST/tcp/PORT{suffix[:12]}...")
+
+
+def decode_advert(blob: bytes, *, expected_run_id: str, remote_peer_id: str, verify: Verifier) -> Advert:
+    """Validate a received record strictly; raise AdvertRejected with the first failed check."""
+    if len(blob) > MAX_ADVERT_BYTES:
+        raise AdvertRejected("too_large", f"{len(blob)} bytes > {MAX_ADVERT_BYTES}")
+    try:
+        fields = msgpack.unpackb(blob, raw=False, use_list=True, strict_map_key=True,
+                                 max_bin_len=MAX_SIGNATURE_BYTES, max_str_len=MAX_ADVERT_BYTES)
+    except Exception as e:  # msgpack raises several types for garbage and for limits
+        raise AdvertRejected("malformed", f"not msgpack: {type(e).__name__}") from None
+    if not isinstance(fields, list) or len(fields) != 5:
+        raise AdvertRejected("malformed", "expected [version, run_id, peer_id, maddrs, signature]")
+    version, run_id, peer_id, maddrs, signature = fields
+    if type(version) is not int:
+        raise AdvertRejected("malformed", "version is not an int")
+    if version != VERSION:
+        raise AdvertRejected("bad_version", f"version {version}, we speak {VERSION}")
+    if type(run_id) is not str or type(peer_id) is not str or type(signature) is not bytes:
+        raise AdvertRejected("malformed", "run_id/peer_id must be str and signature bytes")
+    if run_id != expected_run_id:
+        raise AdvertRejected("wrong_run", f"run {run_id[:64]!r}, ours is {expected_run_id!r}")
+    if peer_id != remote_peer_id:
+        raise AdvertRejected("peer_mismatch", f"record names {peer_id[:60]}, the channel is {remote_peer_id}")
+    check_maddrs(maddrs, peer_id)
+    try:
+        ok = verify(_signed_part(run_id, peer_id, maddrs), signature)
+    except Exception:
+        ok = False
+    if not ok:
+        raise AdvertRejected("bad_signature", f"signature does not verify under {peer_id}'s key")
+    return Advert(run_id, peer_id, tuple(maddrs))
+
+
+def service_fingerprint(run_id: str) -> str:
+    """10 hex chars of sha256(run_id): the mDNS service type is `_p2p-<fp>._udp.local.`, so
+    browsers of one run do not even see other runs' advertisements (the record's run id is
+    still checked: a fingerprint collision or a squatter is rejected as `wrong_run`).
+    15 characters is the DNS-SD limit for a service label, hence 10."""
+    return hashlib.sha256(run_id.encode()).hexdigest()[:10]
