@@ -21,4 +21,12 @@ if ! command -v docker-compose >/dev/null && [ "$(id -u)" = 0 ] && command -v ap
     || (timeout 120 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1)) \
     || echo "[test] docker-compose unavailable: the compose validation will be skipped"
 fi
+# The churn lab (tests/churn) builds network namespaces with ip, nft and tc, and pings across them;
+# without root those tests skip with the reason.
+if { ! command -v nft >/dev/null || ! command -v ping >/dev/null; } && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "[test] installing the churn lab's tools (nftables iproute2 iputils-ping)"
+  (timeout 300 apt-get install -y -q --no-install-recommends nftables iproute2 iputils-ping >/dev/null 2>&1 \
+    || (timeout 120 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q --no-install-recommends nftables iproute2 iputils-ping >/dev/null 2>&1)) \
+    || echo "[test] nftables/iproute2 unavailable: the churn lab tests will be skipped"
+fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
