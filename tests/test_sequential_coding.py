@@ -338,3 +338,26 @@ def test_simulate_runtime_needs_a_fresh_scheme_and_is_deterministic():
     used.step([])
     with pytest.raises(ValueError, match="fresh"):
         simulate_runtime(used, tr, DelayModel())
+
+
+def test_deadline_policy_matches_the_model_policy_where_the_model_holds():
+    B, W, lam, J = 1, 3, 3, 30
+    d = DelayModel(base_s=0.1, compute_s=1.0, straggle_s=2.0)
+    bursty = BurstyStragglerModel(B, W, lam).trace(N, J + W + B, seed=5, p_start=0.8)
+    noisy = iid_trace(N, J + W + B, 0.25, seed=2)
+    for sc in make_schemes(N, J, B, W, lam):
+        assert (simulate_runtime(copy.deepcopy(sc), bursty, d, policy="deadline")
+                == simulate_runtime(copy.deepcopy(sc), bursty, d, policy="model"))
+        opt = simulate_runtime(copy.deepcopy(sc), noisy, d, policy="deadline")
+        assert opt.run.jobs_decoded + opt.run.deadline_misses == J  # misses may remain: lost results stay lost
+        if isinstance(sc, GradientCodingScheme):  # GC's model is its decodability, so both policies agree
+            assert opt == simulate_runtime(copy.deepcopy(sc), noisy, d, policy="model")
+    with pytest.raises(ValueError, match="policy"):
+        simulate_runtime(MultiplexedSGC(N, 2, 1, 2, 2), bursty, d, policy="never")  # type: ignore[arg-type]
+
+
+def test_live_counters_match_the_run_result():
+    tr = iid_trace(N, 30, 0.3, seed=7)
+    for sc in make_schemes(N, 25, 1, 3, 3):
+        res = sc.run(tr)
+        assert (sc.jobs_decoded, sc.deadline_misses) == (res.jobs_decoded, res.deadline_misses)

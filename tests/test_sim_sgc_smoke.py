@@ -29,6 +29,7 @@ def test_main_prints_a_row_per_trace_and_scheme_with_parseable_ratios(capsys):
     assert ratios[("none", "M-SGC")] < ratios[("none", "SR-SGC")] < 1.0
     assert ratios[("bursty", "M-SGC")] < ratios[("bursty", "SR-SGC")] < 1.0
     for row in summary["rows"]:
+        assert row["rt_misses"] == 0  # policy "model": the master waits for everyone instead of missing
         if row["conforming"] and row["scheme"] != "GC(<s)":
             assert row["misses"] == 0 and row["fallbacks"] == 0 and row["decoded"] == 12
         assert row["ratio_vs_gc"] == pytest.approx(ratios[(row["scenario"], row["scheme"])], abs=5e-4)
