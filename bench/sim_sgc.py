@@ -53,7 +53,8 @@ def simulate(args: argparse.Namespace) -> list[dict]:
     rows = []
     for scenario, trace in _traces(args).items():
         conforming = sgc.conforms(trace, args.B, args.W, args.lam)[0]
-        fresh = lambda: sgc.make_schemes(args.n, args.jobs, args.B, args.W, args.lam, gc_rules=("le", "lt"))  # noqa: E731
+        def fresh() -> list[sgc.SequentialScheme]:
+            return sgc.make_schemes(args.n, args.jobs, args.B, args.W, args.lam, gc_rules=("le", "lt"))
         raw = [sc.run(trace) for sc in fresh()]
         timed = [sgc.simulate_runtime(sc, trace, delays, policy=args.policy) for sc in fresh()]
         gc_runtime = timed[0].runtime_s  # GC with rule "le", the baseline
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t0
     print(f"# python {platform.python_version()} numpy {np.__version__} cpus {os.cpu_count()} | "
           f"n={args.n} J={args.jobs} (B,W,lam)=({args.B},{args.W},{args.lam}) seed={args.seed} "
-          f"base={args.base_s} c={args.compute_s} D={args.straggle_s} policy={args.policy} | simulated in {elapsed:.2f} s")
+          f"base={args.base_s} c={args.compute_s} D={args.straggle_s} policy={args.policy} | "
+          f"simulated in {elapsed:.2f} s")
     header = (f"{'trace':<8} {'scheme':<7} | {'load*n':>6} {'T':>2} | {'runtime_s':>9} {'ratio':>6} "
               f"{'fallbk':>6} {'repeats':>7} {'rt_miss':>7} | {'decoded':>7} {'misses':>6}")
     print(header)
