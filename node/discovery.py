@@ -145,9 +145,8 @@ class DiscoveryClient:
         while True:
             try:
                 line = await stream.readline()
-            except ValueError:  # longer than MAX_LINE_BYTES: drop what is buffered, go on
-                await stream.read(MAX_LINE_BYTES)
-                continue
+            except ValueError:  # longer than MAX_LINE_BYTES: asyncio dropped the buffered part;
+                continue        # the line's tail comes next, fails to parse, and is skipped too
             if not line:
                 return
             try:

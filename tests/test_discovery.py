@@ -369,3 +369,85 @@ def test_discovery_across_network_namespaces(tmp_path):
     print(f"\nnetns: per run (mDNS time-to-find s, sidecar start s, launch-to-both-see-each-other s): {figures}; "
           f"median time-to-find {statistics.median(found) if found else None}s")
     assert found
+
+
+# ---------------------------------------------------------------- node-side client: fake sidecars
+class _FakeSidecarClient:
+    """A DiscoveryClient whose 'sidecar' is a small Python script (broken, hung, or chatty)."""
+
+    @staticmethod
+    def make(script: str, **kw):
+        from swarm_node.discovery import DiscoveryClient
+
+        class Fake(DiscoveryClient):
+            def command(self) -> list[str]:
+                return [sys.executable, "-c", script]
+
+        return Fake(identity_path=Path("/nonexistent"), run_id="r", maddrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}"], **kw)
+
+
+def test_client_bounded_when_sidecar_crashes_or_hangs():
+    """1. A sidecar that prints garbage and exits 3: the client restarts it, and the wait for
+       peers returns [] within its bound.
+    2. A sidecar that never says ready and ignores SIGTERM: the wait returns [] after the start
+       bound; stop() kills it within the stop bound.
+    Result: a broken or slow sidecar delays the node by a bounded time and is never left running."""
+    import asyncio
+
+    async def crashing() -> None:
+        c = _FakeSidecarClient.make("print('not json', flush=True); import sys; sys.exit(3)",
+                                    start_timeout_s=2.0, max_backoff_s=0.5)
+        c.start()
+        t0 = time.monotonic()
+        assert await c.wait_for_peers(1.0) == []
+        assert time.monotonic() - t0 < 3.5
+        await asyncio.sleep(2.5)
+        assert c.restarts >= 1
+        await c.stop()
+
+    async def hung() -> None:
+        script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+        c = _FakeSidecarClient.make(script, start_timeout_s=1.5, stop_timeout_s=1.0)
+        c.start()
+        t0 = time.monotonic()
+        assert await c.wait_for_peers(30.0) == []  # bounded by start_timeout_s, not by the 30 s
+        assert time.monotonic() - t0 < 3.0
+        pid = c.pid
+        t0 = time.monotonic()
+        await c.stop()
+        assert time.monotonic() - t0 < 4.0 and not is_running_process(pid)
+
+    asyncio.run(crashing())
+    asyncio.run(hung())
+
+
+def test_client_collects_peers_then_hands_later_ones_over():
+    """1. A fake sidecar reports ready, a rejection, an oversize garbage line, peer P, then
+       (after the start window) peer Q.
+    2. Result: the wait returns P's maddrs; Q goes to on_peer; the rejection reached on_reject."""
+    import asyncio
+
+    p_addr, q_addr = f"/ip4/10.0.0.5/tcp/1/p2p/{PEER}", f"/ip4/10.0.0.6/tcp/1/p2p/{OTHER}"
+    lines = [{"event": "ready", "listen": ["/ip4/127.0.0.1/tcp/9"], "service": "_p2p-x._udp.local."},
+             {"event": "rejected", "reason": "wrong_run", "peer_id": OTHER, "detail": "d"},
+             "x" * 100_000,
+             {"event": "peer", "peer_id": PEER, "maddrs": [p_addr]}]
+    script = ("import json, sys, time\n"
+              f"for l in {json.dumps(lines)!s}:\n"
+              "    print(l if isinstance(l, str) else json.dumps(l), flush=True)\n"
+              "time.sleep(1.5)\n"
+              f"print(json.dumps({{'event': 'peer', 'peer_id': '{OTHER}', 'maddrs': ['{q_addr}']}}), flush=True)\n"
+              "time.sleep(30)\n")
+    later, rejects = [], []
+
+    async def main() -> None:
+        c = _FakeSidecarClient.make(script, on_peer=lambda pid, m: later.append((pid, m)),
+                                    on_reject=rejects.append, start_timeout_s=10)
+        c.start()
+        assert await c.wait_for_peers(10.0) == [p_addr]
+        await asyncio.sleep(3)
+        await c.stop()
+        assert c.rejected == {"wrong_run": 1}
+
+    asyncio.run(main())
+    assert later == [(OTHER, [q_addr])] and rejects == ["wrong_run"]
