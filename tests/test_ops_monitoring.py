@@ -358,6 +358,16 @@ def test_compose_peer_without_initial_peers_fails_clearly(monkeypatch):
         node_config_for(peer, monkeypatch)
 
 
+def test_compose_discover_variant_parses(monkeypatch):
+    """The --discover variant the compose file and README describe is a real configuration."""
+    compose = load_compose({})
+    boot = {**compose["services"]["bootstrap"], "command": [*compose["services"]["bootstrap"]["command"], "--discover"]}
+    peer = {**compose["services"]["peer"], "command": ["join", "--discover"]}
+    assert node_config_for(boot, monkeypatch).discover and node_config_for(boot, monkeypatch).new_swarm
+    cfg = node_config_for(peer, monkeypatch)
+    assert cfg.discover and not cfg.initial_peers and not cfg.new_swarm
+
+
 def test_compose_typo_in_a_node_flag_would_fail(monkeypatch):
     peer = load_compose({"SWARM_INITIAL_PEERS": SAMPLE_MADDR})["services"]["peer"]
     with pytest.raises(SystemExit):
