@@ -595,7 +595,8 @@ class ChurnRunner:
         end = r.val_loss.get("end") if r.val_loss.get("before") else r.train_loss.get("end")
         if before is not None and end is not None and not end < before:
             r.problems.append(f"loss did not fall through the churn: {before:.3f} -> {end:.3f}")
-        if self.o.consistency == "param_hash" and len(r.final) >= 2:
+        if self.o.consistency == "param_hash" and self.o.max_steps and len(r.final) >= 2:
+            # only --max-steps stops every replica at one step; a drain at an arbitrary moment may not
             steps = {f["step"] for f in r.final.values()}
             hashes = {f["param_hash"] for f in r.final.values()}
             r.consistent = len(steps) == 1 and len(hashes) == 1
