@@ -21,6 +21,7 @@ Output, one JSON object per line on stdout (nothing else is written there):
   {"event": "peer", "peer_id", "maddrs", "t_s"}          a validated peer of our run
   {"event": "rejected", "reason", "peer_id", "detail", "t_s"}   reason in REJECT_REASONS
   {"event": "unreachable", "peer_id", "detail", "t_s"}   mDNS named it, its host did not answer
+  {"event": "error", "detail", "t_s"}                   bad arguments (then exit 2)
 t_s counts from process start. Logs go to stderr.
 
 Lifetime: dies with its parent (PR_SET_PDEATHSIG set first thing, plus a thread that

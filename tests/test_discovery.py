@@ -125,6 +125,10 @@ def test_service_fingerprint_and_listen_plan():
         ("0.0.0.0", ["10.0.0.5"])
     with pytest.raises(ValueError):
         listen_plan([f"/ip6/::1/tcp/5/p2p/{PEER}"])
+    # the node imports swarm_node.discovery; py-libp2p (whose protobufs clash with hivemind's)
+    # is imported only inside the sidecar process
+    import swarm_node.discovery  # noqa: F401
+    assert "libp2p" not in sys.modules
 
 
 # ---------------------------------------------------------------- sidecar: live, real mDNS
