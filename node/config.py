@@ -71,6 +71,18 @@ class NodeConfig(BaseSettings):
     mix_alpha: float = Field(0.5, ge=0, le=1, description="streaming-diloco: merge weight of the local fragment (alpha).")
     compression: Literal["none", "fp16", "int8", "e3m0"] = Field(
         "none", description="Wire compression of averaged tensors (accumulation is always fp32).")
+    gc_scheme: Literal["auto", "frc", "cyclic", "none"] = Field(
+        "auto", description="gradcode: fractional repetition (frc, needs (s+1) | n), cyclic (any n), auto (frc "
+        "when it fits, else cyclic) or none (wait for every peer).")
+    gc_stragglers: int = Field(1, ge=0, le=64, description="gradcode: stragglers tolerated per step (s); each peer "
+                               "computes (s+1)/n of the step's data.")
+
+    # --- straggler injection (tests and benches; not part of the run spec) --------------
+    straggler_delay_s: float = Field(0.0, ge=0, le=600, description="gradcode: seconds a chosen straggler waits "
+                                     "before contributing (0 = no injection).")
+    straggler_count: int = Field(1, ge=0, le=64, description="gradcode: peers chosen (seeded, the same on every "
+                                 "peer) to straggle in a step.")
+    straggler_prob: float = Field(1.0, ge=0, le=1, description="gradcode: probability that a step has stragglers.")
 
     # --- local execution ----------------------------------------------------------------
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
@@ -148,7 +160,8 @@ class NodeConfig(BaseSettings):
                        seq_len=self.seq_len, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
                        batch_size=self.batch_size, lr=self.lr, seed=self.seed, inner_steps=self.inner_steps,
                        outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, compression=self.compression,
-                       fragments=self.fragments, overlap_steps=self.overlap_steps, mix_alpha=self.mix_alpha)
+                       fragments=self.fragments, overlap_steps=self.overlap_steps, mix_alpha=self.mix_alpha,
+                       gc_scheme=self.gc_scheme, gc_stragglers=self.gc_stragglers)
 
 
 class RunSpec(BaseModel):
@@ -174,6 +187,8 @@ class RunSpec(BaseModel):
     fragments: int = 5
     overlap_steps: int = 1
     mix_alpha: float = 0.5
+    gc_scheme: str = "auto"
+    gc_stragglers: int = 1
     data_fingerprint: str = ""  # sha256 prefix of the loaded corpus: 'stdlib' differs across Pythons
 
     def canonical(self) -> dict[str, Any]:

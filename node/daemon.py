@@ -429,7 +429,8 @@ class Node:
                    "val_loss": self.progress.val_loss, "val_step": self._val_step, "bytes_sent": int(tx),
                    "bytes_received": int(rx), "bytes_sent_by_channel": by_channel, "rounds": rounds, "stop_reason": self.stop_reason,
                    "param_hash": self.trainer.param_hash() if self.trainer else None,
-                   "last_round": dict(self.progress.last_round), "history": self.history}
+                   "last_round": dict(self.progress.last_round), "history": self.history,
+                   "strategy_stats": self.strategy.summary() if self.strategy else {}}
         path = self.config.state_dir / "summary.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary))

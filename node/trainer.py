@@ -150,6 +150,45 @@ class LocalTrainer:
             duration_s=time.perf_counter() - t0,
         )
 
+    def partition_batch(self, step: int, partition: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Partition `partition` of the swarm's global batch for `step`: the same on every
+        peer (keyed by the partition, not the peer), so any replica can compute it."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(batch_generator_seed(self.cfg.seed, f"partition:{partition}", step))
+        return self.dataset.train_batch(self.cfg.batch_size, self.seq_len, gen)
+
+    def compute_coded_gradients(self, step: int, parts: list[tuple[int, float]]) -> StepResult:
+        """sum_j w_j * grad(mean loss of partition j) for (j, w_j) in `parts`, in ONE backward
+        over the concatenated partitions (exact by linearity); parameters are not changed.
+        `loss` is the unweighted mean over the partitions; `num_samples` counts them all."""
+        if not parts:
+            raise ValueError("no partitions to compute")
+        t0 = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        batches = [self.partition_batch(step, j) for j, _ in parts]
+        x = torch.cat([b[0] for b in batches]).to(self.device, non_blocking=True)
+        y = torch.cat([b[1] for b in batches]).to(self.device, non_blocking=True)
+        logits, _ = self.model(x)
+        per_token = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), reduction="none")
+        per_part = per_token.view(len(parts), -1).mean(dim=1)  # mean loss of each partition
+        weights = torch.tensor([w for _, w in parts], dtype=per_part.dtype, device=per_part.device)
+        loss_value = float(per_part.detach().mean())
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(step, loss_value)
+        (per_part * weights).sum().backward()
+        grads = [
+            p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+            for p in self._params
+        ]
+        self.optimizer.zero_grad(set_to_none=True)
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        if not math.isfinite(norm):
+            raise NonFiniteGradients(step, norm)
+        self._sync()
+        return StepResult(step=step, loss=loss_value, grads=grads, num_samples=x.shape[0],
+                          duration_s=time.perf_counter() - t0)
+
     def apply_gradients(self, grads: list[torch.Tensor]) -> None:
         """Clip `grads` (by global norm) and take one AdamW step; increments `self.step`.
 

@@ -77,6 +77,10 @@ class Strategy(abc.ABC):
     def status(self) -> dict[str, Any]:
         return dict(self.ctx.progress.last_round)
 
+    def summary(self) -> dict[str, Any]:
+        """Strategy-specific totals for summary.json (default: none)."""
+        return {}
+
     # ---- helpers shared by the strategies' loops ----
     async def wait_for_peers(self) -> bool:
         """Before the first step, block (re-checking stop) until `--min-peers` are present.

@@ -14,6 +14,7 @@ _BUILTIN = {
     "diloco": "swarm_node.strategies.diloco:DiLoCoStrategy",
     "noloco": "swarm_node.strategies.noloco:NoLoCoStrategy",
     "streaming-diloco": "swarm_node.strategies.streaming_diloco:StreamingDiLoCoStrategy",
+    "gradcode": "swarm_node.strategies.gradcode:GradientCodingStrategy",
 }
 
 
