@@ -175,3 +175,94 @@ def build_model(cfg: GPTConfig, seed: int) -> GPT:
     gen.manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         return GPT(cfg, generator=gen)
+
+
+# ---------------------------------------------------------------------------------------
+# Pipeline stages (strategies/swarm*, strategies/checkfree.py). Additive: the GPT above is
+# unchanged; a pipeline is a list of `PipelineStage`s sliced from one seeded GPT.
+#
+# Layout for S stages over n_layer blocks (n_layer divisible by S, so every stage's *body*
+# has the same shape and CheckFree can average neighbours):
+#   stage 0      tok_emb, pos_emb, blocks[0 : L/S]                 ("embed" edge part)
+#   stage k      blocks[k*L/S : (k+1)*L/S]
+#   stage S-1    blocks[...], ln_f, lm_head                         ("head" edge part)
+# With S == 1 one stage holds everything. The head is UNTIED from the embedding in a
+# pipeline (its stages live on different peers); it starts as a copy of tok_emb.
+# Body keys are "blocks.{j}.*" with j local to the stage, so body state dicts of two stages
+# have identical keys and shapes.
+
+
+class PipelineStage(nn.Module):
+    """One contiguous slice of the GPT; `forward` maps the stage's input to its output:
+    stage 0 takes byte ids [B, T] (long), others activations [B, T, D]; the last stage
+    returns logits [B, T, V], the others activations [B, T, D]."""
+
+    def __init__(self, cfg: GPTConfig, index: int, num_stages: int) -> None:
+        super().__init__()
+        check_stage_split(cfg, num_stages)
+        if not 0 <= index < num_stages:
+            raise ValueError(f"stage {index} out of range for {num_stages} stages")
+        self.cfg, self.index, self.num_stages = cfg, index, num_stages
+        self.has_embed, self.has_head = index == 0, index == num_stages - 1
+        if self.has_embed:
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer // num_stages))
+        if self.has_head:
+            self.ln_f = nn.LayerNorm(cfg.d_model)
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence length {T} exceeds model seq_len {self.cfg.seq_len}")
+        return self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))  # [B, T, D]
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.ln_f(x))  # [B, T, V]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.has_embed:
+            x = self.embed(x)
+        x = self.body(x)
+        return self.head(x) if self.has_head else x
+
+
+def check_stage_split(cfg: GPTConfig, num_stages: int) -> None:
+    if num_stages < 1:
+        raise ValueError(f"need at least one stage, got {num_stages}")
+    if cfg.n_layer % num_stages:
+        raise ValueError(f"n_layer ({cfg.n_layer}) must be divisible by the number of stages ({num_stages}) "
+                         "so that every stage has the same body shape")
+
+
+def split_stages(model: GPT, num_stages: int) -> list[PipelineStage]:
+    """Slice `model` into `num_stages` stages holding copies of its weights (the model is
+    not modified). Composing the stages' forwards reproduces `model`'s logits exactly."""
+    cfg = model.cfg
+    check_stage_split(cfg, num_stages)
+    per = cfg.n_layer // num_stages
+    stages = []
+    with torch.no_grad():
+        for k in range(num_stages):
+            st = PipelineStage(cfg, k, num_stages)
+            for j in range(per):
+                st.blocks[j].load_state_dict(model.blocks[k * per + j].state_dict())
+            if st.has_embed:
+                st.tok_emb.weight.copy_(model.tok_emb.weight)
+                st.pos_emb.weight.copy_(model.pos_emb.weight)
+            if st.has_head:
+                st.ln_f.load_state_dict(model.ln_f.state_dict())
+                st.lm_head.weight.copy_(model.lm_head.weight)
+            stages.append(st)
+    return stages
+
+
+def build_stage(cfg: GPTConfig, seed: int, index: int, num_stages: int) -> PipelineStage:
+    """Stage `index` of the seeded GPT: identical on every peer (a function of cfg, seed)."""
+    return split_stages(build_model(cfg, seed), num_stages)[index]
