@@ -111,12 +111,16 @@ class GradientCodingStrategy(Strategy):
         self.gm = GradcodeMetrics(ctx.metrics.registry)
         self.last_decode: dict | None = None  # aggregator only: stragglers of the last decode, for /status
         self.max_step_s = 0.0  # longest applied step (request to apply), for summary.json
+        self._applied_at: list[float] = []  # monotonic time of each applied step (wall clock per step)
         self._quorum_reached = False
 
     def summary(self) -> dict:
         value = lambda c: int(c._value.get())  # noqa: E731  (our own counters, no labels)
+        gaps = [b - a for a, b in zip(self._applied_at, self._applied_at[1:])]
+        steady = sorted(gaps[len(gaps) // 4:])  # skip the start, when peers are still arriving
         return {"skipped_pushes": value(self.gm.skipped_pushes), "replayed_steps": value(self.gm.replayed),
-                "injected_delays": value(self.gm.injected), "max_step_duration_s": round(self.max_step_s, 4)}
+                "injected_delays": value(self.gm.injected), "max_step_duration_s": round(self.max_step_s, 4),
+                "median_step_interval_s": round(steady[len(steady) // 2], 4) if steady else None}
 
     async def start(self) -> None:
         await self.ctx.transport.add_handler(ROUND, self._rpc_round, gc_pb.CodedRoundRequest, channel="averaging")
@@ -138,11 +142,16 @@ class GradientCodingStrategy(Strategy):
         decoded step has fetched the result (bounded by the round timeout), so the others do
         not lose the step and fork by decoding it again without it."""
         decoded = [r for r in self.rounds.values() if r.decoded]
-        if not decoded or self.ctx.should_stop():
+        if not decoded:
             return
         last = max(decoded, key=lambda r: r.step)
-        deadline = time.monotonic() + self.ctx.config.round_timeout_s
-        while not set(last.plan.members) <= last.fetched and time.monotonic() < deadline:
+        deadline = time.monotonic() + min(self.ctx.config.round_timeout_s, self.ctx.config.shutdown_grace_s)
+
+        def waiting() -> set[str]:  # live peers (plan members or not) that still lack the last step
+            live = {m.peer_id for m in self.election.peers() if m.record.state != "leaving"}
+            return (live | set(last.plan.members)) - last.fetched - {self.ctx.peer_id}
+
+        while waiting() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
     async def _step(self) -> bool:
@@ -188,6 +197,7 @@ class GradientCodingStrategy(Strategy):
             return False
         elapsed = time.perf_counter() - t0
         self.max_step_s = max(self.max_step_s, elapsed)
+        self._applied_at.append(time.monotonic())
         ctx.log.debug("applied step %d (from replica %s) decoded by %s from %d replies%s", step, my_hash, leader[-8:],
                       len(reader.decoded_from), "" if computed is not None else " (replayed)")
         if computed is not None:
