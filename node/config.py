@@ -76,6 +76,34 @@ class NodeConfig(BaseSettings):
         "when it fits, else cyclic) or none (wait for every peer).")
     gc_stragglers: int = Field(1, ge=0, le=64, description="gradcode: stragglers tolerated per step (s); each peer "
                                "computes (s+1)/n of the step's data.")
+    stages: int = Field(3, ge=1, le=64, description="swarm: pipeline stages S (--n-layer must be divisible by S).")
+    micro_batches: int = Field(2, ge=1, le=256, description="swarm: micro-batches per trainer step (each stage "
+                               "replica applies one optimizer step per this many backwards).")
+    act_compression: Literal["fp16", "int8", "none"] = Field(
+        "fp16", description="swarm: wire encoding of activations and their gradients (int8 = blockwise absmax).")
+    sapo_tasks: str = Field("add4", description="sapo: comma-separated tasks (add<K>, sub<K>, mul<K>; rg:<dataset> "
+                            "with reasoning-gym installed).", pattern=r"^[A-Za-z0-9_:,.-]{1,256}$")
+    sapo_group_size: int = Field(8, ge=2, le=64, description="sapo: completions per question (G).")
+    sapo_round_s: float = Field(10.0, gt=0.5, le=3600, description="sapo: length of a swarm round (rounds are "
+                                "wall-clock epochs, the same on every peer).")
+    sapo_local_groups: int = Field(4, ge=1, le=64, description="sapo: local groups per update (I); also the groups "
+                                   "generated and published per round.")
+    sapo_external_groups: int = Field(4, ge=0, le=64, description="sapo: external groups per update (J; 0 = silo).")
+    sapo_negative_scale: float = Field(0.0, ge=0, le=1, description="sapo: scale on negative advantages of external "
+                                       "groups (0 = use only their positives; 1 = the paper).")
+    sapo_deadline_frac: float = Field(0.6, gt=0, lt=1, description="sapo: fraction of the round after which this "
+                                      "peer stops waiting for external rollouts and trains.")
+    sapo_max_new_tokens: int = Field(6, ge=1, le=512, description="sapo: generated tokens per completion.")
+    sapo_temperature: float = Field(1.0, gt=0, le=5, description="sapo: sampling temperature.")
+    sapo_ppo_epochs: int = Field(4, ge=1, le=32, description="sapo: optimizer steps per round on the same batch.")
+    sapo_warmstart_steps: int = Field(150, ge=0, le=100_000, description="sapo: supervised steps on the answer "
+                                      "format (random digits) before the first round of a fresh model.")
+    sapo_format_reward: float = Field(0.0, ge=0, le=1, description="sapo: reward for a well-formed wrong answer.")
+    sapo_rounds: int = Field(0, ge=0, description="sapo: stop (drain, exit 0) after this many rounds (0 = forever).")
+    sapo_peer_seed: int = Field(0, ge=0, description="sapo: seed of this peer's question and sampling draws (0 = "
+                                "derived from the peer id). Not part of the run spec.")
+    sapo_hf_model: str | None = Field(None, description="sapo: local path of a Hugging Face causal LM to use as the "
+                                      "policy (needs transformers installed; default: the byte-level GPT).")
 
     # --- straggler injection (tests and benches; not part of the run spec) --------------
     straggler_delay_s: float = Field(0.0, ge=0, le=600, description="gradcode: seconds a chosen straggler waits "
@@ -83,6 +111,16 @@ class NodeConfig(BaseSettings):
     straggler_count: int = Field(1, ge=0, le=64, description="gradcode: peers chosen (seeded, the same on every "
                                  "peer) to straggle in a step.")
     straggler_prob: float = Field(1.0, ge=0, le=1, description="gradcode: probability that a step has stragglers.")
+    stage: str = Field("auto", pattern=r"^(auto|[0-9]{1,2})$", description="swarm: stage this peer serves "
+                       "(auto = an empty stage if any, else the one with the least capacity).")
+    rebalance_interval_s: float = Field(300.0, ge=0, description="swarm: mean seconds between rebalancing checks "
+                                        "(each at a random time in [0, 2T]; 0 = never move).")
+    stage_average_interval_s: float = Field(5.0, gt=0, description="swarm: seconds between gossip averages with "
+                                            "one replica of the same stage.")
+    checkfree_lr_scale: float = Field(1.1, gt=0, le=10, description="swarm: learning-rate multiplier of a stage "
+                                      "rebuilt by CheckFree.")
+    swarm_backward_delay_s: float = Field(0.0, ge=0, le=600, description="swarm: seconds a stage server sleeps "
+                                          "inside each backward (fault injection for tests).")
 
     # --- local execution ----------------------------------------------------------------
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
@@ -149,6 +187,11 @@ class NodeConfig(BaseSettings):
                 raise ValueError(f"streaming-diloco needs --inner-steps ({H}) divisible by --fragments ({P})")
             if tau >= H // P:
                 raise ValueError(f"streaming-diloco needs --overlap-steps ({tau}) < inner-steps/fragments ({H // P})")
+        if self.strategy == "swarm":
+            if self.n_layer % self.stages:
+                raise ValueError(f"swarm needs --n-layer ({self.n_layer}) divisible by --stages ({self.stages})")
+            if self.stage != "auto" and int(self.stage) >= self.stages:
+                raise ValueError(f"--stage {self.stage} out of range for --stages {self.stages}")
         return self
 
     @property
@@ -156,12 +199,24 @@ class NodeConfig(BaseSettings):
         return self.record_ttl_s if self.record_ttl_s is not None else 2.5 * self.announce_interval_s
 
     def run_spec(self) -> "RunSpec":
-        return RunSpec(run_id=self.run_id, strategy=self.strategy, data=self.data, data_max_bytes=self.data_max_bytes,
+        fields = dict(run_id=self.run_id, strategy=self.strategy, data=self.data, data_max_bytes=self.data_max_bytes,
                        seq_len=self.seq_len, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
                        batch_size=self.batch_size, lr=self.lr, seed=self.seed, inner_steps=self.inner_steps,
                        outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, compression=self.compression,
                        fragments=self.fragments, overlap_steps=self.overlap_steps, mix_alpha=self.mix_alpha,
-                       gc_scheme=self.gc_scheme, gc_stragglers=self.gc_stragglers)
+                       gc_scheme=self.gc_scheme, gc_stragglers=self.gc_stragglers, stages=self.stages,
+                       micro_batches=self.micro_batches, act_compression=self.act_compression)
+        fields.update(self._sapo_spec_fields())
+        return RunSpec(**fields)
+
+    def _sapo_spec_fields(self) -> dict[str, Any]:
+        """sapo peers own their policies and may differ in model size: the model-size fields
+        are left out of the spec (0 = per peer), and the fields whose mismatch would break
+        the exchange (G, tasks, the round clock) are put in. Other strategies: unchanged."""
+        if self.strategy != "sapo":
+            return {}
+        return {"n_layer": 0, "n_head": 0, "d_model": 0, "sapo_group_size": self.sapo_group_size,
+                "sapo_round_s": self.sapo_round_s, "sapo_tasks": self.sapo_tasks}
 
 
 class RunSpec(BaseModel):
@@ -189,6 +244,12 @@ class RunSpec(BaseModel):
     mix_alpha: float = 0.5
     gc_scheme: str = "auto"
     gc_stragglers: int = 1
+    stages: int = 3
+    micro_batches: int = 2
+    act_compression: str = "fp16"
+    sapo_group_size: int = 0  # 0 = not a sapo run
+    sapo_round_s: float = 0.0
+    sapo_tasks: str = ""
     data_fingerprint: str = ""  # sha256 prefix of the loaded corpus: 'stdlib' differs across Pythons
 
     def canonical(self) -> dict[str, Any]:

@@ -15,6 +15,8 @@ _BUILTIN = {
     "noloco": "swarm_node.strategies.noloco:NoLoCoStrategy",
     "streaming-diloco": "swarm_node.strategies.streaming_diloco:StreamingDiLoCoStrategy",
     "gradcode": "swarm_node.strategies.gradcode:GradientCodingStrategy",
+    "swarm": "swarm_node.strategies.swarm:SwarmStrategy",
+    "sapo": "swarm_node.strategies.sapo:SapoStrategy",
 }
 
 
