@@ -129,7 +129,7 @@ def test_metrics_page_hygiene(server):
     assert len(values("swarm_dht_requests")) == 6 and set(values("swarm_dht_requests").values()) == {0.0}
     assert len(values("swarm_recoveries")) == 6
     assert {dict(k)["reason"] for k in values("swarm_rejected_messages")} == set(REJECT_REASONS)
-    assert {dict(k)["channel"] for k in values("swarm_network_transmit_bytes")} == {"dht", "averaging", "state"}
+    assert {dict(k)["channel"] for k in values("swarm_network_transmit_bytes")} == {"dht", "averaging", "state", "rollouts"}
     assert {s.labels.get("op") for s in families["swarm_dht_request_duration_seconds"].samples} == {"get", "store"}
 
 
