@@ -56,6 +56,11 @@ DECODE_OUTCOMES = ("exact", "wait_more", "failed")
 STRAGGLER_REASONS = ("late", "missing")
 
 
+class StreamEnded(PeerUnavailable):
+    """The round stream ended before a result: the aggregator is alive (it answered), so retry
+    with it rather than suspecting it (suspicion would send us to another aggregator and fork)."""
+
+
 class RoundAborted(Exception):
     def __init__(self, status: int, detail: str = "", donor: str = ""):
         super().__init__(f"{R.Name(status)} {detail}".strip())
@@ -111,6 +116,7 @@ class GradientCodingStrategy(Strategy):
         self.gm = GradcodeMetrics(ctx.metrics.registry)
         self.last_decode: dict | None = None  # aggregator only: stragglers of the last decode, for /status
         self.max_step_s = 0.0  # longest applied step (request to apply), for summary.json
+        self._plan_sizes: set[int] = set()  # group sizes n this peer was planned with
         self._applied_at: list[float] = []  # monotonic time of each applied step (wall clock per step)
         self._quorum_reached = False
 
@@ -120,7 +126,8 @@ class GradientCodingStrategy(Strategy):
         steady = sorted(gaps[len(gaps) // 4:])  # skip the start, when peers are still arriving
         return {"skipped_pushes": value(self.gm.skipped_pushes), "replayed_steps": value(self.gm.replayed),
                 "injected_delays": value(self.gm.injected), "max_step_duration_s": round(self.max_step_s, 4),
-                "median_step_interval_s": round(steady[len(steady) // 2], 4) if steady else None}
+                "median_step_interval_s": round(steady[len(steady) // 2], 4) if steady else None,
+                "plan_sizes": sorted(self._plan_sizes)}
 
     async def start(self) -> None:
         await self.ctx.transport.add_handler(ROUND, self._rpc_round, gc_pb.CodedRoundRequest, channel="averaging")
@@ -176,7 +183,8 @@ class GradientCodingStrategy(Strategy):
             return await self._aborted(e, leader, step, time.perf_counter() - t0)
         except PeerUnavailable as e:
             ctx.log.warning("step %d: aggregator %s unavailable (%s); retrying", step, leader[-8:], e)
-            self.election.suspect(leader)
+            if not isinstance(e, StreamEnded):
+                self.election.suspect(leader)
             self._account("timeout" if "deadline" in str(e) else "error", 0, time.perf_counter() - t0, leader)
             return False
         except codec.CodecError as e:
@@ -226,6 +234,7 @@ class GradientCodingStrategy(Strategy):
         """Compute and push my coded gradient (if the plan has me) while waiting for the result."""
         ctx, me = self.ctx, self.ctx.peer_id
         members = tuple(plan_msg.members)
+        self._plan_sizes.add(len(members))
         code = build_code(plan_msg.scheme, len(members), plan_msg.stragglers, plan_msg.code_seed)
         self.gm.redundancy.set(code.redundancy)
         result = asyncio.ensure_future(reader.result())
@@ -345,8 +354,9 @@ class GradientCodingStrategy(Strategy):
         rnd = self.rounds.get(step)
         if rnd is not None and not rnd.failed:
             return rnd
-        newest = max(self.rounds, default=step)
-        if step < newest - RESULTS_KEPT or (rnd is None and self.rounds and step < min(self.rounds)):
+        newest = self._newest_decoded()
+        if newest is not None and step < newest.step - RESULTS_KEPT or (rnd is None and self.rounds
+                                                                         and step < min(self.rounds)):
             return None
         attempt = self.attempts.get(step, 0) + 1
         self.attempts[step] = attempt
@@ -361,16 +371,23 @@ class GradientCodingStrategy(Strategy):
         if rnd.decoded:
             self.gm.straggler_events.labels(reason="missing").inc(len(rnd.silent()))
 
+    def _newest_decoded(self) -> CodedRound | None:
+        decoded = [r for r in self.rounds.values() if r.decoded]
+        return max(decoded, key=lambda r: r.step) if decoded else None
+
     def _donor(self, caller: str) -> str:
-        """A peer whose reply made the latest decode (so it holds the agreed replica), not the caller."""
-        for step in sorted(self.rounds, reverse=True):
-            rnd = self.rounds[step]
-            if rnd.decoded:
-                used = [rnd.plan.members[i] for i in sorted(rnd.decoding.coefficients)]
-                for peer in used:
-                    if peer != caller:
-                        return peer
-        return self.ctx.peer_id
+        """A peer whose reply made the newest decode (so it holds the agreed replica, at that
+        step or later), not the caller; the aggregator itself only if it has applied that step
+        (it may lag behind the rounds it serves)."""
+        newest = self._newest_decoded()
+        if newest is None:
+            return self.ctx.peer_id
+        used = [newest.plan.members[i] for i in sorted(newest.decoding.coefficients)]
+        me_current = self.ctx.trainer.step > newest.step
+        for peer in used:
+            if peer != caller and (peer != self.ctx.peer_id or me_current):
+                return peer
+        return self.ctx.peer_id if me_current or not used else used[0]
 
     async def _serve_round(self, req: gc_pb.CodedRoundRequest, caller: str) -> AsyncIterator[gc_pb.CodedRoundReply]:
         ctx = self.ctx
@@ -521,7 +538,7 @@ class _ResultReader:
         try:
             return await self._replies.__anext__()
         except StopAsyncIteration:
-            raise PeerUnavailable("the aggregator closed the round stream early") from None
+            raise StreamEnded("the aggregator closed the round stream early") from None
 
     async def first(self) -> gc_pb.CodedRoundReply:
         msg = await self._next()

@@ -42,12 +42,14 @@ def _start(swarm, names: list[str], common: list[str]) -> list[NodeProcess]:
 def test_four_coded_peers_survive_a_sigkill_without_waiting_for_it(swarm):
     """1. Four gradcode peers (frc, s=1: n=4 in two groups of two) with a 30 s round timeout.
     2. After 15 steps, SIGKILL the whole group of one worker that is not the aggregator.
-    3. The three survivors run on to step 100.
+    3. The three survivors run on; a fresh peer e joins later (the code is rebuilt for the new n
+       at a step boundary: 4 -> 3 -> 4); everyone runs to step 250.
     Result: no step waited for the dead peer (no failed decode, no round anywhere near the
-    30 s timeout), the aggregator counted it as a straggler, and the survivors end with
-    bit-identical weights and a finite, much lower loss."""
+    30 s timeout), the aggregator counted it as a straggler, the joiner caught up (state
+    download, then replayed decodes), and survivors and joiner end with bit-identical weights
+    and a finite, much lower loss."""
     common = ["--run-id", "gck", "--strategy", "gradcode", "--gc-scheme", "frc", "--gc-stragglers", "1",
-              "--min-peers", "4", "--max-steps", "100", "--round-timeout-s", "30"]
+              "--min-peers", "4", "--max-steps", "250", "--round-timeout-s", "30"]
     nodes = _start(swarm, ["a", "b", "c", "d"], common)
     ids = {n.info["peer_id"]: n for n in nodes}
     aggregator = ids[min(ids)]
@@ -56,18 +58,23 @@ def test_four_coded_peers_survive_a_sigkill_without_waiting_for_it(swarm):
     assert aggregator.status()["last_round"].get("n") == 4
     victim.kill(group=True)
     survivors = [n for n in nodes if n is not victim]
-    aggregator.wait_for(lambda s: s["step"] >= 60 or s["phase"] == "draining", 120, "60 steps after the kill")
+    joiner = swarm.add("e", [*common, "--min-peers", "1"], initial=aggregator.join_maddr())
+    joiner.wait_info()
+    aggregator.wait_for(lambda s: s["last_round"].get("n") == 4 or s["phase"] == "draining", 120,
+                        "plans of four again, with the joiner")
+    assert aggregator.status()["last_round"].get("n") == 4
     m = _metrics(aggregator)
     assert m[("swarm_gradcode_decodes_total", (("outcome", "exact"),))] >= 55
     assert m[("swarm_gradcode_decodes_total", (("outcome", "failed"),))] == 0
     assert m[("swarm_gradcode_stragglers_sum", ())] >= 1  # the dead peer, until its record expired
-    assert m[("swarm_gradcode_redundancy_ratio", ())] in (0.5, 2 / 3)  # (s+1)/n for n = 4, or 3 after
-    for n in survivors:
+    assert m[("swarm_gradcode_redundancy_ratio", ())] == 0.5  # (s+1)/n for n = 4
+    for n in [*survivors, joiner]:
         assert n.proc.wait(180) == 0, n.log_text()[-2000:]
-    summaries = [_summary(n) for n in survivors]
+    summaries = [_summary(n) for n in [*survivors, joiner]]
     assert len({s["param_hash"] for s in summaries}) == 1, [s["param_hash"] for s in summaries]
-    for s in summaries:
-        assert s["step"] == 100
+    for s in summaries[:3]:
+        assert {3, 4} <= set(s["strategy_stats"]["plan_sizes"]), s["strategy_stats"]  # 4 -> 3 -> 4
+        assert s["step"] == 250
         assert s["rounds"]["timeout"] == 0, s["rounds"]
         first = next(h[1] for h in s["history"] if h[1] is not None)  # replayed steps carry no loss
         assert s["val_loss"] == s["val_loss"] and s["val_loss"] < first - 1.0, (first, s["val_loss"])
