@@ -1,0 +1,572 @@
+"""`swarm`: SWARM pipeline parallelism over real peers, with CheckFree stage recovery.
+
+The GPT is cut into S stages (node/model.py split_stages). Every peer serves one stage;
+stage-0 peers also act as trainers: they hold the data, run stage 0 locally and drive
+micro-batches through *temporary pipelines* chosen per call by stochastic wiring
+(strategies/swarm_router.py). Our design, in the words of the invariants it keeps:
+
+  * Discovery: each peer announces a `StageRecord` (stage, throughput, queue, step, last
+    grad norm) under swarm/{run}/stage/{k}, subkey = its peer id, with the node's record
+    TTL; it re-reads every stage's key each announce interval. A peer that stops
+    announcing drops out when its record expires.
+  * Stateless servers: a FORWARD returns the stage's outputs and keeps nothing; a BACKWARD
+    carries the stage's inputs again, recomputes the forward, backpropagates, accumulates
+    and returns the input gradients. The trainer keeps each stage's inputs until that
+    stage's backward succeeded, so any replica can run it.
+  * Failover: every call goes to the router's pick; a timeout, error, rejection or
+    wrong-stage answer re-sends it to another replica of the same stage (errors ban the
+    peer until its record expires). While a stage has no live peer the call waits (DHT
+    re-read every 0.5 s) up to `MICROBATCH_DEADLINE_S`: a micro-batch is lost only if a
+    stage stays empty that long, and that is counted.
+  * Replica sync: replicas of a stage apply their own optimizer steps (one per
+    --micro-batches backwards) and every --stage-average-interval-s a peer mixes its
+    weights 50/50 with one random same-stage replica (pull gossip). Replicas therefore
+    agree only approximately; a cross-replica backward is exact only between identical
+    replicas (see tests/test_swarm_stage.py), as in SWARM between averaging rounds.
+  * Recovery (CheckFree, strategies/checkfree.py): a stage with no live peer in two
+    consecutive reads is lost. The designated mover (lowest peer id of the most-populated
+    non-trainer stage with >= 2 peers, so no stage is stranded) fetches its neighbours'
+    weights and grad norms, rebuilds the stage, starts a fresh optimizer at lr x
+    --checkfree-lr-scale and announces it. A peer that joins with --stage auto and finds a
+    stage empty does the same. Edge stages (0, S-1) are not rebuildable without the
+    CheckFree+ swap schedule, which this live strategy does not run: such a loss is
+    counted as failed and the stage restarts from its seeded initialisation.
+  * Rebalancing: at random times in [0, 2T] (T = --rebalance-interval-s) a peer of a
+    non-trainer stage with >= 2 peers considers moving itself to the stage of least
+    capacity; it moves only if the minimum capacity grows by more than 10 % (hysteresis)
+    and only the lowest peer id of its stage may move in one check; it downloads the
+    target stage's weights from a replica first.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from functools import partial
+from typing import AsyncIterator
+
+import torch
+
+from swarm_node.model import GPTConfig
+from swarm_node.protocol import codec
+from swarm_node.protocol.records import RecordError
+from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
+
+from .base import Strategy
+from .checkfree import CheckFreeConfig, NotRecoverable, plan_recovery, rebuild_state
+from .swarm_metrics import SwarmMetrics
+from .swarm_rebalance import choose_start_stage, designated_mover, rebalance_target
+from .swarm_router import BACKWARD_COST, NoPeers, StageRouter
+from .swarm_stage import StageWorker
+from .swarm_wire import COMPRESSIONS, Op, StageRecord, Status, encode_reply, encode_request, read_reply, \
+    read_request, stage_key
+
+METHOD = "swarm.stage"
+MAX_QUEUE = 64
+MICROBATCH_DEADLINE_S = 120.0
+HYSTERESIS = 0.10
+
+
+@dataclass
+class StageView:
+    peers: dict[str, tuple[StageRecord, float]]  # peer id -> (record, expiration)
+
+    def online(self) -> dict[str, tuple[StageRecord, float]]:
+        return {p: v for p, v in self.peers.items() if v[0].state != "leaving"}
+
+
+class SwarmStrategy(Strategy):
+    name = "swarm"
+    role = "stage"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        cfg, spec = ctx.config, ctx.spec
+        self.S = cfg.stages
+        self.model_cfg = GPTConfig(seq_len=spec.seq_len, n_layer=spec.n_layer, n_head=spec.n_head,
+                                   d_model=spec.d_model)
+        self.compression = COMPRESSIONS[cfg.act_compression]
+        self.cf = CheckFreeConfig(lr_scale=cfg.checkfree_lr_scale)
+        self.sm = SwarmMetrics(ctx.metrics.registry, self.S)
+        self.worker: StageWorker | None = None
+        self.serving = False  # answering FORWARD/BACKWARD for worker.index
+        self.queue = 0
+        self.serve_ema = 0.0  # seconds per sample on this server
+        self.views: list[StageView] = [StageView({}) for _ in range(self.S)]
+        self.empty_reads = [0] * self.S
+        self.ever_seen = [False] * self.S
+        self.routers = [StageRouter(initial_cost_s=0.005) for _ in range(self.S)]
+        B, T, D = spec.batch_size, spec.seq_len, spec.d_model
+        self.max_numel = 4 * B * T * max(D, self.model_cfg.vocab_size) + 4 * 12 * D * D * max(spec.n_layer, 1) + 4 * \
+            self.model_cfg.vocab_size * D + 4 * T * D
+        self.steps = 0
+        self.totals = {"microbatches_ok": 0, "microbatches_lost": 0, "retries": 0, "recoveries": 0, "rebalances": 0}
+        self._next_rebalance = None
+        self._tasks: list[asyncio.Task] = []
+
+    # ================================================================ lifecycle
+    async def start(self) -> None:
+        await self.ctx.transport.add_handler(METHOD, self._rpc, _request_type(), channel="activations")
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.worker is not None:
+            await self._announce("leaving", ttl_s=2.0)
+
+    def status(self) -> dict:
+        return {"stage": self.worker.index if self.worker else None, "stage_step": self.worker.step if self.worker
+                else 0, "stage_peers": [len(v.online()) for v in self.views], **self.totals}
+
+    def summary(self) -> dict:
+        return self.status()
+
+    async def run(self) -> None:
+        ctx = self.ctx
+        await self._refresh_views()
+        stage = await self._choose_stage()
+        await self._take_stage(stage, reason="start")
+        self._tasks.append(asyncio.ensure_future(self._maintenance()))
+        ctx.progress.state = "online"
+        last_step = -1
+        while not ctx.should_stop():
+            if self.worker.index == 0:
+                if ctx.config.max_steps and self.steps >= ctx.config.max_steps:
+                    break
+                await self._train_step()
+            else:
+                await asyncio.sleep(0.2)
+                if self.worker.step != last_step:  # a server's step is its stage replica's
+                    last_step = self.worker.step
+                    ctx.trainer.step = self.worker.step
+                    ctx.progress.step = self.worker.step
+                    ctx.metrics.local_step.set(self.worker.step)
+                    await ctx.on_step()
+
+    # ================================================================ DHT
+    def _record(self, state: str) -> StageRecord:
+        w = self.worker
+        thr = 1.0 / self.serve_ema if self.serve_ema > 0 else 0.0
+        return StageRecord(self.ctx.peer_id, w.index, state, min(thr, 1e8), self.queue, w.step,
+                           float(w.last_grad_norm or 0.0), w.index == 0)
+
+    async def _announce(self, state: str = "online", ttl_s: float | None = None) -> None:
+        if self.worker is None:
+            return
+        net = self.ctx.membership.net
+        await net.store(stage_key(self.ctx.spec.run_id, self.worker.index), self._record(state).to_wire(),
+                        ttl_s=ttl_s if ttl_s is not None else self.ctx.config.ttl_s, subkey=self.ctx.peer_id)
+
+    async def _refresh_views(self, only: int | None = None) -> None:
+        from hivemind.utils import get_dht_time
+
+        net, now = self.ctx.membership.net, get_dht_time()
+        for k in range(self.S) if only is None else [only]:
+            found = await net.get(stage_key(self.ctx.spec.run_id, k))
+            entries = found.value if found is not None and isinstance(found.value, dict) else {}
+            peers = {}
+            for subkey, item in entries.items():
+                try:
+                    rec = StageRecord.from_wire(item.value, subkey=subkey if isinstance(subkey, str) else "",
+                                                num_stages=self.S)
+                except RecordError:
+                    self.ctx.metrics.rejected_messages.labels(reason="bad_record").inc()
+                    continue
+                if rec.stage != k or item.expiration_time <= now:
+                    continue
+                peers[rec.peer_id] = (rec, item.expiration_time)
+            if self.worker is not None and self.worker.index == k and self.serving:
+                peers[self.ctx.peer_id] = (self._record("online"), now + self.ctx.config.ttl_s)
+            self.views[k] = StageView(peers)
+            online = self.views[k].online()
+            self.routers[k].update({p: (exp, rec.throughput) for p, (rec, exp) in online.items()
+                                    if p != self.ctx.peer_id})
+            self.empty_reads[k] = 0 if online else self.empty_reads[k] + 1
+            self.ever_seen[k] = self.ever_seen[k] or bool(online)
+            self.sm.stage_peers.labels(stage=str(k)).set(len(online))
+            self.sm.capacity.labels(stage=str(k)).set(sum(r.throughput for r, _ in online.values()))
+        caps = [max(sum(r.throughput for r, _ in v.online().values()), 1e-9) for v in self.views]
+        loads = [sum(r.queue for r, _ in v.online().values()) / c for v, c in zip(self.views, caps)]
+        mean = sum(loads) / len(loads) if loads else 0.0
+        for k, ld in enumerate(loads):
+            self.sm.load_ratio.labels(stage=str(k)).set(ld / mean if mean > 0 else 1.0)
+
+    # ================================================================ stage choice / moves
+    async def _choose_stage(self) -> int:
+        want = self.ctx.config.stage
+        if want != "auto":
+            return int(want)
+        counts = [len(v.online()) for v in self.views]
+        caps = [sum(r.throughput for r, _ in v.online().values()) for v in self.views]
+        return choose_start_stage(counts, caps)
+
+    async def _take_stage(self, k: int, reason: str) -> None:
+        """Serve stage k: download it from a live replica, or rebuild it by CheckFree when
+        its neighbours have trained and it has no live peer, or start it from the seed."""
+        ctx, spec = self.ctx, self.ctx.spec
+        old = self.worker.index if self.worker is not None else None
+        self.serving = False
+        if old is not None and old != k:
+            await self._announce("leaving", ttl_s=2.0)
+        if self.worker is None:
+            self.worker = StageWorker(self.model_cfg, spec.seed, k, self.S, lr=spec.lr, accumulate=spec.micro_batches)
+        elif old != k:
+            await ctx.compute(self.worker.switch, k)
+        replicas = [p for p in self.views[k].online() if p != ctx.peer_id]
+        done = False
+        if replicas:
+            done = await self._download_replica(k, replicas)
+        neighbours_trained = any(r.step > 0 for j in (k - 1, k + 1) if 0 <= j < self.S
+                                 for r, _ in self.views[j].online().values())
+        if not done and not replicas and neighbours_trained and reason != "start-fresh":
+            await self._checkfree(k)
+        self.sm.stage.set(k)
+        self.sm.lr_multiplier.labels(stage=str(k)).set(self.worker.lr_scale)
+        self.serving = True
+        await self._announce("online")
+        ctx.log.info("serving stage %d (%s)", k, reason)
+
+    async def _download_replica(self, k: int, replicas: list[str]) -> bool:
+        t0 = time.perf_counter()
+        for pid in random.sample(replicas, len(replicas)):
+            got = await self._fetch_state(pid, k)
+            if got is None:
+                continue
+            state, _, step = got
+            try:
+                await self.ctx.compute(partial(self.worker.load_state, state, step=step))
+            except Exception as e:  # wrong keys/shapes: a broken replica, try another
+                self.ctx.log.warning("state of stage %d from %s unusable: %s", k, pid[-8:], e)
+                continue
+            self.sm.state_download.observe(time.perf_counter() - t0)
+            self.ctx.metrics.recoveries.labels(kind="state_download", outcome="ok").inc()
+            return True
+        self.ctx.metrics.recoveries.labels(kind="state_download", outcome="failed").inc()
+        return False
+
+    async def _fetch_state(self, pid: str, k: int) -> tuple[dict[str, torch.Tensor], float, int] | None:
+        req = encode_request(self.ctx.spec.run_id, Op.STAGE_STATE, k, "state", [], codec.NONE)
+        try:
+            replies = self.ctx.transport.call(pid, METHOD, req, _reply_type(), timeout_s=self.ctx.config.round_timeout_s,
+                                              channel="state")
+            first, tensors = await read_reply(replies, max_numel=self.max_numel, max_tensors=4096,
+                                              timeout_s=self.ctx.config.round_timeout_s)
+        except (PeerUnavailable, codec.CodecError, asyncio.TimeoutError) as e:
+            self.ctx.log.info("state of stage %d from %s failed: %s", k, pid[-8:], e)
+            return None
+        if first.status != Status.STAGE_OK or first.stage != k or len(first.keys) != len(tensors):
+            return None
+        return dict(zip(first.keys, tensors)), float(first.grad_norm), int(first.stage_step)
+
+    async def _checkfree(self, k: int) -> None:
+        t0 = time.perf_counter()
+        self.sm.stage_lost.labels(stage=str(k)).inc()
+        rec = self.ctx.metrics.recoveries
+        try:
+            plan = plan_recovery(k, self.S, self.cf)
+            states, norms, steps = {}, {}, []
+            for j in plan.sources:
+                peers = sorted(self.views[j].online(), key=lambda p: -self.views[j].online()[p][0].step)
+                for pid in peers:
+                    got = (await self._fetch_state(pid, j)) if pid != self.ctx.peer_id else None
+                    if got is not None:
+                        states[j], norms[j], step = got
+                        steps.append(step)
+                        break
+            keys, _ = self.worker.expected_state()
+            state = rebuild_state(plan, keys, states, norms, self.cf)
+            await self.ctx.compute(partial(self.worker.load_state, state, step=max(steps), fresh_optimizer=True,
+                                           lr_scale=self.cf.lr_scale))
+        except NotRecoverable as e:
+            rec.labels(kind="checkfree_stage", outcome="failed").inc()
+            self.ctx.log.warning("stage %d lost and not rebuildable (%s): restarting it from its seeded init", k, e)
+            return
+        for j in plan.sources:
+            self.sm.neighbor_norm.labels(stage=str(j)).set(norms[j])
+        rec.labels(kind="checkfree_stage", outcome="ok").inc()
+        self.sm.cf_recoveries.labels(stage=str(k), method=plan.method).inc()
+        self.sm.cf_duration.observe(time.perf_counter() - t0)
+        self.totals["recoveries"] += 1
+        self.ctx.log.info("stage %d rebuilt by CheckFree (%s of stages %s, norms %s) in %.2fs", k, plan.method,
+                          plan.sources, {j: round(n, 4) for j, n in norms.items()}, time.perf_counter() - t0)
+
+    # ================================================================ background upkeep
+    async def _maintenance(self) -> None:
+        cfg = self.ctx.config
+        last_avg = time.monotonic()
+        while not self.ctx.should_stop():
+            await asyncio.sleep(cfg.announce_interval_s)
+            try:
+                await self._announce("online")
+                await self._refresh_views()
+                await self._maybe_recover()
+                if time.monotonic() - last_avg >= cfg.stage_average_interval_s:
+                    last_avg = time.monotonic()
+                    await self._gossip_average()
+                await self._maybe_rebalance()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # upkeep must never kill the node; the next round retries
+                self.ctx.log.warning("swarm upkeep failed: %s", e)
+
+    async def _maybe_recover(self) -> None:
+        # lost = seen alive before, now empty in two reads in a row (one missed DHT read is not a loss)
+        lost = [k for k in range(self.S) if self.empty_reads[k] >= 2 and k != 0 and self.ever_seen[k]]
+        if not lost or self.worker.index == 0:
+            return
+        peers = {j: sorted(self.views[j].online()) for j in range(self.S)}
+        if designated_mover(peers) != self.ctx.peer_id:
+            return
+        k = lost[0]
+        self.ctx.log.warning("stage %d has no live peer: moving from stage %d to rebuild it", k, self.worker.index)
+        await self._take_stage(k, reason="checkfree")
+        self.empty_reads[k] = 0
+
+    async def _gossip_average(self) -> None:
+        w = self.worker
+        others = [p for p in self.views[w.index].online() if p != self.ctx.peer_id]
+        if not others:
+            return
+        pid = random.choice(others)
+        got = await self._fetch_state(pid, w.index)
+        if got is None:
+            self.sm.averaging.labels(outcome="failed").inc()
+            return
+        state, _, _ = got
+        try:
+            await self.ctx.compute(w.mix_with, state, 0.5)
+        except Exception as e:
+            self.sm.averaging.labels(outcome="failed").inc()
+            self.ctx.log.info("averaging with %s failed: %s", pid[-8:], e)
+            return
+        self.sm.averaging.labels(outcome="ok").inc()
+
+    async def _maybe_rebalance(self) -> None:
+        T = self.ctx.config.rebalance_interval_s
+        if T <= 0 or self.worker.index == 0:
+            return
+        now = time.monotonic()
+        if self._next_rebalance is None:
+            self._next_rebalance = now + random.uniform(0, 2 * T)
+        if now < self._next_rebalance:
+            return
+        self._next_rebalance = now + random.uniform(0, 2 * T)
+        self.sm.rebalance_checks.inc()
+        me, k = self.ctx.peer_id, self.worker.index
+        online = self.views[k].online()
+        if len(online) < 2 or min(online) != me:
+            return
+        known = [r.throughput for v in self.views for r, _ in v.online().values() if r.throughput > 0]
+        default = sum(known) / len(known) if known else 1.0  # a peer with no measurement counts as average
+        thr = lambda r: r.throughput if r.throughput > 0 else default  # noqa: E731
+        caps = [sum(thr(r) for r, _ in v.online().values()) for v in self.views]
+        mine = thr(online[me][0])
+        target = rebalance_target(caps, k, mine, HYSTERESIS, movable=lambda j: j != 0)
+        if target is None:
+            return
+        self.ctx.log.info("rebalancing: stage %d -> %d (capacities %s)", k, target, [round(c, 1) for c in caps])
+        self.sm.rebalances.inc()
+        self.totals["rebalances"] += 1
+        await self._take_stage(target, reason="rebalance")
+
+    # ================================================================ trainer
+    async def _train_step(self) -> None:
+        ctx, mb_n = self.ctx, self.ctx.spec.micro_batches
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(self._microbatch(self.steps, m) for m in range(mb_n)))
+        losses = [r for r in results if r is not None]
+        if not losses:
+            await asyncio.sleep(0.5)
+            return
+        self.steps += 1
+        ctx.trainer.step = self.steps
+        self.record_step(ctx.spec.batch_size * len(losses), sum(losses) / len(losses), time.perf_counter() - t0)
+        self.sm.stage_step.labels(stage="0").set(self.worker.step)
+        await ctx.on_step()
+
+    def _batch(self, step: int, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from swarm_node.data import batch_generator_seed
+
+        spec = self.ctx.spec
+        gen = torch.Generator().manual_seed(batch_generator_seed(spec.seed, f"{self.ctx.peer_id}:{mb}", step))
+        return self.ctx.trainer.dataset.train_batch(spec.batch_size, spec.seq_len, gen)
+
+    async def _microbatch(self, step: int, mb: int) -> float | None:
+        t0 = time.perf_counter()
+        mb_id = f"{step}.{mb}.{uuid.uuid4().hex[:6]}"
+        x, y = self._batch(step, mb)
+        S, w = self.S, self.worker
+        try:
+            if S == 1:
+                _, loss = await self.ctx.compute(w.backward, x, y)
+            else:
+                acts = [await self.ctx.compute(w.forward, x)]  # acts[k] = input of stage k+1
+                for k in range(1, S - 1):
+                    acts.append((await self._call(k, Op.STAGE_FORWARD, [acts[-1]], mb_id))[1][0])
+                first, out = await self._call(S - 1, Op.STAGE_BACKWARD, [acts[-1], y], mb_id)
+                loss, grad = float(first.loss), out[0]
+                for k in range(S - 2, 0, -1):
+                    grad = (await self._call(k, Op.STAGE_BACKWARD, [acts[k - 1], grad], mb_id))[1][0]
+                await self.ctx.compute(w.backward, x, grad.float())
+        except (NoPeers, asyncio.TimeoutError) as e:
+            self.sm.microbatches.labels(outcome="lost").inc()
+            self.totals["microbatches_lost"] += 1
+            self.ctx.log.warning("micro-batch %s lost: %s", mb_id, e)
+            return None
+        except ValueError as e:  # non-finite gradients or loss at our own stage 0
+            self.ctx.metrics.rejected_messages.labels(reason="non_finite").inc()
+            self.ctx.log.warning("micro-batch %s dropped: %s", mb_id, e)
+            return None
+        self.sm.microbatches.labels(outcome="ok").inc()
+        self.totals["microbatches_ok"] += 1
+        self.sm.mb_duration.observe(time.perf_counter() - t0)
+        return loss
+
+    async def _call(self, k: int, op: int, tensors: list[torch.Tensor], mb_id: str):
+        """Send one stage call, re-sending to other replicas of stage k until one answers."""
+        cfg = self.ctx.config
+        router, opname = self.routers[k], ("forward" if op == Op.STAGE_FORWARD else "backward")
+        size = tensors[0].shape[0] * (BACKWARD_COST if op == Op.STAGE_BACKWARD else 1.0)
+        timeout = cfg.round_timeout_s * (2.5 if op == Op.STAGE_BACKWARD else 1.0) + cfg.swarm_backward_delay_s
+        deadline = time.monotonic() + MICROBATCH_DEADLINE_S
+        attempt = 0
+        while True:
+            if self.ctx.should_stop() or time.monotonic() > deadline:
+                raise asyncio.TimeoutError(f"stage {k} {opname} not served in time")
+            try:
+                pid = router.pick(size)
+            except NoPeers:
+                self._retry(k, "no_peers", attempt)
+                attempt += 1
+                await asyncio.sleep(0.5)
+                await self._refresh_views(only=k)
+                continue
+            t0 = time.monotonic()
+            req = encode_request(self.ctx.spec.run_id, op, k, mb_id, tensors, self.compression)
+            try:
+                replies = self.ctx.transport.call(pid, METHOD, req, _reply_type(), timeout_s=timeout,
+                                                  channel="activations")
+                first, out = await read_reply(replies, max_numel=self.max_numel, max_tensors=1, timeout_s=timeout)
+            except PeerUnavailable as e:
+                timed_out = "deadline" in str(e)
+                self.sm.rpcs.labels(stage=str(k), op=opname, outcome="timeout" if timed_out else "error").inc()
+                if timed_out:
+                    router.report_timeout(pid)
+                else:
+                    router.report_error(pid)
+                    self.sm.bans.labels(stage=str(k)).inc()
+                self._retry(k, "timeout" if timed_out else "error", attempt)
+                attempt += 1
+                continue
+            except codec.CodecError as e:
+                self.ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
+                router.report_error(pid)
+                self._retry(k, "rejected", attempt)
+                attempt += 1
+                continue
+            if first.status != Status.STAGE_OK or len(out) != 1:
+                reason = {Status.STAGE_WRONG_STAGE: "wrong_stage", Status.STAGE_BUSY: "busy"}.get(first.status,
+                                                                                                  "rejected")
+                self.sm.rpcs.labels(stage=str(k), op=opname, outcome="error").inc()
+                router.report_error(pid)
+                self._retry(k, reason, attempt)
+                attempt += 1
+                if reason == "wrong_stage":
+                    await self._refresh_views(only=k)
+                continue
+            router.report_ok(pid, size, time.monotonic() - t0)
+            self.sm.rpcs.labels(stage=str(k), op=opname, outcome="ok").inc()
+            return first, out
+
+    def _retry(self, k: int, reason: str, attempt: int) -> None:
+        if reason != "no_peers" or attempt == 0:
+            self.sm.retries.labels(stage=str(k), reason=reason).inc()
+            self.totals["retries"] += 1
+
+    # ================================================================ server
+    async def _rpc(self, requests: AsyncIterator, caller: str) -> AsyncIterator:
+        cfg = self.ctx.config
+        first = await first_message(requests, cfg.round_timeout_s)
+        if first is None:
+            return
+        w = self.worker
+        if w is None or first.stage != w.index or (first.op != Op.STAGE_STATE and not self.serving):
+            await drain(requests, 2.0)
+            for m in encode_reply(Status.STAGE_WRONG_STAGE, w.index if w else -1, detail="not serving that stage"):
+                yield m
+            return
+        if first.op == Op.STAGE_STATE:
+            if first.run_id != self.ctx.spec.run_id or first.num_tensors != 0:
+                self._reject("malformed")
+                await drain(requests, 2.0)
+                for m in encode_reply(Status.STAGE_REJECTED, w.index, detail="malformed state request"):
+                    yield m
+                return
+            await drain(requests, 2.0)
+            keys, tensors = await self.ctx.compute(w.state)
+            self.sm.served.labels(op="state", outcome="ok").inc()
+            for m in encode_reply(Status.STAGE_OK, w.index, tensors=tensors, keys=keys,
+                                  grad_norm=float(w.last_grad_norm or 0.0), stage_step=w.step):
+                yield m
+            return
+        if self.queue >= MAX_QUEUE:
+            await drain(requests, 2.0)
+            for m in encode_reply(Status.STAGE_BUSY, w.index, detail="queue full"):
+                yield m
+            return
+        opname = "forward" if first.op == Op.STAGE_FORWARD else "backward"
+        try:
+            tensors = await read_request(first, requests, run_id=self.ctx.spec.run_id, max_numel=self.max_numel,
+                                         timeout_s=cfg.round_timeout_s)
+        except codec.CodecError as e:
+            self._reject(e.reason)
+            self.sm.served.labels(op=opname, outcome="rejected").inc()
+            await drain(requests, 2.0)
+            for m in encode_reply(Status.STAGE_REJECTED, w.index, detail=str(e)):
+                yield m
+            return
+        await drain(requests, 2.0)
+        self.queue += 1
+        self.sm.queue_depth.set(self.queue)
+        t0 = time.perf_counter()
+        try:
+            if first.op == Op.STAGE_BACKWARD and cfg.swarm_backward_delay_s > 0:
+                await asyncio.sleep(cfg.swarm_backward_delay_s)
+            if first.op == Op.STAGE_FORWARD:
+                out, loss = await self.ctx.compute(w.forward, tensors[0]), None
+            else:
+                grad_or_y = tensors[1] if w.is_last else tensors[1].float()
+                out, loss = await self.ctx.compute(w.backward, tensors[0].float(), grad_or_y)
+        except ValueError as e:  # wrong shapes, dtypes, vocabulary, non-finite values
+            self._reject("non_finite" if "finite" in str(e) else "bad_shape")
+            self.sm.served.labels(op=opname, outcome="rejected").inc()
+            for m in encode_reply(Status.STAGE_REJECTED, w.index, detail=str(e)):
+                yield m
+            return
+        finally:
+            self.queue -= 1
+            self.sm.queue_depth.set(self.queue)
+        dt = (time.perf_counter() - t0) / max(int(tensors[0].shape[0]), 1)
+        self.serve_ema = dt if self.serve_ema == 0 else 0.9 * self.serve_ema + 0.1 * dt
+        self.sm.served.labels(op=opname, outcome="ok").inc()
+        self.sm.stage_step.labels(stage=str(w.index)).set(w.step)
+        for m in encode_reply(Status.STAGE_OK, w.index, tensors=[out], compression=self.compression,
+                              loss=loss or 0.0, grad_norm=float(w.last_grad_norm or 0.0), stage_step=w.step):
+            yield m
+
+    def _reject(self, reason: str) -> None:
+        self.ctx.metrics.rejected_messages.labels(reason=reason).inc()
+
+
+def _request_type():
+    from swarm_node.protocol.pb import swarm_node_pipeline_pb2 as pl
+
+    return pl.StageRequest
+
+
+def _reply_type():
+    from swarm_node.protocol.pb import swarm_node_pipeline_pb2 as pl
+
+    return pl.StageReply

@@ -1,0 +1,50 @@
+"""Who serves which stage: start choice, the CheckFree mover, and rebalancing moves.
+
+Pure functions (bench/bench_pipeline.py and the tests drive them without a network).
+Invariants:
+  * A move never leaves its stage empty: only a stage with >= 2 peers gives one up.
+  * Stage 0 (the trainers, who hold the data) neither gives nor receives peers.
+  * Hysteresis: a peer moves only if the smallest capacity over the other stages grows by
+    more than a factor (1 + delta); with equal-speed peers this converges (every move
+    strictly raises the minimum, which is bounded) and cannot oscillate between two
+    stages, because undoing a move would lower the minimum again.
+  * One mover per stage per check: the lowest peer id of the stage, so peers evaluating
+    the same view do not all move at once.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+
+def choose_start_stage(counts: Sequence[int], capacities: Sequence[float]) -> int:
+    """An empty stage if any (lowest index), else the non-trainer stage with the least
+    capacity (peer count when no throughput is known yet)."""
+    for k, n in enumerate(counts):
+        if n == 0:
+            return k
+    pool = list(range(1, len(counts))) or [0]
+    known = any(capacities[k] > 0 for k in pool)
+    return min(pool, key=lambda k: ((capacities[k] if known else counts[k]), counts[k], k))
+
+
+def designated_mover(peers_by_stage: Mapping[int, Sequence[str]]) -> str | None:
+    """The peer that moves to rebuild a lost stage: the lowest id of the most-populated
+    non-trainer stage that keeps >= 1 peer after the move (None: nobody can move)."""
+    pool = [(len(p), -k, k) for k, p in peers_by_stage.items() if k != 0 and len(p) >= 2]
+    if not pool:
+        return None
+    _, _, k = max(pool)
+    return min(peers_by_stage[k])
+
+
+def rebalance_target(capacities: Sequence[float], current: int, mine: float, delta: float,
+                     movable: Callable[[int], bool] = lambda k: k != 0) -> int | None:
+    """Stage to move to, or None. capacities[k] = sum of throughput of stage k's peers
+    (this peer included in `current`)."""
+    stages = [k for k in range(len(capacities)) if movable(k)]
+    if current not in stages or len(stages) < 2:
+        return None
+    before = min(capacities[k] for k in stages)
+    target = min((k for k in stages if k != current), key=lambda k: (capacities[k], k))
+    after = [capacities[k] - (mine if k == current else 0) + (mine if k == target else 0) for k in stages]
+    return target if min(after) > (1 + delta) * before else None

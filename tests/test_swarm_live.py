@@ -1,0 +1,111 @@
+"""swarm strategy over real `swarm-node join` processes on loopback: a 3-stage pipeline
+(1 trainer + 2 + 2 stage servers) trains and its loss falls; a stage-1 server SIGKILLed
+while it sits inside a backward loses no micro-batch (the call is re-sent to the other
+replica); when stage 1 then loses its last peer, a stage-2 peer rebuilds it by CheckFree
+and training continues."""
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from swarm_node.launcher import Swarm
+
+from .conftest import FAST_NODE_ARGS
+
+pytestmark = pytest.mark.timeout(300)
+
+ARGS = [a for a in FAST_NODE_ARGS]
+ARGS[ARGS.index("--n-layer") + 1] = "3"
+ARGS[ARGS.index("--d-model") + 1] = "32"
+ARGS += ["--strategy", "swarm", "--stages", "3", "--micro-batches", "2", "--eval-every", "1000",
+         "--checkpoint-every", "1000", "--stage-average-interval-s", "3", "--rebalance-interval-s", "0",
+         "--lr", "0.003"]
+
+
+def metric(node, name: str, **labels) -> float:
+    code, body = node.http("/metrics")
+    assert code == 200
+    total = 0.0
+    for line in body.decode().splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def strategy_status(node) -> dict:
+    return node.status().get("last_round", {}) or {}
+
+
+def test_pipeline_trains_survives_kill_mid_backward_and_rebuilds_a_lost_stage(tmp_path):
+    with Swarm(tmp_path, ARGS) as sw:
+        trainer = sw.add("trainer", ["--stage", "0"])
+        _wait_join(trainer)
+        boot = trainer.join_maddr()
+        s1a = sw.add("s1a", ["--stage", "1", "--swarm-backward-delay-s", "0.3"], initial=boot)
+        s1b = sw.add("s1b", ["--stage", "1", "--swarm-backward-delay-s", "0.3"], initial=boot)
+        s2a = sw.add("s2a", ["--stage", "2"], initial=boot)
+        s2b = sw.add("s2b", ["--stage", "2"], initial=boot)
+        for n in sw.nodes:
+            n.wait_info(90)
+        first_loss = float(trainer.wait_for(lambda s: s.get("step", 0) >= 1, 120, "a first pipeline step")["train_loss"])
+        st = trainer.wait_for(lambda s: s.get("step", 0) >= 12, 120, "12 pipeline steps")
+
+        # --- a stage-1 server dies while inside a backward (each backward sleeps 0.3 s there)
+        before = metric(trainer, "swarm_pipeline_microbatches_total", outcome="ok")
+        _wait_in_backward(s1a)
+        s1a.kill()
+        trainer.wait_for(lambda s: s.get("step", 0) >= st["step"] + 6, 90, "steps after the kill")
+        retries = metric(trainer, "swarm_pipeline_rpc_retries_total", stage="1")
+        assert retries >= 1, "the call that was inside the killed server was not re-sent"
+        assert metric(trainer, "swarm_pipeline_microbatches_total", outcome="lost") == 0
+        assert metric(trainer, "swarm_pipeline_microbatches_total", outcome="ok") > before
+
+        # --- stage 1 loses its last peer: a stage-2 peer must rebuild it by CheckFree
+        step_before = trainer.status()["step"]
+        s1b.kill()
+        deadline = time.monotonic() + 90
+        rebuilt = None
+        while time.monotonic() < deadline and rebuilt is None:
+            for n in (s2a, s2b):
+                if metric(n, "swarm_recoveries_total", kind="checkfree_stage", outcome="ok") >= 1:
+                    rebuilt = n
+            time.sleep(1)
+        assert rebuilt is not None, "stage 1 was not rebuilt:\n" + s2a.log_text()[-1500:] + s2b.log_text()[-1500:]
+        assert metric(rebuilt, "swarm_pipeline_stage") == 1
+        assert metric(rebuilt, "swarm_checkfree_recoveries_total", stage="1", method="wavg") == 1
+        trainer.wait_for(lambda s: s.get("step", 0) >= step_before + 8, 120, "training after the rebuild")
+        assert metric(trainer, "swarm_pipeline_microbatches_total", outcome="lost") == 0
+        last_loss = _recent_loss(trainer)
+        assert last_loss < first_loss - 0.3, (first_loss, last_loss)
+        # the other stage-2 peer still serves stage 2 (the mover never strands its stage)
+        other = s2b if rebuilt is s2a else s2a
+        assert metric(other, "swarm_pipeline_stage") == 2
+        assert metric(trainer, "swarm_stage_peers", stage="1") >= 1
+
+
+def _wait_join(node, timeout_s: float = 60) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if re.search(r"--initial-peers (\S+)", node.log_text()):
+            return True
+        time.sleep(0.2)
+    raise AssertionError("no join line:\n" + node.log_text()[-2000:])
+
+
+def _wait_in_backward(node, timeout_s: float = 30) -> None:
+    """Until the server has a request in flight (queue depth > 0: with the 0.3 s sleep,
+    almost always a backward)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if metric(node, "swarm_stage_queue_depth") > 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the server never had a request in flight")
+
+
+def _recent_loss(node) -> float:
+    return float(node.status()["train_loss"])
