@@ -86,8 +86,10 @@ class NodeConfig(BaseSettings):
     sapo_group_size: int = Field(8, ge=2, le=64, description="sapo: completions per question (G).")
     sapo_round_s: float = Field(10.0, gt=0.5, le=3600, description="sapo: length of a swarm round (rounds are "
                                 "wall-clock epochs, the same on every peer).")
-    sapo_local_groups: int = Field(4, ge=1, le=64, description="sapo: local groups per update (I); also the groups "
-                                   "generated and published per round.")
+    sapo_questions: int = Field(8, ge=1, le=64, description="sapo: questions this peer generates G completions "
+                                "for and publishes each round (Q).")
+    sapo_local_groups: int = Field(4, ge=1, le=64, description="sapo: local groups per update (I <= Q; the first I "
+                                   "of this round's Q).")
     sapo_external_groups: int = Field(4, ge=0, le=64, description="sapo: external groups per update (J; 0 = silo).")
     sapo_negative_scale: float = Field(0.0, ge=0, le=1, description="sapo: scale on negative advantages of external "
                                        "groups (0 = use only their positives; 1 = the paper).")
@@ -181,6 +183,9 @@ class NodeConfig(BaseSettings):
     def _check_combination(self) -> "NodeConfig":
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.strategy == "sapo" and self.sapo_local_groups > self.sapo_questions:
+            raise ValueError(f"sapo needs --sapo-local-groups ({self.sapo_local_groups}) <= --sapo-questions "
+                             f"({self.sapo_questions})")
         if self.strategy == "streaming-diloco":
             H, P, tau = self.inner_steps, self.fragments, self.overlap_steps
             if H % P:

@@ -2,13 +2,13 @@
 
 Every peer owns its policy (the byte-level GPT of ctx.trainer, or a local HF model) and its
 verifier. Peers never exchange weights or gradients, only text: each round a peer samples
-I questions, generates G completions each, shares them, and takes a GRPO step on its own
-I groups plus J groups other peers shared, re-scored by its own verifier.
+Q questions, generates G completions each, shares them, and takes a GRPO step on I of its
+own groups plus J groups other peers shared, re-scored by its own verifier.
 
 One round r (rounds are wall-clock epochs of --sapo-round-s on the DHT clock, so every
 peer agrees on r without talking; a peer that falls behind skips to the current round):
   1. publish this node's sidecar address (DHT, small) and dial the sidecars others published;
-  2. sample I task items (seeded per peer and round), generate G completions each;
+  2. sample Q task items (seeded per peer and round), generate G completions each;
   3. sign each group, gossip it through the rollout sidecar (py-libp2p gossipsub, its
      own process), keep it for pulls, store a manifest of group ids in the DHT
      (`swarm/{run}/sapo/round/{r}`, subkey = our peer id; ids only, never rollouts);
@@ -117,6 +117,7 @@ class SapoStrategy(Strategy):
         cfg = ctx.config
         self.task_names = tasks.parse_task_list(cfg.sapo_tasks)
         self.G, self.I, self.J = cfg.sapo_group_size, cfg.sapo_local_groups, cfg.sapo_external_groups
+        self.Q = cfg.sapo_questions  # generated and published; the first I of them are trained on
         self.round_s = cfg.sapo_round_s
         self.m = SapoMetrics(ctx.metrics.registry, cfg.sapo_negative_scale)
         self.signer = Signer.from_identity_file(cfg.state_dir / "identity.key")
@@ -305,7 +306,7 @@ class SapoStrategy(Strategy):
         # same seeds draw the same questions whatever time they start: benches compare them.
         rng = random.Random(f"{self.ctx.config.seed}:{self.peer_seed}:{self.rounds_done}")
         items = [tasks.make_item(rng.choice(self.task_names), self.ctx.config.seed, rng.randrange(1 << 30))
-                 for _ in range(self.I)]
+                 for _ in range(self.Q)]
         for it in items:
             self.policy.check_prompt(it.question)
         return items
@@ -392,7 +393,7 @@ class SapoStrategy(Strategy):
         local_reward = sum(sum(g.rewards) for g in local)
         self.cumulative_reward += local_reward
         self.m.cumulative_reward.set(self.cumulative_reward)
-        self.m.local_reward.set(local_reward / max(1, self.I * self.G))
+        self.m.local_reward.set(local_reward / max(1, self.Q * self.G))
         self.m.round.set(rnd)
         self.m.used.inc(ts.external_used)
         for reason, n in (("zero_variance", ts.dropped_zero_variance), ("shortfall", ts.shortfall),
@@ -410,7 +411,7 @@ class SapoStrategy(Strategy):
         duration = time.monotonic() - t_start
         self.m.round_duration.observe(duration)
         received = self.inbox[rnd]
-        row = {"round": rnd, "reward": local_reward, "reward_mean": local_reward / max(1, self.I * self.G),
+        row = {"round": rnd, "reward": local_reward, "reward_mean": local_reward / max(1, self.Q * self.G),
                "published": len(mine), "received_gossip": sum(1 for v in received.values() if v[1] == "gossip"),
                "received_pull": sum(1 for v in received.values() if v[1] == "pull"), "used": ts.external_used,
                "dropped_zero_variance": ts.dropped_zero_variance, "shortfall": ts.shortfall,

@@ -30,7 +30,8 @@ pytestmark = pytest.mark.multiprocess
 ROUND_S = 4.0
 G = 4
 SAPO_ARGS = ["--strategy", "sapo", "--sapo-round-s", str(ROUND_S), "--sapo-group-size", str(G),
-             "--sapo-local-groups", "3", "--sapo-external-groups", "3", "--sapo-warmstart-steps", "20",
+             "--sapo-questions", "3", "--sapo-local-groups", "3", "--sapo-external-groups", "3",
+             "--sapo-warmstart-steps", "20",
              "--sapo-format-reward", "0.1", "--sapo-ppo-epochs", "1"]
 SIDECAR_LINE = re.compile(r"rollout gossip: sidecar up at (\S+)")
 
