@@ -61,6 +61,10 @@ PROFILES: dict[str, Profile] = {
     "streaming-diloco": Profile("streaming-diloco", ("--inner-steps", "10", "--fragments", "2"),
                                 consistency="phi_hash", scenarios=GENERIC),
     "noloco": Profile("noloco", ("--inner-steps", "5"), scenarios=GENERIC),  # per-peer φ by design
+    # gradcode: the aggregator's one decoded tensor per step keeps replicas bit-identical; like
+    # sync, a peer cut off trains alone (fast), so --max-steps lies well beyond the heal.
+    "gradcode": Profile("gradcode", ("--gc-stragglers", "1"), max_steps=1000, consistency="param_hash",
+                        scenarios=GENERIC),
 }
 
 

@@ -39,7 +39,7 @@ def _check(report) -> None:
 
 
 @pytest.mark.usefixtures("lab_capable")
-@pytest.mark.parametrize("strategy", ["sync", "diloco"])
+@pytest.mark.parametrize("strategy", ["sync", "diloco", "gradcode"])
 def test_builtin_churn_scenario_in_namespaces(strategy, tmp_path):
     """1. Four peers of `strategy`, one namespace each; the built-in churn scenario runs.
     Result: every kill survived, the restarted and the healed peer re-join, loss still falls,
