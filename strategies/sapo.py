@@ -62,6 +62,22 @@ ALL_REJECT_REASONS = (*REJECT_REASONS, "bad_task")
 ROUNDS_KEPT = 3  # rounds of our own rollouts kept for pulls / of inbox kept for late arrivals
 MAX_PULL_IDS = 64
 MAX_INBOX_PER_ROUND = 4096  # bounded memory whatever peers send
+HISTORY_KEPT = 10_000  # per-round rows kept for summary.json
+
+
+def score_external(sr: SignedRollout, *, format_reward: float = 0.0) -> ScoredGroup | None:
+    """Score another peer's group with THIS node's verifier, against the truth regenerated
+    from its (task, seed, index). None when the question does not match that triple (the
+    sender lied about the task). Nothing the sender wrote besides the completions is used."""
+    g = sr.group
+    try:
+        item = tasks.make_item(g.task, g.seed, g.index)
+    except tasks.TaskError:
+        return None
+    if item.question != g.question:
+        return None
+    rewards = tuple(tasks.score(item, c, format_reward=format_reward) for c in g.completions)
+    return ScoredGroup(g.sender, sr.group_id, (g.task, g.seed, g.index), item.question, g.completions, rewards, True)
 
 
 class SapoMetrics:
@@ -140,6 +156,7 @@ class SapoStrategy(Strategy):
         self.history: list[dict[str, Any]] = []
         self.totals: dict[str, int] = defaultdict(int)
         self._round_bytes = 0  # rollout bytes in and out during the current round
+        self._per_sender: dict[tuple[int, str], int] = defaultdict(int)
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -166,7 +183,7 @@ class SapoStrategy(Strategy):
 
     def summary(self) -> dict[str, Any]:
         return {"rounds": self.rounds_done, "cumulative_reward": self.cumulative_reward, "totals": dict(self.totals),
-                "history": self.history[-500:], "gossip_ready_after_s": self.gossip.ready_after_s if self.gossip else None,
+                "history": self.history, "gossip_ready_after_s": self.gossip.ready_after_s if self.gossip else None,
                 "gossip_restarts": self.gossip.restarts if self.gossip else 0}
 
     # ---- receiving -------------------------------------------------------------------
@@ -185,6 +202,10 @@ class SapoStrategy(Strategy):
         box = self.inbox[sr.group.round]
         if sr.group_id in box or sr.group.sender == self.ctx.peer_id or len(box) >= MAX_INBOX_PER_ROUND:
             return None
+        per_sender = self._per_sender[(sr.group.round, sr.group.sender)]
+        if per_sender >= MAX_PULL_IDS:  # one peer cannot crowd the others out of a round
+            return None
+        self._per_sender[(sr.group.round, sr.group.sender)] = per_sender + 1
         if sr.group.round in self.trained_rounds:
             self.m.late.inc()
             return None
@@ -317,18 +338,11 @@ class SapoStrategy(Strategy):
                                     generator=gen)
 
     def _score_external(self, sr: SignedRollout) -> ScoredGroup | None:
-        g = sr.group
-        try:
-            item = tasks.make_item(g.task, g.seed, g.index)
-        except tasks.TaskError:
-            item = None
-        if item is None or item.question != g.question:
+        scored = score_external(sr, format_reward=self.ctx.config.sapo_format_reward)
+        if scored is None:
             self.m.rejected.labels(reason="bad_task").inc()
             self.totals["rejected_bad_task"] += 1
-            return None
-        fr = self.ctx.config.sapo_format_reward
-        rewards = tuple(tasks.score(item, c, format_reward=fr) for c in g.completions)
-        return ScoredGroup(g.sender, sr.group_id, (g.task, g.seed, g.index), item.question, g.completions, rewards, True)
+        return scored
 
     async def _round(self, rnd: int) -> None:
         ctx, cfg = self.ctx, self.ctx.config
@@ -429,6 +443,8 @@ class SapoStrategy(Strategy):
         for old in [r for r in self.inbox if r < rnd - ROUNDS_KEPT]:
             self.inbox.pop(old, None)
         self.trained_rounds = {r for r in self.trained_rounds if r >= rnd - ROUNDS_KEPT}
+        self._per_sender = defaultdict(int, {k: v for k, v in self._per_sender.items() if k[0] >= rnd - ROUNDS_KEPT})
+        del self.history[:-HISTORY_KEPT]
 
     async def _update(self, ts, adv: torch.Tensor) -> str:
         """GRPO epochs on the training set; returns the round outcome."""

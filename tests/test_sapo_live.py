@@ -120,6 +120,8 @@ def test_three_peers_share_reject_and_survive_dead_peers(swarm, tmp_path: Path):
         assert got > 0 and value(m, "swarm_sapo_rollouts_published_total") > 0
     gossip_total = sum(value(metrics(n), "swarm_sapo_rollouts_received_total", path="gossip") for n in nodes)
     assert gossip_total > 0, "no rollout arrived by gossip at all"
+    fractions = [value(metrics(n), "swarm_sapo_gossip_delivery_fraction") for n in nodes]
+    assert all(0.0 <= f <= 1.0 for f in fractions) and max(fractions) > 0, fractions
 
     # 2. a rogue gossip peer: every bad rollout is rejected by reason
     maddr = SIDECAR_LINE.search(a.log_text()).group(1)

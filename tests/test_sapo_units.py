@@ -238,3 +238,19 @@ def test_byte_policy_generates_groups_and_scores_foreign_text():
     assert bool((logp[mask] < 0).all())
     with pytest.raises(ValueError, match="seq-len"):
         pol.check_prompt("1" * 14)
+
+
+def test_external_groups_are_scored_by_my_verifier_only(signers):
+    from swarm_node.strategies.sapo import score_external
+
+    s, _ = signers
+    item = tasks.make_item("add4", 0, 5)
+    comps = (item.truth, "99", "x", item.truth)
+    # whatever the sender claims in its metadata, rewards come from the regenerated truth
+    g = RolloutGroup("run", 10, s.peer_id, item.task, item.seed, item.index, item.question, comps,
+                     {"reward": 1.0, "truth": "99"})
+    scored = score_external(encode_rollout(g, s), format_reward=0.1)
+    assert scored is not None and scored.rewards == (1.0, 0.1, 0.0, 1.0) and scored.external
+    lie = RolloutGroup("run", 10, s.peer_id, item.task, item.seed, item.index, "1+1=" if item.question != "1+1=" else
+                       "2+2=", comps, {})
+    assert score_external(encode_rollout(lie, s)) is None  # question does not match its (task, seed, index)
