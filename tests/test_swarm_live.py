@@ -1,5 +1,6 @@
 """swarm strategy over real `swarm-node join` processes on loopback: a 3-stage pipeline
-(1 trainer + 2 + 2 stage servers) trains and its loss falls; a stage-1 server SIGKILLed
+(1 trainer + 2 + 2 stage servers) trains and its loss falls, and the router sends more
+work to the faster of two replicas; a stage-1 server SIGKILLed
 while it sits inside a backward loses no micro-batch (the call is re-sent to the other
 replica); when stage 1 then loses its last peer, a stage-2 peer rebuilds it by CheckFree
 and training continues."""
@@ -48,11 +49,15 @@ def test_pipeline_trains_survives_kill_mid_backward_and_rebuilds_a_lost_stage(tm
         s1a = sw.add("s1a", ["--stage", "1", "--swarm-backward-delay-s", "0.3"], initial=boot)
         s1b = sw.add("s1b", ["--stage", "1", "--swarm-backward-delay-s", "0.3"], initial=boot)
         s2a = sw.add("s2a", ["--stage", "2"], initial=boot)
-        s2b = sw.add("s2b", ["--stage", "2"], initial=boot)
+        s2b = sw.add("s2b", ["--stage", "2", "--swarm-backward-delay-s", "0.2"], initial=boot)  # the slow replica
         for n in sw.nodes:
             n.wait_info(90)
         first_loss = float(trainer.wait_for(lambda s: s.get("step", 0) >= 1, 120, "a first pipeline step")["train_loss"])
         st = trainer.wait_for(lambda s: s.get("step", 0) >= 12, 120, "12 pipeline steps")
+        # stochastic wiring: the fast stage-2 replica gets clearly more of the work
+        fast = metric(s2a, "swarm_stage_requests_served_total", op="backward", outcome="ok")
+        slow = metric(s2b, "swarm_stage_requests_served_total", op="backward", outcome="ok")
+        assert fast > 1.5 * slow, (fast, slow)
 
         # --- a stage-1 server dies while inside a backward (each backward sleeps 0.3 s there)
         before = metric(trainer, "swarm_pipeline_microbatches_total", outcome="ok")

@@ -179,3 +179,69 @@ def test_request_payload_validation():
     with pytest.raises(codec.CodecError) as e:
         _read(nan)
     assert e.value.reason == "non_finite"
+
+
+def _server(stage: int = 1):
+    """A SwarmStrategy serving `stage`, with an in-process context (no network)."""
+    import logging
+    from types import SimpleNamespace
+
+    from swarm_node.config import NodeConfig
+    from swarm_node.metrics import NodeMetrics
+    from swarm_node.strategies.base import Progress
+    from swarm_node.strategies.swarm import SwarmStrategy
+
+    cfg = NodeConfig(strategy="swarm", n_layer=3, d_model=32, n_head=4, seq_len=16, batch_size=2, stages=3,
+                     round_timeout_s=2.0)
+
+    async def compute(fn, *a):
+        return fn(*a)
+
+    ctx = SimpleNamespace(config=cfg, spec=cfg.run_spec(), peer_id="me", metrics=NodeMetrics("swarm"),
+                          compute=compute, progress=Progress(), log=logging.getLogger("t"), should_stop=lambda: False)
+    s = SwarmStrategy(ctx)
+    s.worker = StageWorker(GPTConfig(n_layer=3, d_model=32, n_head=4, seq_len=16), 0, stage, 3, lr=1e-3)
+    s.serving = True
+    return s, ctx
+
+
+def _serve(s, msgs):
+    from swarm_node.strategies.swarm_wire import read_reply
+
+    async def go():
+        replies = s._rpc(_aiter(msgs), "caller")
+        return await read_reply(replies, max_numel=10**7, max_tensors=1, timeout_s=2.0)
+    return asyncio.run(go())
+
+
+def _rejected(ctx, reason: str) -> float:
+    return ctx.metrics.rejected_messages.labels(reason=reason)._value.get()
+
+
+def test_stage_server_answers_and_rejects_bad_payloads_counting_them():
+    from swarm_node.strategies.swarm_wire import Status
+
+    s, ctx = _server(1)
+    run = ctx.spec.run_id
+    h = torch.randn(2, 16, 32)
+    first, out = _serve(s, encode_request(run, Op.STAGE_FORWARD, 1, "m", [h], codec.FLOAT16))
+    assert first.status == Status.STAGE_OK and out[0].shape == (2, 16, 32)
+    first, out = _serve(s, encode_request(run, Op.STAGE_BACKWARD, 1, "m", [h, torch.randn(2, 16, 32)], codec.NONE))
+    assert first.status == Status.STAGE_OK and out[0].shape == (2, 16, 32) and s.worker.step == 1
+    # wrong tensor count -> malformed
+    first, _ = _serve(s, encode_request(run, Op.STAGE_BACKWARD, 1, "m", [h], codec.NONE))
+    assert first.status == Status.STAGE_REJECTED and _rejected(ctx, "malformed") == 1
+    # NaN activations -> non_finite
+    first, _ = _serve(s, encode_request(run, Op.STAGE_FORWARD, 1, "m", [torch.full((2, 16, 32), float("nan"))],
+                                        codec.NONE))
+    assert first.status == Status.STAGE_REJECTED and _rejected(ctx, "non_finite") == 1
+    # wrong width -> bad_shape (the stage math refuses it before computing)
+    first, _ = _serve(s, encode_request(run, Op.STAGE_FORWARD, 1, "m", [torch.randn(2, 16, 8)], codec.NONE))
+    assert first.status == Status.STAGE_REJECTED and _rejected(ctx, "bad_shape") == 1
+    # oversized claim -> too_large, before anything is allocated
+    first, _ = _serve(s, encode_request(run, Op.STAGE_FORWARD, 1, "m", [torch.zeros(400, 64, 64)], codec.NONE))
+    assert first.status == Status.STAGE_REJECTED and _rejected(ctx, "too_large") == 1
+    # another stage -> WRONG_STAGE (not counted as a bad payload)
+    first, _ = _serve(s, encode_request(run, Op.STAGE_FORWARD, 2, "m", [h], codec.NONE))
+    assert first.status == Status.STAGE_WRONG_STAGE
+    assert s.worker.step == 1  # nothing rejected touched the weights
