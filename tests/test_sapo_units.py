@@ -254,3 +254,12 @@ def test_external_groups_are_scored_by_my_verifier_only(signers):
     lie = RolloutGroup("run", 10, s.peer_id, item.task, item.seed, item.index, "1+1=" if item.question != "1+1=" else
                        "2+2=", comps, {})
     assert score_external(encode_rollout(lie, s)) is None  # question does not match its (task, seed, index)
+
+
+def test_the_node_side_never_imports_py_libp2p():
+    import subprocess
+    import sys
+
+    code = ("import sys, swarm_node.strategies.sapo, swarm_node.rollout_sidecar, swarm_node.daemon; "
+            "assert 'libp2p' not in sys.modules, 'py-libp2p loaded in the node process'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
