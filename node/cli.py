@@ -159,11 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"swarm-node {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    join = sub.add_parser("join", help="run a node: start a new swarm or join one")
+    # allow_abbrev=False: a misspelt flag (--shutdown-grace) must fail, not match a longer one
+    join = sub.add_parser("join", help="run a node: start a new swarm or join one", allow_abbrev=False)
     _add_config_flags(join)
     join.set_defaults(fn=_cmd_join)
 
-    check = sub.add_parser("check", help="preflight checks before joining")
+    check = sub.add_parser("check", help="preflight checks before joining", allow_abbrev=False)
     _add_config_flags(check)
     check.add_argument("--json", action="store_true")
     check.set_defaults(fn=_cmd_check)

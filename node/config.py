@@ -15,10 +15,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
+                               TomlConfigSettingsSource)
 
 ENV_PREFIX = "SWARM_NODE_"
 DEFAULT_STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "swarm-node"
@@ -32,7 +33,9 @@ class NodeConfig(BaseSettings):
     # --- swarm membership -------------------------------------------------------------
     run_id: str = Field("default", description="Name of the training run; peers of one run train one model.",
                         pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    initial_peers: list[str] = Field(default_factory=list,
+    # NoDecode: an env var holds a plain "maddr maddr" or "maddr,maddr" string (split below),
+    # not the JSON list pydantic-settings would otherwise insist on.
+    initial_peers: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                      description="Multiaddrs of running peers to join (e.g. the join line of another node).")
     new_swarm: bool = Field(False, description="Start a new swarm (required when no --initial-peers are given).")
     host: str = Field("0.0.0.0", description="IP address to listen on (0.0.0.0 = all interfaces).")
@@ -157,6 +160,11 @@ class NodeConfig(BaseSettings):
     @classmethod
     def _split_peers(cls, v: Any) -> Any:
         # Env vars and TOML may give one comma- or space-separated string.
+        if isinstance(v, str) and v.strip().startswith("["):
+            try:
+                return json.loads(v)
+            except ValueError:
+                raise ValueError("is not a valid JSON list of multiaddrs") from None
         if isinstance(v, str):
             return [p for p in v.replace(",", " ").split() if p]
         return v

@@ -143,3 +143,21 @@ def test_demo_passes_flags_after_double_dash_to_every_node(monkeypatch):
     monkeypatch.setattr(demo, "run_demo", lambda opts: seen.setdefault("opts", opts) and 0)
     assert cli_main(["demo", "--strategy", "diloco", "--steps", "5", "--", "--inner-steps", "10"]) == 0
     assert seen["opts"].extra == ["--inner-steps", "10"] and seen["opts"].strategy == "diloco"
+
+
+@pytest.mark.parametrize("value", ["/ip4/1.2.3.4/tcp/1/p2p/QmA /ip4/1.2.3.5/tcp/2/p2p/QmB",
+                                   "/ip4/1.2.3.4/tcp/1/p2p/QmA,/ip4/1.2.3.5/tcp/2/p2p/QmB",
+                                   '["/ip4/1.2.3.4/tcp/1/p2p/QmA", "/ip4/1.2.3.5/tcp/2/p2p/QmB"]'])
+def test_initial_peers_from_env_as_plain_string(monkeypatch, value):
+    """SWARM_NODE_INITIAL_PEERS takes a space- or comma-separated string (compose, systemd)
+    as well as a JSON list."""
+    monkeypatch.setenv("SWARM_NODE_INITIAL_PEERS", value)
+    assert load_config({}).initial_peers == ["/ip4/1.2.3.4/tcp/1/p2p/QmA", "/ip4/1.2.3.5/tcp/2/p2p/QmB"]
+
+
+def test_abbreviated_join_flags_are_refused(capsys):
+    from swarm_node.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["join", "--shutdown-grace", "5"])
+    assert "unrecognized arguments: --shutdown-grace" in capsys.readouterr().err
