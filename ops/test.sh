@@ -5,28 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ops/install.sh
-# promtool lints our /metrics page and tests the alert rules, and the prometheus server scrapes live nodes
-# in the tests; install the package when we can (root + apt), else those checks skip.
-if ! command -v promtool >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "[test] installing promtool (Debian package prometheus)"
-  (timeout 300 apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
-    || (timeout 120 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1)) \
-    || echo "[test] promtool unavailable: its checks will be skipped"
-fi
-# docker-compose 1.29 validates docker-compose.yml (`config -q`) without a Docker engine; without
-# --no-install-recommends apt would pull docker.io and containerd too.
-if ! command -v docker-compose >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "[test] installing docker-compose (Debian package docker-compose)"
-  (timeout 300 apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 \
-    || (timeout 120 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1)) \
-    || echo "[test] docker-compose unavailable: the compose validation will be skipped"
-fi
-# The churn lab (tests/churn) builds network namespaces with ip, nft and tc, and pings across them;
-# without root those tests skip with the reason.
-if { ! command -v nft >/dev/null || ! command -v ping >/dev/null; } && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "[test] installing the churn lab's tools (nftables iproute2 iputils-ping)"
-  (timeout 300 apt-get install -y -q --no-install-recommends nftables iproute2 iputils-ping >/dev/null 2>&1 \
-    || (timeout 120 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q --no-install-recommends nftables iproute2 iputils-ping >/dev/null 2>&1)) \
-    || echo "[test] nftables/iproute2 unavailable: the churn lab tests will be skipped"
-fi
+
+# apt_tools "CMD..." "PACKAGE..." WHAT: install Debian packages when one of the commands is missing and we
+# can (root + apt); otherwise the tests that need them skip with their reason.
+apt_tools() {
+  local missing=0 c
+  for c in $1; do command -v "$c" >/dev/null || missing=1; done
+  [ "$missing" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return 0
+  echo "[test] installing $2 ($3)"
+  # --no-install-recommends: docker-compose would otherwise pull docker.io and containerd
+  (timeout 300 apt-get install -y -q --no-install-recommends $2 >/dev/null 2>&1 \
+    || (timeout 120 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q --no-install-recommends $2 >/dev/null 2>&1)) \
+    || echo "[test] $2 unavailable: $3 will be skipped"
+}
+apt_tools "promtool prometheus" "prometheus" "metric lint, alert-rule tests and the live Prometheus scrape"
+apt_tools "docker-compose" "docker-compose" "docker-compose.yml validation (config -q, no engine needed)"
+apt_tools "nft ping ip" "nftables iproute2 iputils-ping" "the network-namespace churn lab"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
