@@ -191,9 +191,8 @@ class NodeConfig(BaseSettings):
     def _check_combination(self) -> "NodeConfig":
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        if self.strategy == "sapo" and self.sapo_local_groups > self.sapo_questions:
-            raise ValueError(f"sapo needs --sapo-local-groups ({self.sapo_local_groups}) <= --sapo-questions "
-                             f"({self.sapo_questions})")
+        if self.strategy == "sapo":
+            self._check_sapo()
         if self.strategy == "streaming-diloco":
             H, P, tau = self.inner_steps, self.fragments, self.overlap_steps
             if H % P:
@@ -206,6 +205,29 @@ class NodeConfig(BaseSettings):
             if self.stage != "auto" and int(self.stage) >= self.stages:
                 raise ValueError(f"--stage {self.stage} out of range for --stages {self.stages}")
         return self
+
+    def _check_sapo(self) -> None:
+        from swarm_node.strategies import sapo_tasks  # pure stdlib: cheap, and only for sapo
+
+        if self.sapo_local_groups > self.sapo_questions:
+            raise ValueError(f"sapo needs --sapo-local-groups ({self.sapo_local_groups}) <= --sapo-questions "
+                             f"({self.sapo_questions})")
+        try:
+            names = sapo_tasks.parse_task_list(self.sapo_tasks)
+        except sapo_tasks.TaskError as e:
+            raise ValueError(f"--sapo-tasks: {e}") from None
+        longest = max((sapo_tasks.max_prompt_chars(t) or 0) for t in names)
+        if longest + self.sapo_max_new_tokens + 1 > self.seq_len and not self.sapo_hf_model:
+            raise ValueError(f"sapo needs --seq-len >= {longest + self.sapo_max_new_tokens + 1} for these tasks "
+                             f"(question up to {longest} bytes + --sapo-max-new-tokens + end of answer)")
+        if self.sapo_hf_model:
+            import importlib.util
+
+            if importlib.util.find_spec("transformers") is None:
+                raise ValueError("--sapo-hf-model needs transformers installed (pip install transformers); "
+                                 "without it, leave the flag out to use the byte-level GPT")
+            if not Path(self.sapo_hf_model).is_dir():
+                raise ValueError(f"--sapo-hf-model {self.sapo_hf_model} is not a local model directory")
 
     @property
     def ttl_s(self) -> float:

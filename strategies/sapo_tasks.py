@@ -54,6 +54,12 @@ def parse_task_list(spec: str) -> tuple[str, ...]:
     return names
 
 
+def max_prompt_chars(task: str) -> int | None:
+    """Longest question a built-in task can produce (None: not known in advance)."""
+    m = BUILTIN_RE.match(task)
+    return 2 * len(m.group(2)) + 2 if m else None
+
+
 def make_item(task: str, seed: int, index: int) -> TaskItem:
     if type(seed) is not int or type(index) is not int or not 0 <= seed <= MAX_INDEX or not 0 <= index <= MAX_INDEX:
         raise TaskError(f"seed and index must be ints in [0, {MAX_INDEX}]")

@@ -263,3 +263,13 @@ def test_the_node_side_never_imports_py_libp2p():
     code = ("import sys, swarm_node.strategies.sapo, swarm_node.rollout_sidecar, swarm_node.daemon; "
             "assert 'libp2p' not in sys.modules, 'py-libp2p loaded in the node process'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_sapo_config_errors_are_plain():
+    from swarm_node.config import ConfigError, load_config
+
+    for bad, words in (({"sapo_local_groups": 9}, "<= --sapo-questions"), ({"sapo_tasks": "div3"}, "unknown task"),
+                       ({"seq_len": 8}, "--seq-len >="), ({"sapo_hf_model": "/nonexistent"}, "sapo-hf-model")):
+        with pytest.raises(ConfigError, match=words):
+            load_config({"strategy": "sapo", **bad})
+    load_config({"strategy": "sapo", "sapo_tasks": "add4,mul9"})  # fine
