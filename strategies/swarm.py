@@ -33,9 +33,10 @@ micro-batches through *temporary pipelines* chosen per call by stochastic wiring
     counted as failed and the stage restarts from its seeded initialisation.
   * Rebalancing: at random times in [0, 2T] (T = --rebalance-interval-s) a peer of a
     non-trainer stage with >= 2 peers considers moving itself to the stage of least
-    capacity; it moves only if the minimum capacity grows by more than 10 % (hysteresis)
-    and only the lowest peer id of its stage may move in one check; it downloads the
-    target stage's weights from a replica first.
+    capacity; it moves only if the sorted capacity vector improves by more than 10 % at its
+    first changed position (hysteresis, strategies/swarm_rebalance.py) and only the lowest
+    peer id of its stage may move in one check; it downloads the target stage's weights
+    from a replica first.
 """
 from __future__ import annotations
 

@@ -4,10 +4,10 @@ Pure functions (bench/bench_pipeline.py and the tests drive them without a netwo
 Invariants:
   * A move never leaves its stage empty: only a stage with >= 2 peers gives one up.
   * Stage 0 (the trainers, who hold the data) neither gives nor receives peers.
-  * Hysteresis: a peer moves only if the smallest capacity over the other stages grows by
-    more than a factor (1 + delta); with equal-speed peers this converges (every move
-    strictly raises the minimum, which is bounded) and cannot oscillate between two
-    stages, because undoing a move would lower the minimum again.
+  * Hysteresis: a peer moves only if the sorted vector of stage capacities improves by more
+    than a factor (1 + delta) at its first changed position (see `rebalance_target`):
+    moves strictly raise that vector, so they stop and cannot oscillate (undoing a move
+    would lower it again).
   * One mover per stage per check: the lowest peer id of the stage, so peers evaluating
     the same view do not all move at once.
 """
@@ -40,11 +40,21 @@ def designated_mover(peers_by_stage: Mapping[int, Sequence[str]]) -> str | None:
 def rebalance_target(capacities: Sequence[float], current: int, mine: float, delta: float,
                      movable: Callable[[int], bool] = lambda k: k != 0) -> int | None:
     """Stage to move to, or None. capacities[k] = sum of throughput of stage k's peers
-    (this peer included in `current`)."""
+    (this peer included in `current`). The move goes to the least-capacity other stage and
+    is made only if it improves the SORTED capacity vector: at the first position where the
+    sorted vectors before and after differ, the new value exceeds the old by (1 + delta).
+    The first position is the minimum, so a move that raises the weakest stage always
+    qualifies; the later positions break ties (5/2/2 -> 4/3/2 raises no minimum but is
+    progress). Each move strictly raises the vector in lexicographic order and there are
+    finitely many assignments, so moves stop and never cycle."""
     stages = [k for k in range(len(capacities)) if movable(k)]
     if current not in stages or len(stages) < 2:
         return None
-    before = min(capacities[k] for k in stages)
     target = min((k for k in stages if k != current), key=lambda k: (capacities[k], k))
-    after = [capacities[k] - (mine if k == current else 0) + (mine if k == target else 0) for k in stages]
-    return target if min(after) > (1 + delta) * before else None
+    before = sorted(capacities[k] for k in stages)
+    after = sorted(capacities[k] - (mine if k == current else 0) + (mine if k == target else 0) for k in stages)
+    for old, new in zip(before, after):
+        if abs(new - old) <= 1e-9 * max(abs(old), 1.0):
+            continue
+        return target if new > (1 + delta) * old else None
+    return None
