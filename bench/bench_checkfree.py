@@ -31,8 +31,8 @@ import torch
 
 from swarm_node.data import ByteDataset, batch_generator_seed
 from swarm_node.model import GPTConfig, PipelineStage, build_model, split_stages
-from swarm_node.strategies.checkfree import (CheckFreeConfig, fresh_optimizer, plan_recovery, rebuild_state,
-                                             state_bytes)
+from swarm_node.strategies.checkfree import (CheckFreeConfig, body_order, fresh_optimizer, plan_recovery,
+                                             rebuild_state, state_bytes)
 
 CLIP = 1.0
 
@@ -40,18 +40,21 @@ CLIP = 1.0
 class Pipeline:
     """S stages + one optimizer per stage; `step(t)` trains on the batch of step t."""
 
-    def __init__(self, stages: list[PipelineStage], lr: float, dataset: ByteDataset, batch: int, seed: int):
+    def __init__(self, stages: list[PipelineStage], lr: float, dataset: ByteDataset, batch: int, seed: int,
+                 swaps: bool = False):
         self.stages, self.lr, self.dataset, self.batch, self.seed = stages, lr, dataset, batch, seed
+        self.swaps = swaps  # CheckFree+: the batch is 2 micro-batches, the odd one runs swapped bodies
         self.opts = [torch.optim.AdamW(s.parameters(), lr=lr, betas=(0.9, 0.999)) for s in stages]
         self.norms = [0.0] * len(stages)  # post-clip grad norm of each stage's last step
 
     def step(self, t: int) -> float:
         gen = torch.Generator().manual_seed(batch_generator_seed(self.seed, "bench", t))
         x, y = self.dataset.train_batch(self.batch, self.stages[0].cfg.seq_len, gen)
-        h = x
-        for s in self.stages:
-            h = s(h)
-        loss = torch.nn.functional.cross_entropy(h.view(-1, h.shape[-1]), y.reshape(-1))
+        if self.swaps:
+            half = self.batch // 2
+            loss = (self._loss(x[:half], y[:half], 0) + self._loss(x[half:], y[half:], 1)) / 2
+        else:
+            loss = self._loss(x, y, 0)
         for o in self.opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
@@ -60,6 +63,13 @@ class Pipeline:
             self.norms[k] = min(pre, CLIP)
             o.step()
         return float(loss.detach())
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, microbatch: int) -> torch.Tensor:
+        h = self.stages[0].embed(x)
+        for k in body_order(len(self.stages), microbatch, self.swaps):
+            h = self.stages[k].body(h)
+        h = self.stages[-1].head(h)
+        return torch.nn.functional.cross_entropy(h.reshape(-1, h.shape[-1]), y.reshape(-1))
 
     @torch.no_grad()
     def evaluate(self, batches: int = 4) -> float:
@@ -94,6 +104,8 @@ def main() -> None:
     ap.add_argument("--pretrain", type=int, default=430, help="failure step F")
     ap.add_argument("--ckpt-every", type=int, default=100, help="C of the checkpoint baseline")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--edge", action="store_true", help="also: lose the LAST stage after pretraining with and "
+                    "without the CheckFree+ swap schedule; recover by copying stage S-2 (head from its copy)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -174,6 +186,8 @@ def main() -> None:
     c = report["cost"]
     report["cost"]["bytes_ratio_checkfree_to_checkpoint"] = round(
         c["checkfree"]["bytes_per_failure"] / max(c["checkpoint"]["bytes_per_failure"] + ckpt_bytes, 1), 4)
+    if args.edge:
+        report["edge"] = edge_experiment(args, cfg, ds, pipe_noswap=base)
     if args.json:
         print(json.dumps(report, indent=1))
         return
@@ -190,6 +204,46 @@ def main() -> None:
           f"{ckpt_bytes} B uploaded in {ckpts} checkpoints ({ckpt_s:.3f} s); {lost_steps} steps redone "
           f"= {c['checkpoint']['seconds_per_failure']:.3f} s")
     print(f"bytes per failure, checkfree / checkpoint (incl. uploads): {c['bytes_ratio_checkfree_to_checkpoint']}")
+    if args.edge:
+        e = report["edge"]
+        print(f"edge stage {S - 1} lost (head from the neighbour's copy in every case):")
+        for pre in ("in_order", "with_swaps"):
+            for m in ("none", "copy", "random"):
+                lo = e[pre][m]
+                print(f"  {pre:<10} {m:<7} {lo['+0']:>8.4f} {lo['+10']:>8.4f} {lo['+50']:>8.4f}")
+            print(f"  {pre:<10} spike (copy +0 - none +0) = {e[pre]['spike']:.4f}")
+        print(f"  swap schedule overhead (none with swaps - none in order, +0) = {e['swap_overhead']:.4f}")
+
+
+def edge_experiment(args, cfg: GPTConfig, ds: ByteDataset, pipe_noswap: Pipeline) -> dict:
+    """CheckFree+ (note §3): lose stage S-1, rebuild its body by copying stage S-2."""
+    S, F = args.stages, args.pretrain
+    swapped = Pipeline(split_stages(build_model(cfg, args.seed), S), args.lr, ds, args.batch, args.seed, swaps=True)
+    for t in range(F):
+        swapped.step(t)
+    out: dict = {}
+    cf = CheckFreeConfig(swaps=True)
+    for name, base in (("in_order", pipe_noswap), ("with_swaps", swapped)):
+        res = {"none": continuation(copy.deepcopy(base), F)}
+        for method in ("copy", "random"):
+            p = copy.deepcopy(base)
+            k = S - 1
+            edge = {kk: v for kk, v in p.stages[k].state_dict().items() if not kk.startswith("blocks.")}
+            if method == "copy":
+                plan = plan_recovery(k, S, cf)
+                state = rebuild_state(plan, p.stages[k].state_dict().keys(), {plan.sources[0]: p.stages[plan.sources[0]].state_dict()},
+                                      {}, cf, edge_copy=edge)
+            else:
+                state = split_stages(build_model(cfg, args.seed + 7), S)[k].state_dict()
+                state.update(edge)
+            fresh = PipelineStage(cfg, k, S)
+            fresh.load_state_dict(state)
+            p.stages[k], p.opts[k] = fresh, fresh_optimizer(fresh.parameters(), args.lr, cf)
+            res[method] = continuation(p, F)
+        out[name] = {m: {f"+{n}": round(v, 4) for n, v in r.items()} for m, r in res.items()}
+        out[name]["spike"] = round(res["copy"][0] - res["none"][0], 4)
+    out["swap_overhead"] = round(out["with_swaps"]["none"]["+0"] - out["in_order"]["none"]["+0"], 4)
+    return out
 
 
 if __name__ == "__main__":
