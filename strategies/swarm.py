@@ -33,10 +33,12 @@ micro-batches through *temporary pipelines* chosen per call by stochastic wiring
     counted as failed and the stage restarts from its seeded initialisation.
   * Rebalancing: at random times in [0, 2T] (T = --rebalance-interval-s) a peer of a
     non-trainer stage with >= 2 peers considers moving itself to the stage of least
-    capacity; it moves only if the sorted capacity vector improves by more than 10 % at its
+    capacity; it moves only if the sorted capacity vector improves by more than 20 % at its
     first changed position (hysteresis, strategies/swarm_rebalance.py) and only the lowest
     peer id of its stage may move in one check; it downloads the target stage's weights
-    from a replica first.
+    from a replica first. Nobody decides while the view is unsettled: after any change of
+    who serves which stage, checks wait two record lifetimes (a move is seen everywhere
+    before the next one is weighed), which is what stops stale views from oscillating.
 """
 from __future__ import annotations
 
@@ -67,7 +69,8 @@ from .swarm_wire import COMPRESSIONS, Op, StageRecord, Status, encode_reply, enc
 METHOD = "swarm.stage"
 MAX_QUEUE = 64
 MICROBATCH_DEADLINE_S = 120.0
-HYSTERESIS = 0.10
+HYSTERESIS = 0.20  # the note allows 0.05-0.25; CPU timings on a shared box are noisy
+SERVE_EMA_ALPHA = 0.05
 
 
 @dataclass
@@ -105,6 +108,8 @@ class SwarmStrategy(Strategy):
         self.steps = 0
         self.totals = {"microbatches_ok": 0, "microbatches_lost": 0, "retries": 0, "recoveries": 0, "rebalances": 0}
         self._next_rebalance = None
+        self._view_shape: tuple = ()
+        self._views_changed_at = time.monotonic()  # last change of who serves which stage
         self._tasks: list[asyncio.Task] = []
 
     # ================================================================ lifecycle
@@ -188,6 +193,10 @@ class SwarmStrategy(Strategy):
             self.ever_seen[k] = self.ever_seen[k] or bool(online)
             self.sm.stage_peers.labels(stage=str(k)).set(len(online))
             self.sm.capacity.labels(stage=str(k)).set(sum(r.throughput for r, _ in online.values()))
+        if only is None:
+            shape = tuple(tuple(sorted(v.online())) for v in self.views)
+            if shape != self._view_shape:
+                self._view_shape, self._views_changed_at = shape, time.monotonic()
         caps = [max(sum(r.throughput for r, _ in v.online().values()), 1e-9) for v in self.views]
         loads = [sum(r.queue for r, _ in v.online().values()) / c for v, c in zip(self.views, caps)]
         mean = sum(loads) / len(loads) if loads else 0.0
@@ -215,6 +224,7 @@ class SwarmStrategy(Strategy):
             self.worker = StageWorker(self.model_cfg, spec.seed, k, self.S, lr=spec.lr, accumulate=spec.micro_batches)
         elif old != k:
             await ctx.compute(self.worker.switch, k)
+            self.serve_ema = 0.0  # the old stage's speed says nothing about this one
         replicas = [p for p in self.views[k].online() if p != ctx.peer_id]
         done = False
         if replicas:
@@ -354,6 +364,8 @@ class SwarmStrategy(Strategy):
         if now < self._next_rebalance:
             return
         self._next_rebalance = now + random.uniform(0, 2 * T)
+        if now - self._views_changed_at < 2 * self.ctx.config.ttl_s:
+            return  # a move (or join/leave) is still propagating: decide on a settled view only
         self.sm.rebalance_checks.inc()
         me, k = self.ctx.peer_id, self.worker.index
         online = self.views[k].online()
@@ -531,15 +543,17 @@ class SwarmStrategy(Strategy):
         await drain(requests, 2.0)
         self.queue += 1
         self.sm.queue_depth.set(self.queue)
-        t0 = time.perf_counter()
+        busy = 0.0  # seconds of this request's own compute (+ injected delay), queueing excluded
         try:
             if first.op == Op.STAGE_BACKWARD and cfg.swarm_backward_delay_s > 0:
                 await asyncio.sleep(cfg.swarm_backward_delay_s)
+                busy += cfg.swarm_backward_delay_s
             if first.op == Op.STAGE_FORWARD:
-                out, loss = await self.ctx.compute(w.forward, tensors[0]), None
+                (out, loss), dt = await self.ctx.compute(_timed, lambda: (w.forward(tensors[0]), None))
             else:
                 grad_or_y = tensors[1] if w.is_last else tensors[1].float()
-                out, loss = await self.ctx.compute(w.backward, tensors[0].float(), grad_or_y)
+                (out, loss), dt = await self.ctx.compute(_timed, lambda: w.backward(tensors[0].float(), grad_or_y))
+            busy += dt
         except ValueError as e:  # wrong shapes, dtypes, vocabulary, non-finite values
             self._reject("non_finite" if "finite" in str(e) else "bad_shape")
             self.sm.served.labels(op=opname, outcome="rejected").inc()
@@ -549,8 +563,12 @@ class SwarmStrategy(Strategy):
         finally:
             self.queue -= 1
             self.sm.queue_depth.set(self.queue)
-        dt = (time.perf_counter() - t0) / max(int(tensors[0].shape[0]), 1)
-        self.serve_ema = dt if self.serve_ema == 0 else 0.9 * self.serve_ema + 0.1 * dt
+        # Throughput in forward-equivalent samples per second of compute: a backward (with its
+        # recomputed forward) counts BACKWARD_COST, so stages serving different op mixes compare,
+        # and queueing is left out, so a stage does not look faster just because it got a peer.
+        work = int(tensors[0].shape[0]) * (BACKWARD_COST if first.op == Op.STAGE_BACKWARD else 1.0)
+        per = busy / max(work, 1e-9)
+        self.serve_ema = per if self.serve_ema == 0 else (1 - SERVE_EMA_ALPHA) * self.serve_ema + SERVE_EMA_ALPHA * per
         self.sm.served.labels(op=opname, outcome="ok").inc()
         self.sm.stage_step.labels(stage=str(w.index)).set(w.step)
         for m in encode_reply(Status.STAGE_OK, w.index, tensors=[out], compression=self.compression,
@@ -559,6 +577,12 @@ class SwarmStrategy(Strategy):
 
     def _reject(self, reason: str) -> None:
         self.ctx.metrics.rejected_messages.labels(reason=reason).inc()
+
+
+def _timed(fn):
+    """Run fn() on the compute thread and return (its result, seconds it took there)."""
+    t0 = time.perf_counter()
+    return fn(), time.perf_counter() - t0
 
 
 def _request_type():

@@ -114,3 +114,34 @@ def _wait_in_backward(node, timeout_s: float = 30) -> None:
 
 def _recent_loss(node) -> float:
     return float(node.status()["train_loss"])
+
+
+def test_rebalancing_moves_a_peer_to_the_weak_stage_and_settles(tmp_path):
+    """1 trainer, 3 peers on stage 1, 1 on stage 2, int8 activations: the lowest peer id of
+    stage 1 moves to stage 2 (downloading its weights) and the assignment then stays put."""
+    args = [*ARGS, "--rebalance-interval-s", "1.5", "--act-compression", "int8"]
+    with Swarm(tmp_path, args) as sw:
+        trainer = sw.add("trainer", ["--stage", "0"])
+        _wait_join(trainer)
+        boot = trainer.join_maddr()
+        servers = [sw.add(f"s1{c}", ["--stage", "1"], initial=boot) for c in "abc"]
+        servers.append(sw.add("s2a", ["--stage", "2"], initial=boot))
+        for n in sw.nodes:
+            n.wait_info(90)
+        trainer.wait_for(lambda s: s.get("step", 0) >= 3, 120, "pipeline steps")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sum(metric(n, "swarm_stage_rebalances_total") for n in servers) < 1:
+            time.sleep(1)
+        moved = [n for n in servers if metric(n, "swarm_stage_rebalances_total") >= 1]
+        assert moved, "no peer moved:\n" + "\n".join(n.log_text()[-800:] for n in servers)
+        assert metric(moved[0], "swarm_pipeline_stage") == 2
+        assert metric(moved[0], "swarm_recoveries_total", kind="state_download", outcome="ok") >= 1
+        time.sleep(6)  # settle; then no further moves over several checks (each ~every 1.5 s)
+        settled = sum(metric(n, "swarm_stage_rebalances_total") for n in servers)
+        time.sleep(8)
+        assert sum(metric(n, "swarm_stage_rebalances_total") for n in servers) == settled <= 2
+        stages = [metric(n, "swarm_pipeline_stage") for n in servers]
+        assert stages.count(1) >= 1 and stages.count(2) >= 2, stages
+        step = trainer.status()["step"]
+        trainer.wait_for(lambda s: s.get("step", 0) >= step + 3, 60, "training after the moves")
+        assert metric(trainer, "swarm_pipeline_microbatches_total", outcome="lost") == 0
