@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -42,10 +43,15 @@ BASE = ["--host", "127.0.0.1", "--metrics-addr", "127.0.0.1:0", "--threads", "1"
         "--sapo-group-size", "8", "--sapo-tasks", "add4", "--sapo-warmstart-steps", "150", "--sapo-ppo-epochs", "4"]
 
 
+def slug(name: str) -> str:
+    """A config name as a run id / directory name ('4/4 neg=1' -> '4-4-neg1')."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", name.replace("/", "-").replace(" ", "-"))
+
+
 def run_config(name: str, extra: list[str], *, peers: int, rounds: int, round_s: float, seed: int,
                workdir: Path) -> dict:
     common = [*BASE, "--seed", str(seed), "--sapo-round-s", str(round_s), "--sapo-rounds", str(rounds),
-              "--min-peers", str(peers), "--run-id", f"sapo-bench-{seed}-{name.replace('/', '-').replace(' ', '')}",
+              "--min-peers", str(peers), "--run-id", f"sapo-bench-{seed}-{slug(name)}",
               *extra]
     t0 = time.monotonic()
     with Swarm(workdir, common) as sw:
@@ -102,9 +108,11 @@ def main() -> int:
         for seed in args.seeds:
             for name in args.only:
                 r = run_config(name, CONFIGS[name], peers=args.peers, rounds=args.rounds, round_s=args.round_s,
-                               seed=seed, workdir=Path(tmp) / f"{seed}-{name.replace('/', '-').replace(' ', '')}")
+                               seed=seed, workdir=Path(tmp) / f"{seed}-{slug(name)}")
                 results.append(r)
                 print(f"  done {name} seed {seed}: reward {r['reward']:.1f} in {r['wall_s']}s", flush=True)
+                if args.json:  # after every configuration: a later failure loses nothing
+                    args.json.write_text(json.dumps(results, indent=1))
     print(f"\n{'config':<10} {'seed':>4} {'reward':>8} {'x8/0':>6} {'pub':>5} {'recv':>5} {'pull':>5} {'used':>5} "
           f"{'gossip':>6} {'KB/rnd':>7} {'s/rnd':>6} {'skip':>4}")
     for r in results:
@@ -114,8 +122,6 @@ def main() -> int:
         print(f"{r['config']:<10} {r['seed']:>4} {r['reward']:>8.1f} {ratio:>6} {r['published']:>5.1f} "
               f"{r['received']:>5.1f} {r['received_pull']:>5.1f} {r['used']:>5.1f} {g:>6} "
               f"{r['bytes_per_round'] / 1024:>7.1f} {r['s_per_round'] or 0:>6.2f} {r['skipped_rounds']:>4}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 
