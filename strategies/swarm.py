@@ -28,9 +28,10 @@ micro-batches through *temporary pipelines* chosen per call by stochastic wiring
     non-trainer stage with >= 2 peers, so no stage is stranded) fetches its neighbours'
     weights and grad norms, rebuilds the stage, starts a fresh optimizer at lr x
     --checkfree-lr-scale and announces it. A peer that joins with --stage auto and finds a
-    stage empty does the same. Edge stages (0, S-1) are not rebuildable without the
-    CheckFree+ swap schedule, which this live strategy does not run: such a loss is
-    counted as failed and the stage restarts from its seeded initialisation.
+    stage empty does the same. The last stage is rebuilt by copying stage S-2's body plus
+    the copy of the last stage's ln_f/head that stage-S-2 peers keep (refreshed every
+    averaging interval). Without the CheckFree+ swap schedule, which this live strategy
+    does not run, that copy is the note's naive copy. Stage 0 (the trainers) is never rebuilt.
   * Rebalancing: at random times in [0, 2T] (T = --rebalance-interval-s) a peer of a
     non-trainer stage with >= 2 peers considers moving itself to the stage of least
     capacity; it moves only if the sorted capacity vector improves by more than 20 % at its
@@ -58,7 +59,7 @@ from swarm_node.protocol.records import RecordError
 from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
 
 from .base import Strategy
-from .checkfree import CheckFreeConfig, NotRecoverable, plan_recovery, rebuild_state
+from .checkfree import CheckFreeConfig, NotRecoverable, RecoveryPlan, is_body_key, plan_recovery, rebuild_state
 from .swarm_metrics import SwarmMetrics
 from .swarm_rebalance import choose_start_stage, designated_mover, rebalance_target
 from .swarm_router import BACKWARD_COST, NoPeers, StageRouter
@@ -67,6 +68,7 @@ from .swarm_wire import COMPRESSIONS, Op, StageRecord, Status, encode_reply, enc
     read_request, stage_key
 
 METHOD = "swarm.stage"
+EDGE_PREFIX = "edge_copy."  # STATE reply keys of the next stage's head, held by stage S-2
 MAX_QUEUE = 64
 MICROBATCH_DEADLINE_S = 120.0
 HYSTERESIS = 0.20  # the note allows 0.05-0.25; CPU timings on a shared box are noisy
@@ -108,6 +110,7 @@ class SwarmStrategy(Strategy):
         self.steps = 0
         self.totals = {"microbatches_ok": 0, "microbatches_lost": 0, "retries": 0, "recoveries": 0, "rebalances": 0}
         self._next_rebalance = None
+        self.edge_copy: dict[str, torch.Tensor] | None = None  # stage S-2 only: last stage's ln_f/lm_head
         self._view_shape: tuple = ()
         self._views_changed_at = time.monotonic()  # last change of who serves which stage
         self._tasks: list[asyncio.Task] = []
@@ -245,7 +248,7 @@ class SwarmStrategy(Strategy):
             got = await self._fetch_state(pid, k)
             if got is None:
                 continue
-            state, _, step = got
+            state, _, step, _ = got
             try:
                 await self.ctx.compute(partial(self.worker.load_state, state, step=step))
             except Exception as e:  # wrong keys/shapes: a broken replica, try another
@@ -257,7 +260,9 @@ class SwarmStrategy(Strategy):
         self.ctx.metrics.recoveries.labels(kind="state_download", outcome="failed").inc()
         return False
 
-    async def _fetch_state(self, pid: str, k: int) -> tuple[dict[str, torch.Tensor], float, int] | None:
+    async def _fetch_state(self, pid: str, k: int) -> tuple[dict[str, torch.Tensor], float, int,
+                                                          dict[str, torch.Tensor]] | None:
+        """(stage k's state dict, its last grad norm, its step, the edge copy it holds) or None."""
         req = encode_request(self.ctx.spec.run_id, Op.STAGE_STATE, k, "state", [], codec.NONE)
         try:
             replies = self.ctx.transport.call(pid, METHOD, req, _reply_type(), timeout_s=self.ctx.config.round_timeout_s,
@@ -269,34 +274,49 @@ class SwarmStrategy(Strategy):
             return None
         if first.status != Status.STAGE_OK or first.stage != k or len(first.keys) != len(tensors):
             return None
-        return dict(zip(first.keys, tensors)), float(first.grad_norm), int(first.stage_step)
+        state = {key: t for key, t in zip(first.keys, tensors) if not key.startswith(EDGE_PREFIX)}
+        edge = {key[len(EDGE_PREFIX):]: t for key, t in zip(first.keys, tensors) if key.startswith(EDGE_PREFIX)}
+        return state, float(first.grad_norm), int(first.stage_step), edge
 
     async def _checkfree(self, k: int) -> None:
         t0 = time.perf_counter()
         self.sm.stage_lost.labels(stage=str(k)).inc()
         rec = self.ctx.metrics.recoveries
+        edges: dict[str, torch.Tensor] | None = None
         try:
-            plan = plan_recovery(k, self.S, self.cf)
+            try:
+                plan = plan_recovery(k, self.S, self.cf)
+            except NotRecoverable:
+                if k != self.S - 1 or self.S < 2:
+                    raise
+                # The live pipeline runs no swap schedule, so stage S-2 never learnt the last
+                # role: copying it is the note's naive copy (ours-naive), better than nothing.
+                plan = RecoveryPlan(k, "copy", (k - 1,))
+                self.ctx.log.warning("last stage lost: copying stage %d's body (no CheckFree+ swaps ran) and the "
+                                     "head copy it holds", k - 1)
             states, norms, steps = {}, {}, []
             for j in plan.sources:
                 peers = sorted(self.views[j].online(), key=lambda p: -self.views[j].online()[p][0].step)
                 for pid in peers:
                     got = (await self._fetch_state(pid, j)) if pid != self.ctx.peer_id else None
                     if got is not None:
-                        states[j], norms[j], step = got
+                        states[j], norms[j], step, edge = got
+                        edges = edges or (edge or None)
                         steps.append(step)
                         break
             keys, _ = self.worker.expected_state()
-            state = rebuild_state(plan, keys, states, norms, self.cf)
+            state = rebuild_state(plan, keys, states, norms, self.cf, edge_copy=edges)
             await self.ctx.compute(partial(self.worker.load_state, state, step=max(steps), fresh_optimizer=True,
                                            lr_scale=self.cf.lr_scale))
         except NotRecoverable as e:
             rec.labels(kind="checkfree_stage", outcome="failed").inc()
+            self.edge_copy = None
             self.ctx.log.warning("stage %d lost and not rebuildable (%s): restarting it from its seeded init", k, e)
             return
         for j in plan.sources:
             self.sm.neighbor_norm.labels(stage=str(j)).set(norms[j])
         rec.labels(kind="checkfree_stage", outcome="ok").inc()
+        self.edge_copy = None
         self.sm.cf_recoveries.labels(stage=str(k), method=plan.method).inc()
         self.sm.cf_duration.observe(time.perf_counter() - t0)
         self.totals["recoveries"] += 1
@@ -316,6 +336,7 @@ class SwarmStrategy(Strategy):
                 if time.monotonic() - last_avg >= cfg.stage_average_interval_s:
                     last_avg = time.monotonic()
                     await self._gossip_average()
+                    await self._refresh_edge_copy()
                 await self._maybe_rebalance()
             except asyncio.CancelledError:
                 raise
@@ -345,7 +366,7 @@ class SwarmStrategy(Strategy):
         if got is None:
             self.sm.averaging.labels(outcome="failed").inc()
             return
-        state, _, _ = got
+        state, _, _, _ = got
         try:
             await self.ctx.compute(w.mix_with, state, 0.5)
         except Exception as e:
@@ -353,6 +374,20 @@ class SwarmStrategy(Strategy):
             self.ctx.log.info("averaging with %s failed: %s", pid[-8:], e)
             return
         self.sm.averaging.labels(outcome="ok").inc()
+
+    async def _refresh_edge_copy(self) -> None:
+        """Stage S-2 keeps a copy of the last stage's head (CheckFree+'s "embeddings copied to
+        the neighbours"), so that the last stage can be rebuilt when it loses every peer."""
+        last = self.S - 1
+        if self.S < 3 or self.worker.index != last - 1:
+            self.edge_copy = None
+            return
+        peers = [p for p in self.views[last].online() if p != self.ctx.peer_id]
+        if not peers:
+            return
+        got = await self._fetch_state(random.choice(peers), last)
+        if got is not None:
+            self.edge_copy = {key: t for key, t in got[0].items() if not is_body_key(key)}
 
     async def _maybe_rebalance(self) -> None:
         T = self.ctx.config.rebalance_interval_s
@@ -519,6 +554,9 @@ class SwarmStrategy(Strategy):
                 return
             await drain(requests, 2.0)
             keys, tensors = await self.ctx.compute(w.state)
+            if self.edge_copy:
+                keys = [*keys, *(EDGE_PREFIX + key for key in self.edge_copy)]
+                tensors = [*tensors, *self.edge_copy.values()]
             self.sm.served.labels(op="state", outcome="ok").inc()
             for m in encode_reply(Status.STAGE_OK, w.index, tensors=tensors, keys=keys,
                                   grad_norm=float(w.last_grad_norm or 0.0), stage_step=w.step):

@@ -145,3 +145,31 @@ def test_rebalancing_moves_a_peer_to_the_weak_stage_and_settles(tmp_path):
         step = trainer.status()["step"]
         trainer.wait_for(lambda s: s.get("step", 0) >= step + 3, 60, "training after the moves")
         assert metric(trainer, "swarm_pipeline_microbatches_total", outcome="lost") == 0
+
+
+def test_last_stage_lost_is_rebuilt_from_its_neighbour_and_the_head_copy(tmp_path):
+    """Stage 2 (blocks + head) loses its only peer: a stage-1 peer copies stage 1's body and
+    the head copy stage-1 peers keep, takes stage 2, and training goes on."""
+    with Swarm(tmp_path, ARGS) as sw:
+        trainer = sw.add("trainer", ["--stage", "0"])
+        _wait_join(trainer)
+        boot = trainer.join_maddr()
+        s1 = [sw.add(f"s1{c}", ["--stage", "1"], initial=boot) for c in "ab"]
+        s2 = sw.add("s2a", ["--stage", "2"], initial=boot)
+        for n in sw.nodes:
+            n.wait_info(90)
+        trainer.wait_for(lambda s: s.get("step", 0) >= 8, 120, "pipeline steps")
+        time.sleep(5)  # > --stage-average-interval-s: stage-1 peers now hold a head copy
+        step = trainer.status()["step"]
+        s2.kill()
+        deadline = time.monotonic() + 90
+        rebuilt = None
+        while time.monotonic() < deadline and rebuilt is None:
+            rebuilt = next((n for n in s1 if metric(n, "swarm_checkfree_recoveries_total", stage="2",
+                                                    method="copy") >= 1), None)
+            time.sleep(1)
+        assert rebuilt is not None, "\n".join(n.log_text()[-1500:] for n in s1)
+        assert metric(rebuilt, "swarm_pipeline_stage") == 2
+        trainer.wait_for(lambda s: s.get("step", 0) >= step + 5, 120, "training after the rebuild")
+        assert metric(trainer, "swarm_pipeline_microbatches_total", outcome="lost") == 0
+        assert float(trainer.status()["train_loss"]) < 5.0
