@@ -96,6 +96,8 @@ class SwarmStrategy(Strategy):
         self.compression = COMPRESSIONS[cfg.act_compression]
         self.cf = CheckFreeConfig(lr_scale=cfg.checkfree_lr_scale)
         self.sm = SwarmMetrics(ctx.metrics.registry, self.S)
+        for outcome in ("ok", "failed"):  # exported at 0 from the start, for dashboards and alerts
+            ctx.metrics.recoveries.labels(kind="checkfree_stage", outcome=outcome)
         self.worker: StageWorker | None = None
         self.serving = False  # answering FORWARD/BACKWARD for worker.index
         self.queue = 0
