@@ -114,6 +114,18 @@ class Strategy(abc.ABC):
         await ctx.on_step()
         return True
 
+    def record_round(self, outcome: str, size: int, duration_s: float, **details: Any) -> None:
+        """Round metrics (by outcome; for ok rounds also duration, group size and the time of
+        the last success) and `progress.last_round` = details + outcome, group_size, duration_s."""
+        m = self.ctx.metrics
+        m.rounds.labels(strategy=self.name, outcome=outcome).inc()
+        if outcome == "ok":
+            m.round_duration.observe(duration_s)
+            m.group_size.set(size)
+            m.last_successful_round.set(time.time())
+        self.ctx.progress.last_round = {**details, "outcome": outcome, "group_size": size,
+                                        "duration_s": round(duration_s, 4)}
+
     def record_step(self, num_samples: int, loss: float, elapsed_s: float) -> None:
         """Progress and metrics after one applied local step."""
         ctx, m = self.ctx, self.ctx.metrics

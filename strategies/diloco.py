@@ -185,27 +185,15 @@ class DiLoCoStrategy(Strategy):
     async def _adopt(self, leader: str, why: str) -> None:
         ctx = self.ctx
         ctx.log.info("adopting the swarm's state from %s (%s)", leader[-8:], why)
-        try:
-            await self.state.download(leader)
-        except Exception as e:  # PeerUnavailable, StateTransferError, CodecError
-            ctx.metrics.recoveries.labels(kind="state_download", outcome="failed").inc()
-            ctx.log.warning("state download from %s failed: %s", leader[-8:], e)
+        if await self.state.adopt(leader, ctx.metrics, ctx.log) is None:
             self.election.suspect(leader)
             return
-        ctx.metrics.recoveries.labels(kind="state_download", outcome="ok").inc()
         self.weight = 0.0  # take part in the next round without changing its average
         ctx.progress.step = ctx.trainer.step
 
     # ------------------------------------------------------------------ bookkeeping
     def _account(self, outcome: str, size: int, duration_s: float, out) -> None:
-        ctx, m = self.ctx, self.ctx.metrics
-        m.rounds.labels(strategy=self.name, outcome=outcome).inc()
         if outcome == "ok":
-            m.round_duration.observe(duration_s)
-            m.group_size.set(size)
-            m.last_successful_round.set(time.time())
-            if ctx.progress.state != "online":
-                ctx.progress.state = "online"
-        ctx.progress.last_round = {"round": self.round_no, "outcome": outcome, "group_size": size,
-                                   "duration_s": round(duration_s, 4), "leader": out.leader,
-                                   "phi_hash": self.phi_hash, "detail": out.detail[:200]}
+            self.ctx.progress.state = "online"
+        self.record_round(outcome, size, duration_s, round=self.round_no, leader=out.leader,
+                          phi_hash=self.phi_hash, detail=out.detail[:200])

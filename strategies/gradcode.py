@@ -45,7 +45,7 @@ from .base import Strategy
 from .gradcode_round import CodedRound, chosen_stragglers, make_plan
 from .gradient_codes import build_code
 from .leader import LeaderElection
-from .state_transfer import StateService, StateTransferError
+from .state_transfer import StateService
 
 ROUND = "gradcode.round"
 PUSH = "gradcode.push"
@@ -117,6 +117,7 @@ class GradientCodingStrategy(Strategy):
         self.last_decode: dict | None = None  # aggregator only: stragglers of the last decode, for /status
         self.max_step_s = 0.0  # longest applied step (request to apply), for summary.json
         self._plan_sizes: set[int] = set()  # group sizes n this peer was planned with
+        self._replica_hashes: dict[int, str] = {}  # step (multiple of 10) -> replica hash at its start
         self._applied_at: list[float] = []  # monotonic time of each applied step (wall clock per step)
         self._quorum_reached = False
 
@@ -127,7 +128,8 @@ class GradientCodingStrategy(Strategy):
         return {"skipped_pushes": value(self.gm.skipped_pushes), "replayed_steps": value(self.gm.replayed),
                 "injected_delays": value(self.gm.injected), "max_step_duration_s": round(self.max_step_s, 4),
                 "median_step_interval_s": round(steady[len(steady) // 2], 4) if steady else None,
-                "plan_sizes": sorted(self._plan_sizes)}
+                "plan_sizes": sorted(self._plan_sizes),
+                "replica_hashes": {str(k): v for k, v in sorted(self._replica_hashes.items())}}
 
     async def start(self) -> None:
         await self.ctx.transport.add_handler(ROUND, self._rpc_round, gc_pb.CodedRoundRequest, channel="averaging")
@@ -166,6 +168,10 @@ class GradientCodingStrategy(Strategy):
         step, leader = ctx.trainer.step, self.election.leader()
         t0 = time.perf_counter()
         my_hash = await ctx.compute(ctx.trainer.param_hash)
+        if step % 10 == 0:  # a sparse log of (step, replica) for consistency checks after the run
+            self._replica_hashes[step] = my_hash
+            for old in sorted(self._replica_hashes)[:-64]:
+                del self._replica_hashes[old]
         request = gc_pb.CodedRoundRequest(run_id=ctx.spec.run_id, step=step, param_hash=my_hash)
         replies = (self._serve_round(request, me) if leader == me else
                    ctx.transport.call(leader, ROUND, [request], gc_pb.CodedRoundReply,
@@ -307,28 +313,16 @@ class GradientCodingStrategy(Strategy):
         if donor == ctx.peer_id:
             return
         ctx.log.info("replica differs from the swarm (%s): downloading state from %s", why, donor[-8:])
-        try:
-            step = await self.state.download(donor)
-        except (PeerUnavailable, StateTransferError, codec.CodecError) as e:
-            ctx.metrics.recoveries.labels(kind="state_download", outcome="failed").inc()
-            ctx.log.warning("state download from %s failed: %s", donor[-8:], e)
+        step = await self.state.adopt(donor, ctx.metrics, ctx.log)
+        if step is None:
             return
-        ctx.metrics.recoveries.labels(kind="state_download", outcome="ok").inc()
         ctx.progress.step = step
         ctx.log.info("resynchronised to step %d", step)
 
     def _account(self, outcome: str, size: int, duration_s: float, leader: str) -> None:
-        m = self.ctx.metrics
-        m.rounds.labels(strategy=self.name, outcome=outcome).inc()
-        if outcome == "ok":
-            m.round_duration.observe(duration_s)
-            m.group_size.set(size)
-            m.last_successful_round.set(time.time())
-        last = {"step": self.ctx.trainer.step, "outcome": outcome, "decoded_from": size,
-                "duration_s": round(duration_s, 4), "aggregator": leader}
-        if self.last_decode:
-            last.update(self.last_decode)
-        self.ctx.progress.last_round = last
+        """size = the replies the step was decoded from."""
+        self.record_round(outcome, size, duration_s, step=self.ctx.trainer.step, aggregator=leader,
+                          **(self.last_decode or {}))
 
     # ================================================================ the aggregator
     def _members(self) -> list[str]:

@@ -182,16 +182,10 @@ class NoLoCoStrategy(Strategy):
 
     # ------------------------------------------------------------------ helpers
     def _account(self, outcome: str, size: int, duration_s: float, partner: str | None, detail: str) -> None:
-        ctx, m = self.ctx, self.ctx.metrics
-        m.rounds.labels(strategy=self.name, outcome=outcome).inc()
-        if outcome == "ok":
-            m.round_duration.observe(duration_s)
-            m.group_size.set(size)
-            m.last_successful_round.set(time.time())
-        elif outcome != "no_peers":
-            ctx.log.info("pair round skipped (%s): %s", outcome, detail)
-        ctx.progress.last_round = {"round": ctx.trainer.step // self.H, "outcome": outcome, "group_size": size,
-                                   "duration_s": round(duration_s, 4), "partner": partner or "", "detail": detail}
+        if outcome not in ("ok", "no_peers"):
+            self.ctx.log.info("pair round skipped (%s): %s", outcome, detail)
+        self.record_round(outcome, size, duration_s, round=self.ctx.trainer.step // self.H, partner=partner or "",
+                          detail=detail)
 
 
 class _Refused(Exception):

@@ -121,6 +121,18 @@ class StateService:
             yield wire.StateChunk(step=meta["step"], param_hash=meta["param_hash"], num_tensors=0, meta=blob)
         log.info("served state at step %d to %s", meta["step"], caller[-8:])
 
+    async def adopt(self, peer_id: str, metrics, log: logging.Logger) -> int | None:
+        """`download`, counted in swarm_recoveries_total{kind="state_download"} and logged; the
+        new step, or None (local replica unchanged) when the download failed."""
+        try:
+            step = await self.download(peer_id)
+        except (PeerUnavailable, StateTransferError, codec.CodecError) as e:
+            metrics.recoveries.labels(kind="state_download", outcome="failed").inc()
+            log.warning("state download from %s failed: %s", peer_id[-8:], e)
+            return None
+        metrics.recoveries.labels(kind="state_download", outcome="ok").inc()
+        return step
+
     async def download(self, peer_id: str) -> int:
         """Replace the local replica with peer's; returns the new step. Raises on failure."""
         numel = sum(p.numel() for p in self.trainer.parameters_list())

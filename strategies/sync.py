@@ -39,7 +39,7 @@ from swarm_node.trainer import StepResult
 from .data_parallel import DataParallelStrategy
 from .leader import LeaderElection
 from .outer_math import weighted_mean
-from .state_transfer import StateService, StateTransferError
+from .state_transfer import StateService
 
 PUSH = "sync.push"
 Status = wire.SyncReply.Status
@@ -185,26 +185,15 @@ class SyncStrategy(DataParallelStrategy):
     async def _resync(self, leader: str, why: str) -> None:
         ctx = self.ctx
         ctx.log.info("replica differs from leader %s (%s): downloading its state", leader[-8:], why)
-        try:
-            step = await self.state.download(leader)
-        except (PeerUnavailable, StateTransferError, codec.CodecError) as e:
-            ctx.metrics.recoveries.labels(kind="state_download", outcome="failed").inc()
-            ctx.log.warning("state download from %s failed: %s", leader[-8:], e)
+        step = await self.state.adopt(leader, ctx.metrics, ctx.log)
+        if step is None:
             return
-        ctx.metrics.recoveries.labels(kind="state_download", outcome="ok").inc()
         self._adopted = True
         ctx.progress.step = step
         ctx.log.info("resynchronised to step %d", step)
 
     def _account(self, outcome: str, size: int, duration_s: float, leader: str) -> None:
-        m = self.ctx.metrics
-        m.rounds.labels(strategy=self.name, outcome=outcome).inc()
-        if outcome == "ok":
-            m.round_duration.observe(duration_s)
-            m.group_size.set(size)
-            m.last_successful_round.set(time.time())
-        self.ctx.progress.last_round = {"step": self.ctx.trainer.step, "outcome": outcome, "group_size": size,
-                                        "duration_s": round(duration_s, 4), "leader": leader}
+        self.record_round(outcome, size, duration_s, step=self.ctx.trainer.step, leader=leader)
 
     # ------------------------------------------------------------ leader side RPC
     async def _rpc_push(self, requests: AsyncIterator[wire.SyncPush], caller: str) -> AsyncIterator[wire.SyncReply]:
