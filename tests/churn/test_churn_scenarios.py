@@ -39,7 +39,9 @@ def _check(report) -> None:
 
 
 @pytest.mark.usefixtures("lab_capable")
-@pytest.mark.parametrize("strategy", ["sync", "diloco", "gradcode"])
+# streaming-diloco is left out: a peer restarted mid-run re-adopts the swarm's state every round and
+# never re-joins (issue 3, open); `swarm-node simulate --strategy streaming-diloco --netns` shows it.
+@pytest.mark.parametrize("strategy", ["sync", "diloco", "noloco", "gradcode"])
 def test_builtin_churn_scenario_in_namespaces(strategy, tmp_path):
     """1. Four peers of `strategy`, one namespace each; the built-in churn scenario runs.
     Result: every kill survived, the restarted and the healed peer re-join, loss still falls,
