@@ -59,6 +59,31 @@ def run(workdir: Path, scheme: str, steps: int, delay_s: float, prob: float, tag
             "val_loss": aggregator["val_loss"]}
 
 
+def partition_compute_s(repeats: int = 30) -> tuple[float, float]:
+    """Median seconds of one coded gradient over 1 and over 2 partitions (the node's model and
+    batch, one thread, in this process): the extra compute s·c of coding with s = 1."""
+    import torch
+
+    from swarm_node.data import ByteDataset
+    from swarm_node.model import GPTConfig
+    from swarm_node.trainer import TrainConfig, build_trainer
+
+    torch.set_num_threads(1)
+    trainer = build_trainer(GPTConfig(seq_len=32, n_layer=1, n_head=4, d_model=64), TrainConfig(batch_size=8, seed=1),
+                            ByteDataset.from_source(max_bytes=600_000))
+    out = []
+    for parts in ([(0, 1.0)], [(0, 1.0), (1, 1.0)]):
+        for step in range(3):  # warm-up (allocator, first-call overheads)
+            trainer.compute_coded_gradients(step, parts)
+        times = []
+        for step in range(repeats):
+            t0 = time.perf_counter()
+            trainer.compute_coded_gradients(step, parts)
+            times.append(time.perf_counter() - t0)
+        out.append(statistics.median(times))
+    return out[0], out[1]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
@@ -88,20 +113,23 @@ def main(argv: list[str] | None = None) -> dict:
         same = base if name.startswith("uncoded") else coded
         ok = all(r["consistent"] for r in results[name])
         print(f"{name:<22}{med[name] * 1000:>9.0f}{med[name] / base:>12.2f}{med[name] / same:>24.2f}{str(ok):>12}")
-    # The model's inputs, measured here: coding one more partition per step costs (coded - uncoded).
-    extra_compute = max(coded - base, 0.0)
+    # The model's inputs, measured here: coding one more partition per step costs c2 - c1 of compute.
+    c1, c2 = partition_compute_s()
+    extra_compute = c2 - c1
     wait = med["uncoded+stragglers"] - base
-    print(f"\nredundancy: each peer computes (s+1)/n = 2/4 of the data; measured extra time per step "
-          f"s·c = {extra_compute * 1000:.0f} ms; straggler wait paid by wait-for-all = {wait * 1000:.0f} ms/step")
+    print(f"\nredundancy: each peer computes (s+1)/n = 2/4 of the data; one partition {c1 * 1000:.1f} ms, two "
+          f"{c2 * 1000:.1f} ms, so s·c = {extra_compute * 1000:.1f} ms per step (in-process, 1 thread); "
+          f"straggler wait paid by wait-for-all here = {wait * 1000:.0f} ms/step")
     print("where coding stops paying (model: coded ~ uncoded + s·c, wait-for-all ~ uncoded + p·D):")
-    for d in (0.0, 0.5 * extra_compute / max(args.prob, 1e-9), extra_compute / max(args.prob, 1e-9), args.delay_s,
-              2 * args.delay_s):
+    breakeven = extra_compute / max(args.prob, 1e-9)
+    print(f"  break-even straggler delay D* = s·c / p = {breakeven * 1000:.1f} ms")
+    for d in (0.5 * breakeven, 2 * breakeven, args.delay_s):
         wf = base + args.prob * d
         cd = base + extra_compute
         print(f"  D = {d * 1000:6.0f} ms: wait-for-all {wf * 1000:6.0f} ms, coded {cd * 1000:6.0f} ms -> "
               f"{'coding pays' if cd < wf else 'coding does not pay'} ({wf / cd:.2f}x)")
     out = {"median_step_s": med, "ratios": {k: med[k] / base for k in med},
-           "coded_stragglers_vs_coded": med["coded+stragglers"] / coded,
+           "coded_stragglers_vs_coded": med["coded+stragglers"] / coded, "partition_compute_s": [c1, c2],
            "waitall_stragglers_vs_uncoded": med["uncoded+stragglers"] / base,
            "bytes_per_peer_per_step": {k: statistics.median(r["bytes_per_step"] for r in v) for k, v in results.items()}}
     print(json.dumps(out))
