@@ -53,10 +53,17 @@ def test_pipeline_trains_survives_kill_mid_backward_and_rebuilds_a_lost_stage(tm
         for n in sw.nodes:
             n.wait_info(90)
         first_loss = float(trainer.wait_for(lambda s: s.get("step", 0) >= 1, 120, "a first pipeline step")["train_loss"])
-        st = trainer.wait_for(lambda s: s.get("step", 0) >= 12, 120, "12 pipeline steps")
-        # stochastic wiring: the fast stage-2 replica gets clearly more of the work
-        fast = metric(s2a, "swarm_stage_requests_served_total", op="backward", outcome="ok")
-        slow = metric(s2b, "swarm_stage_requests_served_total", op="backward", outcome="ok")
+        # stochastic wiring: once the trainer sees both stage-2 replicas, the fast one gets
+        # clearly more of the work (counted from then on: start-up order is not routing)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+                metric(trainer, "swarm_stage_peers", stage=str(k)) == 2 for k in (1, 2)):
+            time.sleep(0.5)
+        served = lambda n: metric(n, "swarm_stage_requests_served_total", op="backward", outcome="ok")  # noqa: E731
+        fast0, slow0 = served(s2a), served(s2b)
+        step0 = trainer.status()["step"]
+        st = trainer.wait_for(lambda s: s.get("step", 0) >= max(12, step0 + 10), 120, "pipeline steps")
+        fast, slow = served(s2a) - fast0, served(s2b) - slow0
         assert fast > 1.5 * slow, (fast, slow)
 
         # --- a stage-1 server dies while inside a backward (each backward sleeps 0.3 s there)
