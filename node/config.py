@@ -288,17 +288,22 @@ class RunSpec(BaseModel):
     data_fingerprint: str = ""  # sha256 prefix of the loaded corpus: 'stdlib' differs across Pythons
 
     def canonical(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The spec without fields at their defaults: a field added in a later version leaves
+        the digest of every run that does not use it unchanged, so peers of both versions agree."""
+        return self.model_dump(mode="json", exclude_defaults=True)
 
     def digest(self) -> str:
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def differences(self, other: dict[str, Any]) -> list[str]:
-        """Human-readable list of fields where `other` (a peer's canonical spec) differs."""
-        mine = self.canonical()
-        keys = sorted(set(mine) | set(other))
-        return [f"{k}: ours={mine.get(k)!r} theirs={other.get(k)!r}" for k in keys if mine.get(k) != other.get(k)]
+        """Human-readable list of fields where `other` (a peer's canonical spec) differs; a field
+        missing on either side stands for its default."""
+        defaults = {k: f.get_default(call_default_factory=True) for k, f in type(self).model_fields.items()
+                    if not f.is_required()}
+        mine, theirs = {**defaults, **self.canonical()}, {**defaults, **other}
+        keys = sorted(set(mine) | set(theirs))
+        return [f"{k}: ours={mine.get(k)!r} theirs={theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)]
 
 
 # The TOML path is chosen at runtime (--config); pydantic-settings reads it via this slot.

@@ -161,3 +161,16 @@ def test_abbreviated_join_flags_are_refused(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["join", "--shutdown-grace", "5"])
     assert "unrecognized arguments: --shutdown-grace" in capsys.readouterr().err
+
+
+def test_spec_fields_at_their_defaults_leave_the_digest_alone():
+    """A spec field added in a later version (at its default) must not split a run between
+    peers of the two versions: the digest covers only non-default fields."""
+    base = NodeConfig().run_spec()
+    assert "gc_scheme" not in base.canonical() and "inner_steps" not in base.canonical()
+    assert {"run_id", "strategy", "lr", "seed"} <= set(base.canonical())
+    older = {k: v for k, v in base.canonical().items()}  # what a peer without the field publishes
+    assert base.differences(older) == []
+    coded = NodeConfig(gc_scheme="cyclic").run_spec()
+    assert coded.digest() != base.digest()
+    assert coded.differences(base.canonical()) == ["gc_scheme: ours='cyclic' theirs='auto'"]
