@@ -49,7 +49,7 @@ def test_pipeline_trains_survives_kill_mid_backward_and_rebuilds_a_lost_stage(tm
         s1a = sw.add("s1a", ["--stage", "1", "--swarm-backward-delay-s", "0.3"], initial=boot)
         s1b = sw.add("s1b", ["--stage", "1", "--swarm-backward-delay-s", "0.3"], initial=boot)
         s2a = sw.add("s2a", ["--stage", "2"], initial=boot)
-        s2b = sw.add("s2b", ["--stage", "2", "--swarm-backward-delay-s", "0.2"], initial=boot)  # the slow replica
+        s2b = sw.add("s2b", ["--stage", "2", "--swarm-backward-delay-s", "0.4"], initial=boot)  # the slow replica
         for n in sw.nodes:
             n.wait_info(90)
         first_loss = float(trainer.wait_for(lambda s: s.get("step", 0) >= 1, 120, "a first pipeline step")["train_loss"])
