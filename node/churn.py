@@ -202,6 +202,7 @@ class RunOptions:
     duration_s: float = 0.0  # hard end, seconds after training started (0 = scenario + settle / max-steps)
     settle_s: float = 15.0  # without max-steps: how long to keep running after the last event
     consistency: str | None = None  # "param_hash" | "phi_hash" | None: see churn_scenarios.Profile
+    loss: str = "val"  # which loss must fall: "val" (held-out) or "train" (see churn_scenarios.Profile)
     workdir: Path | None = None
     run_id: str = "churn"
     strict: bool = False  # refuse a scenario with events this backend cannot do (else skip them)
@@ -593,8 +594,11 @@ class ChurnRunner:
             r.problems.append("a non-finite loss was seen")
         if not r.final:
             r.problems.append("no peer survived the scenario")
-        before = r.val_loss.get("before") or r.train_loss.get("before")
-        end = r.val_loss.get("end") if r.val_loss.get("before") else r.train_loss.get("end")
+        if self.o.loss == "train":
+            before, end = r.train_loss.get("before"), r.train_loss.get("end")
+        else:
+            before = r.val_loss.get("before") or r.train_loss.get("before")
+            end = r.val_loss.get("end") if r.val_loss.get("before") else r.train_loss.get("end")
         if before is not None and end is not None and not end < before:
             r.problems.append(f"loss did not fall through the churn: {before:.3f} -> {end:.3f}")
         if self.o.consistency == "param_hash" and self.o.max_steps and len(r.final) >= 2:

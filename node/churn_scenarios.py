@@ -45,6 +45,10 @@ class Profile:
     # summary.json); "phi_hash" = one outer-weight hash per round in /status last_round, for the
     # rounds after the last event; None = replicas differ by design.
     consistency: str | None = None
+    # Which loss must fall through the churn: "val" (held-out, from summary.json) or "train" (from
+    # /status), for strategies whose nodes cannot evaluate the whole model (a SWARM stage server).
+    loss: str = "val"
+    peers: int = 4  # peers the built-in scenarios are run with (by the tests; `simulate --peers` overrides)
     scenarios: dict[str, str] = field(default_factory=dict)
 
 
@@ -65,6 +69,11 @@ PROFILES: dict[str, Profile] = {
     # sync, a peer cut off trains alone (fast), so --max-steps lies well beyond the heal.
     "gradcode": Profile("gradcode", ("--gc-stragglers", "1"), max_steps=1000, consistency="param_hash",
                         scenarios=GENERIC),
+    # SWARM: 3 stages of one layer; each node serves a stage (stage-0 peers train), so only the
+    # trainers' training loss means anything, and replicas of a stage differ between gossip rounds.
+    # Rebalancing is off so the churn, not a move, decides who serves what.
+    "swarm": Profile("swarm", ("--n-layer", "3", "--stages", "3", "--micro-batches", "2", "--d-model", "32",
+                               "--rebalance-interval-s", "0"), loss="train", peers=5, scenarios=GENERIC),
 }
 
 

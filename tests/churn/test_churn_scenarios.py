@@ -26,7 +26,7 @@ pytestmark = pytest.mark.churn
 END_DRAIN = ("at the end", "no summary.json")
 
 
-def _check(report) -> None:
+def _check(report, consistency: str | None) -> None:
     print(report.format())
     end_drain = [p for p in report.problems if any(k in p for k in END_DRAIN)]
     others = [p for p in report.problems if p not in end_drain]
@@ -35,24 +35,27 @@ def _check(report) -> None:
         warnings.warn("end-of-run drain problem: " + "; ".join(end_drain))
     assert report.kills == report.kills_survived >= 2
     assert not report.nan_seen and report.leftover == []
-    assert report.consistent is True
+    # a profile with a consistency rule must pass it; one without (replicas differ by design) is not judged
+    assert report.consistent is (True if consistency else None)
 
 
 @pytest.mark.usefixtures("lab_capable")
 # streaming-diloco is left out: a peer restarted mid-run re-adopts the swarm's state every round and
 # never re-joins (issue 3, open); `swarm-node simulate --strategy streaming-diloco --netns` shows it.
-@pytest.mark.parametrize("strategy", ["sync", "diloco", "noloco", "gradcode"])
+@pytest.mark.parametrize("strategy", ["sync", "diloco", "noloco", "gradcode", "swarm"])
 def test_builtin_churn_scenario_in_namespaces(strategy, tmp_path):
-    """1. Four peers of `strategy`, one namespace each; the built-in churn scenario runs.
-    Result: every kill survived, the restarted and the healed peer re-join, loss still falls,
-    no NaN, survivors agree (sync: one param hash at --max-steps; diloco: one φ per round),
-    nothing left running and no lab namespace left."""
+    """1. The profile's peers of `strategy` (4; swarm 5: a 3-stage pipeline), one namespace each;
+       the built-in churn scenario runs.
+    Result: every kill survived, the restarted and the healed peer re-join, loss still falls (swarm:
+    the trainers' training loss), no NaN, survivors agree where the strategy keeps replicas equal
+    (sync, gradcode: one param hash at --max-steps; diloco: one φ per round), nothing left running
+    and no lab namespace left."""
     p = profile_for(strategy)
-    report = run_scenario(RunOptions(strategy=strategy, peers=4, scenario=Scenario.parse(p.scenarios["churn"], "churn"),
+    report = run_scenario(RunOptions(strategy=strategy, peers=p.peers, scenario=Scenario.parse(p.scenarios["churn"], "churn"),
                                      netns=True, node_args=list(p.node_args), max_steps=p.max_steps, settle_s=12,
-                                     consistency=p.consistency, workdir=tmp_path, netns_prefix="swlt",
+                                     consistency=p.consistency, loss=p.loss, workdir=tmp_path, netns_prefix="swlt",
                                      run_id=f"churn-{strategy}"))
-    _check(report)
+    _check(report, p.consistency)
     assert report.rejoin_s["restart n1"] is not None and report.rejoin_s["heal n3"] is not None
 
 
