@@ -219,7 +219,7 @@ class GradientCodingStrategy(Strategy):
         else:
             ctx.progress.step = ctx.trainer.step
             ctx.metrics.local_step.set(ctx.trainer.step)
-        self._account("ok", len(reader.decoded_from), elapsed, leader)
+        self._account("ok", len(reader.decoded_from), elapsed, leader, n=len(reader.members))
         # Those whose replies made this step are online, even before their records say so:
         # without this a follower that went online first would take itself for the aggregator.
         self.election.mark_committed([leader, *(reader.members[i] for i in reader.decoded_from
@@ -319,10 +319,12 @@ class GradientCodingStrategy(Strategy):
         ctx.progress.step = step
         ctx.log.info("resynchronised to step %d", step)
 
-    def _account(self, outcome: str, size: int, duration_s: float, leader: str) -> None:
-        """size = the replies the step was decoded from."""
+    def _account(self, outcome: str, size: int, duration_s: float, leader: str, n: int | None = None) -> None:
+        """size = the replies the step was decoded from; n = the plan's group size, when this
+        peer worked from a plan. The aggregator adds who straggled in its latest decode."""
+        decode = self.last_decode if leader == self.ctx.peer_id else None
         self.record_round(outcome, size, duration_s, step=self.ctx.trainer.step, aggregator=leader,
-                          **(self.last_decode or {}))
+                          **(decode or {}), **({"n": n} if n else {}))
 
     # ================================================================ the aggregator
     def _members(self) -> list[str]:
@@ -476,7 +478,7 @@ class GradientCodingStrategy(Strategy):
         if self.ctx.progress.state != "online":  # the others now count on me as the aggregator
             self.ctx.progress.state = "online"
             self._announcing = asyncio.ensure_future(self.ctx.membership.announce("online"))
-        self.last_decode = {"n": rnd.plan.code.n, "s": rnd.plan.code.s, "scheme": rnd.plan.code.scheme,
+        self.last_decode = {"s": rnd.plan.code.s, "scheme": rnd.plan.code.scheme,
                             "stragglers": [p[-8:] for p in stragglers],
                             "wait_s": round(rnd.decoded_at - rnd.created, 4)}
 
