@@ -372,10 +372,10 @@ def test_compose_typo_in_a_node_flag_would_fail(monkeypatch):
     peer = load_compose({"SWARM_INITIAL_PEERS": SAMPLE_MADDR})["services"]["peer"]
     with pytest.raises(SystemExit):
         build_parser().parse_args([*peer["command"], "--shutdown-grase-s", "5"])
-    # argparse takes a prefix of a flag as the flag; in compose we insist on the full name.
+    # a prefix of a flag is not the flag: the join parser refuses abbreviations (allow_abbrev=False)
     command = peer["command"]
     peer["command"] = [*command, "--shutdown-grace", "5"]
-    with pytest.raises(AssertionError, match="--shutdown-grace"):
+    with pytest.raises(SystemExit):
         node_config_for(peer, monkeypatch)
     peer["command"] = command
     peer["environment"] = {**peer["environment"], "SWARM_NODE_ROUND_TIMEOUT": "5"}
