@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 from hivemind.utils import get_dht_time
-from prometheus_client.parser import text_string_to_metric_families
 
 from swarm_node.identity import ensure_identity
 from swarm_node.strategies import sapo_tasks as tasks
 from swarm_node.strategies.sapo_gossip import GossipClient
 from swarm_node.strategies.sapo_records import (MAX_ROLLOUT_BYTES, RolloutGroup, Signer, encode_rollout,
                                                 round_of)
+
+from .conftest import scrape_metrics
 
 pytestmark = pytest.mark.multiprocess
 
@@ -36,14 +37,7 @@ SAPO_ARGS = ["--strategy", "sapo", "--sapo-round-s", str(ROUND_S), "--sapo-group
 SIDECAR_LINE = re.compile(r"rollout gossip: sidecar up at (\S+)")
 
 
-def metrics(node) -> dict[tuple[str, tuple], float]:
-    code, body = node.http("/metrics")
-    assert code == 200
-    out = {}
-    for fam in text_string_to_metric_families(body.decode()):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+metrics = scrape_metrics
 
 
 def value(m: dict, name: str, **labels) -> float:
