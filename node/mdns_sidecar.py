@@ -235,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
     p.add_argument("--fault", choices=FAULTS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    return run_sidecar("mdns-sidecar", run, args)
+
+
+def run_sidecar(label: str, run, args) -> int:
+    """The common body of a sidecar's main(): die with the node, keep stdout for events only,
+    then run `run(args)` on trio."""
     if args.parent_pid is not None:
         die_with_parent()
         watch_parent(args.parent_pid)
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr
     import logging
 
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="mdns-sidecar: %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"{label}: %(name)s: %(message)s")
     import trio
 
     try:

@@ -38,8 +38,7 @@ import os
 import signal
 import sys
 
-from .mdns_sidecar import emit, watch_parent
-from .processes import die_with_parent
+from .mdns_sidecar import emit, run_sidecar
 
 CONNECT_TIMEOUT_S = 5.0
 PUBLISH_PACE_S = 0.005  # ~200 msg/s: far below what drains a 1024-deep queue
@@ -158,19 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--degree", type=int, default=6)
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
     args = p.parse_args(argv)
-    if args.parent_pid is not None:
-        die_with_parent()
-        watch_parent(args.parent_pid)
-    sys.stdout = sys.stderr  # libraries must not write to the event channel
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="rollout-sidecar: %(name)s: %(message)s")
-    import trio
-
-    try:
-        return trio.run(run, args)
-    except KeyboardInterrupt:
-        return 0
+    return run_sidecar("rollout-sidecar", run, args)
 
 
 if __name__ == "__main__":
