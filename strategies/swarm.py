@@ -116,6 +116,9 @@ class SwarmStrategy(Strategy):
         self._view_shape: tuple = ()
         self._views_changed_at = time.monotonic()  # last change of who serves which stage
         self._tasks: list[asyncio.Task] = []
+        self._pending_move: int | None = None  # a trainer chosen to rebuild this stage moves between steps
+        self._own: tuple[int, dict[str, torch.Tensor], float, int, dict[str, torch.Tensor] | None] | None = None
+        self._finished = False  # trainer: reached --max-steps and announced so (servers stop on it)
 
     # ================================================================ lifecycle
     async def start(self) -> None:
@@ -124,7 +127,7 @@ class SwarmStrategy(Strategy):
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
-        if self.worker is not None:
+        if self.worker is not None and not self._finished:
             await self._announce("leaving", ttl_s=2.0)
 
     def status(self) -> dict:
@@ -136,18 +139,28 @@ class SwarmStrategy(Strategy):
 
     async def run(self) -> None:
         ctx = self.ctx
-        await self._refresh_views()
+        await self._initial_views()
         stage = await self._choose_stage()
         await self._take_stage(stage, reason="start")
         self._tasks.append(asyncio.ensure_future(self._maintenance()))
         ctx.progress.state = "online"
         last_step = -1
         while not ctx.should_stop():
+            if self._pending_move is not None:  # only trainers defer a move to here, between steps
+                k, self._pending_move = self._pending_move, None
+                await self._take_stage(k, reason="checkfree")
+                self.empty_reads[k] = 0
+                continue
             if self.worker.index == 0:
                 if ctx.config.max_steps and self.steps >= ctx.config.max_steps:
+                    await self._finish()
                     break
                 await self._train_step()
             else:
+                if ctx.config.max_steps and self._trainers_done(ctx.config.max_steps):
+                    ctx.log.info("every trainer finished (--max-steps %d): stage %d server stops",
+                                 ctx.config.max_steps, self.worker.index)
+                    break
                 await asyncio.sleep(0.2)
                 if self.worker.step != last_step:  # a server's step is its stage replica's
                     last_step = self.worker.step
@@ -156,11 +169,30 @@ class SwarmStrategy(Strategy):
                     ctx.metrics.local_step.set(self.worker.step)
                     await ctx.on_step()
 
+    async def _finish(self) -> None:
+        """A trainer at --max-steps: stop upkeep (no more "online" records) and announce LEAVING
+        with its final step for a whole record lifetime, so that every stage server sees it
+        within one announce interval (servers stop on `_trainers_done`)."""
+        for t in self._tasks:
+            t.cancel()
+        self._finished = True
+        await self._announce("leaving")
+
+    def _trainers_done(self, max_steps: int) -> bool:
+        """No trainer is online any more, and one left announcing a step >= max_steps. A trainer
+        that just vanished (killed, partitioned) below max_steps is not "done": it may come back."""
+        v = self.views[0]
+        if v.online():
+            return False
+        return any(rec.state == "leaving" and rec.step >= max_steps for rec, _ in v.peers.values())
+
     # ================================================================ DHT
     def _record(self, state: str) -> StageRecord:
         w = self.worker
         thr = 1.0 / self.serve_ema if self.serve_ema > 0 else 0.0
-        return StageRecord(self.ctx.peer_id, w.index, state, min(thr, 1e8), self.queue, w.step,
+        # a trainer announces its training step (what --max-steps counts), a server its replica's step
+        step = self.steps if w.index == 0 else w.step
+        return StageRecord(self.ctx.peer_id, w.index, state, min(thr, 1e8), self.queue, step,
                            float(w.last_grad_norm or 0.0), w.index == 0)
 
     async def _announce(self, state: str = "online", ttl_s: float | None = None) -> None:
@@ -209,6 +241,22 @@ class SwarmStrategy(Strategy):
             self.sm.load_ratio.labels(stage=str(k)).set(ld / mean if mean > 0 else 1.0)
 
     # ================================================================ stage choice / moves
+    async def _initial_views(self) -> None:
+        """Read every stage before choosing one. A joiner whose first read finds no stage at all
+        (DHT not bootstrapped yet, a dial to a dead peer timing out) would pick stage 0 as
+        "empty" and become a trainer: so unless it started the swarm it re-reads for one record
+        lifetime plus one announce interval, within which any live peer has announced."""
+        cfg = self.ctx.config
+        await self._refresh_views()
+        if cfg.new_swarm or cfg.stage != "auto":
+            return
+        deadline = time.monotonic() + cfg.ttl_s + cfg.announce_interval_s
+        while not any(v.online() for v in self.views) and time.monotonic() < deadline and not self.ctx.should_stop():
+            await asyncio.sleep(0.5)
+            await self._refresh_views()
+        if not any(v.online() for v in self.views):
+            self.ctx.log.info("no stage announced by anyone: starting as a trainer")
+
     async def _choose_stage(self) -> int:
         want = self.ctx.config.stage
         if want != "auto":
@@ -225,9 +273,15 @@ class SwarmStrategy(Strategy):
         self.serving = False
         if old is not None and old != k:
             await self._announce("leaving", ttl_s=2.0)
+        self._own = None
         if self.worker is None:
             self.worker = StageWorker(self.model_cfg, spec.seed, k, self.S, lr=spec.lr, accumulate=spec.micro_batches)
         elif old != k:
+            # what this peer held is a CheckFree source when it moves next to it (the mover may be
+            # the only live peer of a neighbouring stage): keep it before the switch drops it
+            keys, tensors = await ctx.compute(self.worker.state)
+            self._own = (old, dict(zip(keys, tensors)), float(self.worker.last_grad_norm or 0.0), self.worker.step,
+                         self.edge_copy)
             await ctx.compute(self.worker.switch, k)
             self.serve_ema = 0.0  # the old stage's speed says nothing about this one
         replicas = [p for p in self.views[k].online() if p != ctx.peer_id]
@@ -298,6 +352,11 @@ class SwarmStrategy(Strategy):
                                      "head copy it holds", k - 1)
             states, norms, steps = {}, {}, []
             for j in plan.sources:
+                if self._own is not None and self._own[0] == j:  # our own state from before the move
+                    _, states[j], norms[j], step, edge = self._own
+                    edges = edges or (edge or None)
+                    steps.append(step)
+                    continue
                 peers = sorted(self.views[j].online(), key=lambda p: -self.views[j].online()[p][0].step)
                 for pid in peers:
                     got = (await self._fetch_state(pid, j)) if pid != self.ctx.peer_id else None
@@ -346,15 +405,26 @@ class SwarmStrategy(Strategy):
                 self.ctx.log.warning("swarm upkeep failed: %s", e)
 
     async def _maybe_recover(self) -> None:
-        # lost = seen alive before, now empty in two reads in a row (one missed DHT read is not a loss)
-        lost = [k for k in range(self.S) if self.empty_reads[k] >= 2 and k != 0 and self.ever_seen[k]]
-        if not lost or self.worker.index == 0:
+        # empty = no live peer in two reads in a row (one missed DHT read is not a loss); lost =
+        # empty after having been served. A server peer moves only into a lost stage (at start-up
+        # stages are empty because peers are still arriving); a spare trainer fills any empty
+        # server stage, since without one nothing trains at all.
+        empty = [k for k in range(1, self.S) if self.empty_reads[k] >= 2]
+        if not empty or self._pending_move is not None:
             return
         peers = {j: sorted(self.views[j].online()) for j in range(self.S)}
-        if designated_mover(peers) != self.ctx.peer_id:
+        trainer_steps = {p: rec.step for p, (rec, _) in self.views[0].online().items()}
+        if designated_mover(peers, trainer_steps) != self.ctx.peer_id:
             return
-        k = lost[0]
-        self.ctx.log.warning("stage %d has no live peer: moving from stage %d to rebuild it", k, self.worker.index)
+        me = self.worker.index
+        targets = empty if me == 0 else [k for k in empty if self.ever_seen[k]]
+        if not targets:
+            return
+        k = targets[0]
+        self.ctx.log.warning("stage %d has no live peer: moving from stage %d to rebuild it", k, me)
+        if me == 0:  # a trainer is mid-step: its micro-batches are abandoned and it moves between steps
+            self._pending_move = k
+            return
         await self._take_stage(k, reason="checkfree")
         self.empty_reads[k] = 0
 
@@ -428,7 +498,8 @@ class SwarmStrategy(Strategy):
         results = await asyncio.gather(*(self._microbatch(self.steps, m) for m in range(mb_n)))
         losses = [r for r in results if r is not None]
         if not losses:
-            await asyncio.sleep(0.5)
+            if self._pending_move is None:
+                await asyncio.sleep(0.5)
             return
         self.steps += 1
         ctx.trainer.step = self.steps
@@ -460,6 +531,10 @@ class SwarmStrategy(Strategy):
                 for k in range(S - 2, 0, -1):
                     grad = (await self._call(k, Op.STAGE_BACKWARD, [acts[k - 1], grad], mb_id))[1][0]
                 await self.ctx.compute(w.backward, x, grad.float())
+        except _Moving as e:  # stage servers keep nothing: dropping it here leaves no state behind
+            self.sm.microbatches.labels(outcome="abandoned").inc()
+            self.ctx.log.info("micro-batch %s abandoned: %s", mb_id, e)
+            return None
         except (NoPeers, asyncio.TimeoutError) as e:
             self.sm.microbatches.labels(outcome="lost").inc()
             self.totals["microbatches_lost"] += 1
@@ -483,6 +558,8 @@ class SwarmStrategy(Strategy):
         deadline = time.monotonic() + MICROBATCH_DEADLINE_S
         attempt = 0
         while True:
+            if self._pending_move is not None:
+                raise _Moving(f"this trainer moves to stage {self._pending_move}")
             if self.ctx.should_stop() or time.monotonic() > deadline:
                 raise asyncio.TimeoutError(f"stage {k} {opname} not served in time")
             try:
@@ -617,6 +694,10 @@ class SwarmStrategy(Strategy):
 
     def _reject(self, reason: str) -> None:
         self.ctx.metrics.rejected_messages.labels(reason=reason).inc()
+
+
+class _Moving(Exception):
+    """This trainer was designated to rebuild a lost stage: stop driving micro-batches."""
 
 
 def _timed(fn):

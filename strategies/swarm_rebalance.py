@@ -3,7 +3,9 @@
 Pure functions (bench/bench_pipeline.py and the tests drive them without a network).
 Invariants:
   * A move never leaves its stage empty: only a stage with >= 2 peers gives one up.
-  * Stage 0 (the trainers, who hold the data) neither gives nor receives peers.
+  * Stage 0 (the trainers, who hold the data) neither gives nor receives peers by
+    rebalancing; only to rebuild a lost stage that no server stage can spare a peer for does
+    a spare trainer (stage 0 keeps >= 1) move (`designated_mover`).
   * Hysteresis: a peer moves only if the sorted vector of stage capacities improves by more
     than a factor (1 + delta) at its first changed position (see `rebalance_target`):
     moves strictly raise that vector, so they stop and cannot oscillate (undoing a move
@@ -27,14 +29,22 @@ def choose_start_stage(counts: Sequence[int], capacities: Sequence[float]) -> in
     return min(pool, key=lambda k: ((capacities[k] if known else counts[k]), counts[k], k))
 
 
-def designated_mover(peers_by_stage: Mapping[int, Sequence[str]]) -> str | None:
+def designated_mover(peers_by_stage: Mapping[int, Sequence[str]],
+                     trainer_steps: Mapping[str, int] | None = None) -> str | None:
     """The peer that moves to rebuild a lost stage: the lowest id of the most-populated
-    non-trainer stage that keeps >= 1 peer after the move (None: nobody can move)."""
+    non-trainer stage that keeps >= 1 peer after the move. If no server stage can spare a
+    peer, a spare trainer (stage 0 with >= 2 peers): the one with the fewest announced
+    training steps (`trainer_steps`; ties: lowest id), so the most-trained trainer keeps
+    training. None: nobody can move without stranding a stage."""
     pool = [(len(p), -k, k) for k, p in peers_by_stage.items() if k != 0 and len(p) >= 2]
-    if not pool:
-        return None
-    _, _, k = max(pool)
-    return min(peers_by_stage[k])
+    if pool:
+        _, _, k = max(pool)
+        return min(peers_by_stage[k])
+    trainers = list(peers_by_stage.get(0, ()))
+    if len(trainers) >= 2:
+        steps = trainer_steps or {}
+        return min(trainers, key=lambda p: (steps.get(p, 0), p))
+    return None
 
 
 def rebalance_target(capacities: Sequence[float], current: int, mine: float, delta: float,

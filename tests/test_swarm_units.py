@@ -129,7 +129,12 @@ def test_rebalance_rule_converges_without_oscillation():
     assert choose_start_stage([2, 2, 0], [0, 0, 0]) == 2
     assert choose_start_stage([2, 3, 1], [0, 0, 0]) == 2
     assert designated_mover({0: ["t1", "t2"], 1: [], 2: ["z", "y"]}) == "y"
-    assert designated_mover({0: ["t1", "t2"], 1: [], 2: ["z"]}) is None  # never strand a stage
+    # no server stage can spare a peer: a spare trainer moves (the 4-peers-for-3-stages stall),
+    # the one with the fewest training steps, so the most-trained stage-0 replica keeps training
+    assert designated_mover({0: ["t1", "t2"], 1: [], 2: ["z"]}) == "t1"
+    assert designated_mover({0: ["t1", "t2"], 1: [], 2: ["z"]}, {"t1": 90, "t2": 3}) == "t2"
+    assert designated_mover({0: ["t1"], 1: [], 2: ["z"]}) is None  # never strand a stage, trainers' included
+    assert designated_mover({0: ["t1", "t2"], 1: ["a", "b"], 2: []}) == "a"  # a server donor comes first
 
 
 def test_stage_record_validation():
