@@ -41,6 +41,11 @@ DEFAULT_NODE_ARGS = [
 ]
 POLL_S = 1.0
 HTTP_TIMEOUT_S = 2.0
+# loss="reward" (SAPO): rounds each survivor must report after the churn settled, waited for at most
+# REWARD_EXTRA_WAIT_S beyond settle_s (a loaded box may run rounds late, never forever)
+REWARD_ROUNDS_AFTER = 6
+REWARD_EXTRA_WAIT_S = 30.0
+GOSSIP_RX = 'swarm_sapo_rollouts_received_total{path="gossip"}'
 
 
 # ---------------------------------------------------------------------------------- backends
@@ -144,6 +149,7 @@ class Report:
     final: dict[str, dict] = field(default_factory=dict)  # survivor -> step, param_hash, val_loss
     consistent: bool | None = None
     final_rounds: dict[str, Any] = field(default_factory=dict)  # phi_hash consistency: rounds compared
+    reward: dict[str, Any] = field(default_factory=dict)  # loss="reward": before / end, per-survivor rounds after
     leftover: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     duration_s: float = 0.0
@@ -178,6 +184,15 @@ class Report:
         lines.append(f"train loss: start {num(tl.get('start'))}, before churn {num(tl.get('before'))}, "
                      f"end {num(tl.get('end'))}")
         lines.append(f"held-out loss: before churn {num(vl.get('before'))}, end {num(vl.get('end'))}")
+        if self.reward:
+            rw = self.reward
+            lines.append(f"reward (mean per completion): before churn {num(rw.get('before'))} "
+                         f"({rw.get('rounds_before', 0)} rounds), end {num(rw.get('end'))}"
+                         + (f" (restarted peers: {num(rw['end_restarted'])})" if rw.get("end_restarted") is not None
+                            else ""))
+            for name in sorted(rw.get("rounds_after", {})):
+                lines.append(f"  {name}: {rw['rounds_after'][name]} rounds after the churn, external groups used "
+                             f"{rw['external_used_after'][name]}, received by gossip {rw['gossip_after'][name]:.0f}")
         lines.append(f"NaN seen: {'YES' if self.nan_seen else 'no'}")
         for name, f in sorted(self.final.items()):
             lines.append(f"  {name}: step {f.get('step')} hash {str(f.get('param_hash'))[:12]} "
@@ -202,7 +217,7 @@ class RunOptions:
     duration_s: float = 0.0  # hard end, seconds after training started (0 = scenario + settle / max-steps)
     settle_s: float = 15.0  # without max-steps: how long to keep running after the last event
     consistency: str | None = None  # "param_hash" | "phi_hash" | None: see churn_scenarios.Profile
-    loss: str = "val"  # which loss must fall: "val" (held-out) or "train" (see churn_scenarios.Profile)
+    loss: str = "val"  # which loss must fall: "val" (held-out), "train", or "reward" must rise (see churn_scenarios.Profile)
     workdir: Path | None = None
     run_id: str = "churn"
     strict: bool = False  # refuse a scenario with events this backend cannot do (else skip them)
@@ -239,6 +254,10 @@ class ChurnRunner:
         self.t0: float | None = None
         self.samples: list[tuple[float, str, int, float | None]] = []  # t, node, step, train loss
         self.rounds: dict[str, dict[int, tuple[float, str]]] = {}  # node -> outer round -> (t, phi hash), "ok" only
+        # SAPO: node -> round -> (t first seen, mean reward per completion, external groups used); and
+        # node -> [(t, rollouts received by gossip so far)] (a restarted process counts from 0 again)
+        self.sapo_rounds: dict[str, dict[int, tuple[float, float, int]]] = {}
+        self.gossip_rx: dict[str, list[tuple[float, float]]] = {}
         self.last_fire_s = 0.0
         self.watch: dict[str, dict] = {}  # "heal n3" -> what we wait for
         self.partitioned: dict[str, dict] = {}
@@ -343,6 +362,13 @@ class ChurnRunner:
             return False
         if self.o.max_steps:  # every live node stops by itself at --max-steps
             return not any(n.alive and n.proc.proc.poll() is None for n in self.nodes.values())
+        if self.o.loss == "reward":  # judged on the rounds after the last re-join: settle from there
+            since = self._settled_since()
+            if self.now() < since + self.o.settle_s:
+                return False
+            live = [k for k, n in self.nodes.items() if n.alive and n.terminating_since is None]
+            enough = all(len(self._sapo_after(k, since)) >= REWARD_ROUNDS_AFTER for k in live)
+            return enough or self.now() >= since + self.o.settle_s + REWARD_EXTRA_WAIT_S
         return self.now() >= last_fire + self.o.settle_s
 
     def _due(self, e: Event) -> bool:
@@ -395,6 +421,11 @@ class ChurnRunner:
                     # latest wins: an isolated peer may have committed a round number alone before it
                     # re-adopted the swarm's φ; what counts is what it reports once re-joined
                     self.rounds.setdefault(name, {})[int(lr["round"])] = (t, lr["phi_hash"])
+                if lr.get("sapo_round") is not None:  # first sighting: when the round was done, near enough
+                    self.sapo_rounds.setdefault(name, {}).setdefault(
+                        int(lr["sapo_round"]), (t, float(lr.get("reward_mean") or 0.0), int(lr.get("external_used") or 0)))
+            if (rx := _metric(n.metrics, GOSSIP_RX)) is not None:
+                self.gossip_rx.setdefault(name, []).append((t, rx))
             if name in self.partitioned and n.status:
                 iso = self.partitioned[name]
                 iso["max_routing_table"] = max(iso.get("max_routing_table", 0), n.status["routing_table_size"]) \
@@ -594,7 +625,10 @@ class ChurnRunner:
             r.problems.append("a non-finite loss was seen")
         if not r.final:
             r.problems.append("no peer survived the scenario")
-        if self.o.loss == "train":
+        if self.o.loss == "reward":
+            before = end = None  # a GRPO loss need not fall: reward must rise (judged below)
+            self._judge_reward(ended)
+        elif self.o.loss == "train":
             before, end = r.train_loss.get("before"), r.train_loss.get("end")
         else:
             before = r.val_loss.get("before") or r.train_loss.get("before")
@@ -633,6 +667,82 @@ class ChurnRunner:
             if len([k for k in common if all(self.rounds[n.proc.name][k][0] > self.last_fire_s for n in live)]) >= want:
                 return
             time.sleep(0.05)
+
+    def _settled_since(self) -> float:
+        """When the churn was over: the last event, or the last re-join after it."""
+        return max([self.last_fire_s, *(w["done_at_s"] for w in self.watch.values() if w.get("done_at_s"))])
+
+    def _sapo_after(self, name: str, since: float) -> list[tuple[float, float, int]]:
+        return [v for v in self.sapo_rounds.get(name, {}).values() if v[0] > since]
+
+    def _gossip_between(self, name: str, t_from: float, t_to: float) -> float:
+        """Rollouts `name` received by gossip between its last sample at or before t_from and its
+        samples up to t_to. The counter restarts at 0 with a restarted process: a drop counts as
+        a restart (what the new process has counted)."""
+        samples = self.gossip_rx.get(name, [])
+        prev = max(((t, v) for t, v in samples if t <= t_from), default=(t_from, 0.0))[1]
+        got = 0.0
+        for t, v in samples:
+            if t_from < t <= t_to:
+                got += v - prev if v >= prev else v
+                prev = v
+        return got
+
+    def _judge_reward(self, survivors: list[str]) -> None:
+        """SAPO (loss="reward"): its progress is reward, and it has no shared replica to agree on.
+        Judged: (1) the mean reward per completion over the rounds after the churn settled is
+        higher than over the rounds before the first event; (2) every survivor completed rounds
+        after it (a peer stuck after a partition or a restart fails); (3) every survivor trained
+        on other peers' rollouts after it and (4) received some by gossip (not only by pull: dead
+        gossip after a restart or heal fails); (5) a partitioned peer got nothing by gossip while
+        cut off (the lab really cuts the sidecar's traffic too). Per restart/heal the report says
+        how long until that peer used external rollouts and received gossip again."""
+        r = self.report
+        fired = [f for f in r.fired if f.at_s is not None]
+        first_event = min((f.at_s for f in fired), default=None)
+        since = self._settled_since()
+        before = [rew for rounds in self.sapo_rounds.values() for t, rew, _ in rounds.values()
+                  if first_event is None or t <= first_event]
+        after = {n: self._sapo_after(n, since) for n in survivors}
+        # a restarted peer resumes its policy from its last checkpoint (up to --checkpoint-every steps
+        # back): its reward is reported apart, and the rise is judged on the peers that kept theirs
+        kept = [n for n in survivors if not self.nodes[n].restarted] or survivors
+        end = [rew for n in kept for _, rew, _ in after[n]]
+        restarted = [rew for n in survivors if n not in kept for _, rew, _ in after[n]]
+        r.reward = {"before": _mean(before), "end": _mean(end), "end_restarted": _mean(restarted),
+                    "rounds_before": len(before),
+                    "rounds_after": {n: len(v) for n, v in after.items()},
+                    "external_used_after": {n: sum(u for _, _, u in v) for n, v in after.items()},
+                    "gossip_after": {n: self._gossip_between(n, since, math.inf) for n in survivors}}
+        if not before:
+            r.problems.append("no SAPO round was seen before the first event: no reward to compare")
+        for n in survivors:
+            if len(after[n]) < 2:
+                r.problems.append(f"{n}: {len(after[n])} SAPO rounds after the churn (stuck?)")
+            elif r.reward["external_used_after"][n] == 0:
+                r.problems.append(f"{n}: trained on no external rollouts after the churn")
+            if r.reward["gossip_after"][n] <= 0:
+                r.problems.append(f"{n}: received no rollouts by gossip after the churn (gossip dead?)")
+        rb, re_ = r.reward["before"], r.reward["end"]
+        if rb is not None and re_ is not None and not re_ > rb:
+            r.problems.append(f"reward did not rise through the churn: {rb:.3f} -> {re_:.3f}")
+        for f in fired:
+            name, act = f.event.target, f.event.action
+            if act not in ("restart", "join", "heal"):
+                continue
+            used = sorted(t for t, _, u in self.sapo_rounds.get(name, {}).values() if t > f.at_s and u > 0)
+            f.detail["external_after_s"] = round(used[0] - f.at_s, 1) if used else None
+            got = [t for t, v in self.gossip_rx.get(name, []) if t > f.at_s
+                   and self._gossip_between(name, f.at_s, t) > 0]
+            f.detail["gossip_after_s"] = round(got[0] - f.at_s, 1) if got else None
+            if act == "heal":
+                cut = [p for p in fired if p.event.action == "partition" and p.event.target == name
+                       and p.at_s < f.at_s]
+                if cut:  # 3 s for what was already in flight when the partition began
+                    during = self._gossip_between(name, cut[-1].at_s + 3, f.at_s)
+                    f.detail["gossip_while_partitioned"] = during
+                    if during > 0:
+                        r.problems.append(f"{name} received {during:.0f} rollouts by gossip while partitioned")
 
     def _judge_phi(self, survivors: list[str]) -> None:
         """Every survivor committed rounds after the last event, and wherever two of them

@@ -35,6 +35,36 @@ at step 10 kill n1
 at 10s restart n1
 """
 
+# SAPO: steps are GRPO rounds (one per --sapo-round-s, after the warm-start steps), so events are in
+# wall-clock seconds, placed after the first rounds (a sidecar takes up to ~13 s to start on a loaded
+# box, and the reward before the churn must be measured). The partition (12 s) lasts 3 rounds.
+SAPO_CHURN = """\
+at 24s kill n1
+at 30s term n2
+at 36s restart n1
+at 44s partition n3
+at 56s heal n3
+"""
+
+SAPO_PARTITION = """\
+at 24s partition n2
+at 40s heal n2
+"""
+
+SAPO_KILL = """\
+at 24s kill n1
+at 30s restart n1
+"""
+
+# Near the fast configuration of tests/test_sapo_live.py (4 s rounds, 20 warm-start steps, a format reward
+# so that a tiny policy's reward moves within a minute, one PPO epoch = one step per round), with 6
+# questions x 8 completions and 4 local + 4 external groups: 48 completions a round make the mean reward
+# less noisy, and cost little (6 new tokens on a 1-layer model; a round's time is the gossip deadline).
+# In-process (4 peers, add4) the mean reward per completion goes ~0.10 over rounds 1-6 -> ~0.2 by 17-24.
+SAPO_ARGS = ("--sapo-round-s", "4", "--sapo-group-size", "8", "--sapo-questions", "6", "--sapo-local-groups", "4",
+             "--sapo-external-groups", "4", "--sapo-warmstart-steps", "20", "--sapo-format-reward", "0.1",
+             "--sapo-ppo-epochs", "1")
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -46,7 +76,10 @@ class Profile:
     # rounds after the last event; None = replicas differ by design.
     consistency: str | None = None
     # Which loss must fall through the churn: "val" (held-out, from summary.json) or "train" (from
-    # /status), for strategies whose nodes cannot evaluate the whole model (a SWARM stage server).
+    # /status), for strategies whose nodes cannot evaluate the whole model (a SWARM stage server);
+    # "reward" for SAPO, whose progress is reward: the mean reward per completion must RISE from the
+    # rounds before the churn to the rounds after it, every survivor must keep completing rounds and
+    # train on other peers' rollouts again, received by gossip (see churn.ChurnRunner._judge_reward).
     loss: str = "val"
     peers: int = 4  # peers the built-in scenarios are run with (by the tests; `simulate --peers` overrides)
     scenarios: dict[str, str] = field(default_factory=dict)
@@ -75,6 +108,9 @@ PROFILES: dict[str, Profile] = {
     # Rebalancing is off so the churn, not a move, decides who serves what.
     "swarm": Profile("swarm", ("--n-layer", "3", "--stages", "3", "--micro-batches", "2", "--d-model", "32",
                                "--rebalance-interval-s", "0"), loss="train", peers=5, scenarios=GENERIC),
+    # SAPO: peers share rollouts, not weights, so replicas differ by design and progress is reward.
+    "sapo": Profile("sapo", SAPO_ARGS, loss="reward",
+                    scenarios={"churn": SAPO_CHURN, "partition": SAPO_PARTITION, "kill": SAPO_KILL}),
 }
 
 

@@ -1,8 +1,9 @@
 """One churn scenario per landed strategy, through the same runner as `swarm-node simulate`.
 
-netns (root): sync and diloco run the built-in `churn` scenario (kill n1, term n2, restart n1
-with its identity, partition n3 for 12 s and heal it). loopback (any user): the CLI runs a
-kill / restart / term scenario whose partition line is skipped with a warning."""
+netns (root): sync, diloco, noloco, gradcode, swarm and sapo run the built-in `churn` scenario (kill
+n1, term n2, restart n1 with its identity, partition n3 for 12 s and heal it). loopback (any user):
+the CLI runs a kill / restart / term scenario whose partition line is skipped with a warning, and
+sapo runs its built-in churn scenario (partition and heal skipped)."""
 from __future__ import annotations
 
 import json
@@ -42,14 +43,15 @@ def _check(report, consistency: str | None) -> None:
 @pytest.mark.usefixtures("lab_capable")
 # streaming-diloco is left out: a peer restarted mid-run re-adopts the swarm's state every round and
 # never re-joins (issue 3, open); `swarm-node simulate --strategy streaming-diloco --netns` shows it.
-@pytest.mark.parametrize("strategy", ["sync", "diloco", "noloco", "gradcode", "swarm"])
+@pytest.mark.parametrize("strategy", ["sync", "diloco", "noloco", "gradcode", "swarm", "sapo"])
 def test_builtin_churn_scenario_in_namespaces(strategy, tmp_path):
     """1. The profile's peers of `strategy` (4; swarm 5: a 3-stage pipeline), one namespace each;
        the built-in churn scenario runs.
     Result: every kill survived, the restarted and the healed peer re-join, loss still falls (swarm:
     the trainers' training loss), no NaN, survivors agree where the strategy keeps replicas equal
     (sync, gradcode: one param hash at --max-steps; diloco: one φ per round), nothing left running
-    and no lab namespace left."""
+    and no lab namespace left. sapo (judged on reward, see _check_sapo): the mean reward rises, and
+    the restarted and the healed peer complete rounds and get other peers' rollouts by gossip again."""
     p = profile_for(strategy)
     report = run_scenario(RunOptions(strategy=strategy, peers=p.peers, scenario=Scenario.parse(p.scenarios["churn"], "churn"),
                                      netns=True, node_args=list(p.node_args), max_steps=p.max_steps, settle_s=12,
@@ -57,6 +59,38 @@ def test_builtin_churn_scenario_in_namespaces(strategy, tmp_path):
                                      run_id=f"churn-{strategy}"))
     _check(report, p.consistency)
     assert report.rejoin_s["restart n1"] is not None and report.rejoin_s["heal n3"] is not None
+    if p.loss == "reward":
+        _check_sapo(report, rejoined=("restart n1", "heal n3"))
+        heal = next(f for f in report.fired if f.event.describe() == "at 56s heal n3")
+        assert heal.detail["gossip_while_partitioned"] == 0  # the partition cuts the sidecar's gossip too
+
+
+def _check_sapo(report, rejoined: tuple[str, ...]) -> None:
+    """What the runner judged for loss="reward", asserted again where a reader of the test sees it."""
+    rw = report.reward
+    assert rw["rounds_before"] > 0 and rw["end"] > rw["before"], rw
+    for name, rounds in rw["rounds_after"].items():
+        assert rounds >= 2 and rw["external_used_after"][name] > 0 and rw["gossip_after"][name] > 0, (name, rw)
+    for what in rejoined:  # the restarted / healed peer trains on other peers' rollouts again, by gossip
+        f = next(f for f in report.fired if f.at_s is not None and f"{f.event.action} {f.event.target}" == what)
+        assert f.detail["external_after_s"] is not None and f.detail["gossip_after_s"] is not None, f.detail
+
+
+def test_sapo_churn_on_loopback(tmp_path):
+    """1. 4 sapo peers on loopback (any user) run sapo's built-in churn scenario: kill n1, term n2,
+       restart n1 with its identity; partition/heal n3 are skipped (no per-node network).
+    Result: both kills survived, the restart re-joined, the mean reward per completion rose from the
+    rounds before the churn to the rounds after it, every survivor (n0, n1, n3) completed rounds,
+    trained on external rollouts and received some by gossip after the churn (the restarted peer's
+    gossip resumed under its old identity), nothing left running."""
+    p = profile_for("sapo")
+    report = run_scenario(RunOptions(strategy="sapo", peers=p.peers, scenario=Scenario.parse(p.scenarios["churn"], "churn"),
+                                     node_args=list(p.node_args), settle_s=12, loss=p.loss, workdir=tmp_path,
+                                     run_id="churn-sapo-loopback"))
+    _check(report, p.consistency)
+    assert [f.skipped is not None for f in report.fired if f.event.is_network] == [True, True]
+    assert report.rejoin_s["restart n1"] is not None and set(report.final) == {"n0", "n1", "n3"}
+    _check_sapo(report, rejoined=("restart n1",))
 
 
 LOOPBACK = """\
