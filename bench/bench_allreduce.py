@@ -1,9 +1,11 @@
-"""Averaging throughput: our ButterflyAllReduce vs torch.distributed gloo all_reduce.
+"""Averaging throughput: our ButterflyAllReduce (both data paths) vs torch.distributed gloo.
 
 N worker processes (spawn) on 127.0.0.1 each hold a flat fp32 vector (default 100 MB,
-25M elements) and average it with every other worker, alternately with gloo (the
-baseline: all_reduce(SUM) then /N) and with ours (ButterflyAllReduce over Transport over
-hivemind's p2pd), after one warm-up of each: gloo, ours, gloo, ours, ... Every repetition
+25M elements) and average it with every other worker, in turn with gloo (the baseline:
+all_reduce(SUM) then /N), with ours over the libp2p path ("p2p": protobuf chunks on
+Transport streams through hivemind's p2pd; keys `ours_*`) and with ours over the bulk TCP
+path ("tcp": token from a libp2p offer, raw bytes on direct sockets, protocol/bulk_tcp.py;
+keys `tcp_*`), after one warm-up of each: gloo, p2p, tcp, gloo, p2p, tcp, ... Every repetition
 starts at one instant chosen by the parent after all workers reported ready (a barrier
 through the parent); its time is the wall time until the LAST worker holds the mean.
 
@@ -12,7 +14,12 @@ the fp32 mean is exact in any summation order: max abs error must be 0 for gloo 
 ours without compression, and within the codec's bound with compression; `complete` must
 be true.
 
-Where ours spends its time (workers time their own phases; protocol/ is not edited, the
+Where the tcp path spends its time: each worker's AllReduceOutcome.phases (slowest of its
+exchanges: libp2p offer, connect+handshake, push send, wait for the reducer's mean, mean
+receive; when its own shard closed, when all shards were back), its Python CPU (p2pd CPU
+is ~0 there: only the offers use it), fp32 accumulation and the finite checks.
+
+Where the p2p path spends its time (workers time their own phases; protocol/ is not edited, the
 worker wraps a few functions of its own imported copy):
   * per run: CPU seconds of each worker's Python process and of its p2pd, time spent in
     codec encode+chunking / protobuf serialize / protobuf parse / chunk assembly+decode /
@@ -50,7 +57,10 @@ from collections import defaultdict
 
 COMPRESSIONS = ("none", "fp16", "int8", "e3m0")
 VALUE_MAX = 64.0  # |x| <= 64, multiples of 1/64: fp32 sums of a few peers are exact
-GOAL_RATIO = 0.8  # issue: gloo_time / our_time >= 0.8
+GOAL_RATIO = 0.8  # issue: gloo_time / our_time >= 0.8 (judged on the tcp path, the node's default)
+METHODS = ("gloo", "ours", "tcp")  # ours = the libp2p stream path
+TCP_PHASES = ("offer_s", "connect_s", "send_s", "reply_wait_s", "reply_recv_s", "own_shard_closed_s",
+              "all_shards_back_s")
 FOREIGN_WARN_CORES = 0.25  # other processes' CPU during a timed run above this: say the numbers are perturbed
 
 
@@ -129,7 +139,18 @@ def _instrument(stats: _Stats) -> None:
     from hivemind.proto.p2pd_pb2 import RPCError
 
     from swarm_node.protocol import allreduce as ar
-    from swarm_node.protocol import codec
+    from swarm_node.protocol import bulk_tcp, codec
+
+    orig_finite = bulk_tcp.check_finite
+
+    def check_finite(x):
+        t = time.thread_time()
+        try:
+            return orig_finite(x)
+        finally:
+            stats.t["finite_check_s"] += time.thread_time() - t
+
+    bulk_tcp.check_finite = check_finite
 
     orig_chunks = codec.tensors_to_chunks
 
@@ -299,7 +320,8 @@ async def _worker_main(rank: int, cfg: dict, cmd_q, res_q) -> None:
                 p2p = await asyncio.wait_for(P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"]), step_s)
                 p2pd = psutil.Process(p2p._child.pid) if p2p._child is not None else None
                 transport = Transport(p2p, "bench", count_bytes=count)
-                allreduce = ButterflyAllReduce(transport, timeout_s=60, compression=comp)
+                # auto starts the TCP listener; each run then pins the path it measures
+                allreduce = ButterflyAllReduce(transport, timeout_s=60, compression=comp, transport_mode="auto")
                 await allreduce.start()
                 await transport.add_handler("bench.sink", sink, rpb.ShardPush, channel="bench")
                 maddrs = [str(m) for m in await asyncio.wait_for(p2p.get_visible_maddrs(), 10)]
@@ -329,7 +351,9 @@ async def _worker_main(rank: int, cfg: dict, cmd_q, res_q) -> None:
                 _, start_at = await expect("go")
                 cpu0, p2pd0 = time.process_time(), p2pd_cpu()
                 lag = await sleep_until(start_at)
-                out_complete, counts = True, None
+                out_complete, counts, phases, paths = True, None, {}, []
+                if method != "gloo":
+                    allreduce.transport_mode = "p2p" if method == "ours" else "tcp"
                 if method == "gloo":
                     dist.all_reduce(buf)  # blocking; nothing else runs in this worker meanwhile
                     buf.div_(n)
@@ -338,17 +362,21 @@ async def _worker_main(rank: int, cfg: dict, cmd_q, res_q) -> None:
                     out = await asyncio.wait_for(
                         allreduce.run(group_id=f"{tag}", group=group, vector=x, weight=1.0), step_s)
                     result, out_complete, counts = out.result, out.complete, out.contributors_per_shard
+                    phases, paths = out.phases, out.paths
                 end = time.monotonic()
                 cpu1, p2pd1 = time.process_time(), p2pd_cpu()
                 err = float("inf") if result is None else float((result - expected).abs().max())
                 digest = None if result is None else hashlib.blake2b(result.numpy().tobytes(), digest_size=16).hexdigest()
                 rep = {"wall_s": end - start_at, "lag_s": lag, "py_cpu_s": cpu1 - cpu0, "p2pd_cpu_s": p2pd1 - p2pd0,
                        "max_abs_err": err, "complete": bool(out_complete), "counts": counts, "digest": digest,
-                       "timers": dict(stats.t),
+                       "timers": dict(stats.t), "phases": phases, "paths": paths,
                        "closed_s": None if stats.closed_at is None else stats.closed_at - start_at,
                        "tx_bytes": sum(v for (d, _), v in counters.items() if d == "tx"),
                        "rx_bytes": sum(v for (d, _), v in counters.items() if d == "rx")}
                 limit = 0.0 if method == "gloo" else bound
+                want_path = {"ours": "p2p", "tcp": "tcp"}.get(method)
+                if want_path and any(pth not in (want_path, "local") for pth in paths):
+                    raise BenchError(f"worker {rank} {method} {tag}: shards took paths {paths}")
                 if result is None or not out_complete or not err <= limit:
                     raise BenchError(f"worker {rank} {method} {tag}: wrong or incomplete result: complete="
                                      f"{out_complete} counts={counts} max_abs_err={err} (allowed {limit})")
@@ -574,11 +602,11 @@ def run_bench(args) -> dict:
         setup_s = time.monotonic() - t_begin
         print(f"setup: {n} workers, p2p connected, gloo ready in {setup_s:.1f}s", flush=True)
 
-        runs: dict[str, list[list[dict]]] = {"gloo": [], "ours": []}
-        foreign: dict[str, list[float]] = {"gloo": [], "ours": []}
+        runs: dict[str, list[list[dict]]] = {m: [] for m in METHODS}
+        foreign: dict[str, list[float]] = {m: [] for m in METHODS}
         for r in range(-1, args.repeats):  # r = -1: warm-up of each, not counted
             tag = "w" if r < 0 else f"r{r}"
-            for method in ("gloo", "ours"):
+            for method in args.methods:
                 res, other = pool.barrier_round(("prep", method, tag), args.step_timeout_s)
                 wall = max(x["wall_s"] for x in res)
                 print(f"  {'warm-up' if r < 0 else f'repeat {r}'}: {method:4s} {wall:7.3f}s  "
@@ -611,6 +639,7 @@ def summarize(args, n, numel, state_mb, runs, foreign, micro, pair, xfer_all, se
     walls = {m: [max(w["wall_s"] for w in rep) for rep in runs[m]] for m in runs}
     med = {m: _med(walls[m]) for m in walls}
     ratio = med["gloo"] / med["ours"]
+    tcp_ratio = med["gloo"] / med["tcp"]
     busf = 2 * (n - 1) / n  # bytes each peer must send (and receive) per byte of state
 
     ours = [w for rep in runs["ours"] for w in rep]  # every worker of every counted repetition
@@ -620,7 +649,7 @@ def summarize(args, n, numel, state_mb, runs, foreign, micro, pair, xfer_all, se
     py_cpu, p2pd_cpu = _med([w["py_cpu_s"] for w in ours]), _med([w["p2pd_cpu_s"] for w in ours])
     timed = sum(per_worker.values())
     closed = [w["closed_s"] for w in ours if w["closed_s"] is not None]
-    skew = [max(w["closed_s"] for w in rep) - min(w["closed_s"] for w in rep)
+    skew = [max(w["closed_s"] for w in rep) - min(w["closed_s"] for w in rep)  # (empty if p2p was skipped)
             for rep in runs["ours"] if all(w["closed_s"] is not None for w in rep)]
     # model: per run a worker encodes 3+3 shards (its pushes, and its reducer answer once
     # per contributor), parses and assembles 3+3, and accumulates n contributions
@@ -628,15 +657,30 @@ def summarize(args, n, numel, state_mb, runs, foreign, micro, pair, xfer_all, se
     codec_model = k * (micro["encode_chunk_s"] + micro["wrap_msgs_s"] + micro["serialize_s"] + micro["parse_s"]
                        + micro["assemble_decode_s"]) + micro["reduce_s"]
     ncpu = os.cpu_count() or 1
+    tcp = [w for rep in runs["tcp"] for w in rep]
+    tcp_phases = {k: _med([w["phases"][k] for w in tcp if k in w["phases"]]) for k in TCP_PHASES}
+    tcp_py, tcp_p2pd = _med([w["py_cpu_s"] for w in tcp]), _med([w["p2pd_cpu_s"] for w in tcp])
     xfer_wall = max(w["wall_s"] for w in xfer_all)
     res = {
         "bench": "allreduce", "mb": round(state_mb, 3), "numel": numel, "peers": n, "compression": args.compression,
         "repeats": args.repeats, "cpus": ncpu, "setup_s": round(setup_s, 2),
         "gloo_s_median": med["gloo"], "ours_s_median": med["ours"], "gloo_s": walls["gloo"], "ours_s": walls["ours"],
-        "ratio_gloo_over_ours": ratio, "goal_ratio": GOAL_RATIO, "goal_met": ratio >= GOAL_RATIO,
+        "tcp_s_median": med["tcp"], "tcp_s": walls["tcp"],
+        "ratio_gloo_over_ours": ratio, "ratio_gloo_over_tcp": tcp_ratio, "ratio_tcp_speedup_over_p2p": med["ours"] / med["tcp"],
+        "goal_ratio": GOAL_RATIO, "goal_met": tcp_ratio >= GOAL_RATIO, "goal_judged_on": "tcp",
+        "tcp_mb_s": state_mb / med["tcp"], "tcp_busbw_mb_s": busf * state_mb / med["tcp"],
+        "tcp_max_abs_err": max((w["max_abs_err"] for w in tcp), default=float("nan")), "tcp_complete": all(w["complete"] for w in tcp),
+        "tcp_tx_mb_per_worker": _med([w["tx_bytes"] for w in tcp]) / 1e6,
+        "tcp_phases_per_worker_per_run": {
+            **tcp_phases,
+            "python_cpu_s": tcp_py, "p2pd_cpu_s": tcp_p2pd,
+            "reduce_cpu_s": _med([w["timers"].get("reduce_s", 0.0) for w in tcp]),
+            "finite_check_cpu_s": _med([w["timers"].get("finite_check_s", 0.0) for w in tcp]),
+            "cpu_floor_s": n * (tcp_py + tcp_p2pd) / ncpu,
+        },
         "gloo_mb_s": state_mb / med["gloo"], "ours_mb_s": state_mb / med["ours"],
         "gloo_busbw_mb_s": busf * state_mb / med["gloo"], "ours_busbw_mb_s": busf * state_mb / med["ours"],
-        "ours_max_abs_err": max(w["max_abs_err"] for w in ours), "gloo_max_abs_err": max(w["max_abs_err"] for w in gloo),
+        "ours_max_abs_err": max((w["max_abs_err"] for w in ours), default=float("nan")), "gloo_max_abs_err": max((w["max_abs_err"] for w in gloo), default=float("nan")),
         "error_bound": _error_bound(args.compression),
         "ours_complete": all(w["complete"] for w in ours),
         "results_identical_across_workers": True,  # checked on every run, else the bench fails
@@ -658,7 +702,7 @@ def summarize(args, n, numel, state_mb, runs, foreign, micro, pair, xfer_all, se
             "all_to_all_py_cpu_s": _med([w["py_cpu_s"] for w in xfer_all]),
             "all_to_all_p2pd_cpu_s": _med([w["p2pd_cpu_s"] for w in xfer_all]),
         },
-        "other_processes_cpu_cores_max": max(foreign["gloo"] + foreign["ours"]),
+        "other_processes_cpu_cores_max": max(v for m in foreign for v in foreign[m]),
         "p2pd_reaped": len(p2pd_pids),
     }
     return res
@@ -669,7 +713,8 @@ def report(res: dict) -> None:
     n = res["peers"]
     print()
     print(f"{'method':<28}{'median s':>10}{'all s':>28}{'MB/s':>9}{'bus MB/s':>10}{'max err':>10}")
-    for m, label in (("gloo", "gloo all_reduce (fp32)"), ("ours", f"ours butterfly ({res['compression']})")):
+    for m, label in (("gloo", "gloo all_reduce (fp32)"), ("ours", f"ours p2p path ({res['compression']})"),
+                     ("tcp", f"ours tcp path ({res['compression']})")):
         walls = " ".join(f"{w:.3f}" for w in res[f"{m}_s"])
         print(f"{label:<28}{res[f'{m}_s_median']:>10.3f}{walls:>28}{res[f'{m}_mb_s']:>9.1f}"
               f"{res[f'{m}_busbw_mb_s']:>10.1f}{res[f'{m}_max_abs_err']:>10.3g}")
@@ -677,10 +722,24 @@ def report(res: dict) -> None:
     if res["other_processes_cpu_cores_max"] > FOREIGN_WARN_CORES:
         print(f"WARNING: other processes used up to {res['other_processes_cpu_cores_max']:.2f} of {res['cpus']} cores "
               f"during the timed runs: these numbers are perturbed, re-run on a quiet machine")
-    print(f"ratio gloo_time / our_time = {res['ratio_gloo_over_ours']:.3f}  (goal >= {res['goal_ratio']}: {verdict}); "
-          f"ours complete on every run: {res['ours_complete']}, error bound {res['error_bound']:.3g}")
+    print(f"ratio gloo_time / tcp_time = {res['ratio_gloo_over_tcp']:.3f}  (goal >= {res['goal_ratio']}: {verdict}); "
+          f"gloo_time / p2p_time = {res['ratio_gloo_over_ours']:.3f}; tcp is {res['ratio_tcp_speedup_over_p2p']:.1f}x p2p")
+    print(f"complete on every run: p2p {res['ours_complete']}, tcp {res['tcp_complete']}; "
+          f"error bound {res['error_bound']:.3g}")
+    tp = res["tcp_phases_per_worker_per_run"]
     print()
-    print(f"where ours spends a run (median per worker; {n} workers + {n} p2pds share {res['cpus']} cores):")
+    print(f"where the tcp path spends a run (median per worker; slowest of its {n - 1} exchanges per phase):")
+    for label, key in (("libp2p offer (token + address)", "offer_s"), ("TCP connect + token handshake", "connect_s"),
+                       ("push send (scatter)", "send_s"), ("wait for reducer's mean (reduce)", "reply_wait_s"),
+                       ("mean receive (gather)", "reply_recv_s"), ("own shard closed after", "own_shard_closed_s"),
+                       ("all shards back after", "all_shards_back_s"), ("python CPU, total", "python_cpu_s"),
+                       ("  fp32 accumulate + mean", "reduce_cpu_s"), ("  finite checks", "finite_check_cpu_s"),
+                       ("p2pd CPU (offers only)", "p2pd_cpu_s"),
+                       (f"CPU floor: all workers' CPU / {res['cpus']} cores", "cpu_floor_s")):
+        v = tp.get(key)
+        print(f"  {label:<44}{'n/a' if v is None or v != v else f'{v:8.3f} s':>10}")
+    print()
+    print(f"where the p2p path spends a run (median per worker; {n} workers + {n} p2pds share {res['cpus']} cores):")
     rows = [
         ("own shard closed after (scatter-reduce)", ph["own_shard_closed_s"]),
         ("  then until last worker done (gather)", ph["after_close_s"]),
@@ -720,10 +779,13 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="4 MB, 1 repeat: a quick end-to-end check")
     ap.add_argument("--deadline-s", type=float, default=600.0, help="overall limit for the whole run")
     ap.add_argument("--step-timeout-s", type=float, default=120.0, help="limit for each step (start, one run, ...)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                    help="what to time (gloo is always included: it is the reference)")
     ap.add_argument("--no-instrument", action="store_true", help="do not wrap codec/framing functions with timers")
     args = ap.parse_args(argv)
     if args.smoke:
         args.mb, args.repeats = 4.0, 1
+    args.methods = ["gloo", *[m for m in METHODS if m in args.methods and m != "gloo"]]
     if args.peers < 2 or args.repeats < 1 or args.mb <= 0:
         ap.error("need --peers >= 2, --repeats >= 1, --mb > 0")
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")  # inherited by the workers

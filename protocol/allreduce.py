@@ -15,6 +15,19 @@ Contract:
   from its reducer with every member counted. A partial average is reported, never
   hidden (hivemind's averager fills missing parts with local values silently).
 - Nothing here commits anything: the caller decides (see rounds.py's commit vote).
+
+Two data paths, chosen per (member, reducer) pair by `transport_mode`:
+- `p2p`: every shard travels as protobuf chunks on a libp2p stream (encrypted, NAT-friendly
+  through p2pd, but CPU-heavy: several copies per byte).
+- `tcp`: the member asks the reducer over libp2p for a single-use token and its bulk TCP
+  address (protocol/bulk_tcp.py), then pushes raw bytes on a direct socket and reads the
+  mean back on it. Group membership, shard index and caller identity still come from the
+  authenticated libp2p stream; the TCP bytes are authenticated by the token, not encrypted.
+- `auto` (the node's default): tcp, and the p2p stream for a reducer whose TCP address
+  cannot be reached or has no listener (NAT), before anything was sent; counted via
+  `on_path("fallback")`. A failure after bytes were sent is not retried: the shard is
+  missing and the round is incomplete, exactly as on the p2p path.
+Both paths feed the same `_Reduction`, so a reducer may serve a mixed group.
 """
 from __future__ import annotations
 
@@ -26,14 +39,20 @@ from typing import AsyncIterator
 
 import torch
 
-from . import codec
+from . import bulk_tcp, codec
+from .pb import swarm_node_bulk_pb2 as bpb
 from .pb import swarm_node_rounds_pb2 as rpb
 from .transport import MAX_MESSAGE, PeerUnavailable, Transport, drain, first_message
 
 log = logging.getLogger(__name__)
 METHOD = "allreduce.shard"
+OFFER_METHOD = "allreduce.bulk_offer"
 ShardStatus = rpb.ShardReply.Status
+OfferStatus = bpb.BulkOfferReply.Status
 KEEP_GROUPS = 8
+TRANSPORT_MODES = ("auto", "p2p", "tcp")
+CONNECT_TIMEOUT_S = 3.0  # an unreachable (NAT) bulk address costs at most this before the fallback
+PATHS = ("tcp", "p2p", "fallback")  # on_path labels: one per pushed shard
 
 
 def shard_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
@@ -62,11 +81,15 @@ class _Reduction:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     result: torch.Tensor | None = None
     encoded: list | None = None  # the result's wire chunks, encoded once for every contributor
+    wire: memoryview | None = None  # the result's bulk payload, encoded once for every contributor
 
     def add(self, peer: str, x: torch.Tensor, w: float) -> None:
         if self.closed.is_set() or peer in self.contributors:
             return
-        self.total.add_(x.float(), alpha=w)
+        if not self.contributors:  # the first one overwrites: `total` may be uninitialised memory
+            torch.mul(x.float(), w, out=self.total)
+        else:
+            self.total.add_(x.float(), alpha=w)
         self.weight += w
         self.contributors.add(peer)
         if self.contributors >= self.expected:
@@ -75,7 +98,8 @@ class _Reduction:
     def close(self) -> None:
         if not self.closed.is_set():
             # all-zero weights (only joiners): the mean update is zero, not NaN
-            self.result = self.total / self.weight if self.weight > 0 else torch.zeros_like(self.total)
+            # in place: a fresh 25 MB tensor costs more in page faults than the division
+            self.result = self.total.div_(self.weight) if self.weight > 0 else self.total.zero_()
             self.closed.set()
 
 
@@ -87,19 +111,67 @@ class AllReduceOutcome:
     failed: list[str]  # reducers we got nothing from, or members missing from a shard
     duration_s: float
     bytes_sent: int = 0
+    paths: list[str] = field(default_factory=list)  # per shard: tcp | p2p | fallback | local
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: own shard closed, all shards back
 
 
 class ButterflyAllReduce:
     def __init__(self, transport: Transport, *, timeout_s: float, compression: int = codec.NONE,
-                 max_numel: int = 1 << 31, on_reject=None):
+                 max_numel: int = 1 << 31, on_reject=None, transport_mode: str = "p2p",
+                 bulk_host: str = "127.0.0.1", bulk_port: int = 0, announce_host: str | None = None,
+                 on_path=None):
+        if transport_mode not in TRANSPORT_MODES:
+            raise ValueError(f"transport_mode must be one of {TRANSPORT_MODES}, got {transport_mode!r}")
         self.transport, self.timeout_s, self.compression = transport, timeout_s, compression
         self.max_numel = max_numel
         self.on_reject = on_reject or (lambda reason: None)
+        self.on_path = on_path or (lambda path: None)
+        self.transport_mode = transport_mode
+        self._bulk_args = (bulk_host, bulk_port, announce_host)
+        self.bulk: bulk_tcp.BulkServer | None = None
         self._groups: dict[str, _Reduction] = {}
         self._registered: dict[str, asyncio.Event] = {}
+        self._scratch: list[torch.Tensor] = []  # receive buffers for raw TCP pushes, reused across rounds
+
+    def _take_scratch(self, numel: int) -> torch.Tensor:
+        """A receive buffer of `numel` fp32 (recycled: fresh pages cost ~14 ms per 25 MB)."""
+        for i, t in enumerate(self._scratch):
+            if t.numel() == numel:
+                return self._scratch.pop(i)
+        return torch.empty(numel)
+
+    def _give_scratch(self, t: torch.Tensor) -> None:
+        self._scratch.append(t)
+        # keep at most 8 buffers, and only of the size in use now (the group or model changed)
+        self._scratch = [b for b in self._scratch if b.numel() == t.numel()][-8:]
 
     async def start(self) -> None:
         await self.transport.add_handler(METHOD, self._rpc_shard, rpb.ShardPush, channel="averaging")
+        await self.transport.add_handler(OFFER_METHOD, self._rpc_offer, bpb.BulkOffer, channel="averaging")
+        if self.transport_mode != "p2p":
+            host, port, announce = self._bulk_args
+            server = bulk_tcp.BulkServer(self._serve_bulk, host=host, port=port, announce_host=announce,
+                                         on_reject=self.on_reject)
+            try:
+                await server.start()
+            except OSError as e:
+                if self.transport_mode == "tcp":
+                    raise
+                # auto: the p2p stream still works; members that ask are told to use it
+                log.warning("all-reduce TCP listener on %s:%s failed (%s): using libp2p streams only",
+                            host, port, e)
+                return
+            self.bulk = server
+            log.info("all-reduce bulk TCP listener on %s:%d, advertised as %s", host, server.port, server.hosts)
+
+    async def close(self) -> None:
+        if self.bulk is not None:
+            await self.bulk.close()
+            self.bulk = None
+
+    def _count(self, direction: str, nbytes: int) -> None:
+        # the very counter the libp2p streams feed (swarm_network_*_bytes_total{channel})
+        self.transport._count(direction, "averaging", nbytes)
 
     def _event(self, group_id: str) -> asyncio.Event:
         if group_id not in self._registered:
@@ -114,17 +186,39 @@ class ButterflyAllReduce:
         me = self.transport.peer_id
         if me not in group:
             raise ValueError("this peer is not a member of the group")
-        vector = vector.detach().reshape(-1).float().cpu()
+        vector = vector.detach().reshape(-1).float().cpu().contiguous()
         bounds = shard_bounds(vector.numel(), len(group))
         my_index = group.index(me)
         lo, hi = bounds[my_index]
-        mine = _Reduction(expected=set(group), length=hi - lo, total=torch.zeros(hi - lo), index=my_index)
+        mine = _Reduction(expected=set(group), length=hi - lo, total=torch.empty(hi - lo), index=my_index)
         self._groups[group_id] = mine
         self._event(group_id).set()
         mine.add(me, vector[lo:hi], weight)
+        out = torch.empty(vector.numel())  # TCP replies land here directly; other pieces are copied in
+        deadline = asyncio.get_running_loop().time() + self.timeout_s * 2 + 5
+        paths = ["local"] * len(group)
+        timings: list[dict[str, float]] = []  # per TCP exchange: where its time went
 
         async def exchange(j: int) -> tuple[torch.Tensor | None, int, str]:
             s, e = bounds[j]
+            if self.transport_mode != "p2p":
+                try:
+                    timing: dict[str, float] = {}
+                    timings.append(timing)
+                    res = await self._push_tcp(group[j], group_id, j, vector[s:e], weight, out[s:e], deadline, timing)
+                    paths[j] = "tcp"
+                    self.on_path("tcp")
+                    return res
+                except bulk_tcp.BulkUnavailable as why:
+                    if self.transport_mode == "tcp":
+                        paths[j] = "tcp"
+                        return None, 0, f"tcp path unavailable: {why}"
+                    log.info("shard %d to %s: falling back to libp2p (%s)", j, group[j][-8:], why)
+                    paths[j] = "fallback"
+                    self.on_path("fallback")
+            else:
+                paths[j] = "p2p"
+                self.on_path("p2p")
             return await self._push(group[j], group_id, j, vector[s:e], weight)
 
         tasks = {j: asyncio.create_task(exchange(j)) for j in range(len(group)) if j != my_index}
@@ -132,23 +226,175 @@ class ButterflyAllReduce:
             await asyncio.wait_for(mine.closed.wait(), self.timeout_s)
         except asyncio.TimeoutError:
             mine.close()
-        pieces: list[torch.Tensor | None] = [None] * len(group)
+        t_closed = time.perf_counter() - t0
         counts = [0] * len(group)
         failed: list[str] = []
+        have_all = True
         # Others receive my shard's mean through the (possibly lossy) codec: use exactly what
         # they decode, or members would hold different vectors and never agree on a commit.
-        pieces[my_index], counts[my_index] = self._as_sent(mine.result), len(mine.contributors)
+        out[lo:hi] = self._as_sent(mine.result)
+        counts[my_index] = len(mine.contributors)
         failed += sorted(set(group) - mine.contributors)
         for j, task in tasks.items():
             piece, n, err = await task
-            pieces[j], counts[j] = piece, n
+            counts[j] = n
             if piece is None:
+                have_all = False
                 failed.append(group[j])
                 log.info("shard %d from %s missing: %s", j, group[j][-8:], err)
-        have_all = all(p is not None for p in pieces)
-        result = torch.cat(pieces) if have_all else None  # type: ignore[arg-type]
+            elif piece.data_ptr() != out[bounds[j][0]:bounds[j][1]].data_ptr():
+                s, e = bounds[j]
+                out[s:e] = piece
         complete = have_all and all(c == len(group) for c in counts)
-        return AllReduceOutcome(result, complete, counts, sorted(set(failed)), time.perf_counter() - t0)
+        dur = time.perf_counter() - t0
+        phases = {"own_shard_closed_s": t_closed, "all_shards_back_s": dur}
+        for k in ("offer_s", "connect_s", "send_s", "reply_wait_s", "reply_recv_s"):
+            if any(k in t for t in timings):  # the slowest exchange is the critical path
+                phases[k] = max(t.get(k, 0.0) for t in timings)
+        return AllReduceOutcome(out if have_all else None, complete, counts, sorted(set(failed)), dur,
+                                paths=paths, phases=phases)
+
+    # ------------------------------------------------------------------ tcp path, member side
+    async def _push_tcp(self, peer: str, group_id: str, shard: int, x: torch.Tensor, weight: float,
+                        dest: torch.Tensor, deadline: float,
+                        timing: dict[str, float] | None = None) -> tuple[torch.Tensor | None, int, str]:
+        """Push my part of `shard` to its reducer over TCP and read the mean into `dest`.
+        Raises BulkUnavailable only before any shard byte was sent (the caller may fall back).
+        `timing` gets the seconds of each phase: offer, connect, send, reply_wait, reply_recv."""
+        loop = asyncio.get_running_loop()
+        timing = {} if timing is None else timing
+        t = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            timing[name] = now - t
+            t = now
+
+        offer = None
+        try:
+            async for reply in self.transport.call(peer, OFFER_METHOD, [bpb.BulkOffer(group_id=group_id, shard=shard)],
+                                                   bpb.BulkOfferReply, timeout_s=max(0.1, deadline - loop.time()),
+                                                   channel="averaging"):
+                offer = reply
+                break
+        except PeerUnavailable as e:
+            # a peer without the handler (older version) or with a broken stream: the p2p
+            # path decides whether it is really gone
+            raise bulk_tcp.BulkUnavailable(f"no bulk offer: {e}") from None
+        if offer is None:
+            raise bulk_tcp.BulkUnavailable("reducer closed the offer stream")
+        if offer.status == OfferStatus.BULK_STATUS_REJECTED:
+            return None, 0, f"reducer refused: {offer.detail}"
+        if offer.status != OfferStatus.BULK_STATUS_OK:
+            raise bulk_tcp.BulkUnavailable(f"reducer has no bulk listener ({offer.detail})")
+        lap("offer_s")
+        sock = await bulk_tcp.connect(list(offer.hosts), offer.port, offer.token,
+                                      timeout_s=min(CONNECT_TIMEOUT_S, max(0.1, deadline - loop.time())))
+        lap("connect_s")
+        try:
+            payload = bulk_tcp.encode_payload(x, self.compression)
+            self._count("tx", await bulk_tcp.send_all(
+                sock, bulk_tcp.pack_push(self.compression, weight, len(payload)), payload, deadline=deadline))
+            lap("send_s")
+            head = await bulk_tcp.recv_exact(sock, bulk_tcp.REPLY.size, deadline)
+            lap("reply_wait_s")
+            status, n, _, nbytes, detail_len = bulk_tcp.unpack_reply(head)
+            detail = (await bulk_tcp.recv_exact(sock, detail_len, deadline)).decode(errors="replace") if detail_len else ""
+            self._count("rx", len(head) + detail_len)
+            if status != bulk_tcp.OK:
+                return None, 0, f"reducer answered {status}: {detail}"
+            numel = dest.numel()
+            bulk_tcp.check_payload_size(self.compression, nbytes, numel)
+            if self.compression == codec.NONE:
+                await bulk_tcp.recv_into(sock, bulk_tcp.raw_view(dest), deadline)
+                piece = dest
+                bulk_tcp.check_finite(piece)
+            else:
+                piece = bulk_tcp.decode_payload(self.compression, await bulk_tcp.recv_exact(sock, nbytes, deadline), numel)
+            self._count("rx", nbytes)
+            lap("reply_recv_s")
+            return piece, n, ""
+        except bulk_tcp.BulkError as e:
+            if e.reason not in ("timeout", "truncated"):
+                self.on_reject(e.reason)
+            return None, 0, f"tcp shard exchange failed: {e}"
+        finally:
+            sock.close()
+
+    # ------------------------------------------------------------------ tcp path, reducer side
+    async def _rpc_offer(self, requests: AsyncIterator[bpb.BulkOffer], caller: str) -> AsyncIterator[bpb.BulkOfferReply]:
+        first = await first_message(requests, self.timeout_s)
+        if first is None:
+            return
+        await drain(requests, self.timeout_s)
+        if self.bulk is None:
+            yield bpb.BulkOfferReply(status=OfferStatus.BULK_STATUS_UNAVAILABLE, detail=f"mode {self.transport_mode}")
+            return
+        try:  # as for a shard push: the member may be faster than our coordinator reply
+            await asyncio.wait_for(self._event(first.group_id).wait(), self.timeout_s)
+        except asyncio.TimeoutError:
+            yield bpb.BulkOfferReply(status=OfferStatus.BULK_STATUS_REJECTED, detail="unknown group")
+            return
+        red = self._groups.get(first.group_id)
+        if red is None or caller not in red.expected or first.shard != red.index or caller == self.transport.peer_id:
+            self.on_reject("malformed")
+            yield bpb.BulkOfferReply(status=OfferStatus.BULK_STATUS_REJECTED, detail="not a member / wrong shard")
+            return
+        token = self.bulk.issue((first.group_id, caller), ttl_s=self.timeout_s * 2 + 5)
+        yield bpb.BulkOfferReply(status=OfferStatus.BULK_STATUS_OK, hosts=self.bulk.hosts, port=self.bulk.port,
+                                 token=token)
+
+    async def _serve_bulk(self, sock, session: tuple[str, str]) -> None:
+        """One member's push on an authenticated connection: read, validate, add, answer."""
+        loop = asyncio.get_running_loop()
+        group_id, caller = session
+        deadline = loop.time() + self.timeout_s
+        red = self._groups.get(group_id)
+
+        async def refuse(status: int, detail: str) -> None:
+            try:
+                await bulk_tcp.send_all(sock, bulk_tcp.pack_reply(status, 0, 0.0, 0, detail), deadline=loop.time() + 1)
+            except bulk_tcp.BulkError:
+                pass
+
+        if red is None or red.closed.is_set():
+            await refuse(bulk_tcp.REJECTED, "group closed or unknown")
+            return
+        try:
+            head = await bulk_tcp.recv_exact(sock, bulk_tcp.PUSH.size, deadline)
+            compression, weight, nbytes = bulk_tcp.unpack_push(head, red.length)
+            scratch = None
+            if compression == codec.NONE:
+                x = scratch = self._take_scratch(red.length)
+                await bulk_tcp.recv_into(sock, bulk_tcp.raw_view(x), deadline)
+                bulk_tcp.check_finite(x)
+            else:
+                x = bulk_tcp.decode_payload(compression, await bulk_tcp.recv_exact(sock, nbytes, deadline), red.length)
+        except bulk_tcp.BulkError as e:
+            # a scratch buffer that may still be written into by a cancelled read is dropped
+            self.on_reject(e.reason)
+            log.warning("rejected bulk shard from %s: %s", caller[-8:], e)
+            await refuse(bulk_tcp.REJECTED, str(e))
+            return
+        self._count("rx", len(head) + nbytes)
+        red.add(caller, x, weight)
+        del x
+        if scratch is not None:
+            self._give_scratch(scratch)
+        try:
+            await asyncio.wait_for(red.closed.wait(), self.timeout_s * 2)
+        except asyncio.TimeoutError:
+            await refuse(bulk_tcp.TIMEOUT, "shard never closed")
+            return
+        # as on the p2p path, a late contributor still gets the mean; its count shows it was left out
+        if red.wire is None:
+            red.wire = bulk_tcp.encode_payload(red.result, self.compression)
+        reply = bulk_tcp.pack_reply(bulk_tcp.OK, len(red.contributors), red.weight, len(red.wire))
+        try:
+            self._count("tx", await bulk_tcp.send_all(sock, reply, red.wire, deadline=loop.time() + self.timeout_s * 2))
+        except bulk_tcp.BulkError as e:
+            log.info("bulk reply to %s failed: %s", caller[-8:], e)
 
     def _as_sent(self, x: torch.Tensor) -> torch.Tensor:
         if self.compression == codec.NONE:
