@@ -60,6 +60,7 @@ log = logging.getLogger("swarm_node")
 EXIT_OK, EXIT_CONFIG, EXIT_STARTUP, EXIT_JOIN, EXIT_INTERRUPTED, EXIT_TEMPFAIL = 0, 2, 3, 4, 130, 75
 NODE_REJECT_REASONS = (*REJECT_REASONS, "spec_mismatch", "bad_record", "stale_step", "bad_advert")
 JOIN_LINE_PREFIX = "To join this swarm: swarm-node join --initial-peers "
+TASK_STOP_S = 5.0  # after cancel(), how long run() waits for its tasks before shutting down anyway
 
 
 class NodeExit(Exception):
@@ -526,7 +527,15 @@ class Node:
             self.stop_requested = True
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, train, return_exceptions=True)
+            # Bounded: a task that swallows its cancellation must not keep the node from
+            # shutting down (checkpoint, LEAVING record, p2pd stopped); name it instead.
+            _, stuck = await asyncio.wait([*tasks, train], timeout=TASK_STOP_S)
+            for t in [*tasks, train]:
+                if t.done() and not t.cancelled():
+                    t.exception()  # retrieved: a task's failure is reported above, not at exit
+            if stuck:
+                log.warning("%s did not stop within %.0fs of being cancelled; shutting down anyway",
+                            ", ".join(sorted(t.get_name() for t in stuck)), TASK_STOP_S)
 
     # ------------------------------------------------------------------ stop
     def request_stop(self, reason: str) -> None:

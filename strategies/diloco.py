@@ -19,6 +19,7 @@ Invariants (see rounds.py for the transaction):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import torch
@@ -78,7 +79,8 @@ class DiLoCoStrategy(Strategy):
             allreduce=self.allreduce, leader_fn=self.election.leader, expected_fn=self.election.expected,
             state_fn=lambda: (self.round_no, self.phi_hash))
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3,
-                                  extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore)
+                                  extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore,
+                                  snapshot_guard=self._snapshot_guard)
 
     async def start(self) -> None:
         await self.rounds.start()
@@ -108,6 +110,11 @@ class DiLoCoStrategy(Strategy):
         self.phi_hash = round_digest(self.phi)
         self.round_no = meta["round"]
         self._reset_theta()
+
+    def _snapshot_guard(self) -> contextlib.AbstractAsyncContextManager[None]:
+        # φ, momentum and the round number change together on the compute thread, where the
+        # snapshot is taken too, so any moment is consistent.
+        return contextlib.nullcontext()
 
     def _reset_theta(self) -> None:
         load_params(self.params, self.phi)

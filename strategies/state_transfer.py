@@ -8,8 +8,10 @@ is rejected and the local replica is left exactly as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from contextlib import AbstractAsyncContextManager
 from typing import Any, AsyncIterator, Callable
 
 import msgpack
@@ -30,6 +32,9 @@ class StateTransferError(Exception):
 
 ExtraSnapshot = Callable[[], tuple[dict[str, Any], list[torch.Tensor]]]
 ExtraRestore = Callable[[dict[str, Any], list[torch.Tensor]], None]
+# An async context manager entered around taking a snapshot: a strategy whose shared state is
+# mid-transaction (a Streaming DiLoCo fragment round in flight) waits there for a consistent point.
+SnapshotGuard = Callable[[], AbstractAsyncContextManager[None]]
 
 
 def snapshot(trainer, extra: ExtraSnapshot | None = None) -> tuple[dict[str, Any], list[torch.Tensor]]:
@@ -98,9 +103,11 @@ def restore(trainer, meta: dict[str, Any], tensors: list[torch.Tensor], extra: E
 
 class StateService:
     def __init__(self, transport: Transport, trainer, compute, *, timeout_s: float,
-                 extra_snapshot: ExtraSnapshot | None = None, extra_restore: ExtraRestore | None = None):
+                 extra_snapshot: ExtraSnapshot | None = None, extra_restore: ExtraRestore | None = None,
+                 snapshot_guard: SnapshotGuard | None = None):
         self.transport, self.trainer, self.compute, self.timeout_s = transport, trainer, compute, timeout_s
         self.extra_snapshot, self.extra_restore = extra_snapshot, extra_restore
+        self.snapshot_guard = snapshot_guard or contextlib.nullcontext
 
     async def start(self) -> None:
         await self.transport.add_handler(METHOD, self._serve, wire.StateRequest, channel="state")
@@ -110,7 +117,8 @@ class StateService:
         if req is None or req.run_id != self.transport.run_id:
             return
         await drain(requests, self.timeout_s)
-        meta, tensors = await self.compute(snapshot, self.trainer, self.extra_snapshot)
+        async with self.snapshot_guard():
+            meta, tensors = await self.compute(snapshot, self.trainer, self.extra_snapshot)
         blob = msgpack.packb(meta, use_bin_type=True)
         first = True
         for chunk in codec.tensors_to_chunks(tensors, codec.NONE, MAX_MESSAGE):

@@ -19,6 +19,7 @@ skipped until the fragment's next turn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import torch
@@ -41,6 +42,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         self.outers = [OuterOptimizer([self.phi[i] for i in idx], lr=cfg.outer_lr, momentum=cfg.outer_momentum,
                                       nesterov=True) for idx in self.frags]
         self.pending: dict[int, tuple[int, asyncio.Task]] = {}  # apply step -> (fragment, round task)
+        self._step_lock = asyncio.Lock()  # a step with its sends/applies, or a snapshot being served
 
     # ------------------------------------------------------------------ shared state
     def _extra_snapshot(self):
@@ -52,6 +54,30 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             if present:
                 momentum += [bufs[j]["momentum_buffer"] for j in range(len(idx))]
         return {"round": self.round_no, "has_momentum": has}, list(self.phi) + momentum
+
+    @contextlib.asynccontextmanager
+    async def _snapshot_guard(self):
+        """Serve state only between two steps, with no fragment round in flight. A snapshot taken
+        between a send and its apply carries φ without that round's commit; one taken after a
+        step but before that step's send leaves the adopter to skip the round everyone else
+        joins. Either way the adopter is one commit behind at its next round and is sent to
+        resync, into the same race, again and again (the churn lab's restarted peer). The run
+        loop holds `_step_lock` for a step and its sends/applies; since τ < H/P there is a gap
+        between steps with nothing in flight, so the wait is short. It is bounded anyway: a
+        stale snapshot only costs the adopter one more resync."""
+        deadline = time.monotonic() + 2 * self.ctx.config.round_timeout_s
+        while True:
+            await self._step_lock.acquire()
+            if not self.pending or time.monotonic() >= deadline:
+                break
+            self._step_lock.release()  # let the loop reach the round's apply step
+            await asyncio.sleep(0.02)
+        try:
+            if self.pending:
+                self.ctx.log.warning("serving state with a fragment round still in flight")
+            yield
+        finally:
+            self._step_lock.release()
 
     def _extra_restore(self, meta: dict, tensors: list[torch.Tensor]) -> None:
         n, has = len(self.phi), meta.get("has_momentum")
@@ -84,15 +110,16 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             while not ctx.should_stop() and (ctx.config.max_steps == 0 or ctx.trainer.step < ctx.config.max_steps):
                 if not await self.wait_for_peers():
                     break
-                if not await self.local_step():
-                    continue
-                t = ctx.trainer.step
-                if self.tau == 0:
-                    await self._maybe_send(t)
-                    await self._maybe_apply(t)
-                else:
-                    await self._maybe_apply(t)
-                    await self._maybe_send(t)
+                async with self._step_lock:  # a step and its rounds are one unit to a snapshot
+                    if not await self.local_step():
+                        continue
+                    t = ctx.trainer.step
+                    if self.tau == 0:
+                        await self._maybe_send(t)
+                        await self._maybe_apply(t)
+                    else:
+                        await self._maybe_apply(t)
+                        await self._maybe_send(t)
             # finish rounds already in flight so the final weights include them
             for t in sorted(self.pending):
                 await self._maybe_apply(t)
@@ -113,23 +140,40 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         # A round is named by its place in the schedule, which fixes the fragment (and so the
         # vector length) for everyone; a peer that missed a commit differs in hash(φ) instead.
         self.round_no = t // self.every
-        task = asyncio.create_task(self.rounds.run_round(self.round_no, self.phi_hash, self.weight, delta))
+        task = asyncio.create_task(self._round(self.round_no, self.phi_hash, self.weight, delta))
         self.pending[t + self.tau] = (f, task)
+
+    async def _round(self, round_no: int, phi_hash: str, weight: float, delta: torch.Tensor) -> RoundOutcome:
+        out = await self.rounds.run_round(round_no, phi_hash, weight, delta)
+        if out.status == "not_leader" and out.leader in self.election.expected():
+            # our view of the leader is off (e.g. we suspected it after one lost reply): ask the
+            # peer it named, once, as diloco does; skipping instead would train on alone, fast
+            out = await self.rounds.run_round(round_no, phi_hash, weight, delta, leader=out.leader)
+        return out
 
     async def _maybe_apply(self, t: int) -> None:
         if t not in self.pending:
             return
-        f, task = self.pending.pop(t)
+        f, task = self.pending[t]  # stays pending until applied: _snapshot_guard waits on it
         t0 = time.perf_counter()
-        out: RoundOutcome = await task
+        try:
+            out: RoundOutcome = await task
+        except BaseException:
+            self.pending.pop(t, None)
+            raise
         duration = time.perf_counter() - t0
         if out.status == "committed":
-            await self.ctx.compute(self._apply_fragment, f, out.result)
+            try:
+                await self.ctx.compute(self._apply_fragment, f, out.result)
+            finally:
+                self.pending.pop(t, None)
             self.election.mark_committed(out.group)
             self._account("ok", len(out.group), duration, out)
             self.ctx.log.debug("fragment %d round %d committed: phi %s (delta %s)", f, self.round_no - 1,
                                self.phi_hash, tensor_digest(out.result))
-        elif out.status == "resync":
+            return
+        self.pending.pop(t, None)
+        if out.status == "resync":
             self._account("resync", 0, duration, out)
             for _, other in self.pending.values():
                 other.cancel()

@@ -44,6 +44,7 @@ from .state_transfer import StateService
 PUSH = "sync.push"
 Status = wire.SyncReply.Status
 RESULTS_KEPT = 4
+LEADER_GONE_S = 1.0  # out of the view this long (after its record expired) = the leader is gone
 
 
 # ---------------------------------------------------------------- pure math and choice
@@ -156,14 +157,19 @@ class SyncStrategy(DataParallelStrategy):
         assembler = codec.ChunkAssembler(len(self._shapes), max_numel_total=self._numel,
                                          expected_shapes=self._shapes)
         status, detail, contributors = None, "", 0
-        try:
+
+        async def exchange() -> None:
+            nonlocal status, detail, contributors
             async for reply in ctx.transport.call(leader, PUSH, pushes(), wire.SyncReply,
                                                   timeout_s=ctx.config.round_timeout_s * 2 + 10, channel="averaging"):
                 status, detail = reply.status, reply.detail
                 if status != Status.SYNC_STATUS_OK:
-                    break
+                    return
                 contributors = reply.num_contributors
                 assembler.add(reply.chunk)
+
+        try:
+            await self._while_leader_visible(leader, exchange())
         except PeerUnavailable as e:
             ctx.log.warning("round %d: leader unavailable (%s); retrying the step without it", result.step, e)
             self.election.suspect(leader)
@@ -181,6 +187,30 @@ class SyncStrategy(DataParallelStrategy):
         ctx.log.info("round %d: leader %s answered %s %s", result.step, leader[-8:],
                      Status.Name(status) if status is not None else "nothing", detail)
         return None, "error", 0
+
+    async def _while_leader_visible(self, leader: str, exchange) -> None:
+        """Run `exchange` until it ends, or until the leader has been out of our membership view
+        for `LEADER_GONE_S`. The call's own deadline (round_timeout × 2 + 10 s, which a slow but
+        live leader may need) is what a partitioned leader used to cost every follower; its
+        record expiring says the same thing after one record lifetime."""
+        task = asyncio.ensure_future(exchange)
+        gone_since: float | None = None
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                # any state counts: a fresh swarm's leader is not `online` yet
+                if leader in {m.peer_id for m in self.election.peers()}:
+                    gone_since = None
+                elif gone_since is None:
+                    gone_since = time.monotonic()
+                elif time.monotonic() - gone_since >= LEADER_GONE_S:
+                    raise PeerUnavailable(f"{leader[-8:]} left the membership view mid-round")
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _resync(self, leader: str, why: str) -> None:
         ctx = self.ctx

@@ -6,6 +6,7 @@ Every wait is bounded (launcher.wait_for / wait_info), every node is killed by t
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -308,3 +309,30 @@ def test_streaming_diloco_fragments_commit_with_identical_outer_weights(swarm):
     assert sum(s["rounds"]["ok"] for s in summaries) >= 36, [s["rounds"] for s in summaries]
     assert len({s["last_round"]["phi_hash"] for s in summaries}) == 1
     assert all(s["val_loss"] < s["history"][0][1] - 1.0 for s in summaries)
+
+
+def test_sync_followers_leave_a_frozen_leader_after_its_record_expires(swarm):
+    """1. Three sync peers train; the leader (lowest peer id) is frozen with SIGSTOP, p2pd included:
+       it accepts nothing and publishes nothing, as if partitioned.
+    2. The followers' pushes to it hang; they must give up once its record expired (TTL 4 s), not
+       at the push deadline (round_timeout × 2 + 10 s = 20 s), and train on under the next leader.
+    Result: both followers take 5 more steps within 14 s of the freeze (the old bound was ~20 s)."""
+    common = ["--run-id", "frozen", "--strategy", "sync", "--min-peers", "3"]
+    a = swarm.add("a", common)
+    a.wait_info()
+    nodes = [a, *(swarm.add(n, common, initial=a.join_maddr()) for n in ("b", "c"))]
+    ids = {n.wait_info()["peer_id"]: n for n in nodes}
+    for n in nodes:
+        n.wait_for(lambda s: s["last_round"].get("group_size") == 3, 90, "three-peer rounds")
+    leader = ids[min(ids)]
+    followers = [n for n in nodes if n is not leader]
+    os.killpg(leader.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        start = {f.name: f.status()["step"] for f in followers}
+        for f in followers:
+            f.wait_for(lambda s: s["step"] >= start[f.name] + 5, max(0.5, 14 - (time.monotonic() - t0)),
+                       "steps under a new leader")
+        print(f"followers moved on {time.monotonic() - t0:.1f}s after the leader froze")
+    finally:
+        os.killpg(leader.proc.pid, signal.SIGCONT)
