@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -54,29 +53,15 @@ CONFIGS: dict[str, Config] = {
 }
 
 
-def lr_at(step: int, total: int, base: float, schedule: str, warmup: int) -> float:
-    if schedule == "constant":
-        return base
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 class Replicas:
     def __init__(self, n: int, args: argparse.Namespace, dataset: ByteDataset):
         model_cfg = GPTConfig(vocab_size=256, seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
                               d_model=args.d_model)
-        train_cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+        # the trainer applies the schedule itself, from its step count, as in a live node
+        train_cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed, lr_schedule=args.schedule,
+                                warmup_steps=args.warmup if args.schedule == "cosine" else 0, total_steps=args.steps)
         self.trainers: list[LocalTrainer] = [build_trainer(model_cfg, train_cfg, dataset, peer=i) for i in range(n)]
         self.args = args
-
-    def set_lr(self, step: int) -> None:
-        a = self.args
-        lr = lr_at(step, a.steps, a.lr, a.schedule, a.warmup)
-        for t in self.trainers:
-            for g in t.optimizer.param_groups:
-                g["lr"] = lr
 
     def params(self, i: int) -> list[torch.Tensor]:
         return [p.detach().float().clone() for p in self.trainers[i].parameters_list()]
@@ -97,12 +82,10 @@ def run(cfg: Config, args: argparse.Namespace, dataset: ByteDataset) -> float:
     T = args.steps
     if cfg.kind in ("solo",):
         for s in range(T):
-            reps.set_lr(s)
             reps.trainers[0].train_step()
         return reps.val()
     if cfg.kind == "sync":  # data parallel: the mean gradient applied on every replica
         for s in range(T):
-            reps.set_lr(s)
             results = [t.compute_gradients(s) for t in reps.trainers]
             mean = weighted_mean((r.grads, 1.0) for r in results)
             for t in reps.trainers:
@@ -114,7 +97,6 @@ def run(cfg: Config, args: argparse.Namespace, dataset: ByteDataset) -> float:
     if cfg.kind == "diloco":
         outer = OuterOptimizer(phi0, lr=args.outer_lr, momentum=cfg.momentum, nesterov=True)
         for s in range(1, T + 1):
-            reps.set_lr(s - 1)
             for t in reps.trainers:
                 t.train_step()
             if s % cfg.H == 0:
@@ -131,7 +113,6 @@ def run(cfg: Config, args: argparse.Namespace, dataset: ByteDataset) -> float:
                   for idx in frags]
         pending: dict[int, tuple[int, list[torch.Tensor]]] = {}  # apply step -> (fragment, mean Δ)
         for s in range(1, T + 1):
-            reps.set_lr(s - 1)
             for t in reps.trainers:
                 t.train_step()
             f = fragment_due(s, cfg.H, cfg.P)
@@ -155,7 +136,6 @@ def run(cfg: Config, args: argparse.Namespace, dataset: ByteDataset) -> float:
         moms: list[list[torch.Tensor] | None] = [None] * n
         ids = [f"p{i}" for i in range(n)]
         for s in range(1, T + 1):
-            reps.set_lr(s - 1)
             for t in reps.trainers:
                 t.train_step()
             if s % cfg.H == 0:

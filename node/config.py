@@ -41,6 +41,12 @@ class NodeConfig(BaseSettings):
     host: str = Field("0.0.0.0", description="IP address to listen on (0.0.0.0 = all interfaces).")
     port: int = Field(0, ge=0, le=65535, description="TCP port for peer traffic (0 = any free port).")
     announce_host: str | None = Field(None, description="Public IP to announce to peers, when behind NAT or in a container.")
+    allreduce_transport: Literal["auto", "p2p", "tcp"] = Field(
+        "auto", description="diloco family: data path of the all-reduce. tcp = shard bytes on direct TCP sockets "
+        "(authenticated by a one-time token from the libp2p stream, not encrypted); p2p = libp2p streams; auto = "
+        "tcp, with a counted fallback to p2p for a peer whose TCP address is unreachable. Not part of the run spec.")
+    allreduce_tcp_port: int = Field(0, ge=0, le=65535, description="TCP port of the all-reduce data path "
+                                    "(0 = any free port; forward it behind NAT, or let auto fall back to p2p).")
     state_dir: Path = Field(DEFAULT_STATE_DIR, description="Directory for the identity key, checkpoints and address files.")
     announce_interval_s: float = Field(15.0, gt=0.2, le=600, description="How often this peer re-publishes its DHT record.")
     record_ttl_s: float | None = Field(None, gt=0.5, description="Record lifetime in the DHT (default 2.5 x announce interval).")
@@ -64,6 +70,10 @@ class NodeConfig(BaseSettings):
     d_model: int = Field(128, ge=8, le=8192, description="Model width.")
     batch_size: int = Field(16, ge=1, le=4096, description="Sequences per local step.")
     lr: float = Field(3e-3, gt=0, le=10, description="Learning rate of the local optimizer (AdamW).")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="Local learning-rate schedule: constant, or cosine (linear warmup over "
+                                "--lr-warmup-steps, then cosine decay to 0 at --max-steps, which it requires).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Warmup steps of the cosine schedule.")
     seed: int = Field(0, ge=0, description="Seed for model init and data order.")
     round_timeout_s: float = Field(20.0, gt=0, description="Longest wait for the other peers in one synchronization round.")
     inner_steps: int = Field(50, ge=1, le=100_000, description="DiLoCo family: local steps between outer rounds (H).")
@@ -191,6 +201,9 @@ class NodeConfig(BaseSettings):
     def _check_combination(self) -> "NodeConfig":
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.lr_schedule == "cosine" and self.max_steps <= self.lr_warmup_steps:
+            raise ValueError(f"--lr-schedule cosine decays to 0 at --max-steps, which must be set and exceed "
+                             f"--lr-warmup-steps ({self.lr_warmup_steps}); got --max-steps {self.max_steps}")
         if self.strategy == "sapo":
             self._check_sapo()
         if self.strategy == "streaming-diloco":
@@ -241,6 +254,9 @@ class NodeConfig(BaseSettings):
                        fragments=self.fragments, overlap_steps=self.overlap_steps, mix_alpha=self.mix_alpha,
                        gc_scheme=self.gc_scheme, gc_stragglers=self.gc_stragglers, stages=self.stages,
                        micro_batches=self.micro_batches, act_compression=self.act_compression)
+        if self.lr_schedule != "constant":  # the horizon is part of the schedule every peer must share
+            fields.update(lr_schedule=self.lr_schedule, lr_warmup_steps=self.lr_warmup_steps,
+                          lr_total_steps=self.max_steps)
         fields.update(self._sapo_spec_fields())
         return RunSpec(**fields)
 
@@ -282,6 +298,9 @@ class RunSpec(BaseModel):
     stages: int = 3
     micro_batches: int = 2
     act_compression: str = "fp16"
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_total_steps: int = 0
     sapo_group_size: int = 0  # 0 = not a sapo run
     sapo_round_s: float = 0.0
     sapo_tasks: str = ""

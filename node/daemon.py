@@ -151,7 +151,8 @@ class Node:
             raise NodeExit(EXIT_CONFIG, f"training data: {e}") from None
         self.spec = self.spec.model_copy(update={"data_fingerprint": dataset.fingerprint})
         model_cfg = GPTConfig(seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model)
-        train_cfg = TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
+        train_cfg = TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, lr_schedule=cfg.lr_schedule,
+                                warmup_steps=cfg.lr_warmup_steps, total_steps=cfg.max_steps)
         self.trainer = await self.compute(functools.partial(
             build_trainer, model_cfg, train_cfg, dataset, device=self.device, peer=identity.peer_id))
         self._resume()

@@ -45,11 +45,30 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global grad norm; None or 0 disables clipping
     batch_size: int = 16  # sequences per local step
     seed: int = 0  # run seed: model init and per-step batch seeds derive from it
+    # "constant", or "cosine": linear warmup over `warmup_steps`, then cosine decay to 0 at
+    # `total_steps`. A function of the step alone, so a joiner that adopts a peer's step count
+    # also has its learning rate.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 0
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]  # lists from JSON/TOML
         if self.lr <= 0 or self.batch_size <= 0:
             raise ValueError("lr and batch_size must be positive")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown lr schedule {self.lr_schedule!r} (constant or cosine)")
+        if self.lr_schedule == "cosine" and self.total_steps <= self.warmup_steps:
+            raise ValueError("a cosine schedule needs total_steps > warmup_steps")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the optimizer step taken at `step` (0-based)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class NonFiniteError(RuntimeError):
@@ -206,6 +225,9 @@ class LocalTrainer:
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteGradients(self.step, norm)
+        lr = self.cfg.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_grad_norm = norm

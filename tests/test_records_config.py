@@ -174,3 +174,14 @@ def test_spec_fields_at_their_defaults_leave_the_digest_alone():
     coded = NodeConfig(gc_scheme="cyclic").run_spec()
     assert coded.digest() != base.digest()
     assert coded.differences(base.canonical()) == ["gc_scheme: ours='cyclic' theirs='auto'"]
+
+
+def test_cosine_lr_schedule_needs_max_steps_and_joins_the_spec():
+    with pytest.raises(ValueError, match="--max-steps"):
+        NodeConfig(lr_schedule="cosine", lr_warmup_steps=10)
+    base = NodeConfig(max_steps=100).run_spec()
+    cos = NodeConfig(lr_schedule="cosine", max_steps=100, lr_warmup_steps=10).run_spec()
+    shorter = NodeConfig(lr_schedule="cosine", max_steps=50, lr_warmup_steps=10).run_spec()
+    assert "lr_schedule" not in base.canonical()  # constant: the digest of older runs is unchanged
+    assert cos.digest() != base.digest() and cos.digest() != shorter.digest()  # horizon is shared state
+    assert any("lr_total_steps" in d for d in cos.differences(shorter.canonical()))

@@ -163,3 +163,21 @@ def test_evaluate_restores_mode_and_is_deterministic(ds: ByteDataset) -> None:
     tr.model.eval()
     assert tr.evaluate(3) == first
     assert not tr.model.training
+
+
+def test_cosine_schedule_warms_up_decays_and_is_applied_from_the_step(ds: ByteDataset) -> None:
+    cfg = TrainConfig(lr=1e-2, lr_schedule="cosine", warmup_steps=4, total_steps=14)
+    assert [round(cfg.lr_at(s), 6) for s in (0, 3)] == [0.0025, 0.01]  # linear warmup to the peak
+    assert cfg.lr_at(9) == pytest.approx(0.005)  # half way through the decay
+    assert cfg.lr_at(14) == pytest.approx(0.0) and cfg.lr_at(99) == pytest.approx(0.0)
+    assert TrainConfig(lr=1e-2).lr_at(99) == 1e-2
+    with pytest.raises(ValueError, match="total_steps"):
+        TrainConfig(lr_schedule="cosine", warmup_steps=5, total_steps=5)
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        TrainConfig(lr_schedule="linear")
+    # The optimizer runs at the schedule's rate for the trainer's own step count, so a peer that
+    # adopts another's step (a joiner) continues on the same schedule.
+    tr = make(ds, lr=1e-2, lr_schedule="cosine", warmup_steps=4, total_steps=14)
+    tr.step = 9
+    tr.train_step()
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
