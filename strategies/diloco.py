@@ -25,7 +25,7 @@ import time
 import torch
 
 from swarm_node.protocol import codec
-from swarm_node.protocol.allreduce import ButterflyAllReduce
+from swarm_node.protocol.allreduce import ButterflyAllReduce, path_counter
 
 from .base import Strategy
 from .leader import LeaderElection
@@ -73,11 +73,13 @@ class DiLoCoStrategy(Strategy):
         self.election = LeaderElection(ctx, self.name)
         self.allreduce = ButterflyAllReduce(
             ctx.transport, timeout_s=cfg.round_timeout_s, compression=COMPRESSIONS[cfg.compression],
-            on_reject=lambda reason: ctx.metrics.rejected_messages.labels(reason=reason).inc())
+            on_reject=lambda reason: ctx.metrics.rejected_messages.labels(reason=reason).inc(),
+            transport_mode=cfg.allreduce_transport, bulk_host=cfg.host, bulk_port=cfg.allreduce_tcp_port,
+            announce_host=cfg.announce_host, on_path=path_counter(ctx.metrics.registry))
         self.rounds = RoundCoordinator(
             ctx.transport, ctx.spec.run_id, timeout_s=cfg.round_timeout_s, grace_s=cfg.round_timeout_s,
             allreduce=self.allreduce, leader_fn=self.election.leader, expected_fn=self.election.expected,
-            state_fn=lambda: (self.round_no, self.phi_hash))
+            state_fn=lambda: (self.round_no, self.phi_hash), on_stragglers=ctx.metrics.stragglers.inc)
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3,
                                   extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore,
                                   snapshot_guard=self._snapshot_guard)
@@ -85,6 +87,9 @@ class DiLoCoStrategy(Strategy):
     async def start(self) -> None:
         await self.rounds.start()
         await self.state.start()
+
+    async def stop(self) -> None:
+        await self.allreduce.close()  # the bulk TCP listener
 
     # ------------------------------------------------------------------ shared state
     def _extra_snapshot(self):

@@ -64,12 +64,15 @@ class _LeaderRound:
     decision: bool | None = None
     num_elements: int | None = None  # every member must all-reduce a vector of this length
     epoch: int = 0  # retries of one round are new epochs: fresh group, group id and votes
+    on_freeze: Callable[[int], None] | None = None  # called with the number of expected peers left out
 
     def freeze(self, run_id: str) -> None:
         if not self.frozen.is_set():
             self.group = sorted(self.joined)
             self.group_id = group_digest(run_id, self.round_no, self.group, self.epoch)
             self.frozen.set()
+            if self.on_freeze is not None:
+                self.on_freeze(len(self.expected - set(self.joined)))
 
     def vote(self, peer: str, complete: bool, result_hash: str) -> None:
         if peer in self.group:
@@ -91,8 +94,11 @@ class RoundCoordinator:
 
     def __init__(self, transport: Transport, run_id: str, *, timeout_s: float, grace_s: float,
                  allreduce: ButterflyAllReduce, leader_fn: Callable[[], str], expected_fn: Callable[[], set[str]],
-                 state_fn: Callable[[], tuple[int, str]]):
+                 state_fn: Callable[[], tuple[int, str]], on_stragglers: Callable[[int], None] | None = None):
         self.transport, self.run_id = transport, run_id
+        # the deadline quorum: expected members that missed the grace window are left out of the
+        # frozen group (fast peers are not held hostage) and counted here
+        self.on_stragglers = on_stragglers
         self.timeout_s, self.grace_s = timeout_s, grace_s
         self.allreduce, self.leader_fn, self.expected_fn, self.state_fn = allreduce, leader_fn, expected_fn, state_fn
         self._rounds: dict[int, _LeaderRound] = {}
@@ -157,11 +163,16 @@ class RoundCoordinator:
             # an aborted round is retried as a new epoch; reusing it would hand out the old
             # group, the old group id (reducers still hold that epoch's shards) and the old verdict
             epoch = 0 if rnd is None else rnd.epoch + 1
-            rnd = _LeaderRound(round_no, phi_hash, self.expected_fn() | {self.transport.peer_id}, epoch=epoch)
+            rnd = _LeaderRound(round_no, phi_hash, self.expected_fn() | {self.transport.peer_id}, epoch=epoch,
+                               on_freeze=self._count_stragglers)
             self._rounds[round_no] = rnd
             for old in sorted(self._rounds)[:-4]:
                 del self._rounds[old]
         return rnd
+
+    def _count_stragglers(self, missing: int) -> None:
+        if missing and self.on_stragglers is not None:
+            self.on_stragglers(missing)
 
     async def _admit(self, join: rpb.RoundJoin, caller: str) -> rpb.RoundJoinReply:
         if join.run_id != self.run_id:

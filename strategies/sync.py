@@ -139,6 +139,7 @@ class SyncStrategy(DataParallelStrategy):
             await asyncio.wait_for(rnd.closed.wait(), self.ctx.config.round_timeout_s)
         except asyncio.TimeoutError:
             missing = sorted(rnd.expected - set(rnd.contributions))
+            self.ctx.metrics.stragglers.inc(len(missing))
             self.ctx.log.warning("round %d closed without %d peer(s): %s", rnd.step, len(missing),
                                  ", ".join(p[-8:] for p in missing))
             rnd.close()

@@ -129,3 +129,25 @@ def test_an_aborted_round_is_retried_as_a_fresh_epoch():
         assert rc._round(5, "h") is retry  # a committed round is not reopened
 
     asyncio.run(go())
+
+
+def test_members_left_out_of_a_frozen_group_are_counted_as_stragglers():
+    """The deadline quorum: the leader freezes without expected members that missed the grace
+    window, and counts them; a round everyone joined counts nothing."""
+    from swarm_node.strategies.rounds import RoundCoordinator
+
+    counted: list[int] = []
+
+    class T:
+        peer_id = "a"
+
+    rc = RoundCoordinator(T(), "run", timeout_s=1, grace_s=1, allreduce=None, leader_fn=lambda: "a",
+                          expected_fn=lambda: {"b", "c", "d"}, state_fn=lambda: (5, "h"), on_stragglers=counted.append)
+    full = rc._round(5, "h")
+    full.joined = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}
+    full.freeze("run")
+    late = rc._round(6, "h")
+    late.joined = {"a": 1.0, "c": 1.0}
+    late.freeze("run")
+    late.freeze("run")  # freezing twice (grace timer and last join) counts once
+    assert counted == [2] and late.group == ["a", "c"]
