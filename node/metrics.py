@@ -101,7 +101,7 @@ class NodeMetrics:
         )
         self.group_size = Gauge("swarm_averaging_group_size", "Peers in the last averaging group.", registry=r)
         self.stragglers = Counter(
-            "swarm_stragglers", "Expected peers a round went on without (missed its deadline), counted by the "
+            "swarm_round_stragglers", "Expected peers a round went on without (missed its deadline), counted by the "
             "peer that closed the round.", registry=r)
         self.last_successful_round = Gauge(
             "swarm_last_successful_round_timestamp_seconds", "Unix time of the last ok round (0 = never).", registry=r
