@@ -398,6 +398,10 @@ class SwarmStrategy(Strategy):
                     last_avg = time.monotonic()
                     await self._gossip_average()
                     await self._refresh_edge_copy()
+                elif self.edge_copy is None and self.worker.index == self.S - 2:
+                    # hold a head copy from the first tick on: a last stage lost before the first
+                    # averaging interval could otherwise not be rebuilt at all (seen in the churn lab)
+                    await self._refresh_edge_copy()
                 await self._maybe_rebalance()
             except asyncio.CancelledError:
                 raise
