@@ -16,6 +16,7 @@ Targets from the issue: DiLoCo H=10 g >= 0.85; H=50 and streaming g >= 0.5; NoLo
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ import torch
 from swarm_node.launcher import Swarm
 
 MODEL = ["--n-layer", "1", "--d-model", "64", "--n-head", "4", "--seq-len", "32", "--batch-size", "8",
-         "--data-max-bytes", "600000", "--lr", "3e-3"]
+         "--data-max-bytes", "600000"]
 BASE = ["--host", "127.0.0.1", "--metrics-addr", "127.0.0.1:0", "--threads", "1", "--announce-interval-s", "1",
         "--status-interval-s", "60", "--log-level", "WARNING", "--round-timeout-s", "30", *MODEL]
 
@@ -48,8 +49,8 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 
-def run_config(workdir: Path, name: str, args: list[str], peers: int, steps: int) -> dict:
-    common = [*BASE, *args, "--max-steps", str(steps), "--eval-every", str(steps)]
+def run_config(workdir: Path, name: str, args: list[str], peers: int, steps: int, opt: list[str]) -> dict:
+    common = [*BASE, *opt, *args, "--max-steps", str(steps), "--eval-every", str(steps)]
     solo = "solo" in args
     with Swarm(workdir, common) as sw:
         first = sw.add("p0", ["--run-id", f"{name}-0" if solo else name, "--min-peers", "1" if solo else str(peers)])
@@ -74,7 +75,16 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--peers", type=int, default=4)
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    ap.add_argument("--warmup", type=int, default=50, help="cosine warmup steps")
+    ap.add_argument("--reference", action="store_true",
+                    help="also run bench/ref_diloco.py's in-process reference of each config (same math, no "
+                         "transport) and print live - reference (the note's parity bound: ±0.05 nats)")
     args = ap.parse_args()
+    opt = ["--lr", str(args.lr), "--lr-schedule", args.schedule]
+    if args.schedule == "cosine":
+        opt += ["--lr-warmup-steps", str(args.warmup)]
     names = args.only or list(CONFIGS)
     for needed in ("solo", "sync"):
         if needed not in names:
@@ -85,7 +95,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             t0 = time.monotonic()
-            results[name] = run_config(Path(tmp) / name, name, CONFIGS[name], args.peers, args.steps)
+            results[name] = run_config(Path(tmp) / name, name, CONFIGS[name], args.peers, args.steps, opt)
             print(f"  {name:18s} val {results[name]['val']:.4f}  ({time.monotonic() - t0:.0f}s)", flush=True)
     numel = _num_params()
     solo, sync = results["solo"]["val"], results["sync"]["val"]
@@ -99,8 +109,27 @@ def main() -> int:
         r.update(g=g, sent_per_step=sent, formula_per_step=formula)
         ratio = f"{sent / formula:6.2f}" if formula else "     -"
         print(f"{name:18s} {r['val']:9.4f} {g:8.2f} {sent:17.0f} {formula or 0:10.0f} {ratio} {r['utilization']:5.2f}")
+    if args.reference:
+        _print_reference(names, results, args)
     print(json.dumps({"steps": args.steps, "peers": args.peers, "params": numel, "results": results}))
     return 0
+
+
+def _print_reference(names: list[str], results: dict, args) -> None:
+    spec = importlib.util.spec_from_file_location("ref_diloco", Path(__file__).with_name("ref_diloco.py"))
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    rargs = ref.parse_args(["--steps", str(args.steps), "--replicas", str(args.peers), "--lr", str(args.lr),
+                            "--schedule", args.schedule, "--warmup", str(args.warmup)])
+    torch.set_num_threads(1)
+    dataset = ref.ByteDataset.from_source("stdlib", max_bytes=rargs.data_max_bytes)
+    print(f"\n{'config':18s} {'live':>7s} {'reference':>9s} {'live-ref':>8s}   (in-process, same math and settings)")
+    for name in names:
+        if name not in ref.CONFIGS:
+            continue
+        r = ref.run(ref.CONFIGS[name], rargs, dataset)
+        results[name]["reference_val"] = r
+        print(f"{name:18s} {results[name]['val']:7.3f} {r:9.3f} {results[name]['val'] - r:+8.3f}", flush=True)
 
 
 def _utilization(summary: dict) -> float:

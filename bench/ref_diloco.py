@@ -46,6 +46,7 @@ CONFIGS: dict[str, Config] = {
     "solo": Config("solo"),
     "sync": Config("sync"),
     "diloco-h10": Config("diloco", 10),
+    "diloco-h10-m0.5": Config("diloco", 10, 0.5),
     "diloco-h50": Config("diloco", 50),
     "diloco-h50-m0.5": Config("diloco", 50, 0.5),
     "streaming-h50-p5": Config("streaming", 50, P=5, tau=2, alpha=0.5),
@@ -153,7 +154,7 @@ def run(cfg: Config, args: argparse.Namespace, dataset: ByteDataset) -> float:
     raise ValueError(cfg.kind)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--replicas", type=int, default=4)
@@ -167,11 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--data-max-bytes", type=int, default=600_000)
-    ap.add_argument("--eval-batches", type=int, default=16)
+    ap.add_argument("--eval-batches", type=int, default=8)  # as a node evaluates
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", choices=sorted(CONFIGS))
     ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     dataset = ByteDataset.from_source("stdlib", max_bytes=args.data_max_bytes)
     names = args.only or list(CONFIGS)
