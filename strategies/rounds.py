@@ -28,7 +28,7 @@ import torch
 
 from swarm_node.protocol.allreduce import AllReduceOutcome, ButterflyAllReduce
 from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
-from swarm_node.protocol.transport import PeerUnavailable, Transport, drain, first_message
+from swarm_node.protocol.transport import ClosedWithoutAnswer, PeerUnavailable, Transport, drain, first_message
 
 JoinStatus = rpb.RoundJoinReply.Status
 JOIN, VOTE = "round.join", "round.commit"
@@ -164,10 +164,23 @@ class RoundCoordinator:
                             leader=leader, allreduce=ar)
 
     async def _call_one(self, peer: str, method: str, msg, reply_type, timeout_s: float):
-        async for reply in self.transport.call(peer, method, [msg], reply_type, timeout_s=timeout_s,
-                                               channel="averaging"):
-            return reply
-        raise PeerUnavailable(f"{peer[-8:]} closed {method} without answering")
+        """One request, one reply. Join and vote are idempotent at the leader (a second join of
+        an admitted member returns the same group; a second vote overwrites the first), so a
+        stream that ended without a reply is retried once instead of costing the round: a
+        member whose join reply was lost used to stay in the frozen group, and the others'
+        all-reduce waited the full timeout for its shard."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        for attempt in (1, 2):
+            try:
+                async for reply in self.transport.call(peer, method, [msg], reply_type, timeout_s=timeout_s,
+                                                       channel="averaging"):
+                    return reply
+                raise ClosedWithoutAnswer(f"{peer[-8:]} closed {method} without answering")
+            except ClosedWithoutAnswer:
+                timeout_s = deadline - asyncio.get_running_loop().time()
+                if attempt == 2 or timeout_s < 0.5:
+                    raise
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ leader side
     def _round(self, round_no: int, phi_hash: str) -> _LeaderRound:

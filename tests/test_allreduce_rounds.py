@@ -182,3 +182,40 @@ def test_only_a_majority_of_the_online_peers_commits_a_round():
     solo.freeze("run")
     solo.vote("a", True, "x")
     assert solo.decide() is True
+
+
+def test_a_round_rpc_whose_stream_closed_without_a_reply_is_sent_once_more():
+    """Join and vote are idempotent at the leader, so a stream that ended before its reply (seen on
+    live p2p streams while both sides are fine) is retried once; a second silent close, or a
+    missed deadline, is still an error."""
+    from swarm_node.protocol.transport import ClosedWithoutAnswer, PeerUnavailable
+    from swarm_node.strategies.rounds import RoundCoordinator
+
+    class T:
+        peer_id = "a"
+
+        def __init__(self, script):
+            self.script, self.calls = list(script), 0
+
+        async def call(self, peer, method, msgs, reply_type, timeout_s, channel):
+            self.calls += 1
+            what = self.script.pop(0)
+            if isinstance(what, Exception):
+                raise what
+            for reply in what:
+                yield reply
+
+    async def call(script):
+        t = T(script)
+        rc = RoundCoordinator(t, "run", timeout_s=1, grace_s=1, allreduce=None, leader_fn=lambda: "b",
+                              expected_fn=lambda: {"b"}, state_fn=lambda: (0, "h"))
+        try:
+            return await rc._call_one("b", "round.join", object(), object, 5.0), t.calls
+        except PeerUnavailable as e:
+            return e, t.calls
+
+    assert asyncio.run(call([[], ["ok"]])) == ("ok", 2)  # closed once, answered on the retry
+    err, calls = asyncio.run(call([[], ClosedWithoutAnswer("closed again")]))
+    assert isinstance(err, ClosedWithoutAnswer) and calls == 2
+    err, calls = asyncio.run(call([PeerUnavailable("missed the deadline"), ["late"]]))
+    assert isinstance(err, PeerUnavailable) and calls == 1  # a deadline is not retried
