@@ -1,23 +1,36 @@
 """CheckFree vs random re-init vs checkpoint rollback after losing a middle pipeline stage.
 
-Network-free: an in-process pipeline of the tiny byte GPT (node/model.py split_stages) on
-the embedded corpus, one AdamW per stage, per-stage clipping at 1.0 (the post-clip norm is
+Network-free: an in-process pipeline of the tiny GPT (node/model.py split_stages), one Adam
+(weight decay 0, as the note's §2) per stage, per-stage clipping at 1.0 (the post-clip norm is
 what CheckFree weighs neighbours by). Every continuation starts from the same pretrained
 state and sees the same batches (batch of step t is a function of (seed, t)), so the
-comparison is paired.
+comparison is paired. Every rebuilt stage gets the same brand-new optimizer at lr x 1.1, so
+two recoveries differ only in the weights they start from.
 
 For each middle stage k: pretrain F steps (a checkpoint of every stage, weights and
-optimizer, is taken every C steps), lose stage k at step F, then continue 50 steps with:
-  none        no failure (the baseline every ratio is against)
-  checkfree   grad-norm weighted average of stages k-1, k+1; fresh optimizer; lr x 1.1
-  random      stage k re-initialised from a fresh seed; fresh optimizer
-  checkpoint  every stage rolled back to the last checkpoint (F - F mod C): F mod C steps
-              of work are redone; its "+n" counts steps after the rollback
-Prints eval loss at +0, +10, +50 (mean over the middle stages), the ratio to the
-no-failure loss measured in this run, and the recovery cost: bytes moved and seconds.
+optimizer, is taken every C steps), lose stage k at step F, then continue with:
+  none         no failure (the baseline every ratio is against)
+  checkfree    grad-norm weighted average of stages k-1, k+1 (checkfree.md §2), weighted by
+               each neighbour's whole-stage post-clip norm (what the live strategy announces)
+  checkfree_body  the same, weighted by the neighbours' BODY gradient norms (clipped at 1): the
+               paper's statistic, whose neighbour stages hold blocks only
+  uniform      0.5/0.5 average of the same neighbours (the note's ablation)
+  random       stage k re-initialised by THIS model's init: residual projections at
+               0.02/sqrt(2 n_layer) (GPT-2 practice), so a fresh block is close to a skip
+  random_full  every weight matrix at std 0.02, no depth scaling: the init of the paper's
+               main (LLaMa) configs, i.e. the note's `ours-random` there
+  skip         residual projections zeroed: the block is exactly the identity (a reference
+               point: what `random` approaches)
+  checkpoint   every stage rolled back to the last checkpoint (F - F mod C): F mod C steps
+               of work are redone; its "+n" counts steps after the rollback
+`--data markov` is the note's §6 toy data (order-2 Markov chain, V = 32, seq 16, batch 32);
+`--note-toy` sets all of §6 (6 one-block stages, d 32, lr 1e-3, pretrain 1500, marks up to
++300). Prints eval loss at each mark (mean and median over the middle stages), the ratio to
+the no-failure loss of this run, the C-2 gate of checkfree.md §8 against both random
+baselines, and the recovery cost: bytes moved and seconds.
 
-    .venv/bin/python bench/bench_checkfree.py            # ~1 min on one thread
-    .venv/bin/python bench/bench_checkfree.py --pretrain 600 --stages 6 --n-layer 6
+    .venv/bin/python bench/bench_checkfree.py              # ~1 min on one thread
+    .venv/bin/python bench/bench_checkfree.py --note-toy   # checkfree.md §6 / C-2 (~4 min)
 """
 from __future__ import annotations
 
@@ -25,27 +38,68 @@ import argparse
 import copy
 import io
 import json
+import statistics
 import time
 
 import torch
 
 from swarm_node.data import ByteDataset, batch_generator_seed
-from swarm_node.model import GPTConfig, PipelineStage, build_model, split_stages
+from swarm_node.model import INIT_STD, GPTConfig, PipelineStage, build_model, split_stages
 from swarm_node.strategies.checkfree import (CheckFreeConfig, body_order, fresh_optimizer, plan_recovery,
                                              rebuild_state, state_bytes)
 
 CLIP = 1.0
+METHODS = ("none", "checkfree", "checkfree_body", "uniform", "random", "random_full", "skip", "checkpoint")
+
+
+class MarkovData:
+    """checkfree.md §6's synthetic language: an order-2 Markov chain over V tokens whose
+    next-token distributions are seeded Dirichlet(0.3) draws (peaked, so there is structure
+    to learn); train batches are fresh chains from the generator, validation is fixed."""
+
+    def __init__(self, vocab: int = 32, seed: int = 0):
+        g = torch.Generator().manual_seed(10_000 + seed)
+        alpha = torch.full((vocab,), 0.3)
+        gamma = torch._standard_gamma(alpha.expand(vocab * vocab, vocab).contiguous(), generator=g)
+        self.probs = gamma / gamma.sum(-1, keepdim=True)  # [(a*V+b), next]
+        self.V = vocab
+        self._val = None
+
+    def _sample(self, n: int, length: int, g: torch.Generator) -> torch.Tensor:
+        seq = torch.empty(n, length, dtype=torch.long)
+        seq[:, :2] = torch.randint(0, self.V, (n, 2), generator=g)
+        for t in range(2, length):
+            p = self.probs[seq[:, t - 2] * self.V + seq[:, t - 1]]
+            seq[:, t] = torch.multinomial(p, 1, generator=g).squeeze(1)
+        return seq
+
+    def train_batch(self, batch: int, seq_len: int, g: torch.Generator):
+        s = self._sample(batch, seq_len + 1, g)
+        return s[:, :-1], s[:, 1:]
+
+    def val_batches(self, batch: int, seq_len: int, n: int):
+        if self._val is None or self._val.shape != (n * batch, seq_len + 1):
+            self._val = self._sample(n * batch, seq_len + 1, torch.Generator().manual_seed(999))
+        for i in range(n):
+            s = self._val[i * batch:(i + 1) * batch]
+            yield s[:, :-1], s[:, 1:]
 
 
 class Pipeline:
     """S stages + one optimizer per stage; `step(t)` trains on the batch of step t."""
 
-    def __init__(self, stages: list[PipelineStage], lr: float, dataset: ByteDataset, batch: int, seed: int,
+    def __init__(self, stages: list[PipelineStage], lr: float, dataset, batch: int, seed: int,
                  swaps: bool = False):
         self.stages, self.lr, self.dataset, self.batch, self.seed = stages, lr, dataset, batch, seed
         self.swaps = swaps  # CheckFree+: the batch is 2 micro-batches, the odd one runs swapped bodies
-        self.opts = [torch.optim.AdamW(s.parameters(), lr=lr, betas=(0.9, 0.999)) for s in stages]
+        self.opts = [torch.optim.AdamW(s.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0) for s in stages]
         self.norms = [0.0] * len(stages)  # post-clip grad norm of each stage's last step
+        self.pre_norms = [0.0] * len(stages)
+        # norm of the BODY (blocks) gradient alone, clipped at CLIP: in the paper's simulator every
+        # neighbour stage is blocks only (embedding and head live in a stage that never fails), so
+        # this is the statistic its rule weighs by; ours is skewed where a neighbour holds the
+        # embedding (tiny gradient) or the head (always clipped to 1)
+        self.body_norms = [0.0] * len(stages)
 
     def step(self, t: int) -> float:
         gen = torch.Generator().manual_seed(batch_generator_seed(self.seed, "bench", t))
@@ -59,8 +113,11 @@ class Pipeline:
             o.zero_grad(set_to_none=True)
         loss.backward()
         for k, (s, o) in enumerate(zip(self.stages, self.opts)):
+            body = [p.grad for n, p in s.named_parameters() if n.startswith("blocks.") and p.grad is not None]
+            self.body_norms[k] = min(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
+                                                                                 for g in body]))), CLIP)
             pre = float(torch.nn.utils.clip_grad_norm_(s.parameters(), CLIP))
-            self.norms[k] = min(pre, CLIP)
+            self.pre_norms[k], self.norms[k] = pre, min(pre, CLIP)
             o.step()
         return float(loss.detach())
 
@@ -93,6 +150,51 @@ def continuation(pipe: Pipeline, start: int, marks=(0, 10, 50)) -> dict[int, flo
     return out
 
 
+def reinit_full(stage: PipelineStage, seed: int) -> dict[str, torch.Tensor]:
+    """The stage's state with every Linear weight ~ N(0, 0.02) (no 1/sqrt(2L) on the
+    residual projections), biases 0, LayerNorms 1/0: HF LLaMa-style init."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: v.clone() for k, v in stage.state_dict().items()}
+    for k, v in sd.items():
+        if not k.startswith("blocks."):
+            continue
+        if k.endswith(".weight") and v.dim() == 2:
+            sd[k] = torch.randn(v.shape, generator=g) * INIT_STD
+        elif k.endswith(".bias"):
+            sd[k] = torch.zeros_like(v)
+        elif ".ln" in k and k.endswith(".weight"):
+            sd[k] = torch.ones_like(v)
+    return sd
+
+
+def skip_state(stage: PipelineStage) -> dict[str, torch.Tensor]:
+    """The stage's own state with both residual-branch projections zeroed: body = identity."""
+    sd = {k: v.clone() for k, v in stage.state_dict().items()}
+    for k in sd:
+        if k.startswith("blocks.") and (".proj." in k or k.endswith(".proj.weight") or k.endswith(".proj.bias")):
+            sd[k] = torch.zeros_like(sd[k])
+    return sd
+
+
+def _install(p: Pipeline, k: int, state: dict[str, torch.Tensor], cfg: GPTConfig, lr: float, cf: CheckFreeConfig):
+    fresh = PipelineStage(cfg, k, len(p.stages))
+    fresh.load_state_dict(state)
+    p.stages[k] = fresh
+    p.opts[k] = fresh_optimizer(fresh.parameters(), lr, cf)
+
+
+def gate(loss: dict, baseline: str, method: str = "checkfree") -> dict:
+    """checkfree.md §8 C-2 against one baseline (means over the failed stages)."""
+    cf, rb, none = loss[method], loss[baseline], loss["none"]
+    checks = {"+0 < base - 0.05": cf["+0"] < rb["+0"] - 0.05}
+    if "+10" in cf:
+        checks["+10 < base - 0.02"] = cf["+10"] < rb["+10"] - 0.02
+    if "+300" in cf:
+        checks["+300 <= base + 0.005"] = cf["+300"] <= rb["+300"] + 0.005
+        checks["+300 > none"] = cf["+300"] > none["+300"]
+    return {"checks": checks, "pass": all(checks.values())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", type=int, default=4)
@@ -102,18 +204,28 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3 * 3)
     ap.add_argument("--pretrain", type=int, default=430, help="failure step F")
+    ap.add_argument("--marks", default="0,10,50", help="eval points after the failure")
+    ap.add_argument("--data", choices=("stdlib", "markov"), default="stdlib")
+    ap.add_argument("--note-toy", action="store_true", help="checkfree.md §6: --data markov --stages 6 --n-layer 6 "
+                    "--seq-len 16 --batch 32 --lr 1e-3 --pretrain 1500 --marks 0,10,50,300")
     ap.add_argument("--ckpt-every", type=int, default=100, help="C of the checkpoint baseline")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--edge", action="store_true", help="also: lose the LAST stage after pretraining with and "
                     "without the CheckFree+ swap schedule; recover by copying stage S-2 (head from its copy)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.note_toy:
+        args.data, args.stages, args.n_layer, args.seq_len, args.batch = "markov", 6, 6, 16, 32
+        args.lr, args.pretrain, args.marks = 1e-3, 1500, "0,10,50,300"
+    marks = tuple(sorted({int(m) for m in args.marks.split(",")}))
+    if marks[0] != 0:
+        raise SystemExit("--marks must include 0")
     torch.set_num_threads(1)
     S = args.stages
     if S < 3:
         raise SystemExit("need >= 3 stages to have a middle stage")
     cfg = GPTConfig(n_layer=args.n_layer, n_head=4, d_model=args.d_model, seq_len=args.seq_len)
-    ds = ByteDataset.from_source("stdlib", max_bytes=1 << 20)
+    ds = MarkovData(32, args.seed) if args.data == "markov" else ByteDataset.from_source("stdlib", max_bytes=1 << 20)
     pipe = Pipeline(split_stages(build_model(cfg, args.seed), S), args.lr, ds, args.batch, args.seed)
 
     t0 = time.perf_counter()
@@ -132,47 +244,57 @@ def main() -> None:
     F = args.pretrain
     base = copy.deepcopy(pipe)
     cf = CheckFreeConfig()
-    results: dict[str, list[dict[int, float]]] = {m: [] for m in ("none", "checkfree", "random", "checkpoint")}
-    cf_bytes, cf_s = [], []
+    uniform_cf = CheckFreeConfig(exponent=0.0)  # w = 1 + eps on both sides: 0.5/0.5
+    results: dict[str, list[dict[int, float]]] = {m: [] for m in METHODS}
+    cf_bytes, cf_s, used_norms = [], [], []
     for k in range(1, S - 1):
-        results["none"].append(continuation(copy.deepcopy(base), F))
-        # --- CheckFree: download neighbours' bodies + norms, rebuild, fresh optimizer at lr x 1.1
-        p = copy.deepcopy(base)
-        r0 = time.perf_counter()
+        results["none"].append(continuation(copy.deepcopy(base), F, marks))
         plan = plan_recovery(k, S, cf)
-        neigh = {j: p.stages[j].state_dict() for j in plan.sources}
-        state = rebuild_state(plan, p.stages[k].state_dict().keys(), neigh, {j: p.norms[j] for j in plan.sources}, cf)
-        fresh = PipelineStage(cfg, k, S)
-        fresh.load_state_dict(state)
-        p.stages[k] = fresh
-        p.opts[k] = fresh_optimizer(fresh.parameters(), args.lr, cf)
-        cf_s.append(time.perf_counter() - r0)
-        cf_bytes.append(sum(state_bytes({kk: v for kk, v in neigh[j].items() if kk.startswith("blocks.")})
-                            for j in plan.sources))
-        results["checkfree"].append(continuation(p, F))
-        # --- random re-init
-        p = copy.deepcopy(base)
-        fresh = split_stages(build_model(cfg, args.seed + 1000 + k), S)[k]
-        p.stages[k] = fresh
-        p.opts[k] = torch.optim.AdamW(fresh.parameters(), lr=args.lr, betas=(0.9, 0.999))
-        results["random"].append(continuation(p, F))
+        for name, rule, norms in (("checkfree", cf, base.norms), ("checkfree_body", cf, base.body_norms),
+                                  ("uniform", uniform_cf, base.norms)):
+            # download neighbours' bodies + norms, rebuild, fresh optimizer at lr x 1.1
+            p = copy.deepcopy(base)
+            r0 = time.perf_counter()
+            neigh = {j: p.stages[j].state_dict() for j in plan.sources}
+            state = rebuild_state(plan, p.stages[k].state_dict().keys(), neigh, {j: norms[j] for j in plan.sources},
+                                  rule)
+            _install(p, k, state, cfg, args.lr, cf)
+            if name == "checkfree":
+                cf_s.append(time.perf_counter() - r0)
+                cf_bytes.append(sum(state_bytes({kk: v for kk, v in neigh[j].items() if kk.startswith("blocks.")})
+                                    for j in plan.sources))
+                used_norms.append({j: (round(base.pre_norms[j], 3), round(base.norms[j], 3), round(base.body_norms[j], 3))
+                                   for j in plan.sources})
+            results[name].append(continuation(p, F, marks))
+        for name, make in (("random", lambda st: split_stages(build_model(cfg, args.seed + 1000 + k), S)[k].state_dict()),
+                           ("random_full", lambda st: reinit_full(st, args.seed + 2000 + k)),
+                           ("skip", skip_state)):
+            p = copy.deepcopy(base)
+            _install(p, k, make(p.stages[k]), cfg, args.lr, cf)
+            results[name].append(continuation(p, F, marks))
         # --- checkpoint: global rollback to the last checkpoint, redo the lost steps' data
         p = copy.deepcopy(base)
         saved = torch.load(io.BytesIO(ckpt), weights_only=True)
         for s, o, sd, od in zip(p.stages, p.opts, saved["stages"], saved["opts"]):
             s.load_state_dict(sd)
             o.load_state_dict(od)
-        results["checkpoint"].append(continuation(p, ckpt_step))
+        results["checkpoint"].append(continuation(p, ckpt_step, marks))
 
     def mean(method: str, n: int) -> float:
         return sum(r[n] for r in results[method]) / len(results[method])
+
+    def median(method: str, n: int) -> float:
+        return statistics.median(r[n] for r in results[method])
 
     lost_steps = F - ckpt_step
     stage_state = state_bytes(base.stages[1].state_dict())
     report = {
         "config": vars(args), "step_s": round(step_s, 5), "middle_stages": list(range(1, S - 1)),
-        "loss": {m: {f"+{n}": round(mean(m, n), 4) for n in (0, 10, 50)} for m in results},
-        "ratio_to_none": {m: {f"+{n}": round(mean(m, n) / mean("none", n), 4) for n in (0, 10, 50)} for m in results},
+        "loss": {m: {f"+{n}": round(mean(m, n), 4) for n in marks} for m in results},
+        "median": {m: {f"+{n}": round(median(m, n), 4) for n in marks} for m in results},
+        "ratio_to_none": {m: {f"+{n}": round(mean(m, n) / mean("none", n), 4) for n in marks} for m in results},
+        "per_stage": {m: [{f"+{n}": round(r[n], 4) for n in marks} for r in results[m]] for m in results},
+        "neighbour_norms_pre_post_clip": used_norms,
         "cost": {
             "checkfree": {"bytes_per_failure": int(sum(cf_bytes) / len(cf_bytes)),
                           "seconds_per_failure": round(sum(cf_s) / len(cf_s), 5), "lost_steps": 0,
@@ -183,6 +305,8 @@ def main() -> None:
         },
         "stage_state_bytes": stage_state,
     }
+    report["gate_c2"] = {f"{c}_vs_{b}": gate(report["loss"], b, c) for c in ("checkfree", "checkfree_body")
+                         for b in ("random", "random_full")}
     c = report["cost"]
     report["cost"]["bytes_ratio_checkfree_to_checkpoint"] = round(
         c["checkfree"]["bytes_per_failure"] / max(c["checkpoint"]["bytes_per_failure"] + ckpt_bytes, 1), 4)
@@ -191,13 +315,19 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    print(f"pipeline S={S}, n_layer={args.n_layer}, d={args.d_model}; failure at step {F} of each middle stage "
-          f"{report['middle_stages']}; {step_s * 1e3:.1f} ms/step")
-    print(f"{'method':<11} {'+0':>8} {'+10':>8} {'+50':>8}   ratio to none (+0/+10/+50)")
+    print(f"pipeline S={S}, n_layer={args.n_layer}, d={args.d_model}, data {args.data}, lr {args.lr}; failure at "
+          f"step {F} of each middle stage {report['middle_stages']}; {step_s * 1e3:.1f} ms/step")
+    heads = " ".join(f"{'+' + str(n):>8}" for n in marks)
+    print(f"{'method':<15} {heads}   ratio to none ({' / '.join('+' + str(n) for n in marks)})   median +0")
     for m in results:
         lo, ra = report["loss"][m], report["ratio_to_none"][m]
-        print(f"{m:<11} {lo['+0']:>8.4f} {lo['+10']:>8.4f} {lo['+50']:>8.4f}   "
-              f"{ra['+0']:.3f} / {ra['+10']:.3f} / {ra['+50']:.3f}")
+        vals = " ".join(f"{lo['+' + str(n)]:>8.4f}" for n in marks)
+        print(f"{m:<15} {vals}   {' / '.join(format(ra['+' + str(n)], '.3f') for n in marks)}   "
+              f"{report['median'][m]['+0']:.4f}")
+    print(f"neighbour grad norms (stage pre-clip, stage post-clip, body clipped) per failed stage: {used_norms}")
+    for b, g in report["gate_c2"].items():
+        print(f"C-2 gate, {b.replace('_vs_', ' vs ')}: {'PASS' if g['pass'] else 'FAIL'} "
+              + ", ".join(f"{k} {'ok' if v else 'no'}" for k, v in g["checks"].items()))
     print(f"checkfree recovery: {c['checkfree']['bytes_per_failure']} B downloaded (2 neighbour bodies), "
           f"{c['checkfree']['seconds_per_failure'] * 1e3:.2f} ms rebuild, 0 steps lost, 0 B while nothing fails")
     print(f"checkpoint (C={args.ckpt_every}): {c['checkpoint']['bytes_per_failure']} B restored per failure + "
@@ -210,12 +340,12 @@ def main() -> None:
         for pre in ("in_order", "with_swaps"):
             for m in ("none", "copy", "random"):
                 lo = e[pre][m]
-                print(f"  {pre:<10} {m:<7} {lo['+0']:>8.4f} {lo['+10']:>8.4f} {lo['+50']:>8.4f}")
+                print(f"  {pre:<10} {m:<7} " + " ".join(f"{lo['+' + str(n)]:>8.4f}" for n in marks))
             print(f"  {pre:<10} spike (copy +0 - none +0) = {e[pre]['spike']:.4f}")
         print(f"  swap schedule overhead (none with swaps - none in order, +0) = {e['swap_overhead']:.4f}")
 
 
-def edge_experiment(args, cfg: GPTConfig, ds: ByteDataset, pipe_noswap: Pipeline) -> dict:
+def edge_experiment(args, cfg: GPTConfig, ds, pipe_noswap: Pipeline) -> dict:
     """CheckFree+ (note §3): lose stage S-1, rebuild its body by copying stage S-2."""
     S, F = args.stages, args.pretrain
     swapped = Pipeline(split_stages(build_model(cfg, args.seed), S), args.lr, ds, args.batch, args.seed, swaps=True)
@@ -224,7 +354,8 @@ def edge_experiment(args, cfg: GPTConfig, ds: ByteDataset, pipe_noswap: Pipeline
     out: dict = {}
     cf = CheckFreeConfig(swaps=True)
     for name, base in (("in_order", pipe_noswap), ("with_swaps", swapped)):
-        res = {"none": continuation(copy.deepcopy(base), F)}
+        marks = tuple(sorted({int(m) for m in args.marks.split(",")}))
+        res = {"none": continuation(copy.deepcopy(base), F, marks)}
         for method in ("copy", "random"):
             p = copy.deepcopy(base)
             k = S - 1
@@ -239,7 +370,7 @@ def edge_experiment(args, cfg: GPTConfig, ds: ByteDataset, pipe_noswap: Pipeline
             fresh = PipelineStage(cfg, k, S)
             fresh.load_state_dict(state)
             p.stages[k], p.opts[k] = fresh, fresh_optimizer(fresh.parameters(), args.lr, cf)
-            res[method] = continuation(p, F)
+            res[method] = continuation(p, F, marks)
         out[name] = {m: {f"+{n}": round(v, 4) for n, v in r.items()} for m, r in res.items()}
         out[name]["spike"] = round(res["copy"][0] - res["none"][0], 4)
     out["swap_overhead"] = round(out["with_swaps"]["none"]["+0"] - out["in_order"]["none"]["+0"], 4)

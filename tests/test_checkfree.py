@@ -83,3 +83,35 @@ def test_bad_input_is_refused():
                          CheckFreeConfig())
     with pytest.raises(NotRecoverable):
         weighted_average({"blocks.w": torch.ones(2)}, {"blocks.w": torch.ones(3)}, 1.0, 1.0, CheckFreeConfig())
+
+
+def _bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_checkfree.py"
+    spec = importlib.util.spec_from_file_location("bench_checkfree", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_checkfree"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_baselines_are_what_they_claim():
+    """The bench's `skip` body is exactly the identity; `random_full` has std-0.02 residual
+    projections (no depth scaling), while the model's own init scales them down."""
+    bench = _bench()
+    cfg = GPTConfig(n_layer=4, d_model=32, n_head=4, seq_len=16)
+    stage = split_stages(build_model(cfg, 0), 4)[1]
+    skip = type(stage)(cfg, 1, 4)
+    skip.load_state_dict(bench.skip_state(stage))
+    x = torch.randn(2, 16, 32)
+    torch.testing.assert_close(skip.body(x), x)
+    full = bench.reinit_full(stage, 5)
+    assert 0.015 < float(full["blocks.0.mlp.proj.weight"].std()) < 0.025
+    assert float(stage.state_dict()["blocks.0.mlp.proj.weight"].std()) < 0.012  # 0.02 / sqrt(8) at init
+    # the Markov toy data is deterministic and inside its vocabulary
+    data = bench.MarkovData(32, 0)
+    (a, _), (b, _) = next(data.val_batches(4, 16, 1)), next(data.val_batches(4, 16, 1))
+    assert torch.equal(a, b) and int(a.max()) < 32
