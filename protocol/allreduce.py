@@ -55,6 +55,18 @@ CONNECT_TIMEOUT_S = 3.0  # an unreachable (NAT) bulk address costs at most this 
 PATHS = ("tcp", "p2p", "fallback")  # on_path labels: one per pushed shard
 
 
+def path_counter(registry):
+    """`on_path` for a node: swarm_allreduce_shards_total{path} in `registry` (fallback = a
+    shard that went over p2p because the reducer's TCP address was unreachable)."""
+    from prometheus_client import Counter
+
+    c = Counter("swarm_allreduce_shards", "Shards this peer pushed in all-reduces, by data path "
+                "(fallback: tcp unreachable, sent over libp2p).", ["path"], registry=registry)
+    for path in PATHS:
+        c.labels(path=path)
+    return lambda path: c.labels(path=path).inc()
+
+
 def shard_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) ranges; the first numel % parts shards are one longer."""
     if parts < 1:
@@ -70,36 +82,93 @@ def shard_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
 
 @dataclass
 class _Reduction:
-    """This member's shard of one group: accumulates contributions until closed."""
+    """This member's shard of one group: accumulates contributions until closed.
+
+    The shard is cut into segments (bulk_tcp.segment_bounds). A contribution is added
+    segment by segment, in order (`add_segment`, the pipelined TCP path) or all at once
+    (`add`); segment k is final — divided by the weight of everyone in it — as soon as
+    every expected member's part of it is in, and `seg_ready[k]` is set, so its mean can
+    go back before later segments arrived. A contributor counts only once all its segments
+    are in. One whose stream fails after some of its segments were added cannot be taken
+    out again: the shard is `poisoned` and closes at once, and every reply says so, so
+    the round is incomplete everywhere (never a silently wrong mean)."""
 
     expected: set[str]
     length: int
     total: torch.Tensor
     index: int = -1  # which shard of the group this member reduces
+    segment: int = 1 << 18  # elements per pipelining segment (1 MiB of fp32)
     weight: float = 0.0
     contributors: set[str] = field(default_factory=set)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     result: torch.Tensor | None = None
     encoded: list | None = None  # the result's wire chunks, encoded once for every contributor
-    wire: memoryview | None = None  # the result's bulk payload, encoded once for every contributor
+    wire: memoryview | None = None  # the result's compressed bulk payload, encoded once
+    poisoned: str = ""  # why this shard's mean cannot be trusted ("" = it can)
 
-    def add(self, peer: str, x: torch.Tensor, w: float) -> None:
-        if self.closed.is_set() or peer in self.contributors:
+    def __post_init__(self) -> None:
+        self.segments = bulk_tcp.segment_bounds(self.length, self.segment)
+        self.seg_count = [0] * len(self.segments)
+        self.seg_weight = [0.0] * len(self.segments)
+        self.seg_ready = [asyncio.Event() for _ in self.segments]
+        self.progress: dict[str, int] = {}  # contributor -> segments added so far
+
+    def begin(self, peer: str) -> bool:
+        """Reserve the shard for `peer`'s segmented contribution: False if it is not
+        expected, the shard is closed, or it already contributes (one stream per peer)."""
+        if self.closed.is_set() or peer not in self.expected or peer in self.contributors or peer in self.progress:
+            return False
+        self.progress[peer] = 0
+        return True
+
+    def add_segment(self, peer: str, k: int, x: torch.Tensor, w: float) -> None:
+        if self.closed.is_set() or peer in self.contributors or self.progress.get(peer, 0) != k:
             return
-        if not self.contributors:  # the first one overwrites: `total` may be uninitialised memory
-            torch.mul(x.float(), w, out=self.total)
+        s, e = self.segments[k]
+        if self.seg_count[k] == 0:  # the first one overwrites: `total` may be uninitialised memory
+            torch.mul(x.float(), w, out=self.total[s:e])
         else:
-            self.total.add_(x.float(), alpha=w)
-        self.weight += w
-        self.contributors.add(peer)
-        if self.contributors >= self.expected:
+            self.total[s:e].add_(x.float(), alpha=w)
+        self.seg_count[k] += 1
+        self.seg_weight[k] += w
+        self.progress[peer] = k + 1
+        if self.seg_count[k] >= len(self.expected):
+            self._finish_segment(k)
+        if k + 1 == len(self.segments):
+            self.contributors.add(peer)
+            self.weight += w
+            if self.contributors >= self.expected:
+                self.close()
+
+    def add(self, peer: str, x: torch.Tensor, w: float, *, reserved: bool = False) -> None:
+        """The whole contribution at once (`reserved`: after this peer's `begin`)."""
+        if self.closed.is_set() or peer in self.contributors or (peer in self.progress) != reserved:
+            return
+        for k, (s, e) in enumerate(self.segments):
+            self.add_segment(peer, k, x[s:e], w)
+
+    def fail(self, peer: str, why: str) -> None:
+        """`peer`'s contribution broke off: harmless before its first segment, fatal after."""
+        if self.progress.pop(peer, 0) > 0 and peer not in self.contributors and not self.closed.is_set():
+            self.poisoned = f"{peer[-8:]} broke off mid-contribution: {why}"
             self.close()
+
+    def _finish_segment(self, k: int) -> None:
+        if not self.seg_ready[k].is_set():
+            s, e = self.segments[k]
+            # all-zero weights (only joiners): the mean update is zero, not NaN; in place,
+            # since a fresh 25 MB tensor costs more in page faults than the division
+            if self.seg_weight[k] > 0:
+                self.total[s:e].div_(self.seg_weight[k])
+            else:
+                self.total[s:e].zero_()
+            self.seg_ready[k].set()
 
     def close(self) -> None:
         if not self.closed.is_set():
-            # all-zero weights (only joiners): the mean update is zero, not NaN
-            # in place: a fresh 25 MB tensor costs more in page faults than the division
-            self.result = self.total.div_(self.weight) if self.weight > 0 else self.total.zero_()
+            for k in range(len(self.segments)):  # after a timeout: the mean of whoever is in
+                self._finish_segment(k)
+            self.result = self.total
             self.closed.set()
 
 
@@ -181,7 +250,10 @@ class ButterflyAllReduce:
                 self._groups.pop(old, None)
         return self._registered[group_id]
 
-    async def run(self, group_id: str, group: list[str], vector: torch.Tensor, weight: float) -> AllReduceOutcome:
+    async def run(self, group_id: str, group: list[str], vector: torch.Tensor, weight: float,
+                  out: torch.Tensor | None = None) -> AllReduceOutcome:
+        """All-reduce `vector`; the mean lands in `out` (a fresh tensor if None; pass a reused
+        contiguous fp32 CPU buffer of the same length to skip ~1 page fault per 4 KiB)."""
         t0 = time.perf_counter()
         me = self.transport.peer_id
         if me not in group:
@@ -194,7 +266,11 @@ class ButterflyAllReduce:
         self._groups[group_id] = mine
         self._event(group_id).set()
         mine.add(me, vector[lo:hi], weight)
-        out = torch.empty(vector.numel())  # TCP replies land here directly; other pieces are copied in
+        if out is None:
+            out = torch.empty(vector.numel())  # TCP replies land here directly; other pieces are copied in
+        elif out.shape != (vector.numel(),) or out.dtype != torch.float32 or not out.is_contiguous() \
+                or out.device.type != "cpu" or out.data_ptr() == vector.data_ptr():
+            raise ValueError("out must be a separate contiguous fp32 CPU vector of the input's length")
         deadline = asyncio.get_running_loop().time() + self.timeout_s * 2 + 5
         paths = ["local"] * len(group)
         timings: list[dict[str, float]] = []  # per TCP exchange: where its time went
@@ -205,7 +281,8 @@ class ButterflyAllReduce:
                 try:
                     timing: dict[str, float] = {}
                     timings.append(timing)
-                    res = await self._push_tcp(group[j], group_id, j, vector[s:e], weight, out[s:e], deadline, timing)
+                    res = await self._push_tcp(group[j], group_id, j, vector[s:e], weight, out[s:e], deadline, timing,
+                                               max_contributors=len(group))
                     paths[j] = "tcp"
                     self.on_path("tcp")
                     return res
@@ -248,7 +325,7 @@ class ButterflyAllReduce:
         complete = have_all and all(c == len(group) for c in counts)
         dur = time.perf_counter() - t0
         phases = {"own_shard_closed_s": t_closed, "all_shards_back_s": dur}
-        for k in ("offer_s", "connect_s", "send_s", "reply_wait_s", "reply_recv_s"):
+        for k in ("offer_s", "connect_s", "send_s", "reply_s"):
             if any(k in t for t in timings):  # the slowest exchange is the critical path
                 phases[k] = max(t.get(k, 0.0) for t in timings)
         return AllReduceOutcome(out if have_all else None, complete, counts, sorted(set(failed)), dur,
@@ -257,10 +334,11 @@ class ButterflyAllReduce:
     # ------------------------------------------------------------------ tcp path, member side
     async def _push_tcp(self, peer: str, group_id: str, shard: int, x: torch.Tensor, weight: float,
                         dest: torch.Tensor, deadline: float,
-                        timing: dict[str, float] | None = None) -> tuple[torch.Tensor | None, int, str]:
+                        timing: dict[str, float] | None = None,
+                        max_contributors: int = 1 << 20) -> tuple[torch.Tensor | None, int, str]:
         """Push my part of `shard` to its reducer over TCP and read the mean into `dest`.
         Raises BulkUnavailable only before any shard byte was sent (the caller may fall back).
-        `timing` gets the seconds of each phase: offer, connect, send, reply_wait, reply_recv."""
+        `timing` gets seconds: offer, connect, then (overlapping, from connect) send and reply."""
         loop = asyncio.get_running_loop()
         timing = {} if timing is None else timing
         t = time.perf_counter()
@@ -292,34 +370,48 @@ class ButterflyAllReduce:
         sock = await bulk_tcp.connect(list(offer.hosts), offer.port, offer.token,
                                       timeout_s=min(CONNECT_TIMEOUT_S, max(0.1, deadline - loop.time())))
         lap("connect_s")
-        try:
-            payload = bulk_tcp.encode_payload(x, self.compression)
+        t_connected = t
+        numel = dest.numel()
+        payload = bulk_tcp.encode_payload(x, self.compression)
+
+        async def push() -> None:
+            # full duplex: the reducer streams the mean back while we are still sending
             self._count("tx", await bulk_tcp.send_all(
                 sock, bulk_tcp.pack_push(self.compression, weight, len(payload)), payload, deadline=deadline))
-            lap("send_s")
+            timing["send_s"] = time.perf_counter() - t_connected
+
+        sender = asyncio.create_task(push())
+        try:
             head = await bulk_tcp.recv_exact(sock, bulk_tcp.REPLY.size, deadline)
-            lap("reply_wait_s")
-            status, n, _, nbytes, detail_len = bulk_tcp.unpack_reply(head)
+            status, nbytes, detail_len = bulk_tcp.unpack_reply(head)
             detail = (await bulk_tcp.recv_exact(sock, detail_len, deadline)).decode(errors="replace") if detail_len else ""
             self._count("rx", len(head) + detail_len)
             if status != bulk_tcp.OK:
-                return None, 0, f"reducer answered {status}: {detail}"
-            numel = dest.numel()
+                return None, 0, f"reducer refused the push: {detail}"
             bulk_tcp.check_payload_size(self.compression, nbytes, numel)
             if self.compression == codec.NONE:
                 await bulk_tcp.recv_into(sock, bulk_tcp.raw_view(dest), deadline)
                 piece = dest
-                bulk_tcp.check_finite(piece)
             else:
                 piece = bulk_tcp.decode_payload(self.compression, await bulk_tcp.recv_exact(sock, nbytes, deadline), numel)
-            self._count("rx", nbytes)
-            lap("reply_recv_s")
+            trailer = await bulk_tcp.recv_exact(sock, bulk_tcp.TRAILER.size, deadline)
+            status, n, _ = bulk_tcp.unpack_trailer(trailer, max_contributors)
+            self._count("rx", nbytes + len(trailer))
+            timing["reply_s"] = time.perf_counter() - t_connected
+            await sender
+            if status != bulk_tcp.OK:
+                return None, 0, "reducer reports the shard as unusable (a member broke off mid-contribution)"
+            if self.compression == codec.NONE:
+                bulk_tcp.check_finite(piece)
             return piece, n, ""
         except bulk_tcp.BulkError as e:
             if e.reason not in ("timeout", "truncated"):
                 self.on_reject(e.reason)
             return None, 0, f"tcp shard exchange failed: {e}"
         finally:
+            if not sender.done():
+                sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
             sock.close()
 
     # ------------------------------------------------------------------ tcp path, reducer side
@@ -346,55 +438,102 @@ class ButterflyAllReduce:
                                  token=token)
 
     async def _serve_bulk(self, sock, session: tuple[str, str]) -> None:
-        """One member's push on an authenticated connection: read, validate, add, answer."""
+        """One member's push on an authenticated connection: read and add it (segment by
+        segment for raw fp32), stream the mean back as it becomes final, then the trailer."""
         loop = asyncio.get_running_loop()
         group_id, caller = session
-        deadline = loop.time() + self.timeout_s
+        deadline = loop.time() + self.timeout_s * 2 + 5
         red = self._groups.get(group_id)
 
         async def refuse(status: int, detail: str) -> None:
             try:
-                await bulk_tcp.send_all(sock, bulk_tcp.pack_reply(status, 0, 0.0, 0, detail), deadline=loop.time() + 1)
+                await bulk_tcp.send_all(sock, bulk_tcp.pack_reply(status, 0, detail), deadline=loop.time() + 1)
             except bulk_tcp.BulkError:
                 pass
 
-        if red is None or red.closed.is_set():
-            await refuse(bulk_tcp.REJECTED, "group closed or unknown")
+        if red is None or not red.begin(caller):
+            await refuse(bulk_tcp.REJECTED, "group closed or unknown, or already contributed")
             return
         try:
-            head = await bulk_tcp.recv_exact(sock, bulk_tcp.PUSH.size, deadline)
+            head = await bulk_tcp.recv_exact(sock, bulk_tcp.PUSH.size, loop.time() + self.timeout_s)
             compression, weight, nbytes = bulk_tcp.unpack_push(head, red.length)
-            scratch = None
-            if compression == codec.NONE:
-                x = scratch = self._take_scratch(red.length)
-                await bulk_tcp.recv_into(sock, bulk_tcp.raw_view(x), deadline)
-                bulk_tcp.check_finite(x)
-            else:
-                x = bulk_tcp.decode_payload(compression, await bulk_tcp.recv_exact(sock, nbytes, deadline), red.length)
         except bulk_tcp.BulkError as e:
-            # a scratch buffer that may still be written into by a cancelled read is dropped
             self.on_reject(e.reason)
-            log.warning("rejected bulk shard from %s: %s", caller[-8:], e)
+            log.warning("rejected bulk push from %s: %s", caller[-8:], e)
+            red.fail(caller, str(e))
             await refuse(bulk_tcp.REJECTED, str(e))
             return
-        self._count("rx", len(head) + nbytes)
-        red.add(caller, x, weight)
-        del x
-        if scratch is not None:
-            self._give_scratch(scratch)
-        try:
-            await asyncio.wait_for(red.closed.wait(), self.timeout_s * 2)
-        except asyncio.TimeoutError:
-            await refuse(bulk_tcp.TIMEOUT, "shard never closed")
+        self._count("rx", len(head))
+        if compression != codec.NONE:
+            try:
+                x = bulk_tcp.decode_payload(compression, await bulk_tcp.recv_exact(sock, nbytes, deadline), red.length)
+            except bulk_tcp.BulkError as e:
+                self.on_reject(e.reason)
+                log.warning("rejected bulk shard from %s: %s", caller[-8:], e)
+                red.fail(caller, str(e))  # nothing was added: frees the reservation
+                await refuse(bulk_tcp.REJECTED, str(e))
+                return
+            self._count("rx", nbytes)
+            red.add(caller, x, weight, reserved=True)
+            del x
+            try:
+                await asyncio.wait_for(red.closed.wait(), self.timeout_s * 2)
+            except asyncio.TimeoutError:
+                await refuse(bulk_tcp.TIMEOUT, "shard never closed")
+                return
+            if red.wire is None:
+                red.wire = bulk_tcp.encode_payload(red.result, self.compression)
+            parts = [bulk_tcp.pack_reply(bulk_tcp.OK, len(red.wire)), red.wire]
+            try:
+                self._count("tx", await bulk_tcp.send_all(sock, *parts, self._trailer(red), deadline=deadline))
+            except bulk_tcp.BulkError as e:
+                log.info("bulk reply to %s failed: %s", caller[-8:], e)
             return
-        # as on the p2p path, a late contributor still gets the mean; its count shows it was left out
-        if red.wire is None:
-            red.wire = bulk_tcp.encode_payload(red.result, self.compression)
-        reply = bulk_tcp.pack_reply(bulk_tcp.OK, len(red.contributors), red.weight, len(red.wire))
+
+        sender = asyncio.create_task(self._stream_mean(sock, red, caller, deadline))
+        scratch = self._take_scratch(min(red.segment, red.length))
         try:
-            self._count("tx", await bulk_tcp.send_all(sock, reply, red.wire, deadline=loop.time() + self.timeout_s * 2))
+            for k, (s, e) in enumerate(red.segments):
+                seg = scratch[:e - s]
+                await bulk_tcp.recv_into(sock, bulk_tcp.raw_view(seg), deadline)
+                bulk_tcp.check_finite(seg)
+                red.add_segment(caller, k, seg, weight)
+            self._count("rx", nbytes)
+            self._give_scratch(scratch)
         except bulk_tcp.BulkError as e:
-            log.info("bulk reply to %s failed: %s", caller[-8:], e)
+            # the buffer may still be the target of a cancelled read: it is not recycled
+            if e.reason not in ("timeout", "truncated") or red.progress.get(caller, 0) == 0:
+                self.on_reject(e.reason)
+            log.warning("bulk shard from %s broke off: %s", caller[-8:], e)
+            red.fail(caller, str(e))
+        finally:
+            try:
+                await sender
+            except bulk_tcp.BulkError as e:
+                log.info("bulk reply to %s failed: %s", caller[-8:], e)
+
+    async def _stream_mean(self, sock, red: _Reduction, caller: str, deadline: float) -> None:
+        """Raw path: the mean's segments as they become final, then the trailer."""
+        loop = asyncio.get_running_loop()
+        sent = await bulk_tcp.send_all(sock, bulk_tcp.pack_reply(bulk_tcp.OK, red.length * 4), deadline=deadline)
+        for k, (s, e) in enumerate(red.segments):
+            try:
+                await asyncio.wait_for(red.seg_ready[k].wait(), max(0.01, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise bulk_tcp.BulkError("timeout", "shard never closed") from None
+            sent += await bulk_tcp.send_all(sock, bulk_tcp.raw_view(red.total[s:e]), deadline=deadline)
+        try:  # every segment final means every member is in, or the shard was closed early
+            await asyncio.wait_for(red.closed.wait(), max(0.01, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise bulk_tcp.BulkError("timeout", "shard never closed") from None
+        sent += await bulk_tcp.send_all(sock, self._trailer(red), deadline=deadline)
+        self._count("tx", sent)
+
+    @staticmethod
+    def _trailer(red: _Reduction) -> bytes:
+        # as on the p2p path, a late contributor still gets the mean: its count shows it was left out
+        status = bulk_tcp.REJECTED if red.poisoned else bulk_tcp.OK
+        return bulk_tcp.pack_trailer(status, len(red.contributors), red.weight)
 
     def _as_sent(self, x: torch.Tensor) -> torch.Tensor:
         if self.compression == codec.NONE:
@@ -463,6 +602,9 @@ class ButterflyAllReduce:
             await asyncio.wait_for(red.closed.wait(), self.timeout_s * 2)
         except asyncio.TimeoutError:
             yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_TIMEOUT, detail="shard never closed")
+            return
+        if red.poisoned:
+            yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_REJECTED, detail=red.poisoned[:200])
             return
         if red.encoded is None:
             red.encoded = list(codec.tensors_to_chunks([red.result], self.compression, MAX_MESSAGE))

@@ -9,11 +9,17 @@ Wire format (all little-endian), one connection per (member, reducer, group):
   member  -> reducer  HELLO    magic b"SNB1", client proof (16 B)
   reducer -> member   WELCOME  status u8, server proof (16 B; zeros when rejected)
   member  -> reducer  PUSH     compression u8, weight f64, nbytes u64, then nbytes of payload
-  reducer -> member   REPLY    status u8, contributors u32, total weight f64, nbytes u64,
-                               detail length u16, detail (utf-8), then nbytes of payload
+  reducer -> member   REPLY    status u8, nbytes u64, detail length u16, detail (utf-8),
+                               then (status OK only) nbytes of payload, then
+                      TRAILER  status u8, contributors u32, total weight f64
 Payload: COMPRESSION_NONE is the raw little-endian fp32 shard (sent from and received
 into the tensors' own memory, no copy in Python); any other compression is ONE
 `swarmnode.v1.Tensor` message made by protocol/codec.py for the whole shard.
+Raw shards are pipelined: the reducer adds each SEGMENT of a push as it arrives and
+streams each segment of the mean back as soon as every member's part of it is in, so the
+scatter and the gather overlap on one full-duplex connection. The REPLY is therefore
+sent before the outcome is known; only the TRAILER says whether the payload counts
+(OK and every member counted), which is why a reader must not use it before the trailer.
 
 Invariants:
 - A token is 32 random bytes handed out by the reducer over the libp2p stream of the
@@ -52,7 +58,8 @@ PROOF_BYTES = TOKEN_BYTES // 2
 HELLO = struct.Struct(f"<4s{PROOF_BYTES}s")
 WELCOME = struct.Struct(f"<B{PROOF_BYTES}s")
 PUSH = struct.Struct("<BdQ")
-REPLY = struct.Struct("<BIdQH")
+REPLY = struct.Struct("<BQH")
+TRAILER = struct.Struct("<BId")
 OK, REJECTED, TIMEOUT = 0, 1, 2
 MAX_DETAIL = 512
 HANDSHAKE_TIMEOUT_S = 5.0  # a connection that does not say HELLO in time is dropped
@@ -113,18 +120,40 @@ def check_payload_size(compression: int, nbytes: int, numel: int) -> None:
         raise BulkError("bad_shape", "empty compressed shard")
 
 
-def pack_reply(status: int, contributors: int, total_weight: float, nbytes: int, detail: str = "") -> bytes:
+def pack_reply(status: int, nbytes: int, detail: str = "") -> bytes:
     d = detail.encode()[:MAX_DETAIL]
-    return REPLY.pack(status, contributors, total_weight, nbytes, len(d)) + d
+    return REPLY.pack(status, nbytes, len(d)) + d
 
 
-def unpack_reply(data: bytes) -> tuple[int, int, float, int, int]:
+def unpack_reply(data: bytes) -> tuple[int, int, int]:
+    """(status, nbytes, detail_len) of a REPLY header."""
     if len(data) != REPLY.size:
         raise BulkError("truncated", f"reply header of {len(data)} bytes")
-    status, contributors, total_weight, nbytes, detail_len = REPLY.unpack(data)
+    status, nbytes, detail_len = REPLY.unpack(data)
     if status not in (OK, REJECTED, TIMEOUT) or detail_len > MAX_DETAIL:
         raise BulkError("malformed", f"reply status {status}, detail of {detail_len} bytes")
-    return status, contributors, total_weight, nbytes, detail_len
+    return status, nbytes, detail_len
+
+
+def pack_trailer(status: int, contributors: int, total_weight: float) -> bytes:
+    return TRAILER.pack(status, contributors, total_weight)
+
+
+def unpack_trailer(data: bytes, max_contributors: int) -> tuple[int, int, float]:
+    if len(data) != TRAILER.size:
+        raise BulkError("truncated", f"trailer of {len(data)} bytes")
+    status, contributors, total_weight = TRAILER.unpack(data)
+    if status not in (OK, REJECTED, TIMEOUT) or contributors > max_contributors:
+        raise BulkError("malformed", f"trailer status {status} with {contributors} contributors")
+    return status, contributors, total_weight
+
+
+def segment_bounds(numel: int, segment: int) -> list[tuple[int, int]]:
+    """The pipelining segments of a shard: [start, end) of at most `segment` elements
+    (one empty segment for an empty shard, so every shard has at least one)."""
+    if segment < 1:
+        raise ValueError("segment must be >= 1")
+    return [(s, min(s + segment, numel)) for s in range(0, numel, segment)] or [(0, 0)]
 
 
 def encode_payload(x: torch.Tensor, compression: int) -> memoryview:
