@@ -14,6 +14,7 @@ Invariants:
   (odd count, partner refused, or timeout) keeps φ_i and its θ and just trains on.
 - A partner is accepted only if the receiver's own matching agrees (same view of the
   swarm); otherwise it refuses and both skip the round.
+- A joiner downloads a live peer's θ_j, φ_j and δ_j and continues from them.
 - Heavy-ball momentum, not Nesterov: with the group set to all peers this is exactly
   heavy-ball DiLoCo (tests/test_outer_math.py checks the equivalence).
 """
@@ -33,7 +34,7 @@ from .base import Strategy
 from .diloco import COMPRESSIONS, load_params
 from .leader import LeaderElection
 from .outer_math import noloco_update, pair_peers, pairing_seed, replica_spread
-from .state_transfer import StateService
+from .state_transfer import StateService, StateTransferError
 
 PAIR = "pair.exchange"
 PairStatus = rpb.PairReply.Status
@@ -58,11 +59,30 @@ class NoLoCoStrategy(Strategy):
         self._mine: dict[int, list[torch.Tensor]] = {}
         self._posted: dict[int, asyncio.Event] = {}
         self._incoming: dict[int, asyncio.Future] = {}
-        self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3)
+        self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3,
+                                  extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore)
 
     async def start(self) -> None:
         await self.ctx.transport.add_handler(PAIR, self._rpc_pair, rpb.PairPush, channel="averaging")
         await self.state.start()
+
+    # ------------------------------------------------------------------ joiner state
+    def _extra_snapshot(self):
+        """A joiner takes the donor's φ_j and momentum δ_j along with its θ_j (the note's join
+        rule), not θ_j as its φ: it then continues the donor's outer trajectory."""
+        has = self.momentum is not None
+        return {"noloco": 1, "has_momentum": has}, list(self.phi) + (list(self.momentum) if has else [])
+
+    def _extra_restore(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+        n = len(self.params)
+        if meta.get("noloco") != 1:  # a donor without outer state (older version): φ ← its θ
+            self.phi, self.momentum = [p.detach().float().cpu().clone() for p in self.params], None
+            return
+        has = meta.get("has_momentum") is True
+        if len(tensors) != n * (2 if has else 1) or any(tuple(t.shape) != s for t, s in zip(tensors, self.shapes * 2)):
+            raise StateTransferError("noloco outer state does not match this model")
+        self.phi = [t.float().clone() for t in tensors[:n]]
+        self.momentum = [t.float().clone() for t in tensors[n:]] if has else None
 
     # ------------------------------------------------------------------ pairing
     def partner(self, round_no: int) -> str | None:
@@ -86,8 +106,7 @@ class NoLoCoStrategy(Strategy):
         ctx = self.ctx
         if self.election.online_peers():  # a joiner starts from a live peer's weights
             try:
-                await self.state.download(self.election.leader())
-                self.phi = [p.detach().float().cpu().clone() for p in self.params]
+                await self.state.download(self.election.leader())  # θ_j, φ_j and δ_j (see _extra_restore)
             except Exception as e:
                 ctx.log.warning("could not download a peer's state, starting from the seed: %s", e)
         ctx.progress.state = "online"
