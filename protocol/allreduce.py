@@ -296,7 +296,9 @@ class ButterflyAllReduce:
             else:
                 paths[j] = "p2p"
                 self.on_path("p2p")
-            return await self._push(group[j], group_id, j, vector[s:e], weight)
+            # the fallback shares the exchange's deadline: a hung reducer costs no more than on p2p alone
+            return await self._push(group[j], group_id, j, vector[s:e], weight,
+                                    timeout_s=max(0.1, deadline - asyncio.get_running_loop().time()))
 
         tasks = {j: asyncio.create_task(exchange(j)) for j in range(len(group)) if j != my_index}
         try:
@@ -351,9 +353,10 @@ class ButterflyAllReduce:
 
         offer = None
         try:
+            # the reducer answers within timeout_s (it waits that long for the group at most)
             async for reply in self.transport.call(peer, OFFER_METHOD, [bpb.BulkOffer(group_id=group_id, shard=shard)],
-                                                   bpb.BulkOfferReply, timeout_s=max(0.1, deadline - loop.time()),
-                                                   channel="averaging"):
+                                                   bpb.BulkOfferReply, channel="averaging",
+                                                   timeout_s=max(0.1, min(self.timeout_s + 2, deadline - loop.time()))):
                 offer = reply
                 break
         except PeerUnavailable as e:
@@ -541,7 +544,7 @@ class ButterflyAllReduce:
         return codec.decode_tensor(codec.encode_tensor(x, self.compression), max_numel=x.numel())
 
     async def _push(self, peer: str, group_id: str, shard: int, x: torch.Tensor,
-                    weight: float) -> tuple[torch.Tensor | None, int, str]:
+                    weight: float, timeout_s: float | None = None) -> tuple[torch.Tensor | None, int, str]:
         def messages():
             for chunk in codec.tensors_to_chunks([x], self.compression, MAX_MESSAGE):
                 yield rpb.ShardPush(group_id=group_id, shard=shard, weight=weight, chunk=chunk)
@@ -549,8 +552,8 @@ class ButterflyAllReduce:
         assembler = codec.ChunkAssembler(1, max_numel_total=x.numel(), expected_shapes=[tuple(x.shape)])
         n, status, detail = 0, None, ""
         try:
-            async for reply in self.transport.call(peer, METHOD, messages(), rpb.ShardReply,
-                                                   timeout_s=self.timeout_s * 2 + 5, channel="averaging"):
+            async for reply in self.transport.call(peer, METHOD, messages(), rpb.ShardReply, channel="averaging",
+                                                   timeout_s=self.timeout_s * 2 + 5 if timeout_s is None else timeout_s):
                 status, detail, n = reply.status, reply.detail, reply.num_contributors
                 if status != ShardStatus.SHARD_STATUS_OK:
                     break

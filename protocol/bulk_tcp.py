@@ -401,7 +401,8 @@ async def connect(hosts: list[str], port: int, token: bytes, *, timeout_s: float
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     errors = []
-    for host in hosts[:8]:
+    hosts = hosts[:8]
+    for i, host in enumerate(hosts):
         remaining = deadline - loop.time()
         if remaining <= 0:
             break
@@ -409,7 +410,8 @@ async def connect(hosts: list[str], port: int, token: bytes, *, timeout_s: float
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             _tune(sock)
-            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), remaining)
+            # a blackholed candidate (NAT) must not eat the budget of the ones after it
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), max(0.2, remaining / (len(hosts) - i)))
             await send_all(sock, HELLO.pack(MAGIC, token[:PROOF_BYTES]), deadline=deadline)
             status, proof = WELCOME.unpack(await recv_exact(sock, WELCOME.size, deadline))
             if status == OK and hmac.compare_digest(proof, token[PROOF_BYTES:]):
