@@ -519,12 +519,18 @@ class ButterflyAllReduce:
         """Raw path: the mean's segments as they become final, then the trailer."""
         loop = asyncio.get_running_loop()
         sent = await bulk_tcp.send_all(sock, bulk_tcp.pack_reply(bulk_tcp.OK, red.length * 4), deadline=deadline)
-        for k, (s, e) in enumerate(red.segments):
+        k, nseg = 0, len(red.segments)
+        while k < nseg:
             try:
                 await asyncio.wait_for(red.seg_ready[k].wait(), max(0.01, deadline - loop.time()))
             except asyncio.TimeoutError:
                 raise bulk_tcp.BulkError("timeout", "shard never closed") from None
+            last = k  # every segment final by now goes in one send: fewer wakeups, same bytes
+            while last + 1 < nseg and red.seg_ready[last + 1].is_set():
+                last += 1
+            s, e = red.segments[k][0], red.segments[last][1]
             sent += await bulk_tcp.send_all(sock, bulk_tcp.raw_view(red.total[s:e]), deadline=deadline)
+            k = last + 1
         try:  # every segment final means every member is in, or the shard was closed early
             await asyncio.wait_for(red.closed.wait(), max(0.01, deadline - loop.time()))
         except asyncio.TimeoutError:
