@@ -41,9 +41,7 @@ def _check(report, consistency: str | None) -> None:
 
 
 @pytest.mark.usefixtures("lab_capable")
-# streaming-diloco is left out: a peer restarted mid-run re-adopts the swarm's state every round and
-# never re-joins (issue 3, open); `swarm-node simulate --strategy streaming-diloco --netns` shows it.
-@pytest.mark.parametrize("strategy", ["sync", "diloco", "noloco", "gradcode", "swarm", "sapo"])
+@pytest.mark.parametrize("strategy", ["sync", "diloco", "streaming-diloco", "noloco", "gradcode", "swarm", "sapo"])
 def test_builtin_churn_scenario_in_namespaces(strategy, tmp_path):
     """1. The profile's peers of `strategy` (4; swarm 5: a 3-stage pipeline), one namespace each;
        the built-in churn scenario runs.
