@@ -246,9 +246,11 @@ def test_diloco_survives_a_kill_and_admits_a_joiner_with_identical_outer_weights
     """1. Three diloco peers (H=5) train; once rounds include all three, SIGKILL b's group.
     2. a and c keep committing rounds of two; then a fresh peer d joins late.
     3. d downloads φ and the outer momentum, takes part with weight 0 once, then contributes.
-    4. All run to --max-steps 1000 (a multiple of H, so everyone ends right after a commit).
+    4. All run to --max-steps 2000 (a multiple of H, so everyone ends right after a commit; long
+       enough that d, started a few seconds late, finds the swarm still training: with the bulk
+       TCP all-reduce, 1000 steps were over before d's first round).
     Result: survivors and the joiner end with bit-identical weights, finite and lower loss."""
-    common = ["--run-id", "dlc", "--strategy", "diloco", "--inner-steps", "10", "--max-steps", "1000",
+    common = ["--run-id", "dlc", "--strategy", "diloco", "--inner-steps", "10", "--max-steps", "2000",
               "--min-peers", "3"]
     a = swarm.add("a", common)
     a.wait_info()
@@ -269,7 +271,7 @@ def test_diloco_survives_a_kill_and_admits_a_joiner_with_identical_outer_weights
         assert n.proc.wait(240) == 0, n.log_text()[-2000:]
     summaries = {n.name: _summary(n) for n in (a, c, d)}
     assert len({s["param_hash"] for s in summaries.values()}) == 1, {k: s["param_hash"] for k, s in summaries.items()}
-    assert all(s["step"] == 1000 for s in summaries.values())
+    assert all(s["step"] == 2000 for s in summaries.values())
     first = summaries["a"]["history"][0][1]  # the founder's loss at step 1 (d joined a trained model)
     vals = [s["val_loss"] for s in summaries.values()]
     assert all(v == v and v < first - 1.0 for v in vals), (first, vals)
