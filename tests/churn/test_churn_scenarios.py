@@ -43,7 +43,7 @@ def _check(report, consistency: str | None) -> None:
 @pytest.mark.usefixtures("lab_capable")
 @pytest.mark.parametrize("strategy", ["sync", "diloco", "streaming-diloco", "noloco", "gradcode", "swarm", "sapo"])
 def test_builtin_churn_scenario_in_namespaces(strategy, tmp_path):
-    """1. The profile's peers of `strategy` (4; swarm 5: a 3-stage pipeline), one namespace each;
+    """1. The profile's peers of `strategy` (4; swarm: a 3-stage pipeline on 4), one namespace each;
        the built-in churn scenario runs.
     Result: every kill survived, the restarted and the healed peer re-join, loss still falls (swarm:
     the trainers' training loss), no NaN, survivors agree where the strategy keeps replicas equal
