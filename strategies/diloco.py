@@ -79,8 +79,7 @@ class DiLoCoStrategy(Strategy):
         self.rounds = RoundCoordinator(
             ctx.transport, ctx.spec.run_id, timeout_s=cfg.round_timeout_s, grace_s=cfg.round_timeout_s,
             allreduce=self.allreduce, leader_fn=self.election.leader, expected_fn=self.election.expected,
-            state_fn=lambda: (self.round_no, self.phi_hash), on_stragglers=ctx.metrics.stragglers.inc,
-            online_fn=lambda: len(set(self.election.online_peers()) | {ctx.peer_id}))
+            state_fn=lambda: (self.round_no, self.phi_hash), on_stragglers=ctx.metrics.stragglers.inc)
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3,
                                   extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore,
                                   snapshot_guard=self._snapshot_guard)

@@ -5,8 +5,6 @@ One round, as seen by a member:
                weight w". The leader freezes the group when every expected member joined
                or `grace_s` after its own join, and answers everyone with the sorted group
                and a group id. A member whose r or h differs is told RESYNC instead.
-               A group that is not a strict majority of the peers online when the
-               round opened aborts: a peer that wrongly elected itself cannot fork φ.
   2. reduce  — butterfly all-reduce of the member's vector inside that group.
   3. commit  — each member votes (complete?, hash of the averaged vector); the leader
                commits iff every member of the group voted complete with the same hash.
@@ -67,20 +65,11 @@ class _LeaderRound:
     num_elements: int | None = None  # every member must all-reduce a vector of this length
     epoch: int = 0  # retries of one round are new epochs: fresh group, group id and votes
     on_freeze: Callable[[int], None] | None = None  # called with the number of expected peers left out
-    online: int = 1  # peers (the leader included) that were online when the round opened
-    no_majority: bool = False
 
     def freeze(self, run_id: str) -> None:
         if not self.frozen.is_set():
             self.group = sorted(self.joined)
             self.group_id = group_digest(run_id, self.round_no, self.group, self.epoch)
-            # Only a strict majority of the online peers may commit a round. A peer that
-            # suspects the true leader after one lost reply elects itself; without this it
-            # committed the round alone, on its stale φ, while the others committed it too:
-            # two φ for one round number (seen by the churn lab), healed only by a resync.
-            self.no_majority = 2 * len(self.group) <= self.online
-            if self.no_majority:
-                self.decision = False
             self.frozen.set()
             if self.on_freeze is not None:
                 self.on_freeze(len(self.expected - set(self.joined)))
@@ -105,13 +94,11 @@ class RoundCoordinator:
 
     def __init__(self, transport: Transport, run_id: str, *, timeout_s: float, grace_s: float,
                  allreduce: ButterflyAllReduce, leader_fn: Callable[[], str], expected_fn: Callable[[], set[str]],
-                 state_fn: Callable[[], tuple[int, str]], on_stragglers: Callable[[int], None] | None = None,
-                 online_fn: Callable[[], int] | None = None):
+                 state_fn: Callable[[], tuple[int, str]], on_stragglers: Callable[[int], None] | None = None):
         self.transport, self.run_id = transport, run_id
         # the deadline quorum: expected members that missed the grace window are left out of the
         # frozen group (fast peers are not held hostage) and counted here
         self.on_stragglers = on_stragglers
-        self.online_fn = online_fn  # how many peers, me included, are online: the majority's base
         self.timeout_s, self.grace_s = timeout_s, grace_s
         self.allreduce, self.leader_fn, self.expected_fn, self.state_fn = allreduce, leader_fn, expected_fn, state_fn
         self._rounds: dict[int, _LeaderRound] = {}
@@ -190,7 +177,7 @@ class RoundCoordinator:
             # group, the old group id (reducers still hold that epoch's shards) and the old verdict
             epoch = 0 if rnd is None else rnd.epoch + 1
             rnd = _LeaderRound(round_no, phi_hash, self.expected_fn() | {self.transport.peer_id}, epoch=epoch,
-                               on_freeze=self._count_stragglers, online=self.online_fn() if self.online_fn else 1)
+                               on_freeze=self._count_stragglers)
             self._rounds[round_no] = rnd
             for old in sorted(self._rounds)[:-4]:
                 del self._rounds[old]
@@ -239,9 +226,6 @@ class RoundCoordinator:
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_TIMEOUT, detail="group never froze")
         if caller not in rnd.group:
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_TIMEOUT, detail="joined after the group froze")
-        if rnd.no_majority:
-            return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_TIMEOUT,
-                                      detail=f"no majority: {len(rnd.group)} joined of {rnd.online} online")
         return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_OK, round=my_round, group=rnd.group,
                                   group_id=rnd.group_id)
 
