@@ -612,6 +612,11 @@ class ChurnRunner:
                 continue
             r.final[name] = {"step": summ.get("step"), "param_hash": summ.get("param_hash"),
                              "val_loss": summ.get("val_loss"), "restarted": self.nodes[name].restarted}
+            lr = summ.get("last_round") or {}
+            if self.o.consistency == "phi_hash" and lr.get("outcome") == "ok" and lr.get("phi_hash"):
+                # the drained node's own last commit: where survivors stopped on the same round, their
+                # final φ is compared too (rounds can commit faster than /status can be read from all)
+                self.rounds.setdefault(name, {})[int(lr["round"])] = (self.now(), lr["phi_hash"])
             v = summ.get("val_loss")
             if v is None or not math.isfinite(v):
                 r.nan_seen = r.nan_seen or v is not None
