@@ -76,6 +76,13 @@ class NodeConfig(BaseSettings):
     lr_warmup_steps: int = Field(0, ge=0, description="Warmup steps of the cosine schedule.")
     seed: int = Field(0, ge=0, description="Seed for model init and data order.")
     round_timeout_s: float = Field(20.0, gt=0, description="Longest wait for the other peers in one synchronization round.")
+    round_grace_s: float | None = Field(None, gt=0, le=3600, description="DiLoCo family: after the leader is ready, how "
+                                        "long a round waits for the other expected peers before it goes on with "
+                                        "those that joined (the deadline quorum; unset = --round-timeout-s, i.e. "
+                                        "wait for all up to the timeout).")
+    compute_slowdown: float = Field(1.0, ge=1.0, le=100.0, description="Simulate a slower device: after each local "
+                                    "step sleep (F-1) x that step's compute time, so this peer computes F times "
+                                    "slower without loading the CPU (benchmarks and labs; 1 = off).")
     inner_steps: int = Field(50, ge=1, le=100_000, description="DiLoCo family: local steps between outer rounds (H).")
     outer_lr: float = Field(0.7, gt=0, le=10, description="DiLoCo family: outer SGD learning rate.")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="DiLoCo family: outer momentum (Nesterov for diloco).")

@@ -432,7 +432,8 @@ class Node:
                    "bytes_received": int(rx), "bytes_sent_by_channel": by_channel, "rounds": rounds, "stop_reason": self.stop_reason,
                    "param_hash": self.trainer.param_hash() if self.trainer else None,
                    "last_round": dict(self.progress.last_round), "history": self.history,
-                   "strategy_stats": self.strategy.summary() if self.strategy else {}}
+                   "strategy_stats": self.strategy.summary() if self.strategy else {},
+                   "round_history": getattr(self.strategy, "round_history", [])}
         path = self.config.state_dir / "summary.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary))

@@ -63,6 +63,11 @@ class Strategy(abc.ABC):
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx
+        # one entry per round attempt, for summary.json (bounded): what the round cost against
+        # the local compute since the previous one, which is what straggler benches compare
+        self.round_history: list[dict[str, Any]] = []
+        self._compute_since_round = 0.0
+        self._last_round_at = time.monotonic()
 
     async def start(self) -> None:
         """Register handlers; default: none."""
@@ -110,6 +115,10 @@ class Strategy(abc.ABC):
             ctx.metrics.rejected_messages.labels(reason="non_finite").inc()
             ctx.log.warning("local step skipped: %s", e)
             return False
+        compute_s = time.perf_counter() - t0
+        self._compute_since_round += compute_s
+        if ctx.config.compute_slowdown > 1.0:  # a simulated slower device: idle, not busy, so the box stays fair
+            await asyncio.sleep((ctx.config.compute_slowdown - 1.0) * compute_s)
         self.record_step(result.num_samples, result.loss, time.perf_counter() - t0)
         await ctx.on_step()
         return True
@@ -125,6 +134,16 @@ class Strategy(abc.ABC):
             m.last_successful_round.set(time.time())
         self.ctx.progress.last_round = {**details, "outcome": outcome, "group_size": size,
                                         "duration_s": round(duration_s, 4)}
+        now = time.monotonic()
+        if len(self.round_history) < 20_000:
+            # compute_s: local steps' compute (a simulated slowdown's sleep excluded); wall_s: time
+            # since the previous round attempt ended, so wall_s - compute_s is what this peer waited
+            self.round_history.append({"round": details.get("round"), "outcome": outcome, "group_size": size,
+                                       "duration_s": round(duration_s, 4),
+                                       "compute_s": round(self._compute_since_round, 4),
+                                       "wall_s": round(now - self._last_round_at, 4),
+                                       "peer": details.get("partner") or details.get("leader") or details.get("aggregator") or ""})
+        self._compute_since_round, self._last_round_at = 0.0, now
 
     def record_step(self, num_samples: int, loss: float, elapsed_s: float) -> None:
         """Progress and metrics after one applied local step."""

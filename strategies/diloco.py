@@ -48,6 +48,12 @@ def load_params(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
             p.copy_(v.to(p.device, p.dtype))
 
 
+def _work(meta: dict) -> int:
+    """The donor's merged work; 0 from a donor that does not send it (an older version)."""
+    w = meta.get("work", 0)
+    return w if isinstance(w, int) and w >= 0 else 0
+
+
 def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     out, start = [], 0
     for t in like:
@@ -70,6 +76,10 @@ class DiLoCoStrategy(Strategy):
         self.phi_hash = round_digest(self.phi)
         self.round_no = 0
         self.weight = 1.0
+        # member-rounds merged into φ (+ group size per commit; taken over on adoption): after a
+        # split, the side whose φ holds more work keeps it (see rounds.py)
+        self.work = 0
+        self._adopt_from: str | None = None  # set on the leader when a member's φ holds more work
         self.election = LeaderElection(ctx, self.name)
         self.allreduce = ButterflyAllReduce(
             ctx.transport, timeout_s=cfg.round_timeout_s, compression=COMPRESSIONS[cfg.compression],
@@ -77,9 +87,10 @@ class DiLoCoStrategy(Strategy):
             transport_mode=cfg.allreduce_transport, bulk_host=cfg.host, bulk_port=cfg.allreduce_tcp_port,
             announce_host=cfg.announce_host, on_path=path_counter(ctx.metrics.registry))
         self.rounds = RoundCoordinator(
-            ctx.transport, ctx.spec.run_id, timeout_s=cfg.round_timeout_s, grace_s=cfg.round_timeout_s,
+            ctx.transport, ctx.spec.run_id, timeout_s=cfg.round_timeout_s, grace_s=cfg.round_grace_s or cfg.round_timeout_s,
             allreduce=self.allreduce, leader_fn=self.election.leader, expected_fn=self.election.expected,
-            state_fn=lambda: (self.round_no, self.phi_hash), on_stragglers=ctx.metrics.stragglers.inc)
+            state_fn=lambda: (self.round_no, self.phi_hash), on_stragglers=ctx.metrics.stragglers.inc,
+            work_fn=lambda: self.work, on_behind=self._behind)
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3,
                                   extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore,
                                   snapshot_guard=self._snapshot_guard)
@@ -98,7 +109,7 @@ class DiLoCoStrategy(Strategy):
         momentum = [buffers.get(i, {}).get("momentum_buffer") for i in range(len(self.phi))]
         has_momentum = all(m is not None for m in momentum)
         tensors = list(self.phi) + (momentum if has_momentum else [])
-        return {"round": self.round_no, "has_momentum": has_momentum}, tensors
+        return {"round": self.round_no, "has_momentum": has_momentum, "work": self.work}, tensors
 
     def _extra_restore(self, meta: dict, tensors: list[torch.Tensor]) -> None:
         n = len(self.phi)
@@ -114,7 +125,19 @@ class DiLoCoStrategy(Strategy):
         self.phi = self.outer.phi
         self.phi_hash = round_digest(self.phi)
         self.round_no = meta["round"]
+        self.work = _work(meta)
         self._reset_theta()
+
+    def _behind(self, member: str) -> None:
+        if self._adopt_from is None:
+            self.ctx.log.warning("a member's state holds more work than mine: adopting it from %s", member[-8:])
+            self._adopt_from = member
+
+    async def _catch_up(self) -> None:
+        """Adopt the state a member showed to hold more work than ours (we led a stale side)."""
+        member, self._adopt_from = self._adopt_from, None
+        if member is not None:
+            await self._adopt(member, "its state holds more merged work than mine")
 
     def _snapshot_guard(self) -> contextlib.AbstractAsyncContextManager[None]:
         # φ, momentum and the round number change together on the compute thread, where the
@@ -132,6 +155,7 @@ class DiLoCoStrategy(Strategy):
         while not ctx.should_stop() and (ctx.config.max_steps == 0 or ctx.trainer.step < ctx.config.max_steps):
             if not await self.wait_for_peers():
                 break
+            await self._catch_up()
             if self.weight > 0:
                 await self._inner_phase()
                 if ctx.should_stop() and ctx.trainer.step % self.H:
@@ -164,6 +188,7 @@ class DiLoCoStrategy(Strategy):
             if out.status == "committed":
                 before = self.phi_hash
                 await ctx.compute(self._apply, out.result)
+                self.work += len(out.group)
                 self.election.mark_committed(out.group)
                 self._account("ok", len(out.group), duration, out)
                 ctx.log.info("round %d committed by %d peers in %.2fs: phi %s -> %s (delta %s, weight %g)",

@@ -4,7 +4,12 @@ One round, as seen by a member:
   1. join    — tell the leader (lowest online peer id) "round r, my shared-state hash h,
                weight w". The leader freezes the group when every expected member joined
                or `grace_s` after its own join, and answers everyone with the sorted group
-               and a group id. A member whose r or h differs is told RESYNC instead.
+               and a group id. A member whose r or h differs is told RESYNC instead —
+               unless its state carries more merged work (member-rounds) than the
+               leader's: then the leader is the stale side (it was cut off, or frozen,
+               while the others went on), adopts that member's state, and the member is
+               told LEADER_BEHIND and retries. After a split the side that merged more
+               work keeps its model, whichever side the lowest id happens to be on.
   2. reduce  — butterfly all-reduce of the member's vector inside that group.
   3. commit  — each member votes (complete?, hash of the averaged vector); the leader
                commits iff every member of the group voted complete with the same hash.
@@ -94,7 +99,8 @@ class RoundCoordinator:
 
     def __init__(self, transport: Transport, run_id: str, *, timeout_s: float, grace_s: float,
                  allreduce: ButterflyAllReduce, leader_fn: Callable[[], str], expected_fn: Callable[[], set[str]],
-                 state_fn: Callable[[], tuple[int, str]], on_stragglers: Callable[[int], None] | None = None):
+                 state_fn: Callable[[], tuple[int, str]], on_stragglers: Callable[[int], None] | None = None,
+                 work_fn: Callable[[], int] | None = None, on_behind: Callable[[str], None] | None = None):
         self.transport, self.run_id = transport, run_id
         # the deadline quorum: expected members that missed the grace window are left out of the
         # frozen group (fast peers are not held hostage) and counted here
@@ -102,6 +108,9 @@ class RoundCoordinator:
         self.timeout_s, self.grace_s = timeout_s, grace_s
         self.allreduce, self.leader_fn, self.expected_fn, self.state_fn = allreduce, leader_fn, expected_fn, state_fn
         self._rounds: dict[int, _LeaderRound] = {}
+        # work_fn: member-rounds merged into this peer's shared state; on_behind(peer): called
+        # on the leader when that member's state carries more, so the strategy adopts it
+        self.work_fn, self.on_behind = work_fn or (lambda: 0), on_behind
 
     async def start(self) -> None:
         await self.allreduce.start()
@@ -114,7 +123,7 @@ class RoundCoordinator:
         leader = leader or self.leader_fn()
         me = self.transport.peer_id
         join = rpb.RoundJoin(run_id=self.run_id, round=round_no, phi_hash=phi_hash, weight=weight,
-                             num_elements=vector.numel())
+                             num_elements=vector.numel(), work=self.work_fn())
         try:
             if leader == me:
                 reply = await self._lead_join(join)
@@ -202,6 +211,14 @@ class RoundCoordinator:
                 await asyncio.sleep(0.05)
                 my_round, my_hash = self.state_fn()
         if join.round != my_round or join.phi_hash != my_hash:
+            if self.on_behind is not None and join.work > self.work_fn():
+                self.on_behind(caller)
+                stale = self._rounds.get(my_round)
+                if stale is not None:
+                    stale.freeze(self.run_id)  # my own join returns now, not after the grace window
+                return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_LEADER_BEHIND, round=my_round,
+                                          detail=f"leader at round {my_round} with work {self.work_fn()}, member "
+                                                 f"at {join.round} with {join.work}: the leader adopts its state")
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_RESYNC, round=my_round,
                                       detail=f"leader at round {my_round}, member at {join.round}"
                                       + ("" if join.phi_hash == my_hash else " with a different state"))

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from .diloco import DiLoCoStrategy, flatten, unflatten
+from .diloco import DiLoCoStrategy, _work, flatten, unflatten
 from .outer_math import OuterOptimizer, fragment_due, fragment_indices, merge, round_digest
 from .rounds import RoundOutcome, tensor_digest
 from .state_transfer import StateTransferError
@@ -53,7 +53,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             has.append(present)
             if present:
                 momentum += [bufs[j]["momentum_buffer"] for j in range(len(idx))]
-        return {"round": self.round_no, "has_momentum": has}, list(self.phi) + momentum
+        return {"round": self.round_no, "has_momentum": has, "work": self.work}, list(self.phi) + momentum
 
     @contextlib.asynccontextmanager
     async def _snapshot_guard(self):
@@ -98,6 +98,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         self.phi = [t.clone() for t in phi]
         self.phi_hash = round_digest(self.phi)
         self.round_no = meta["round"]
+        self.work = _work(meta)
         self.pending.clear()
         self._reset_theta()
 
@@ -110,6 +111,8 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             while not ctx.should_stop() and (ctx.config.max_steps == 0 or ctx.trainer.step < ctx.config.max_steps):
                 if not await self.wait_for_peers():
                     break
+                if self._adopt_from is not None and not self.pending:
+                    await self._catch_up()
                 async with self._step_lock:  # a step and its rounds are one unit to a snapshot
                     if not await self.local_step():
                         continue
@@ -158,22 +161,18 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         t0 = time.perf_counter()
         try:
             out: RoundOutcome = await task
-        except BaseException:
-            self.pending.pop(t, None)
-            raise
-        duration = time.perf_counter() - t0
-        if out.status == "committed":
-            try:
+            duration = time.perf_counter() - t0
+            if out.status == "committed":
                 await self.ctx.compute(self._apply_fragment, f, out.result)
-            finally:
-                self.pending.pop(t, None)
+                self.work += len(out.group)
+        finally:
+            self.pending.pop(t, None)
+        if out.status == "committed":
             self.election.mark_committed(out.group)
             self._account("ok", len(out.group), duration, out)
             self.ctx.log.debug("fragment %d round %d committed: phi %s (delta %s)", f, self.round_no - 1,
                                self.phi_hash, tensor_digest(out.result))
-            return
-        self.pending.pop(t, None)
-        if out.status == "resync":
+        elif out.status == "resync":
             self._account("resync", 0, duration, out)
             for _, other in self.pending.values():
                 other.cancel()

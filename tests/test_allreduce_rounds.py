@@ -188,3 +188,34 @@ def test_a_round_rpc_whose_stream_closed_without_a_reply_is_sent_once_more():
     assert isinstance(err, ClosedWithoutAnswer) and calls == 2
     err, calls = asyncio.run(call([PeerUnavailable("missed the deadline"), ["late"]]))
     assert isinstance(err, PeerUnavailable) and calls == 1  # a deadline is not retried
+
+
+def test_a_leader_behind_a_member_with_more_merged_work_adopts_instead_of_resyncing_it():
+    """After a split the lowest id (the leader) may hold the stale side. A member whose state
+    differs is sent to resync only if its state holds no more merged work than the leader's;
+    otherwise the leader is told to adopt (on_behind), its own pending round is frozen so it
+    does not wait out the grace window, and the member hears LEADER_BEHIND (retry)."""
+    from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
+    from swarm_node.strategies.rounds import JoinStatus, RoundCoordinator
+
+    class T:
+        peer_id = "a"
+
+    async def admit(leader_work: int, member_work: int, member_round: int = 3):
+        behind: list[str] = []
+        rc = RoundCoordinator(T(), "run", timeout_s=0.2, grace_s=30, allreduce=None, leader_fn=lambda: "a",
+                              expected_fn=lambda: {"b"}, state_fn=lambda: (3, "old"), work_fn=lambda: leader_work,
+                              on_behind=behind.append)
+        mine = rc._round(3, "old")
+        mine.joined = {"a": 1.0}
+        join = rpb.RoundJoin(run_id="run", round=member_round, phi_hash="new", weight=1.0, num_elements=4,
+                             work=member_work)
+        reply = await rc._admit(join, "b")
+        return reply, behind, mine.frozen.is_set()
+
+    reply, behind, frozen = asyncio.run(admit(leader_work=10, member_work=30, member_round=7))
+    assert reply.status == JoinStatus.ROUND_STATUS_LEADER_BEHIND and behind == ["b"] and frozen
+    reply, behind, frozen = asyncio.run(admit(leader_work=30, member_work=10))
+    assert reply.status == JoinStatus.ROUND_STATUS_RESYNC and behind == [] and not frozen
+    reply, behind, _ = asyncio.run(admit(leader_work=10, member_work=10))  # a tie keeps the old rule
+    assert reply.status == JoinStatus.ROUND_STATUS_RESYNC and behind == []

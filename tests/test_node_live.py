@@ -338,3 +338,42 @@ def test_sync_followers_leave_a_frozen_leader_after_its_record_expires(swarm):
         print(f"followers moved on {time.monotonic() - t0:.1f}s after the leader froze")
     finally:
         os.killpg(leader.proc.pid, signal.SIGCONT)
+
+
+def test_diloco_swarm_keeps_its_progress_when_a_frozen_leader_comes_back(swarm):
+    """1. Three diloco peers (H=10) train; the leader (lowest peer id) is frozen with SIGSTOP
+       (p2pd included), as if cut off. The two others suspect it and commit rounds of two.
+    2. It is thawed many rounds later, still the lowest id, with a stale φ: the others join it.
+    3. Before, it sent them to resync and the swarm went back to its old φ (seen in the netns
+       churn lab: step 301 -> 168). Now their join shows more merged work, so it adopts their φ.
+    Result: the followers' committed round numbers never go backwards, the thawed leader logs the
+    adoption, and all three end with bit-identical weights at --max-steps."""
+    common = ["--run-id", "thaw", "--strategy", "diloco", "--inner-steps", "10", "--max-steps", "3000",
+              "--min-peers", "3"]
+    a = swarm.add("a", common)
+    a.wait_info()
+    nodes = [a, *(swarm.add(n, common, initial=a.join_maddr()) for n in ("b", "c"))]
+    ids = {n.wait_info()["peer_id"]: n for n in nodes}
+    for n in nodes:
+        n.wait_for(lambda s: s["last_round"].get("group_size") == 3, 90, "three-peer rounds")
+    leader = ids[min(ids)]
+    followers = [n for n in nodes if n is not leader]
+    os.killpg(leader.proc.pid, signal.SIGSTOP)
+    try:
+        start = followers[0].status()["last_round"].get("round", 0)
+        for f in followers:
+            f.wait_for(lambda s: s["last_round"].get("round", 0) >= start + 8
+                       and s["last_round"].get("group_size") == 2, 90, "rounds of two without the leader")
+    finally:
+        os.killpg(leader.proc.pid, signal.SIGCONT)
+    thawed_at = max(f.status()["last_round"].get("round", 0) for f in followers)
+    for n in nodes:
+        assert n.proc.wait(300) == 0, n.log_text()[-2000:]
+    summaries = {n.name: _summary(n) for n in nodes}
+    for f in followers:
+        rounds = [r["round"] for r in summaries[f.name]["round_history"] if r["outcome"] == "ok"]
+        drops = [(x, y) for x, y in zip(rounds, rounds[1:]) if y < x]
+        assert not drops, f"{f.name} went back from round {drops[0][0]} to {drops[0][1]} (thawed at {thawed_at})"
+    assert "holds more merged work" in leader.log_text(), leader.log_text()[-3000:]
+    assert len({s["param_hash"] for s in summaries.values()}) == 1, {k: s["param_hash"] for k, s in summaries.items()}
+    assert all(s["step"] == 3000 for s in summaries.values())

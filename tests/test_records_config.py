@@ -185,3 +185,14 @@ def test_cosine_lr_schedule_needs_max_steps_and_joins_the_spec():
     assert "lr_schedule" not in base.canonical()  # constant: the digest of older runs is unchanged
     assert cos.digest() != base.digest() and cos.digest() != shorter.digest()  # horizon is shared state
     assert any("lr_total_steps" in d for d in cos.differences(shorter.canonical()))
+
+
+def test_slowdown_and_round_grace_are_per_peer_settings_with_bounds():
+    """A simulated slow device and a peer's own grace window must not split the run (they stay
+    out of the spec), and nonsense values are refused with the field named."""
+    base = NodeConfig().run_spec()
+    assert NodeConfig(compute_slowdown=3.0, round_grace_s=1.0).run_spec().digest() == base.digest()
+    with pytest.raises(ValueError, match="compute_slowdown"):
+        NodeConfig(compute_slowdown=0.5)  # < 1 would be a speed-up it cannot deliver
+    with pytest.raises(ValueError, match="round_grace_s"):
+        NodeConfig(round_grace_s=0)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import swarm_node_wire_pb2 as swarm__node__wire__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17swarm_node_rounds.proto\x12\x0cswarmnode.v1\x1a\x15swarm_node_wire.proto\"b\n\tRoundJoin\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08phi_hash\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x14\n\x0cnum_elements\x18\x05 \x01(\x03\"\xa5\x02\n\x0eRoundJoinReply\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.swarmnode.v1.RoundJoinReply.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\r\n\x05group\x18\x04 \x03(\t\x12\x10\n\x08group_id\x18\x05 \x01(\t\x12\x13\n\x0bleader_hint\x18\x06 \x01(\t\"\x88\x01\n\x06Status\x12\x13\n\x0fROUND_STATUS_OK\x10\x00\x12\x1b\n\x17ROUND_STATUS_NOT_LEADER\x10\x01\x12\x17\n\x13ROUND_STATUS_RESYNC\x10\x02\x12\x19\n\x15ROUND_STATUS_REJECTED\x10\x03\x12\x18\n\x14ROUND_STATUS_TIMEOUT\x10\x04\"f\n\tShardPush\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12(\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x19.swarmnode.v1.TensorChunk\"\xfb\x01\n\nShardReply\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.swarmnode.v1.ShardReply.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x18\n\x10num_contributors\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_weight\x18\x04 \x01(\x01\x12(\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x19.swarmnode.v1.TensorChunk\"R\n\x06Status\x12\x13\n\x0fSHARD_STATUS_OK\x10\x00\x12\x19\n\x15SHARD_STATUS_REJECTED\x10\x01\x12\x18\n\x14SHARD_STATUS_TIMEOUT\x10\x02\"E\n\nCommitVote\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\x13\n\x0bresult_hash\x18\x03 \x01(\t\"0\n\x0e\x43ommitDecision\x12\x0e\n\x06\x63ommit\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"h\n\x08PairPush\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x13\n\x0bnum_tensors\x18\x03 \x01(\x05\x12(\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x19.swarmnode.v1.TensorChunk\"\xdf\x01\n\tPairReply\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.swarmnode.v1.PairReply.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x19.swarmnode.v1.TensorChunk\"h\n\x06Status\x12\x12\n\x0ePAIR_STATUS_OK\x10\x00\x12\x17\n\x13PAIR_STATUS_REFUSED\x10\x01\x12\x17\n\x13PAIR_STATUS_TIMEOUT\x10\x02\x12\x18\n\x14PAIR_STATUS_REJECTED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17swarm_node_rounds.proto\x12\x0cswarmnode.v1\x1a\x15swarm_node_wire.proto\"p\n\tRoundJoin\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08phi_hash\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x14\n\x0cnum_elements\x18\x05 \x01(\x03\x12\x0c\n\x04work\x18\x06 \x01(\x03\"\xc5\x02\n\x0eRoundJoinReply\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.swarmnode.v1.RoundJoinReply.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\r\n\x05group\x18\x04 \x03(\t\x12\x10\n\x08group_id\x18\x05 \x01(\t\x12\x13\n\x0bleader_hint\x18\x06 \x01(\t\"\xa8\x01\n\x06Status\x12\x13\n\x0fROUND_STATUS_OK\x10\x00\x12\x1b\n\x17ROUND_STATUS_NOT_LEADER\x10\x01\x12\x17\n\x13ROUND_STATUS_RESYNC\x10\x02\x12\x19\n\x15ROUND_STATUS_REJECTED\x10\x03\x12\x18\n\x14ROUND_STATUS_TIMEOUT\x10\x04\x12\x1e\n\x1aROUND_STATUS_LEADER_BEHIND\x10\x05\"f\n\tShardPush\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12(\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x19.swarmnode.v1.TensorChunk\"\xfb\x01\n\nShardReply\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.swarmnode.v1.ShardReply.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x18\n\x10num_contributors\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_weight\x18\x04 \x01(\x01\x12(\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x19.swarmnode.v1.TensorChunk\"R\n\x06Status\x12\x13\n\x0fSHARD_STATUS_OK\x10\x00\x12\x19\n\x15SHARD_STATUS_REJECTED\x10\x01\x12\x18\n\x14SHARD_STATUS_TIMEOUT\x10\x02\"E\n\nCommitVote\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\x13\n\x0bresult_hash\x18\x03 \x01(\t\"0\n\x0e\x43ommitDecision\x12\x0e\n\x06\x63ommit\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"h\n\x08PairPush\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x13\n\x0bnum_tensors\x18\x03 \x01(\x05\x12(\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x19.swarmnode.v1.TensorChunk\"\xdf\x01\n\tPairReply\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.swarmnode.v1.PairReply.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x19.swarmnode.v1.TensorChunk\"h\n\x06Status\x12\x12\n\x0ePAIR_STATUS_OK\x10\x00\x12\x17\n\x13PAIR_STATUS_REFUSED\x10\x01\x12\x17\n\x13PAIR_STATUS_TIMEOUT\x10\x02\x12\x18\n\x14PAIR_STATUS_REJECTED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,25 +33,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swarm_node_rounds_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROUNDJOIN']._serialized_start=64
-  _globals['_ROUNDJOIN']._serialized_end=162
-  _globals['_ROUNDJOINREPLY']._serialized_start=165
-  _globals['_ROUNDJOINREPLY']._serialized_end=458
-  _globals['_ROUNDJOINREPLY_STATUS']._serialized_start=322
-  _globals['_ROUNDJOINREPLY_STATUS']._serialized_end=458
-  _globals['_SHARDPUSH']._serialized_start=460
-  _globals['_SHARDPUSH']._serialized_end=562
-  _globals['_SHARDREPLY']._serialized_start=565
-  _globals['_SHARDREPLY']._serialized_end=816
-  _globals['_SHARDREPLY_STATUS']._serialized_start=734
-  _globals['_SHARDREPLY_STATUS']._serialized_end=816
-  _globals['_COMMITVOTE']._serialized_start=818
-  _globals['_COMMITVOTE']._serialized_end=887
-  _globals['_COMMITDECISION']._serialized_start=889
-  _globals['_COMMITDECISION']._serialized_end=937
-  _globals['_PAIRPUSH']._serialized_start=939
-  _globals['_PAIRPUSH']._serialized_end=1043
-  _globals['_PAIRREPLY']._serialized_start=1046
-  _globals['_PAIRREPLY']._serialized_end=1269
-  _globals['_PAIRREPLY_STATUS']._serialized_start=1165
-  _globals['_PAIRREPLY_STATUS']._serialized_end=1269
+  _globals['_ROUNDJOIN']._serialized_end=176
+  _globals['_ROUNDJOINREPLY']._serialized_start=179
+  _globals['_ROUNDJOINREPLY']._serialized_end=504
+  _globals['_ROUNDJOINREPLY_STATUS']._serialized_start=336
+  _globals['_ROUNDJOINREPLY_STATUS']._serialized_end=504
+  _globals['_SHARDPUSH']._serialized_start=506
+  _globals['_SHARDPUSH']._serialized_end=608
+  _globals['_SHARDREPLY']._serialized_start=611
+  _globals['_SHARDREPLY']._serialized_end=862
+  _globals['_SHARDREPLY_STATUS']._serialized_start=780
+  _globals['_SHARDREPLY_STATUS']._serialized_end=862
+  _globals['_COMMITVOTE']._serialized_start=864
+  _globals['_COMMITVOTE']._serialized_end=933
+  _globals['_COMMITDECISION']._serialized_start=935
+  _globals['_COMMITDECISION']._serialized_end=983
+  _globals['_PAIRPUSH']._serialized_start=985
+  _globals['_PAIRPUSH']._serialized_end=1089
+  _globals['_PAIRREPLY']._serialized_start=1092
+  _globals['_PAIRREPLY']._serialized_end=1315
+  _globals['_PAIRREPLY_STATUS']._serialized_start=1211
+  _globals['_PAIRREPLY_STATUS']._serialized_end=1315
 # @@protoc_insertion_point(module_scope)
