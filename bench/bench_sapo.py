@@ -35,6 +35,8 @@ CONFIGS: dict[str, list[str]] = {
     "4/4": ["--sapo-local-groups", "4", "--sapo-external-groups", "4"],
     "2/6": ["--sapo-local-groups", "2", "--sapo-external-groups", "6"],
     "4/4 neg=1": ["--sapo-local-groups", "4", "--sapo-external-groups", "4", "--sapo-negative-scale", "1"],
+    # the local-selection ablation: the first I own groups instead of the informative ones
+    "4/4 first": ["--sapo-local-groups", "4", "--sapo-external-groups", "4", "--sapo-local-select", "first"],
 }
 BASE = ["--host", "127.0.0.1", "--metrics-addr", "127.0.0.1:0", "--threads", "1", "--announce-interval-s", "1",
         "--status-interval-s", "60", "--log-level", "WARNING", "--strategy", "sapo", "--n-layer", "2",

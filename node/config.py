@@ -108,8 +108,11 @@ class NodeConfig(BaseSettings):
                                 "wall-clock epochs, the same on every peer).")
     sapo_questions: int = Field(8, ge=1, le=64, description="sapo: questions this peer generates G completions "
                                 "for and publishes each round (Q).")
-    sapo_local_groups: int = Field(4, ge=1, le=64, description="sapo: local groups per update (I <= Q; the first I "
-                                   "of this round's Q).")
+    sapo_local_groups: int = Field(4, ge=1, le=64, description="sapo: local groups per update (I <= Q, chosen from "
+                                   "this round's Q by --sapo-local-select).")
+    sapo_local_select: Literal["informative", "first"] = Field(
+        "informative", description="sapo: which I of the Q own groups to train on: drawn from those with non-zero "
+                                   "reward variance (padded with the rest), or the first I.")
     sapo_external_groups: int = Field(4, ge=0, le=64, description="sapo: external groups per update (J; 0 = silo).")
     sapo_negative_scale: float = Field(0.0, ge=0, le=1, description="sapo: scale on negative advantages of external "
                                        "groups (0 = use only their positives; 1 = the paper).")

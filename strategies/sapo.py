@@ -141,7 +141,7 @@ class SapoStrategy(Strategy):
             raise RuntimeError("identity.key does not match this node's peer id")
         if cfg.sapo_hf_model:
             if not hf_available():
-                raise RuntimeError("--sapo-hf-model needs transformers installed (pip install transformers)")
+                raise RuntimeError("--sapo-hf-model needs transformers installed (pip install 'swarm-node[hf]')")
             self.policy: Any = HFPolicy(cfg.sapo_hf_model, ctx.trainer.device, cfg.sapo_max_new_tokens, cfg.lr)
         else:
             self.policy = BytePolicy(ctx.trainer.model, ctx.trainer.device, cfg.sapo_max_new_tokens)
@@ -177,12 +177,20 @@ class SapoStrategy(Strategy):
     async def stop(self) -> None:
         if self.gossip is not None:
             await self.gossip.stop()
+        if isinstance(self.policy, HFPolicy) and self.policy.steps:
+            out = self.ctx.config.state_dir / "hf_policy"  # the trained policy; the node's checkpoint holds the byte model
+            try:
+                self.policy.save(out)
+                self.ctx.log.info("saved the trained HF policy (%d steps) to %s", self.policy.steps, out)
+            except Exception as e:  # a full disk must not turn a clean stop into a crash
+                self.ctx.log.warning("could not save the HF policy to %s: %s", out, e)
 
     def status(self) -> dict[str, Any]:
         return dict(self.ctx.progress.last_round)
 
     def summary(self) -> dict[str, Any]:
         return {"rounds": self.rounds_done, "cumulative_reward": self.cumulative_reward, "totals": dict(self.totals),
+                "policy": self.policy.describe(), "policy_steps": self._policy_steps(),
                 "history": self.history, "gossip_ready_after_s": self.gossip.ready_after_s if self.gossip else None,
                 "gossip_restarts": self.gossip.restarts if self.gossip else 0}
 
@@ -290,7 +298,7 @@ class SapoStrategy(Strategy):
         ctx, cfg = self.ctx, self.ctx.config
         if not await self.wait_for_peers():
             return
-        if ctx.trainer.step == 0 and cfg.sapo_warmstart_steps and isinstance(self.policy, BytePolicy):
+        if ctx.trainer.step == 0 and cfg.sapo_warmstart_steps:
             await ctx.compute(self._warm_start, cfg.sapo_warmstart_steps)
         if self.gossip is not None and not await self.gossip.wait_ready(30.0):
             ctx.log.warning("rollout sidecar not up after 30s: sharing by pull only until it is")
@@ -308,7 +316,7 @@ class SapoStrategy(Strategy):
             self.rounds_done += 1
             if cfg.sapo_rounds and self.rounds_done >= cfg.sapo_rounds:
                 return
-            if cfg.max_steps and ctx.trainer.step >= cfg.max_steps:
+            if cfg.max_steps and self._policy_steps() >= cfg.max_steps:
                 return
 
     def _warm_start(self, steps: int) -> None:
@@ -319,8 +327,16 @@ class SapoStrategy(Strategy):
                        for _ in range(16)]
             logp, mask = self.policy.format_batch(prompts, rng)
             loss = -(logp * mask).sum() / mask.sum()
+            if isinstance(self.policy, HFPolicy):  # its own optimizer; a non-finite step is skipped
+                self.policy.apply(loss)
+                continue
             grads = torch.autograd.grad(loss, tr.parameters_list())
             tr.apply_gradients(list(grads))
+
+    def _policy_steps(self) -> int:
+        """Optimizer steps applied to the policy (an HF policy has its own optimizer: the
+        trainer's step, which the byte policy uses, stays 0 then)."""
+        return self.policy.steps if isinstance(self.policy, HFPolicy) else self.ctx.trainer.step
 
     def _sample_items(self, rnd: int) -> list[tasks.TaskItem]:
         # Keyed by this peer's count of rounds (not the wall-clock round) so that runs with the
@@ -399,7 +415,7 @@ class SapoStrategy(Strategy):
         external = [s for s in (self._score_external(sr) for sr, _, _ in self.inbox.get(rnd, {}).values()) if s]
         rng = random.Random(f"build:{self.peer_seed}:{rnd}")
         ts = build_training_set(local, external, my_peer_id=ctx.peer_id, num_local=self.I, num_external=self.J,
-                                rng=rng)
+                                rng=rng, local_select=cfg.sapo_local_select)
         adv = training_advantages(ts, negative_scale=cfg.sapo_negative_scale)
         outcome = await self._update(ts, adv)
 
@@ -462,6 +478,11 @@ class SapoStrategy(Strategy):
         if not ok:
             self.m.skipped.labels(reason="non_finite").inc()
             return "skipped_non_finite"
+        if isinstance(self.policy, HFPolicy):
+            # the node's step hook evaluates and checkpoints the trainer's byte model, which an
+            # HF peer never trains (the compute thread keeps the training heartbeat)
+            self.ctx.progress.step = self.policy.steps
+            return "ok"
         await self.ctx.on_step()
         return "ok"
 
@@ -478,14 +499,10 @@ class SapoStrategy(Strategy):
             loss = grpo_loss(new, old, adv, mask)
             if not math.isfinite(float(loss.detach())):
                 return False
-            if isinstance(self.policy, HFPolicy):  # pragma: no cover
-                self.policy.optimizer.zero_grad()
-                loss.backward()
-                if not finite_grads([p.grad for p in self.policy.model.parameters()]):
-                    self.policy.optimizer.zero_grad()
+            if isinstance(self.policy, HFPolicy):
+                if not self.policy.apply(loss):  # refuses non-finite gradients, changes nothing then
                     return False
-                torch.nn.utils.clip_grad_norm_(self.policy.model.parameters(), 1.0)
-                self.policy.optimizer.step()
+                self.ctx.progress.train_loss = float(loss.detach())
                 continue
             grads = torch.autograd.grad(loss, tr.parameters_list(), allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tr.parameters_list(), grads)]

@@ -10,11 +10,15 @@ Pure functions over tensors and plain records; no network, no model.
 - GRPO objective (no KL term): per token, -min(ratio * A, clip(ratio, 1 - eps_low,
   1 + eps_high) * A) with ratio = exp(logp_new - logp_old), averaged over valid tokens;
   each token's loss is clamped to [-10, 10] so one wild ratio cannot dominate a step.
-- Builder: exactly the I local groups given (this node's own generations) and up to J
+- Builder: exactly I of the node's own Q >= I generated groups and up to J
   external groups drawn uniformly without replacement from the eligible ones; eligible
   means: not from this node, not a duplicate (same group id or same sender and task
   triple), and with non-zero reward variance *under this node's verifier* (the caller scores
   them; the sender's rewards are never seen). Fewer than J eligible is a counted shortfall.
+  The I local groups are, with `local_select="informative"` (default), drawn uniformly from
+  the own groups with non-zero variance, padded in order with zero-variance ones when fewer
+  than I are informative (the same filter as for external groups: a zero-variance group has
+  A = 0 and teaches nothing); with "first", the first I. With I = Q both are all of them.
 - Guards: a step whose advantages are all zero, or whose loss or gradients are non-finite,
   is skipped (the caller leaves parameters untouched).
 """
@@ -96,13 +100,26 @@ class TrainingSet:
     shortfall: int = 0  # J minus external groups used
 
 
-def build_training_set(local: Sequence[ScoredGroup], external: Sequence[ScoredGroup], *, my_peer_id: str,
-                       num_local: int, num_external: int, rng: random.Random) -> TrainingSet:
-    """Exactly `num_local` local groups (from `local`, in order) + up to `num_external`
-    eligible external groups sampled uniformly (see the module docstring)."""
+def pick_local(local: Sequence[ScoredGroup], num_local: int, rng: random.Random,
+               local_select: str = "informative") -> list[ScoredGroup]:
+    """`num_local` of the own groups (see the module docstring)."""
     if len(local) < num_local:
         raise ValueError(f"{len(local)} local groups given, I = {num_local}")
-    ts = TrainingSet(groups=list(local[:num_local]), local_used=num_local)
+    if local_select == "first" or num_local == len(local):
+        return list(local[:num_local])
+    if local_select != "informative":
+        raise ValueError(f"local_select must be 'informative' or 'first', not {local_select!r}")
+    informative = [g for g in local if not g.zero_variance]
+    picked = rng.sample(informative, min(num_local, len(informative)))
+    return picked + [g for g in local if g.zero_variance][: num_local - len(picked)]
+
+
+def build_training_set(local: Sequence[ScoredGroup], external: Sequence[ScoredGroup], *, my_peer_id: str,
+                       num_local: int, num_external: int, rng: random.Random,
+                       local_select: str = "informative") -> TrainingSet:
+    """Exactly `num_local` local groups (`pick_local`) + up to `num_external` eligible
+    external groups sampled uniformly (see the module docstring)."""
+    ts = TrainingSet(groups=pick_local(local, num_local, rng, local_select), local_used=num_local)
     seen_ids = {g.group_id for g in ts.groups}
     seen_keys = {(g.sender, g.task_key) for g in ts.groups}
     eligible: list[ScoredGroup] = []

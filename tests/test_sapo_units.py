@@ -273,3 +273,26 @@ def test_sapo_config_errors_are_plain():
         with pytest.raises(ConfigError, match=words):
             load_config({"strategy": "sapo", **bad})
     load_config({"strategy": "sapo", "sapo_tasks": "add4,mul9"})  # fine
+
+
+def test_local_groups_are_the_informative_ones_padded_to_exactly_i():
+    """With Q = 8 own groups and I = 4, the builder trains on own groups that can teach
+    something (non-zero variance) before zero-variance ones, and always on exactly I; I = Q
+    keeps all of them in order, and 'first' is the plain first I."""
+    me = "me"
+    local = [_sg(me, i, (0, 0, 0, 0) if i % 3 else (1, 0, 1, 0), external=False) for i in range(8)]  # 0, 3, 6 informative
+    ts = build_training_set(local, [], my_peer_id=me, num_local=4, num_external=0, rng=random.Random(1))
+    ids = [g.group_id for g in ts.groups]
+    assert len(ids) == 4 == ts.local_used and set(ids[:3]) == {"me-0", "me-3", "me-6"} and ids[3] == "me-1"
+    many = [_sg(me, i, (1, 0), external=False) for i in range(8)]
+    picks = Counter(g.group_id for seed in range(400) for g in
+                    build_training_set(many, [], my_peer_id=me, num_local=2, num_external=0,
+                                       rng=random.Random(seed)).groups)
+    assert len(picks) == 8 and min(picks.values()) > 60  # uniform among informative groups (mean 100)
+    every = build_training_set(local, [], my_peer_id=me, num_local=8, num_external=0, rng=random.Random(0))
+    assert [g.group_id for g in every.groups] == [g.group_id for g in local]
+    first = build_training_set(local, [], my_peer_id=me, num_local=4, num_external=0, rng=random.Random(0),
+                               local_select="first")
+    assert [g.group_id for g in first.groups] == ["me-0", "me-1", "me-2", "me-3"]
+    with pytest.raises(ValueError, match="local groups given"):
+        build_training_set(local[:2], [], my_peer_id=me, num_local=4, num_external=0, rng=random.Random(0))
