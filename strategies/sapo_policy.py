@@ -10,8 +10,9 @@ Byte policy invariants:
 - prompts are generated in batches of equal length (learned positions, no padding mask),
   scoring right-pads, which a causal model never looks at;
 - sampling draws only from the caller's `torch.Generator` (reproducible per round).
-`HFPolicy` is used only when transformers is installed AND a local path is given; it is
-loaded with `local_files_only=True` (never downloads).
+`HFPolicy` is used only when transformers is installed (the `hf` extra) AND a local path is
+given; it is loaded with `local_files_only=True` (never downloads). `sapo_hf_fixture` builds
+a tiny one offline for tests.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .sapo_math import finite_grads
 
 EOS = ord("\n")
 
@@ -104,55 +107,148 @@ class BytePolicy:
         return self.token_logprobs([p for p, _ in texts], [a for _, a in texts])
 
 
-class HFPolicy:  # pragma: no cover - exercised only where transformers and a local model exist
-    def __init__(self, path: str, device: torch.device, max_new_tokens: int, lr: float):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+class HFPolicy:
+    """A local Hugging Face causal LM as the policy, with its own Adam optimizer.
 
+    Invariants (besides the module's):
+    - loaded with `local_files_only=True` from a directory: never downloads;
+    - the model stays in eval mode (dropout off), so the first PPO epoch's ratio is exactly 1
+      and old/new log-probabilities differ only through the update;
+    - a completion ends at the first "\\n" in its text, or at eos, or after `max_new_tokens`
+      tokens; its training target is its tokens (truncated to `max_new_tokens`) + the end token
+      (the tokenizer's "\\n" when that is one token, else eos);
+    - sampling: prompts of equal token length share a batch (no padding, no position shift),
+      with a KV cache; every draw comes from the caller's `torch.Generator`, never the global RNG;
+    - scoring right-pads with an attention mask, which a causal model never looks past.
+    """
+
+    def __init__(self, path: str, device: torch.device, max_new_tokens: int, lr: float):
+        from pathlib import Path
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"--sapo-hf-model {path}: no config.json there (expected a save_pretrained directory)")
+        hf_logging.disable_progress_bar()  # per-shard bars would flood the node's log
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"--sapo-hf-model {path}: the tokenizer has no eos token")
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device)
+        self.model.eval()
         self.device, self.max_new_tokens = device, max_new_tokens
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.path = path
+        self.steps = 0  # optimizer steps applied
+        nl = self.tok("\n", add_special_tokens=False)["input_ids"]
+        self.end_id = nl[0] if len(nl) == 1 else self.tok.eos_token_id
+        self.stop_ids = torch.tensor(sorted({self.end_id, self.tok.eos_token_id}))
+        mc = self.model.config
+        self.max_positions = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
 
     def describe(self) -> str:
         return f"hf:{self.path.rstrip('/').rsplit('/', 1)[-1][:40]}"
 
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        ids = self.tok(prompt)["input_ids"]  # with the model's special tokens (e.g. BOS), as it was trained
+        if not ids:
+            raise ValueError(f"prompt {prompt[:40]!r} tokenizes to nothing")
+        return ids
+
+    def _completion_ids(self, completion: str) -> list[int]:
+        """Training target: the completion's tokens (no special tokens) + the end token."""
+        return self.tok(completion, add_special_tokens=False)["input_ids"][: self.max_new_tokens] + [self.end_id]
+
     def check_prompt(self, prompt: str) -> None:
-        pass
+        n = len(self._prompt_ids(prompt))
+        if self.max_positions and n + self.max_new_tokens + 1 > self.max_positions:
+            raise ValueError(f"prompt {prompt[:40]!r} ({n} tokens) + {self.max_new_tokens} new tokens exceed the "
+                             f"model's {self.max_positions} positions")
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], group_size: int, *, temperature: float,
                  generator: torch.Generator) -> list[list[str]]:
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        out = []
-        for p in prompts:
-            enc = self.tok(p, return_tensors="pt").to(self.device)
-            gen = self.model.generate(**enc, do_sample=True, temperature=temperature, max_new_tokens=self.max_new_tokens,
-                                      num_return_sequences=group_size, pad_token_id=self.tok.pad_token_id)
-            out.append([self.tok.decode(g[enc["input_ids"].shape[1]:], skip_special_tokens=True).split("\n")[0]
-                        for g in gen])
+        """G completions per prompt (text up to the first newline)."""
+        out: list[list[str]] = [[] for _ in prompts]
+        ids = [self._prompt_ids(p) for p in prompts]
+        by_len: dict[int, list[int]] = defaultdict(list)
+        for i, p in enumerate(ids):
+            by_len[len(p)].append(i)
+        for _, idxs in sorted(by_len.items()):
+            x = torch.tensor([ids[i] for i in idxs for _ in range(group_size)], dtype=torch.long)  # [B, P]
+            done = torch.zeros(len(x), dtype=torch.bool)
+            new: list[torch.Tensor] = []
+            past = None
+            step_in = x
+            attn = torch.ones_like(x)  # nothing is padded; passed because some models want it with a cache
+            for _ in range(self.max_new_tokens):
+                res = self.model(input_ids=step_in.to(self.device), attention_mask=attn.to(self.device),
+                                 past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                probs = F.softmax(res.logits[:, -1, :].float().cpu() / temperature, dim=-1)  # [B, V]
+                tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B]
+                tok = torch.where(done, torch.full_like(tok, self.end_id), tok)
+                new.append(tok)
+                done |= torch.isin(tok, self.stop_ids)
+                if bool(done.all()):
+                    break
+                step_in = tok[:, None]
+                attn = torch.cat([attn, torch.ones_like(step_in)], dim=1)
+            gen = torch.stack(new, dim=1).tolist()  # [B, <=max_new]
+            for r, seq in enumerate(gen):
+                cut = next((k for k, t in enumerate(seq) if t in (self.end_id, self.tok.eos_token_id)), len(seq))
+                text = self.tok.decode(seq[:cut], skip_special_tokens=True)
+                out[idxs[r // group_size]].append(text.split("\n", 1)[0])  # a multi-character token may hold "\n"
         return out
 
     def token_logprobs(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, starts = [], []
+        """(logp [B, T], mask [B, T]): mask is True exactly at the positions that predict a
+        completion token or the end token."""
+        seqs, starts = [], []
         for p, c in zip(prompts, completions):
-            pi = self.tok(p)["input_ids"]
-            ci = self.tok(c + "\n")["input_ids"][: self.max_new_tokens + 1]
-            ids.append(pi + ci)
+            pi = self._prompt_ids(p)
+            seqs.append(pi + self._completion_ids(c))
             starts.append(len(pi))
-        T = max(len(s) for s in ids) - 1
-        inp = torch.full((len(ids), T), self.tok.pad_token_id, dtype=torch.long)
+        T = max(len(s) for s in seqs) - 1
+        inp = torch.full((len(seqs), T), self.tok.pad_token_id, dtype=torch.long)
         tgt = torch.zeros_like(inp)
-        mask = torch.zeros(len(ids), T, dtype=torch.bool)
-        for i, s in enumerate(ids):
+        attn = torch.zeros(len(seqs), T, dtype=torch.long)
+        mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+        for i, s in enumerate(seqs):
             n = len(s) - 1
             inp[i, :n], tgt[i, :n] = torch.tensor(s[:-1]), torch.tensor(s[1:])
-            mask[i, starts[i] - 1:n] = True
-        logits = self.model(inp.to(self.device)).logits
+            attn[i, :n] = 1
+            mask[i, starts[i] - 1:n] = True  # positions predicting completion tokens and the end token
+        logits = self.model(input_ids=inp.to(self.device), attention_mask=attn.to(self.device)).logits
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt.to(self.device)[..., None]).squeeze(-1)
         return logp, mask.to(self.device)
+
+    def format_batch(self, prompts: Sequence[str], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        """Warm-start batch, the same as the byte policy's: prompt + random digits + end."""
+        texts = [(p, str(rng.randint(-9 if "-" in p else 0, 99))) for p in prompts]
+        return self.token_logprobs([p for p, _ in texts], [a for _, a in texts])
+
+    def apply(self, loss: torch.Tensor) -> bool:
+        """One optimizer step on `loss`: backward, refuse non-finite gradients (nothing
+        changes), clip the global norm at 1.0, Adam. True when applied."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not finite_grads([p.grad for p in params if p.grad is not None]):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return True
+
+    def save(self, out_dir) -> None:
+        """The trained policy as a save_pretrained directory (loadable with --sapo-hf-model)."""
+        self.model.save_pretrained(out_dir)
+        self.tok.save_pretrained(out_dir)
 
 
 def hf_available() -> bool:
