@@ -202,11 +202,15 @@ class RoundCoordinator:
         me = self.transport.peer_id
         if self.leader_fn() != me:
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_NOT_LEADER, leader_hint=self.leader_fn())
+        loop = asyncio.get_running_loop()
+        # answer before the member's own join deadline (grace + timeout) runs out: a reply it
+        # never sees makes it suspect a leader that is merely slow
+        answer_by = loop.time() + max(0.5, self.grace_s + self.timeout_s - 1.0)
         my_round, my_hash = self.state_fn()
         if join.round > my_round:
             # a member can finish its local steps before the leader applied the previous
             # round: give the leader a moment to catch up instead of sending it to resync
-            deadline = asyncio.get_running_loop().time() + self.timeout_s
+            deadline = min(loop.time() + self.timeout_s, answer_by)
             while join.round > my_round and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
                 my_round, my_hash = self.state_fn()
@@ -238,7 +242,8 @@ class RoundCoordinator:
             if set(rnd.joined) >= rnd.expected:
                 rnd.freeze(self.run_id)
         try:
-            await asyncio.wait_for(rnd.frozen.wait(), self.grace_s + self.timeout_s)
+            if not rnd.frozen.is_set():
+                await asyncio.wait_for(rnd.frozen.wait(), max(0.0, answer_by - loop.time()))
         except asyncio.TimeoutError:
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_TIMEOUT, detail="group never froze")
         if caller not in rnd.group:

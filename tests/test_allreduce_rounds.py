@@ -219,3 +219,27 @@ def test_a_leader_behind_a_member_with_more_merged_work_adopts_instead_of_resync
     assert reply.status == JoinStatus.ROUND_STATUS_RESYNC and behind == [] and not frozen
     reply, behind, _ = asyncio.run(admit(leader_work=10, member_work=10))  # a tie keeps the old rule
     assert reply.status == JoinStatus.ROUND_STATUS_RESYNC and behind == []
+
+
+def test_the_leader_answers_a_join_before_the_members_deadline_runs_out():
+    """The member gives a join grace + timeout. The leader used to wait for its own catch-up
+    (up to timeout) and then for the freeze (grace + timeout), so a slow leader's reply came
+    after the member had given up and suspected it. Now it answers in time (TIMEOUT here)."""
+    import time as _time
+
+    from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
+    from swarm_node.strategies.rounds import JoinStatus, RoundCoordinator
+
+    class T:
+        peer_id = "a"
+
+    async def go():
+        rc = RoundCoordinator(T(), "run", timeout_s=1.0, grace_s=1.0, allreduce=None, leader_fn=lambda: "a",
+                              expected_fn=lambda: {"b", "c"}, state_fn=lambda: (3, "h"))
+        t0 = _time.monotonic()
+        # one round ahead of a leader that never catches up, in a round the leader never joins
+        reply = await rc._admit(rpb.RoundJoin(run_id="run", round=3, phi_hash="h", weight=1.0, num_elements=4), "b")
+        return reply, _time.monotonic() - t0
+
+    reply, took = asyncio.run(go())
+    assert reply.status == JoinStatus.ROUND_STATUS_TIMEOUT and took < 1.9, (reply, took)
