@@ -71,6 +71,7 @@ METHOD = "swarm.stage"
 EDGE_PREFIX = "edge_copy."  # STATE reply keys of the next stage's head, held by stage S-2
 MAX_QUEUE = 64
 MICROBATCH_DEADLINE_S = 120.0
+RECOVERY_FETCH_ATTEMPTS = 3  # reads of a lost stage's neighbours, an announce interval apart
 HYSTERESIS = 0.20  # the note allows 0.05-0.25; CPU timings on a shared box are noisy
 SERVE_EMA_ALPHA = 0.05
 
@@ -351,20 +352,36 @@ class SwarmStrategy(Strategy):
                 self.ctx.log.warning("last stage lost: copying stage %d's body (no CheckFree+ swaps ran) and the "
                                      "head copy it holds", k - 1)
             states, norms, steps = {}, {}, []
-            for j in plan.sources:
-                if self._own is not None and self._own[0] == j:  # our own state from before the move
-                    _, states[j], norms[j], step, edge = self._own
-                    edges = edges or (edge or None)
-                    steps.append(step)
-                    continue
-                peers = sorted(self.views[j].online(), key=lambda p: -self.views[j].online()[p][0].step)
-                for pid in peers:
-                    got = (await self._fetch_state(pid, j)) if pid != self.ctx.peer_id else None
-                    if got is not None:
-                        states[j], norms[j], step, edge = got
+            # a neighbour can be briefly unreachable (its replica moving, a partition healing):
+            # ask again a few times before settling for less
+            for attempt in range(RECOVERY_FETCH_ATTEMPTS):
+                for j in plan.sources:
+                    if j in states:
+                        continue
+                    if self._own is not None and self._own[0] == j:  # our own state from before the move
+                        _, states[j], norms[j], step, edge = self._own
                         edges = edges or (edge or None)
                         steps.append(step)
-                        break
+                        continue
+                    peers = sorted(self.views[j].online(), key=lambda p: -self.views[j].online()[p][0].step)
+                    for pid in peers:
+                        got = (await self._fetch_state(pid, j)) if pid != self.ctx.peer_id else None
+                        if got is not None:
+                            states[j], norms[j], step, edge = got
+                            edges = edges or (edge or None)
+                            steps.append(step)
+                            break
+                if len(states) == len(plan.sources) or self.ctx.should_stop():
+                    break
+                await asyncio.sleep(self.ctx.config.announce_interval_s)
+                await self._refresh_views()
+            if plan.method == "wavg" and len(states) == 1:
+                # one neighbour answered: its copy keeps what the pipeline learnt there, which a
+                # seeded re-init would throw away
+                (j,) = states
+                self.ctx.log.warning("stage %d: neighbour stage %d unreachable after %d tries: copying stage %d",
+                                     k, next(x for x in plan.sources if x != j), RECOVERY_FETCH_ATTEMPTS, j)
+                plan = RecoveryPlan(k, "copy", (j,))
             keys, _ = self.worker.expected_state()
             state = rebuild_state(plan, keys, states, norms, self.cf, edge_copy=edges)
             await self.ctx.compute(partial(self.worker.load_state, state, step=max(steps), fresh_optimizer=True,

@@ -250,3 +250,62 @@ def test_stage_server_answers_and_rejects_bad_payloads_counting_them():
     first, _ = _serve(s, encode_request(run, Op.STAGE_FORWARD, 2, "m", [h], codec.NONE))
     assert first.status == Status.STAGE_WRONG_STAGE
     assert s.worker.step == 1  # nothing rejected touched the weights
+
+
+def test_checkfree_retries_an_unreachable_neighbour_then_copies_the_one_that_answered():
+    """A lost middle stage is rebuilt from both neighbours when both answer (wavg). When one
+    stays unreachable through every retry, the stage copies the neighbour that answered (it
+    used to fall back to its seeded init, throwing away what the pipeline had learnt)."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from swarm_node.strategies import swarm as sw
+    from swarm_node.strategies.checkfree import CheckFreeConfig
+
+    workers = [StageWorker(CFG, 0, k, 3, lr=1e-3) for k in range(3)]
+    lost = StageWorker(CFG, 0, 1, 3, lr=1e-3)  # the joiner taking stage 1, at its seeded init
+    donor = StageWorker(CFG, 0, 1, 3, lr=1e-3)  # a stand-in middle stage whose body both neighbours share
+    with torch.no_grad():
+        for p in donor.module.parameters():
+            p.add_(1.0)
+
+    def run(reachable: set[int]) -> tuple[dict[str, int], int]:
+        fetches: dict[int, int] = {0: 0, 2: 0}
+
+        async def fetch(pid, j):
+            fetches[j] += 1
+            if j not in reachable:
+                return None
+            return donor.module.state_dict(), 0.5, 7, {}
+
+        async def compute(fn, *a):
+            return fn(*a)
+
+        async def refresh():
+            return None
+
+        reg = CollectorRegistry()
+        labelled = lambda name, *labels: Counter(name, name, list(labels), registry=reg)  # noqa: E731
+        view = SimpleNamespace(online=lambda: {"peer": (SimpleNamespace(step=7), 0.0)})
+        stub = SimpleNamespace(
+            S=3, cf=CheckFreeConfig(), _own=None, views={0: view, 2: view}, _fetch_state=fetch,
+            _refresh_views=refresh, worker=lost, edge_copy=None, totals={"recoveries": 0},
+            sm=SimpleNamespace(stage_lost=labelled("lost", "stage"), neighbor_norm=SimpleNamespace(
+                labels=lambda **kw: SimpleNamespace(set=lambda v: None)), cf_recoveries=labelled("cf", "stage", "method"),
+                cf_duration=SimpleNamespace(observe=lambda v: None)),
+            ctx=SimpleNamespace(peer_id="me", compute=compute, should_stop=lambda: False,
+                                config=SimpleNamespace(announce_interval_s=0.01),
+                                metrics=SimpleNamespace(recoveries=labelled("rec", "kind", "outcome")),
+                                log=SimpleNamespace(info=lambda *a: None, warning=lambda *a: None)))
+        asyncio.run(sw.SwarmStrategy._checkfree(stub, 1))
+        methods = {s.labels["method"]: int(s.value) for m in reg.collect() if m.name == "cf"
+                   for s in m.samples if s.name == "cf_total"}
+        return methods, fetches[2]
+
+    methods, _ = run({0, 2})
+    assert methods == {"wavg": 1}
+    methods, tries = run({0})
+    assert methods == {"copy": 1} and tries == sw.RECOVERY_FETCH_ATTEMPTS
+    body = {k: v for k, v in lost.module.state_dict().items() if k.startswith("blocks.")}
+    assert all(torch.equal(v, donor.module.state_dict()[k]) for k, v in body.items())  # the copy, not the init
