@@ -140,8 +140,8 @@ class NodeConfig(BaseSettings):
                        "(auto = an empty stage if any, else the one with the least capacity).")
     rebalance_interval_s: float = Field(300.0, ge=0, description="swarm: mean seconds between rebalancing checks "
                                         "(each at a random time in [0, 2T]; 0 = never move).")
-    stage_average_interval_s: float = Field(5.0, gt=0, description="swarm: seconds between gossip averages with "
-                                            "one replica of the same stage.")
+    stage_average_interval_s: float = Field(5.0, gt=0, description="swarm: seconds between averaging rounds "
+                                            "of a stage's replicas (all-reduce; a mix with one replica if it fails).")
     checkfree_lr_scale: float = Field(1.1, gt=0, le=10, description="swarm: learning-rate multiplier of a stage "
                                       "rebuilt by CheckFree.")
     swarm_backward_delay_s: float = Field(0.0, ge=0, le=600, description="swarm: seconds a stage server sleeps "

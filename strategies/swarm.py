@@ -19,9 +19,11 @@ micro-batches through *temporary pipelines* chosen per call by stochastic wiring
     re-read every 0.5 s) up to `MICROBATCH_DEADLINE_S`: a micro-batch is lost only if a
     stage stays empty that long, and that is counted.
   * Replica sync: replicas of a stage apply their own optimizer steps (one per
-    --micro-batches backwards) and every --stage-average-interval-s a peer mixes its
-    weights 50/50 with one random same-stage replica (pull gossip). Replicas therefore
-    agree only approximately; a cross-replica backward is exact only between identical
+    --micro-batches backwards) and every --stage-average-interval-s (a DHT-clock epoch)
+    average their weights with the shared butterfly all-reduce (protocol/allreduce.py), the
+    group being the stage's online replicas in this peer's view; a round left incomplete by
+    differing views falls back to a 50/50 mix with one random replica (pull gossip).
+    Between rounds replicas differ; a cross-replica backward is exact only between identical
     replicas (see tests/test_swarm_stage.py), as in SWARM between averaging rounds.
   * Recovery (CheckFree, strategies/checkfree.py): a stage with no live peer in two
     consecutive reads is lost. The designated mover (lowest peer id of the most-populated
@@ -55,10 +57,12 @@ import torch
 
 from swarm_node.model import GPTConfig
 from swarm_node.protocol import codec
+from swarm_node.protocol.allreduce import ButterflyAllReduce, path_counter
 from swarm_node.protocol.records import RecordError
 from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
 
 from .base import Strategy
+from .rounds import group_digest
 from .checkfree import CheckFreeConfig, NotRecoverable, RecoveryPlan, is_body_key, plan_recovery, rebuild_state
 from .swarm_metrics import SwarmMetrics
 from .swarm_rebalance import choose_start_stage, designated_mover, rebalance_target
@@ -120,16 +124,30 @@ class SwarmStrategy(Strategy):
         self._pending_move: int | None = None  # a trainer chosen to rebuild this stage moves between steps
         self._own: tuple[int, dict[str, torch.Tensor], float, int, dict[str, torch.Tensor] | None] | None = None
         self._finished = False  # trainer: reached --max-steps and announced so (servers stop on it)
+        self.allreduce: ButterflyAllReduce | None = None  # made in start(): it needs the transport
+        self._avg_epoch = -1
+        self._avg_task: asyncio.Task | None = None
 
     # ================================================================ lifecycle
     async def start(self) -> None:
-        await self.ctx.transport.add_handler(METHOD, self._rpc, _request_type(), channel="activations")
+        ctx, cfg = self.ctx, self.ctx.config
+        await ctx.transport.add_handler(METHOD, self._rpc, _request_type(), channel="activations")
+        # within-stage averaging goes through the butterfly all-reduce the DiLoCo family uses
+        self.allreduce = ButterflyAllReduce(
+            ctx.transport, timeout_s=min(cfg.round_timeout_s, 2 * cfg.stage_average_interval_s),
+            max_numel=self.max_numel,
+            on_reject=lambda reason: ctx.metrics.rejected_messages.labels(reason=reason).inc(),
+            transport_mode=cfg.allreduce_transport, bulk_host=cfg.host, bulk_port=cfg.allreduce_tcp_port,
+            announce_host=cfg.announce_host, on_path=path_counter(ctx.metrics.registry))
+        await self.allreduce.start()
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *([self._avg_task] if self._avg_task else [])]:
             t.cancel()
         if self.worker is not None and not self._finished:
             await self._announce("leaving", ttl_s=2.0)
+        if self.allreduce is not None:
+            await self.allreduce.close()
 
     def status(self) -> dict:
         return {"stage": self.worker.index if self.worker else None, "stage_step": self.worker.step if self.worker
@@ -403,17 +421,22 @@ class SwarmStrategy(Strategy):
 
     # ================================================================ background upkeep
     async def _maintenance(self) -> None:
+        from hivemind.utils import get_dht_time
+
         cfg = self.ctx.config
-        last_avg = time.monotonic()
         while not self.ctx.should_stop():
             await asyncio.sleep(cfg.announce_interval_s)
             try:
                 await self._announce("online")
                 await self._refresh_views()
                 await self._maybe_recover()
-                if time.monotonic() - last_avg >= cfg.stage_average_interval_s:
-                    last_avg = time.monotonic()
-                    await self._gossip_average()
+                epoch = int(get_dht_time() // cfg.stage_average_interval_s)
+                if epoch != self._avg_epoch:
+                    # epochs of the DHT clock: every replica of a stage starts the same round within
+                    # about one announce interval, without a leader
+                    self._avg_epoch = epoch
+                    if self._avg_task is None or self._avg_task.done():
+                        self._avg_task = asyncio.ensure_future(self._average_stage(epoch))
                     await self._refresh_edge_copy()
                 elif self.edge_copy is None and self.worker.index == self.S - 2:
                     # hold a head copy from the first tick on: a last stage lost before the first
@@ -449,7 +472,35 @@ class SwarmStrategy(Strategy):
         await self._take_stage(k, reason="checkfree")
         self.empty_reads[k] = 0
 
-    async def _gossip_average(self) -> None:
+    async def _average_stage(self, epoch: int) -> None:
+        """One averaging round among my stage's replicas: the group is the stage's online peers
+        as my view has them, so replicas whose views agree share a group id; a view that differs
+        (churn) leaves the all-reduce incomplete, and this round falls back to a pull-gossip mix
+        with one replica. The mean is applied as a shift (mean - my snapshot), so steps this
+        replica took while the round ran are kept."""
+        w, me = self.worker, self.ctx.peer_id
+        k = w.index
+        group = sorted(set(self.views[k].online()) | {me})
+        if len(group) < 2 or self.allreduce is None:
+            return
+        try:
+            snap = await self.ctx.compute(w.float_vector)
+            gid = group_digest(f"{self.ctx.spec.run_id}/stage{k}", epoch, group)
+            out = await self.allreduce.run(gid, group, snap, 1.0)
+            if out.complete and out.result is not None and w.index == k and out.result.numel() == snap.numel():
+                await self.ctx.compute(w.shift_floats, out.result - snap)
+                self.sm.averaging.labels(outcome="ok").inc()
+                return
+            self.ctx.log.info("stage %d averaging round %d incomplete (%s): mixing with one replica", k, epoch,
+                              ", ".join(p[-8:] for p in out.failed) or "stage moved")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.ctx.log.info("stage %d averaging round %d failed: %s", k, epoch, e)
+        if w.index == k:
+            await self._gossip_average(fallback=True)
+
+    async def _gossip_average(self, fallback: bool = False) -> None:
         w = self.worker
         others = [p for p in self.views[w.index].online() if p != self.ctx.peer_id]
         if not others:
@@ -466,7 +517,7 @@ class SwarmStrategy(Strategy):
             self.sm.averaging.labels(outcome="failed").inc()
             self.ctx.log.info("averaging with %s failed: %s", pid[-8:], e)
             return
-        self.sm.averaging.labels(outcome="ok").inc()
+        self.sm.averaging.labels(outcome="gossip" if fallback else "ok").inc()
 
     async def _refresh_edge_copy(self) -> None:
         """Stage S-2 keeps a copy of the last stage's head (CheckFree+'s "embeddings copied to

@@ -56,5 +56,6 @@ class SwarmMetrics:
                                    "the last rebuild.", ["stage"], registry=r)
         self.lr_multiplier = Gauge("swarm_checkfree_lr_multiplier", "LR multiplier of this peer's stage.", ["stage"],
                                    registry=r)
-        self.averaging = Counter("swarm_stage_averaging", "Within-stage gossip averaging with one replica, by "
-                                 "outcome.", ["outcome"], registry=r)
+        self.averaging = Counter("swarm_stage_averaging", "Within-stage averaging rounds by outcome: ok = "
+                                 "all-reduce among the stage's replicas, gossip = fell back to a mix with one "
+                                 "replica, failed = neither.", ["outcome"], registry=r)

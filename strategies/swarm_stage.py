@@ -147,6 +147,24 @@ class StageWorker:
                 if v.is_floating_point():
                     v.mul_(1 - weight).add_(state[k].to(v.dtype), alpha=weight)
 
+    def float_vector(self) -> torch.Tensor:
+        """Every float tensor of the stage, flattened in state-dict order (fp32, CPU)."""
+        return torch.cat([v.detach().reshape(-1).float().cpu() for v in self.module.state_dict().values()
+                          if v.is_floating_point()])
+
+    def shift_floats(self, delta: torch.Tensor) -> None:
+        """Add a `float_vector`-shaped delta to the float tensors (a replica average applied on
+        top of whatever this replica learnt while the average was being computed)."""
+        with torch.no_grad():
+            at = 0
+            for v in self.module.state_dict().values():
+                if v.is_floating_point():
+                    n = v.numel()
+                    v.add_(delta[at:at + n].view_as(v).to(v.device, v.dtype))
+                    at += n
+        if at != delta.numel():
+            raise ValueError(f"delta of {delta.numel()} values for a stage of {at}")
+
     def switch(self, index: int, state: Mapping[str, torch.Tensor] | None = None, **load_kwargs) -> None:
         """Serve another stage (rebalancing, CheckFree): new module, optionally loaded."""
         self.index, self.lr_scale = index, 1.0

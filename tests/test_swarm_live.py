@@ -65,6 +65,13 @@ def test_pipeline_trains_survives_kill_mid_backward_and_rebuilds_a_lost_stage(tm
         st = trainer.wait_for(lambda s: s.get("step", 0) >= max(12, step0 + 10), 120, "pipeline steps")
         fast, slow = served(s2a) - fast0, served(s2b) - slow0
         assert fast > 1.5 * slow, (fast, slow)
+        # the two stage-2 replicas average through the shared butterfly all-reduce (not only the
+        # one-replica gossip fallback) every --stage-average-interval-s
+        averaged = lambda: min(metric(n, "swarm_stage_averaging_total", outcome="ok") for n in (s2a, s2b))  # noqa: E731
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline and averaged() < 1:
+            time.sleep(0.5)
+        assert averaged() >= 1, [(n.name, metric(n, "swarm_stage_averaging_total", outcome="gossip")) for n in (s2a, s2b)]
 
         # --- a stage-1 server dies while inside a backward (each backward sleeps 0.3 s there)
         before = metric(trainer, "swarm_pipeline_microbatches_total", outcome="ok")
