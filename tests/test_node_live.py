@@ -43,6 +43,18 @@ def _three_peers(swarm, common: list[str]) -> list[NodeProcess]:
     return nodes
 
 
+def _three_in_rounds(swarm, common: list[str]) -> tuple[list[NodeProcess], NodeProcess, list[NodeProcess]]:
+    """Three peers a, b, c once their rounds include all three: (nodes, leader = lowest id, followers)."""
+    a = swarm.add("a", common)
+    a.wait_info()
+    nodes = [a, *(swarm.add(n, common, initial=a.join_maddr()) for n in ("b", "c"))]
+    ids = {n.wait_info()["peer_id"]: n for n in nodes}
+    for n in nodes:
+        n.wait_for(lambda s: s["last_round"].get("group_size") == 3, 90, "three-peer rounds")
+    leader = ids[min(ids)]
+    return nodes, leader, [n for n in nodes if n is not leader]
+
+
 def _cli(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "swarm_node", *args], capture_output=True, text=True,
                           timeout=timeout_s)
@@ -320,14 +332,7 @@ def test_sync_followers_leave_a_frozen_leader_after_its_record_expires(swarm):
        at the push deadline (round_timeout × 2 + 10 s = 20 s), and train on under the next leader.
     Result: both followers take 5 more steps within 14 s of the freeze (the old bound was ~20 s)."""
     common = ["--run-id", "frozen", "--strategy", "sync", "--min-peers", "3"]
-    a = swarm.add("a", common)
-    a.wait_info()
-    nodes = [a, *(swarm.add(n, common, initial=a.join_maddr()) for n in ("b", "c"))]
-    ids = {n.wait_info()["peer_id"]: n for n in nodes}
-    for n in nodes:
-        n.wait_for(lambda s: s["last_round"].get("group_size") == 3, 90, "three-peer rounds")
-    leader = ids[min(ids)]
-    followers = [n for n in nodes if n is not leader]
+    _, leader, followers = _three_in_rounds(swarm, common)
     os.killpg(leader.proc.pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
@@ -350,14 +355,7 @@ def test_diloco_swarm_keeps_its_progress_when_a_frozen_leader_comes_back(swarm):
     adoption, and all three end with bit-identical weights at --max-steps."""
     common = ["--run-id", "thaw", "--strategy", "diloco", "--inner-steps", "10", "--max-steps", "3000",
               "--min-peers", "3"]
-    a = swarm.add("a", common)
-    a.wait_info()
-    nodes = [a, *(swarm.add(n, common, initial=a.join_maddr()) for n in ("b", "c"))]
-    ids = {n.wait_info()["peer_id"]: n for n in nodes}
-    for n in nodes:
-        n.wait_for(lambda s: s["last_round"].get("group_size") == 3, 90, "three-peer rounds")
-    leader = ids[min(ids)]
-    followers = [n for n in nodes if n is not leader]
+    nodes, leader, followers = _three_in_rounds(swarm, common)
     os.killpg(leader.proc.pid, signal.SIGSTOP)
     try:
         start = followers[0].status()["last_round"].get("round", 0)
