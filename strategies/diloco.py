@@ -25,12 +25,11 @@ import time
 import torch
 
 from swarm_node.protocol import codec
-from swarm_node.protocol.allreduce import ButterflyAllReduce, path_counter
 
 from .base import Strategy
 from .leader import LeaderElection
 from .outer_math import OuterOptimizer, pseudo_gradient, round_digest
-from .rounds import RoundCoordinator, tensor_digest
+from .rounds import RoundCoordinator, averaging_layer, tensor_digest
 from .state_transfer import StateService, StateTransferError
 
 MAX_ATTEMPTS = 5  # with backoff 0.5, 1, 2, 4 s: membership views converge meanwhile
@@ -81,11 +80,7 @@ class DiLoCoStrategy(Strategy):
         self.work = 0
         self._adopt_from: str | None = None  # set on the leader when a member's φ holds more work
         self.election = LeaderElection(ctx, self.name)
-        self.allreduce = ButterflyAllReduce(
-            ctx.transport, timeout_s=cfg.round_timeout_s, compression=COMPRESSIONS[cfg.compression],
-            on_reject=lambda reason: ctx.metrics.rejected_messages.labels(reason=reason).inc(),
-            transport_mode=cfg.allreduce_transport, bulk_host=cfg.host, bulk_port=cfg.allreduce_tcp_port,
-            announce_host=cfg.announce_host, on_path=path_counter(ctx.metrics.registry))
+        self.allreduce = averaging_layer(ctx, timeout_s=cfg.round_timeout_s, compression=COMPRESSIONS[cfg.compression])
         self.rounds = RoundCoordinator(
             ctx.transport, ctx.spec.run_id, timeout_s=cfg.round_timeout_s, grace_s=cfg.round_grace_s or cfg.round_timeout_s,
             allreduce=self.allreduce, leader_fn=self.election.leader, expected_fn=self.election.expected,

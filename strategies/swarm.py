@@ -57,12 +57,12 @@ import torch
 
 from swarm_node.model import GPTConfig
 from swarm_node.protocol import codec
-from swarm_node.protocol.allreduce import ButterflyAllReduce, path_counter
+from swarm_node.protocol.allreduce import ButterflyAllReduce
 from swarm_node.protocol.records import RecordError
 from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
 
 from .base import Strategy
-from .rounds import group_digest
+from .rounds import averaging_layer, group_digest
 from .checkfree import CheckFreeConfig, NotRecoverable, RecoveryPlan, is_body_key, plan_recovery, rebuild_state
 from .swarm_metrics import SwarmMetrics
 from .swarm_rebalance import choose_start_stage, designated_mover, rebalance_target
@@ -133,12 +133,8 @@ class SwarmStrategy(Strategy):
         ctx, cfg = self.ctx, self.ctx.config
         await ctx.transport.add_handler(METHOD, self._rpc, _request_type(), channel="activations")
         # within-stage averaging goes through the butterfly all-reduce the DiLoCo family uses
-        self.allreduce = ButterflyAllReduce(
-            ctx.transport, timeout_s=min(cfg.round_timeout_s, 2 * cfg.stage_average_interval_s),
-            max_numel=self.max_numel,
-            on_reject=lambda reason: ctx.metrics.rejected_messages.labels(reason=reason).inc(),
-            transport_mode=cfg.allreduce_transport, bulk_host=cfg.host, bulk_port=cfg.allreduce_tcp_port,
-            announce_host=cfg.announce_host, on_path=path_counter(ctx.metrics.registry))
+        self.allreduce = averaging_layer(ctx, timeout_s=min(cfg.round_timeout_s, 2 * cfg.stage_average_interval_s),
+                                         max_numel=self.max_numel)
         await self.allreduce.start()
 
     async def stop(self) -> None:
@@ -353,6 +349,19 @@ class SwarmStrategy(Strategy):
         edge = {key[len(EDGE_PREFIX):]: t for key, t in zip(first.keys, tensors) if key.startswith(EDGE_PREFIX)}
         return state, float(first.grad_norm), int(first.stage_step), edge
 
+    async def _source_state(self, j: int):
+        """Stage j's (state, grad norm, step, edge copy) for a rebuild: our own from before a
+        move, else from its most advanced reachable peer; None if none answers."""
+        if self._own is not None and self._own[0] == j:
+            _, state, norm, step, edge = self._own
+            return state, norm, step, edge
+        online = self.views[j].online()
+        for pid in sorted(online, key=lambda p: -online[p][0].step):
+            got = (await self._fetch_state(pid, j)) if pid != self.ctx.peer_id else None
+            if got is not None:
+                return got
+        return None
+
     async def _checkfree(self, k: int) -> None:
         t0 = time.perf_counter()
         self.sm.stage_lost.labels(stage=str(k)).inc()
@@ -374,22 +383,13 @@ class SwarmStrategy(Strategy):
             # ask again a few times before settling for less
             for attempt in range(RECOVERY_FETCH_ATTEMPTS):
                 for j in plan.sources:
-                    if j in states:
-                        continue
-                    if self._own is not None and self._own[0] == j:  # our own state from before the move
-                        _, states[j], norms[j], step, edge = self._own
+                    got = None if j in states else await self._source_state(j)
+                    if got is not None:
+                        states[j], norms[j], step, edge = got
                         edges = edges or (edge or None)
                         steps.append(step)
-                        continue
-                    peers = sorted(self.views[j].online(), key=lambda p: -self.views[j].online()[p][0].step)
-                    for pid in peers:
-                        got = (await self._fetch_state(pid, j)) if pid != self.ctx.peer_id else None
-                        if got is not None:
-                            states[j], norms[j], step, edge = got
-                            edges = edges or (edge or None)
-                            steps.append(step)
-                            break
-                if len(states) == len(plan.sources) or self.ctx.should_stop():
+                if len(states) == len(plan.sources) or self.ctx.should_stop() \
+                        or attempt == RECOVERY_FETCH_ATTEMPTS - 1:
                     break
                 await asyncio.sleep(self.ctx.config.announce_interval_s)
                 await self._refresh_views()

@@ -298,6 +298,7 @@ def test_checkfree_retries_an_unreachable_neighbour_then_copies_the_one_that_ans
                                 config=SimpleNamespace(announce_interval_s=0.01),
                                 metrics=SimpleNamespace(recoveries=labelled("rec", "kind", "outcome")),
                                 log=SimpleNamespace(info=lambda *a: None, warning=lambda *a: None)))
+        stub._source_state = lambda j: sw.SwarmStrategy._source_state(stub, j)
         asyncio.run(sw.SwarmStrategy._checkfree(stub, 1))
         methods = {s.labels["method"]: int(s.value) for m in reg.collect() if m.name == "cf"
                    for s in m.samples if s.name == "cf_total"}
