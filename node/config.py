@@ -144,6 +144,10 @@ class NodeConfig(BaseSettings):
                                             "of a stage's replicas (all-reduce; a mix with one replica if it fails).")
     checkfree_lr_scale: float = Field(1.1, gt=0, le=10, description="swarm: learning-rate multiplier of a stage "
                                       "rebuilt by CheckFree.")
+    checkfree_swaps: bool = Field(False, description="swarm: CheckFree+ swap schedule: odd micro-batches run the "
+                                  "bodies of stages 0<->1 and S-2<->S-1 in swapped order (with 3 stages they "
+                                  "alternate), so a lost last stage is rebuilt by copying stage S-2. Part of the "
+                                  "run spec.")
     swarm_backward_delay_s: float = Field(0.0, ge=0, le=600, description="swarm: seconds a stage server sleeps "
                                           "inside each backward (fault injection for tests).")
 
@@ -267,6 +271,8 @@ class NodeConfig(BaseSettings):
         if self.lr_schedule != "constant":  # the horizon is part of the schedule every peer must share
             fields.update(lr_schedule=self.lr_schedule, lr_warmup_steps=self.lr_warmup_steps,
                           lr_total_steps=self.max_steps)
+        if self.checkfree_swaps:  # only when on: runs without it keep their digest
+            fields.update(checkfree_swaps=True)
         fields.update(self._sapo_spec_fields())
         return RunSpec(**fields)
 
@@ -311,6 +317,7 @@ class RunSpec(BaseModel):
     lr_schedule: str = "constant"
     lr_warmup_steps: int = 0
     lr_total_steps: int = 0
+    checkfree_swaps: bool = False  # swarm: every peer must run the same schedule
     sapo_group_size: int = 0  # 0 = not a sapo run
     sapo_round_s: float = 0.0
     sapo_tasks: str = ""

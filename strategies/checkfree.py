@@ -176,9 +176,48 @@ def body_order(num_stages: int, microbatch: int, swaps: bool) -> list[int]:
     return order
 
 
+def swapped_pairs(num_stages: int, microbatch: int, swaps: bool) -> list[str]:
+    """Which swap pairs `body_order` swaps for this micro-batch: "first" (0<->1), "last"
+    (S-2<->S-1; with S == 2 the one pair is called "first")."""
+    order = body_order(num_stages, microbatch, swaps)
+    out = ["first"] if num_stages >= 2 and order[0] != 0 else []
+    if num_stages > 2 and order[-1] != num_stages - 1:
+        out.append("last")
+    return out
+
+
+def stage_route(num_stages: int, microbatch: int, swaps: bool) -> list[tuple[int, str]]:
+    """The calls one micro-batch makes, in forward order, as (stage, part): stage 0's
+    embedding, every body in `body_order`, the last stage's head, with consecutive pieces of
+    one stage merged (a stage run whole is "full"). Without swaps this is
+    [(0, "full"), (1, "full"), ..., (S-1, "full")]; a swapped last pair reads
+    ..., (S-1, "body"), (S-2, "full"), (S-1, "head")."""
+    if num_stages < 1:
+        raise ValueError(f"need at least one stage, got {num_stages}")
+    last = num_stages - 1
+    pieces = [(0, "embed"), *((j, "body") for j in body_order(num_stages, microbatch, swaps)), (last, "head")]
+    groups: list[tuple[int, list[str]]] = []
+    for k, part in pieces:
+        if groups and groups[-1][0] == k:
+            groups[-1][1].append(part)
+        else:
+            groups.append((k, [part]))
+    route = []
+    for k, parts in groups:
+        whole = [p for p, has in (("embed", k == 0), ("body", True), ("head", k == last)) if has]
+        if parts == whole:
+            route.append((k, "full"))
+        elif len(parts) == 1:
+            route.append((k, parts[0]))
+        else:  # body_order only swaps adjacent bodies, so a stage is never split another way
+            raise AssertionError(f"stage {k} split into {parts}")
+    return route
+
+
 def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
 __all__ = ["CheckFreeConfig", "NotRecoverable", "RecoveryPlan", "body_of", "body_order", "fresh_optimizer",
-           "neighbour_weight", "plan_recovery", "rebuild_state", "state_bytes", "swap_partner", "weighted_average"]
+           "neighbour_weight", "plan_recovery", "rebuild_state", "stage_route", "state_bytes", "swap_partner",
+           "swapped_pairs", "weighted_average"]

@@ -32,8 +32,16 @@ micro-batches through *temporary pipelines* chosen per call by stochastic wiring
     --checkfree-lr-scale and announces it. A peer that joins with --stage auto and finds a
     stage empty does the same. The last stage is rebuilt by copying stage S-2's body plus
     the copy of the last stage's ln_f/head that stage-S-2 peers keep (refreshed every
-    averaging interval). Without the CheckFree+ swap schedule, which this live strategy
-    does not run, that copy is the note's naive copy. Stage 0 (the trainers) is never rebuilt.
+    averaging interval). Without --checkfree-swaps that copy is the note's naive copy; with it
+    it is CheckFree+'s copy of the swap partner. Stage 0 (the trainers) is never rebuilt.
+  * CheckFree+ swaps (--checkfree-swaps, part of the run spec, default off): odd micro-batches
+    (counted over the trainer's run, step x M + m) run the bodies of stages 0<->1 and
+    S-2<->S-1 in swapped order (checkfree.body_order; with S == 3 the pairs alternate). The
+    trainer routes it (checkfree.stage_route): a swapped last pair is ... -> body(S-1) ->
+    body(S-2) -> head(S-1), two calls to stage S-1 with `part` BODY and HEAD; a swapped first
+    pair runs embed(0) -> body(1) -> body(0) on the trainer itself. Each call keeps the
+    failover and replay rules above (a part-wise backward re-sends that part's inputs). Off,
+    every call is a FULL one and the wire is unchanged.
   * Rebalancing: at random times in [0, 2T] (T = --rebalance-interval-s) a peer of a
     non-trainer stage with >= 2 peers considers moving itself to the stage of least
     capacity; it moves only if the sorted capacity vector improves by more than 20 % at its
@@ -63,13 +71,14 @@ from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
 
 from .base import Strategy
 from .rounds import averaging_layer, group_digest
-from .checkfree import CheckFreeConfig, NotRecoverable, RecoveryPlan, is_body_key, plan_recovery, rebuild_state
+from .checkfree import CheckFreeConfig, NotRecoverable, RecoveryPlan, is_body_key, plan_recovery, rebuild_state, \
+    stage_route, swapped_pairs
 from .swarm_metrics import SwarmMetrics
 from .swarm_rebalance import choose_start_stage, designated_mover, rebalance_target
 from .swarm_router import BACKWARD_COST, NoPeers, StageRouter
 from .swarm_stage import StageWorker
-from .swarm_wire import COMPRESSIONS, Op, StageRecord, Status, encode_reply, encode_request, read_reply, \
-    read_request, stage_key
+from .swarm_wire import COMPRESSIONS, Op, Part, StageRecord, Status, encode_reply, encode_request, read_reply, \
+    read_request, request_part, stage_key
 
 METHOD = "swarm.stage"
 EDGE_PREFIX = "edge_copy."  # STATE reply keys of the next stage's head, held by stage S-2
@@ -99,7 +108,8 @@ class SwarmStrategy(Strategy):
         self.model_cfg = GPTConfig(seq_len=spec.seq_len, n_layer=spec.n_layer, n_head=spec.n_head,
                                    d_model=spec.d_model)
         self.compression = COMPRESSIONS[cfg.act_compression]
-        self.cf = CheckFreeConfig(lr_scale=cfg.checkfree_lr_scale)
+        self.swaps = bool(spec.checkfree_swaps)  # CheckFree+ swap schedule (run spec: the same on every peer)
+        self.cf = CheckFreeConfig(lr_scale=cfg.checkfree_lr_scale, swaps=self.swaps)
         self.sm = SwarmMetrics(ctx.metrics.registry, self.S)
         for outcome in ("ok", "failed"):  # exported at 0 from the start, for dashboards and alerts
             ctx.metrics.recoveries.labels(kind="checkfree_stage", outcome=outcome)
@@ -306,7 +316,9 @@ class SwarmStrategy(Strategy):
         neighbours_trained = any(r.step > 0 for j in (k - 1, k + 1) if 0 <= j < self.S
                                  for r, _ in self.views[j].online().values())
         if not done and not replicas and neighbours_trained and reason != "start-fresh":
-            await self._checkfree(k)
+            copy_kind = await self._checkfree(k)
+            if copy_kind is not None:
+                self.sm.copies.labels(stage=str(k), kind=copy_kind).inc()
         self.sm.stage.set(k)
         self.sm.lr_multiplier.labels(stage=str(k)).set(self.worker.lr_scale)
         self.serving = True
@@ -362,20 +374,23 @@ class SwarmStrategy(Strategy):
                 return got
         return None
 
-    async def _checkfree(self, k: int) -> None:
+    async def _checkfree(self, k: int) -> str | None:
+        """Rebuild stage k from its neighbours. Returns the kind of a copy rebuild
+        ("checkfree_plus", "naive", "one_neighbour"; the caller counts it), else None."""
         t0 = time.perf_counter()
         self.sm.stage_lost.labels(stage=str(k)).inc()
         rec = self.ctx.metrics.recoveries
         edges: dict[str, torch.Tensor] | None = None
         try:
+            copy_kind = "checkfree_plus"  # with swaps, plan_recovery's copy is CheckFree+'s
             try:
                 plan = plan_recovery(k, self.S, self.cf)
             except NotRecoverable:
                 if k != self.S - 1 or self.S < 2:
                     raise
-                # The live pipeline runs no swap schedule, so stage S-2 never learnt the last
-                # role: copying it is the note's naive copy (ours-naive), better than nothing.
-                plan = RecoveryPlan(k, "copy", (k - 1,))
+                # Without --checkfree-swaps stage S-2 never learnt the last role: copying it is
+                # the note's naive copy (ours-naive), better than nothing.
+                plan, copy_kind = RecoveryPlan(k, "copy", (k - 1,)), "naive"
                 self.ctx.log.warning("last stage lost: copying stage %d's body (no CheckFree+ swaps ran) and the "
                                      "head copy it holds", k - 1)
             states, norms, steps = {}, {}, []
@@ -399,7 +414,7 @@ class SwarmStrategy(Strategy):
                 (j,) = states
                 self.ctx.log.warning("stage %d: neighbour stage %d unreachable after %d tries: copying stage %d",
                                      k, next(x for x in plan.sources if x != j), RECOVERY_FETCH_ATTEMPTS, j)
-                plan = RecoveryPlan(k, "copy", (j,))
+                plan, copy_kind = RecoveryPlan(k, "copy", (j,)), "one_neighbour"
             keys, _ = self.worker.expected_state()
             state = rebuild_state(plan, keys, states, norms, self.cf, edge_copy=edges)
             await self.ctx.compute(partial(self.worker.load_state, state, step=max(steps), fresh_optimizer=True,
@@ -408,7 +423,7 @@ class SwarmStrategy(Strategy):
             rec.labels(kind="checkfree_stage", outcome="failed").inc()
             self.edge_copy = None
             self.ctx.log.warning("stage %d lost and not rebuildable (%s): restarting it from its seeded init", k, e)
-            return
+            return None
         for j in plan.sources:
             self.sm.neighbor_norm.labels(stage=str(j)).set(norms[j])
         rec.labels(kind="checkfree_stage", outcome="ok").inc()
@@ -416,8 +431,10 @@ class SwarmStrategy(Strategy):
         self.sm.cf_recoveries.labels(stage=str(k), method=plan.method).inc()
         self.sm.cf_duration.observe(time.perf_counter() - t0)
         self.totals["recoveries"] += 1
-        self.ctx.log.info("stage %d rebuilt by CheckFree (%s of stages %s, norms %s) in %.2fs", k, plan.method,
-                          plan.sources, {j: round(n, 4) for j, n in norms.items()}, time.perf_counter() - t0)
+        self.ctx.log.info("stage %d rebuilt by CheckFree (%s of stages %s, norms %s) in %.2fs", k,
+                          plan.method if plan.method != "copy" else f"copy, {copy_kind}", plan.sources,
+                          {j: round(n, 4) for j, n in norms.items()}, time.perf_counter() - t0)
+        return copy_kind if plan.method == "copy" else None
 
     # ================================================================ background upkeep
     async def _maintenance(self) -> None:
@@ -591,18 +608,12 @@ class SwarmStrategy(Strategy):
         mb_id = f"{step}.{mb}.{uuid.uuid4().hex[:6]}"
         x, y = self._batch(step, mb)
         S, w = self.S, self.worker
+        n = step * self.ctx.spec.micro_batches + mb  # over the whole run: with S == 3 both pairs get turns
         try:
             if S == 1:
                 _, loss = await self.ctx.compute(w.backward, x, y)
             else:
-                acts = [await self.ctx.compute(w.forward, x)]  # acts[k] = input of stage k+1
-                for k in range(1, S - 1):
-                    acts.append((await self._call(k, Op.STAGE_FORWARD, [acts[-1]], mb_id))[1][0])
-                first, out = await self._call(S - 1, Op.STAGE_BACKWARD, [acts[-1], y], mb_id)
-                loss, grad = float(first.loss), out[0]
-                for k in range(S - 2, 0, -1):
-                    grad = (await self._call(k, Op.STAGE_BACKWARD, [acts[k - 1], grad], mb_id))[1][0]
-                await self.ctx.compute(w.backward, x, grad.float())
+                loss = await self._run_route(stage_route(S, n, self.swaps), x, y, mb_id)
         except _Moving as e:  # stage servers keep nothing: dropping it here leaves no state behind
             self.sm.microbatches.labels(outcome="abandoned").inc()
             self.ctx.log.info("micro-batch %s abandoned: %s", mb_id, e)
@@ -618,10 +629,35 @@ class SwarmStrategy(Strategy):
             return None
         self.sm.microbatches.labels(outcome="ok").inc()
         self.totals["microbatches_ok"] += 1
+        for pair in swapped_pairs(S, n, self.swaps):
+            self.sm.swapped.labels(pair=pair).inc()
         self.sm.mb_duration.observe(time.perf_counter() - t0)
         return loss
 
-    async def _call(self, k: int, op: int, tensors: list[torch.Tensor], mb_id: str):
+    async def _run_route(self, route: list[tuple[int, str]], x: torch.Tensor, y: torch.Tensor, mb_id: str) -> float:
+        """One micro-batch along `route` ((stage, part) calls, checkfree.stage_route): forwards
+        up to the last call, which is the last stage's backward with the targets (it computes the
+        loss), then the backwards in reverse. inputs[i] is call i's input, kept until call i's
+        backward succeeded, so any replica can run it. Stage 0's pieces run here."""
+        inputs = [x]
+        for k, part in route[:-1]:
+            if k == 0:
+                inputs.append(await self.ctx.compute(self.worker.forward, inputs[-1], part))
+            else:
+                inputs.append((await self._call(k, Op.STAGE_FORWARD, [inputs[-1]], mb_id, part))[1][0])
+        grad_or_y, loss = y, None
+        for i in range(len(route) - 1, -1, -1):
+            k, part = route[i]
+            if k == 0:
+                grad_or_y, _ = await self.ctx.compute(self.worker.backward, inputs[i], grad_or_y.float(), part)
+            else:
+                first, out = await self._call(k, Op.STAGE_BACKWARD, [inputs[i], grad_or_y], mb_id, part)
+                grad_or_y = out[0]
+                loss = float(first.loss) if loss is None else loss
+        assert loss is not None  # route[-1] is the last stage (S >= 2): its backward gave the loss
+        return loss
+
+    async def _call(self, k: int, op: int, tensors: list[torch.Tensor], mb_id: str, part: str = "full"):
         """Send one stage call, re-sending to other replicas of stage k until one answers."""
         cfg = self.ctx.config
         router, opname = self.routers[k], ("forward" if op == Op.STAGE_FORWARD else "backward")
@@ -643,7 +679,7 @@ class SwarmStrategy(Strategy):
                 await self._refresh_views(only=k)
                 continue
             t0 = time.monotonic()
-            req = encode_request(self.ctx.spec.run_id, op, k, mb_id, tensors, self.compression)
+            req = encode_request(self.ctx.spec.run_id, op, k, mb_id, tensors, self.compression, part)
             try:
                 replies = self.ctx.transport.call(pid, METHOD, req, _reply_type(), timeout_s=timeout,
                                                   channel="activations")
@@ -697,7 +733,7 @@ class SwarmStrategy(Strategy):
                 yield m
             return
         if first.op == Op.STAGE_STATE:
-            if first.run_id != self.ctx.spec.run_id or first.num_tensors != 0:
+            if first.run_id != self.ctx.spec.run_id or first.num_tensors != 0 or first.part != Part.STAGE_PART_FULL:
                 self._reject("malformed")
                 await drain(requests, 2.0)
                 for m in encode_reply(Status.STAGE_REJECTED, w.index, detail="malformed state request"):
@@ -722,6 +758,9 @@ class SwarmStrategy(Strategy):
         try:
             tensors = await read_request(first, requests, run_id=self.ctx.spec.run_id, max_numel=self.max_numel,
                                          timeout_s=cfg.round_timeout_s)
+            part = request_part(first)
+            if part == "head" and not w.is_last:
+                raise codec.CodecError("malformed", f"stage {w.index} has no head part")
         except codec.CodecError as e:
             self._reject(e.reason)
             self.sm.served.labels(op=opname, outcome="rejected").inc()
@@ -738,10 +777,12 @@ class SwarmStrategy(Strategy):
                 await asyncio.sleep(cfg.swarm_backward_delay_s)
                 busy += cfg.swarm_backward_delay_s
             if first.op == Op.STAGE_FORWARD:
-                (out, loss), dt = await self.ctx.compute(_timed, lambda: (w.forward(tensors[0]), None))
+                (out, loss), dt = await self.ctx.compute(_timed, lambda: (w.forward(tensors[0], part), None))
             else:
-                grad_or_y = tensors[1] if w.is_last else tensors[1].float()
-                (out, loss), dt = await self.ctx.compute(_timed, lambda: w.backward(tensors[0].float(), grad_or_y))
+                # targets where the output is logits (the last stage run whole, or its head)
+                grad_or_y = tensors[1] if w.is_last and part != "body" else tensors[1].float()
+                (out, loss), dt = await self.ctx.compute(_timed, lambda: w.backward(tensors[0].float(), grad_or_y,
+                                                                                    part))
             busy += dt
         except ValueError as e:  # wrong shapes, dtypes, vocabulary, non-finite values
             self._reject("non_finite" if "finite" in str(e) else "bad_shape")

@@ -56,6 +56,13 @@ class SwarmMetrics:
                                    "the last rebuild.", ["stage"], registry=r)
         self.lr_multiplier = Gauge("swarm_checkfree_lr_multiplier", "LR multiplier of this peer's stage.", ["stage"],
                                    registry=r)
+        self.swapped = Counter("swarm_pipeline_swapped_microbatches", "Micro-batches this trainer completed in the "
+                               "CheckFree+ swapped order (--checkfree-swaps), by pair: first = stages 0<->1, last = "
+                               "S-2<->S-1.", ["pair"], registry=r)
+        self.copies = Counter("swarm_checkfree_copy_recoveries", "Stages rebuilt by copying one neighbour, by kind: "
+                              "checkfree_plus = the swap partner under --checkfree-swaps, naive = the last stage "
+                              "without swaps, one_neighbour = a middle stage whose other neighbour was unreachable.",
+                              ["stage", "kind"], registry=r)
         self.averaging = Counter("swarm_stage_averaging", "Within-stage averaging rounds by outcome: ok = "
                                  "all-reduce among the stage's replicas, gossip = fell back to a mix with one "
                                  "replica, failed = neither.", ["outcome"], registry=r)

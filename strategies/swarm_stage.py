@@ -11,6 +11,12 @@ Invariants:
     step; `step` counts applied steps and `last_grad_norm` keeps the post-clip norm of the
     last one (what CheckFree weighs neighbours by).
   * Non-finite inputs, losses or gradients raise `ValueError` before anything changes.
+  * Parts (CheckFree+ swap schedule): `part` runs "full" (the default), or one piece of the
+    stage: "embed" (stage 0), "body" (the blocks), "head" (ln_f + lm_head, last stage). The
+    loss is computed wherever the output is logits (full last stage, or head). One micro-batch
+    counts once toward `accumulate` whatever the split: a full backward counts, and of a split
+    stage the part whose backward runs last in the micro-batch (stage 0's embed, the last
+    stage's body); the other part's gradients accumulate into the same step uncounted.
   * `load_state` (replica sync, rebalancing, CheckFree) replaces the weights; with
     `fresh_optimizer=True` it also starts a new optimizer at lr * lr_scale.
 """
@@ -22,6 +28,8 @@ from typing import Mapping
 import torch
 
 from swarm_node.model import GPTConfig, PipelineStage, build_stage
+
+PARTS = ("full", "embed", "body", "head")
 
 
 class StageWorker:
@@ -51,21 +59,51 @@ class StageWorker:
         return self.index == self.num_stages - 1
 
     # ---------------------------------------------------------------- compute
-    @torch.no_grad()
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        self._check_input(inputs)
-        self.module.train()
-        return self.module(inputs).detach()
+    def _check_part(self, part: str) -> None:
+        if part not in PARTS:
+            raise ValueError(f"unknown stage part {part!r}")
+        if part == "embed" and not self.is_first or part == "head" and not self.is_last:
+            raise ValueError(f"stage {self.index} has no {part} part")
 
-    def backward(self, inputs: torch.Tensor, grad_or_targets: torch.Tensor) -> tuple[torch.Tensor | None, float | None]:
-        """Recompute the forward, backpropagate, accumulate. Returns (grad wrt inputs or
-        None for stage 0's byte ids, the loss for the last stage or None)."""
-        self._check_input(inputs)
+    def _takes_ids(self, part: str) -> bool:
+        return self.is_first and part in ("full", "embed")
+
+    def _gives_logits(self, part: str) -> bool:
+        return self.is_last and part in ("full", "head")
+
+    def _counts(self, part: str) -> bool:
+        """Whether this backward completes the micro-batch on this stage (see the invariants)."""
+        if part == "full":
+            return True
+        return part == "embed" if self.is_first else part == "body"
+
+    def _run(self, x: torch.Tensor, part: str) -> torch.Tensor:
+        m = self.module
+        if part == "full":
+            return m(x)
+        if part == "embed":
+            return m.embed(x)
+        return m.body(x) if part == "body" else m.head(x)
+
+    @torch.no_grad()
+    def forward(self, inputs: torch.Tensor, part: str = "full") -> torch.Tensor:
+        self._check_part(part)
+        self._check_input(inputs, part)
         self.module.train()
-        x = inputs if self.is_first else inputs.detach().requires_grad_(True)
-        out = self.module(x)
+        return self._run(inputs, part).detach()
+
+    def backward(self, inputs: torch.Tensor, grad_or_targets: torch.Tensor,
+                 part: str = "full") -> tuple[torch.Tensor | None, float | None]:
+        """Recompute the forward (of `part`), backpropagate, accumulate. Returns (grad wrt
+        inputs or None for byte ids, the loss when the output is logits or None)."""
+        self._check_part(part)
+        self._check_input(inputs, part)
+        self.module.train()
+        ids = self._takes_ids(part)
+        x = inputs if ids else inputs.detach().requires_grad_(True)
+        out = self._run(x, part)
         loss_value = None
-        if self.is_last:
+        if self._gives_logits(part):
             targets = grad_or_targets
             if targets.dtype != torch.long or targets.shape != inputs.shape[:2]:
                 raise ValueError(f"targets must be int64 {tuple(inputs.shape[:2])}, got {targets.dtype} "
@@ -84,11 +122,12 @@ class StageWorker:
             if not torch.isfinite(g).all():
                 raise ValueError("non-finite grad_outputs")
             out.backward(g.to(out.dtype))  # unscaled: the input grads go upstream as is
-        grad_in = None if self.is_first else x.grad.detach()
-        self.samples += int(inputs.shape[0])
-        self.pending += 1
-        if self.pending >= self.accumulate:
-            self._apply()
+        grad_in = None if ids else x.grad.detach()
+        if self._counts(part):
+            self.samples += int(inputs.shape[0])
+            self.pending += 1
+            if self.pending >= self.accumulate:
+                self._apply()
         return grad_in, loss_value
 
     def _apply(self) -> None:
@@ -105,8 +144,8 @@ class StageWorker:
         self.last_grad_norm = min(norm, self.grad_clip)
         self.step += 1
 
-    def _check_input(self, inputs: torch.Tensor) -> None:
-        if self.is_first:
+    def _check_input(self, inputs: torch.Tensor, part: str = "full") -> None:
+        if self._takes_ids(part):
             if inputs.dtype != torch.long or inputs.dim() != 2 or inputs.shape[1] > self.cfg.seq_len:
                 raise ValueError(f"stage 0 takes int64 [B, T<={self.cfg.seq_len}], got {inputs.dtype} "
                                  f"{tuple(inputs.shape)}")
@@ -115,8 +154,8 @@ class StageWorker:
         else:
             if (not inputs.is_floating_point() or inputs.dim() != 3 or inputs.shape[2] != self.cfg.d_model
                     or inputs.shape[1] > self.cfg.seq_len):
-                raise ValueError(f"stage {self.index} takes float [B, T, {self.cfg.d_model}], got {inputs.dtype} "
-                                 f"{tuple(inputs.shape)}")
+                raise ValueError(f"stage {self.index} ({part}) takes float [B, T, {self.cfg.d_model}], got "
+                                 f"{inputs.dtype} {tuple(inputs.shape)}")
             if not torch.isfinite(inputs).all():
                 raise ValueError("non-finite activations")
 

@@ -7,7 +7,10 @@ Invariants:
   * `read_request` / `read_reply` check the header fields, the tensor count allowed for
     the op and a numel cap, and raise `codec.CodecError` with a reason from
     swarm_rejected_messages_total's label set ("malformed", "too_large", "bad_dtype", ...);
-    callers count it and answer REJECTED / try another replica.
+    callers count it and answer REJECTED / try another replica. That includes a `part`
+    value this version does not know, or one given to a STATE request.
+  * `part` (CheckFree+ swaps) is "full" unless set; "full" is never written to the wire, so
+    without --checkfree-swaps the messages are byte-for-byte what they were before.
   * Stage records live under swarm/{run}/stage/{k}, subkey = peer id; the value is a small
     msgpack tuple validated field by field (a record whose peer id differs from its subkey
     is spoofed and dropped).
@@ -27,6 +30,9 @@ from swarm_node.protocol.transport import MAX_MESSAGE
 
 Op = pl.StageRequest.Op
 Status = pl.StageReply.Status
+Part = pl.StageRequest.Part
+PART_NAMES = {Part.STAGE_PART_FULL: "full", Part.STAGE_PART_BODY: "body", Part.STAGE_PART_HEAD: "head"}
+PART_VALUES = {name: value for value, name in PART_NAMES.items()}
 TENSORS_PER_OP = {Op.STAGE_FORWARD: 1, Op.STAGE_BACKWARD: 2, Op.STAGE_STATE: 0}
 COMPRESSIONS = {"none": codec.NONE, "fp16": codec.FLOAT16, "int8": codec.INT8_BLOCKWISE}
 MAX_RECORD_BYTES = 1024
@@ -43,11 +49,20 @@ def _chunks(tensors: Sequence[torch.Tensor], compression: int) -> Iterator:
 
 
 def encode_request(run_id: str, op: int, stage: int, mb_id: str, tensors: Sequence[torch.Tensor],
-                   compression: int) -> list[pl.StageRequest]:
+                   compression: int, part: str = "full") -> list[pl.StageRequest]:
+    if part not in PART_VALUES:
+        raise ValueError(f"stage part {part!r} has no wire value (the embedding runs on the trainer only)")
     msgs = [pl.StageRequest(chunk=c) for c in _chunks(tensors, compression)] or [pl.StageRequest()]
     first = msgs[0]
     first.run_id, first.op, first.stage, first.microbatch_id, first.num_tensors = run_id, op, stage, mb_id, len(tensors)
+    if part != "full":
+        first.part = PART_VALUES[part]
     return msgs
+
+
+def request_part(first: pl.StageRequest) -> str:
+    """The part a (validated, see `read_request`) request asks for."""
+    return PART_NAMES[first.part]
 
 
 def encode_reply(status: int, stage: int, *, detail: str = "", tensors: Sequence[torch.Tensor] = (),
@@ -92,6 +107,10 @@ async def read_request(first: pl.StageRequest, rest: AsyncIterator, *, run_id: s
     if first.num_tensors != TENSORS_PER_OP[first.op]:
         raise codec.CodecError("malformed", f"op {Op.Name(first.op)} takes {TENSORS_PER_OP[first.op]} tensors, "
                                             f"got {first.num_tensors}")
+    if first.part not in PART_NAMES:
+        raise codec.CodecError("malformed", f"unknown stage part {first.part}")
+    if first.op == Op.STAGE_STATE and first.part != Part.STAGE_PART_FULL:
+        raise codec.CodecError("malformed", "a STATE request takes no part")
     if len(first.microbatch_id) > 128:
         raise codec.CodecError("malformed", "microbatch id too long")
     return await _assemble(first, rest, max_numel, first.num_tensors, False, timeout_s)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import swarm_node_wire_pb2 as swarm__node__wire__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19swarm_node_pipeline.proto\x12\x0cswarmnode.v1\x1a\x15swarm_node_wire.proto\"\xec\x01\n\x0cStageRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12)\n\x02op\x18\x02 \x01(\x0e\x32\x1d.swarmnode.v1.StageRequest.Op\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x15\n\rmicrobatch_id\x18\x04 \x01(\t\x12\x13\n\x0bnum_tensors\x18\x05 \x01(\x05\x12(\n\x05\x63hunk\x18\x06 \x01(\x0b\x32\x19.swarmnode.v1.TensorChunk\"<\n\x02Op\x12\x11\n\rSTAGE_FORWARD\x10\x00\x12\x12\n\x0eSTAGE_BACKWARD\x10\x01\x12\x0f\n\x0bSTAGE_STATE\x10\x02\"\xb1\x02\n\nStageReply\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.swarmnode.v1.StageReply.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x13\n\x0bnum_tensors\x18\x04 \x01(\x05\x12(\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x19.swarmnode.v1.TensorChunk\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x11\n\tgrad_norm\x18\x07 \x01(\x01\x12\x12\n\nstage_step\x18\x08 \x01(\x03\x12\x0c\n\x04keys\x18\t \x03(\t\"Q\n\x06Status\x12\x0c\n\x08STAGE_OK\x10\x00\x12\x15\n\x11STAGE_WRONG_STAGE\x10\x01\x12\x12\n\x0eSTAGE_REJECTED\x10\x02\x12\x0e\n\nSTAGE_BUSY\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19swarm_node_pipeline.proto\x12\x0cswarmnode.v1\x1a\x15swarm_node_wire.proto\"\xe2\x02\n\x0cStageRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12)\n\x02op\x18\x02 \x01(\x0e\x32\x1d.swarmnode.v1.StageRequest.Op\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x15\n\rmicrobatch_id\x18\x04 \x01(\t\x12\x13\n\x0bnum_tensors\x18\x05 \x01(\x05\x12(\n\x05\x63hunk\x18\x06 \x01(\x0b\x32\x19.swarmnode.v1.TensorChunk\x12-\n\x04part\x18\x07 \x01(\x0e\x32\x1f.swarmnode.v1.StageRequest.Part\"<\n\x02Op\x12\x11\n\rSTAGE_FORWARD\x10\x00\x12\x12\n\x0eSTAGE_BACKWARD\x10\x01\x12\x0f\n\x0bSTAGE_STATE\x10\x02\"E\n\x04Part\x12\x13\n\x0fSTAGE_PART_FULL\x10\x00\x12\x13\n\x0fSTAGE_PART_BODY\x10\x01\x12\x13\n\x0fSTAGE_PART_HEAD\x10\x02\"\xb1\x02\n\nStageReply\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.swarmnode.v1.StageReply.Status\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x13\n\x0bnum_tensors\x18\x04 \x01(\x05\x12(\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x19.swarmnode.v1.TensorChunk\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x11\n\tgrad_norm\x18\x07 \x01(\x01\x12\x12\n\nstage_step\x18\x08 \x01(\x03\x12\x0c\n\x04keys\x18\t \x03(\t\"Q\n\x06Status\x12\x0c\n\x08STAGE_OK\x10\x00\x12\x15\n\x11STAGE_WRONG_STAGE\x10\x01\x12\x12\n\x0eSTAGE_REJECTED\x10\x02\x12\x0e\n\nSTAGE_BUSY\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swarm_node_pipeline_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STAGEREQUEST']._serialized_start=67
-  _globals['_STAGEREQUEST']._serialized_end=303
-  _globals['_STAGEREQUEST_OP']._serialized_start=243
-  _globals['_STAGEREQUEST_OP']._serialized_end=303
-  _globals['_STAGEREPLY']._serialized_start=306
-  _globals['_STAGEREPLY']._serialized_end=611
-  _globals['_STAGEREPLY_STATUS']._serialized_start=530
-  _globals['_STAGEREPLY_STATUS']._serialized_end=611
+  _globals['_STAGEREQUEST']._serialized_end=421
+  _globals['_STAGEREQUEST_OP']._serialized_start=290
+  _globals['_STAGEREQUEST_OP']._serialized_end=350
+  _globals['_STAGEREQUEST_PART']._serialized_start=352
+  _globals['_STAGEREQUEST_PART']._serialized_end=421
+  _globals['_STAGEREPLY']._serialized_start=424
+  _globals['_STAGEREPLY']._serialized_end=729
+  _globals['_STAGEREPLY_STATUS']._serialized_start=648
+  _globals['_STAGEREPLY_STATUS']._serialized_end=729
 # @@protoc_insertion_point(module_scope)
