@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +29,19 @@ from .diloco import DiLoCoStrategy, _work, flatten, unflatten
 from .outer_math import OuterOptimizer, fragment_due, fragment_indices, merge, round_digest
 from .rounds import RoundOutcome, tensor_digest
 from .state_transfer import StateTransferError
+
+FRAGMENT_ATTEMPTS = 3  # backoff 0.5 s, 1 s: a dead member's absence is settled by the grace window
+
+
+@dataclass
+class _InFlight:
+    """One fragment round between its send and its apply step, with what a retry resends."""
+    fragment: int
+    round_no: int
+    phi_hash: str
+    weight: float
+    delta: torch.Tensor
+    task: asyncio.Task
 
 
 class StreamingDiLoCoStrategy(DiLoCoStrategy):
@@ -41,7 +55,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         self.frags = [fragment_indices(len(self.params), f, self.P) for f in range(self.P)]
         self.outers = [OuterOptimizer([self.phi[i] for i in idx], lr=cfg.outer_lr, momentum=cfg.outer_momentum,
                                       nesterov=True) for idx in self.frags]
-        self.pending: dict[int, tuple[int, asyncio.Task]] = {}  # apply step -> (fragment, round task)
+        self.pending: dict[int, _InFlight] = {}  # apply step -> the fragment round applied there
         self._step_lock = asyncio.Lock()  # a step with its sends/applies, or a snapshot being served
 
     # ------------------------------------------------------------------ shared state
@@ -127,8 +141,8 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             for t in sorted(self.pending):
                 await self._maybe_apply(t)
         finally:
-            for _, task in self.pending.values():
-                task.cancel()
+            for flight in self.pending.values():
+                flight.task.cancel()
 
     async def _maybe_send(self, t: int) -> None:
         f = fragment_due(t, self.H, self.P)
@@ -144,7 +158,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         # vector length) for everyone; a peer that missed a commit differs in hash(φ) instead.
         self.round_no = t // self.every
         task = asyncio.create_task(self._round(self.round_no, self.phi_hash, self.weight, delta))
-        self.pending[t + self.tau] = (f, task)
+        self.pending[t + self.tau] = _InFlight(f, self.round_no, self.phi_hash, self.weight, delta, task)
 
     async def _round(self, round_no: int, phi_hash: str, weight: float, delta: torch.Tensor) -> RoundOutcome:
         out = await self.rounds.run_round(round_no, phi_hash, weight, delta)
@@ -157,32 +171,47 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
     async def _maybe_apply(self, t: int) -> None:
         if t not in self.pending:
             return
-        f, task = self.pending[t]  # stays pending until applied: _snapshot_guard waits on it
-        t0 = time.perf_counter()
+        flight = self.pending[t]  # stays pending until settled: _snapshot_guard waits on it
         try:
-            out: RoundOutcome = await task
-            duration = time.perf_counter() - t0
-            if out.status == "committed":
-                await self.ctx.compute(self._apply_fragment, f, out.result)
-                self.work += len(out.group)
+            for attempt in range(1, FRAGMENT_ATTEMPTS + 1):
+                if await self._settle(flight, attempt):
+                    return
+                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+                flight.task = asyncio.create_task(
+                    self._round(flight.round_no, flight.phi_hash, flight.weight, flight.delta))
         finally:
             self.pending.pop(t, None)
+
+    async def _settle(self, flight: _InFlight, attempt: int) -> bool:
+        """Wait for one attempt of a fragment round and act on it; False: retry it."""
+        f, t0 = flight.fragment, time.perf_counter()
+        out: RoundOutcome = await flight.task
+        duration = time.perf_counter() - t0
         if out.status == "committed":
+            await self.ctx.compute(self._apply_fragment, f, out.result)
+            self.work += len(out.group)
             self.election.mark_committed(out.group)
             self._account("ok", len(out.group), duration, out)
-            self.ctx.log.debug("fragment %d round %d committed: phi %s (delta %s)", f, self.round_no - 1,
-                               self.phi_hash, tensor_digest(out.result))
-        elif out.status == "resync":
+            self.ctx.log.debug("fragment %d round %d committed (attempt %d): phi %s (delta %s)", f, flight.round_no,
+                               attempt, self.phi_hash, tensor_digest(out.result))
+            return True
+        if out.status == "resync":
             self._account("resync", 0, duration, out)
-            for _, other in self.pending.values():
-                other.cancel()
+            for other in self.pending.values():
+                other.task.cancel()  # this attempt's task is done already
             self.pending.clear()
             await self._adopt(out.leader, out.detail)
-        else:
-            self._account("error", len(out.group), duration, out)
-            if "unreachable" in out.detail or "lost" in out.detail:
-                self.election.suspect(out.leader)
-            self.ctx.log.info("fragment %d round %d skipped: %s", f, self.round_no, out.detail)
+            return True
+        self._account("error", len(out.group), duration, out)
+        if "unreachable" in out.detail or "lost" in out.detail:
+            self.election.suspect(out.leader)
+        if attempt == FRAGMENT_ATTEMPTS or self.ctx.should_stop():
+            self.ctx.log.info("fragment %d round %d skipped after %d attempts: %s", f, flight.round_no, attempt,
+                              out.detail)
+            return True
+        self.ctx.log.info("fragment %d round %d attempt %d/%d aborted, retrying: %s", f, flight.round_no, attempt,
+                          FRAGMENT_ATTEMPTS, out.detail)
+        return False
 
     def _apply_fragment(self, f: int, mean_delta: torch.Tensor) -> None:
         idx = self.frags[f]

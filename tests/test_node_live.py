@@ -325,6 +325,31 @@ def test_streaming_diloco_fragments_commit_with_identical_outer_weights(swarm):
     assert all(s["val_loss"] < s["history"][0][1] - 1.0 for s in summaries)
 
 
+def test_streaming_diloco_retries_the_fragment_round_its_dead_leader_aborted(swarm):
+    """1. Three streaming-diloco peers (H=4, P=2, tau=1: a fragment round every 2 steps) train.
+    2. The leader (lowest id) is SIGKILLed, p2pd included. Whatever the moment, the round the
+       followers are in or about to join aborts (its join or its commit vote fails).
+    3. Before, that fragment round was skipped until the fragment's next turn. Now it is retried
+       at its apply step, under the next leader, with the same round number and Δ_f.
+    Result: each follower has an aborted round whose round number later commits (a retry, not a
+    skip); both followers reach --max-steps and end on one φ."""
+    common = ["--run-id", "sretry", "--strategy", "streaming-diloco", "--inner-steps", "4", "--fragments", "2",
+              "--overlap-steps", "1", "--max-steps", "600", "--min-peers", "3"]
+    _, leader, followers = _three_in_rounds(swarm, common)
+    os.killpg(leader.proc.pid, signal.SIGKILL)
+    for f in followers:
+        assert f.proc.wait(240) == 0, f.log_text()[-2000:]
+    summaries = [_summary(f) for f in followers]
+    for f, s in zip(followers, summaries):
+        history = s["round_history"]
+        retried = [r["round"] for i, r in enumerate(history) if r["outcome"] == "error"
+                   and any(later["outcome"] == "ok" and later["round"] == r["round"] for later in history[i + 1:])]
+        assert retried, (f.name, [(r["round"], r["outcome"]) for r in history if r["outcome"] != "ok"][:20],
+                         f.log_text()[-3000:])
+    assert len({s["last_round"]["phi_hash"] for s in summaries}) == 1, [s["last_round"] for s in summaries]
+    assert all(s["step"] == 600 for s in summaries)
+
+
 def test_sync_followers_leave_a_frozen_leader_after_its_record_expires(swarm):
     """1. Three sync peers train; the leader (lowest peer id) is frozen with SIGSTOP, p2pd included:
        it accepts nothing and publishes nothing, as if partitioned.
