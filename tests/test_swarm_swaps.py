@@ -281,9 +281,16 @@ def test_live_swarm_with_swaps_trains_and_rebuilds_the_last_stage_by_a_checkfree
         assert metric(rebuilt, "swarm_pipeline_stage") == 2
         assert metric(rebuilt, "swarm_checkfree_recoveries_total", stage="2", method="copy") == 1
         assert metric(rebuilt, "swarm_checkfree_copy_recoveries_total", kind="naive") == 0
+        # the swapped last pair now runs through the rebuilt stage: body(2) -> body(1) -> head(2)
         swapped = metric(trainer, "swarm_pipeline_swapped_microbatches_total", pair="last")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and metric(
+                trainer, "swarm_pipeline_swapped_microbatches_total", pair="last") < swapped + 5:
+            time.sleep(0.5)
+        assert metric(trainer, "swarm_pipeline_swapped_microbatches_total", pair="last") >= swapped + 5, \
+            trainer.log_text()[-3000:] + rebuilt.log_text()[-3000:]
+        step = trainer.status()["step"]
         trainer.wait_for(lambda s: s.get("step", 0) >= step + 8, 120, "training after the rebuild")
-        assert metric(trainer, "swarm_pipeline_swapped_microbatches_total", pair="last") > swapped
         assert metric(trainer, "swarm_pipeline_microbatches_total", outcome="lost") == 0
         last_loss = float(trainer.status()["train_loss"])
         assert last_loss < first_loss - 0.3, (first_loss, last_loss)
