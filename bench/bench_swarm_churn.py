@@ -215,12 +215,13 @@ def _window(sw: Swarm, trainers: list[NodeProcess], servers: list[NodeProcess], 
         if now - t0 >= args.window_s:
             break
         if now >= next_kill:
-            cands = [n for n in alive if n.proc is not None and n.proc.poll() is None and _ready(n)]
+            # only peers serving a server stage: a replacement still starting is not a server yet
+            scraped = [(n, scrape(n)) for n in alive if n.proc is not None and n.proc.poll() is None]
+            cands = [(n, m) for n, m in scraped if m and total(m, "swarm_pipeline_stage") >= 1]
             if cands:
-                v = rng.choice(cands)
-                m = scrape(v)
-                victims_metrics.append(m or {})
-                stage = int(total(m, "swarm_pipeline_stage")) if m else None
+                v, m = rng.choice(cands)
+                victims_metrics.append(m)
+                stage = int(total(m, "swarm_pipeline_stage"))
                 cpu_victims += cpu_s(v) - cpu0.get(v.name, 0.0)
                 v.kill()
                 v.close()
@@ -266,10 +267,14 @@ def _window(sw: Swarm, trainers: list[NodeProcess], servers: list[NodeProcess], 
             recoveries[key] = recoveries.get(key, 0) + v
     phase.samples.append((elapsed, ok + base_ok))
     rejected: dict[str, float] = {}
-    for m in recov_metrics:  # whole phase, not windowed: a diagnostic for the "rejected" retries
+    averaging: dict[str, float] = {}
+    for m in recov_metrics:  # whole phase, not windowed: diagnostics (rejected retries, replica sync)
         for reason, v in by_label(m, "swarm_rejected_messages_total", "reason").items():
             rejected[reason] = rejected.get(reason, 0) + v
+        for outcome, v in by_label(m, "swarm_stage_averaging_total", "outcome").items():
+            averaging[outcome] = averaging.get(outcome, 0) + v
     rates, longest_gap = _buckets(phase.samples, args.bucket_s)
+    missing = _server_seconds_missing(phase, elapsed)
     for rep in phase.replacements:
         started = rep.pop("started")
         if rep["stage"] is None:  # it may have started serving since the last poll
@@ -290,8 +295,25 @@ def _window(sw: Swarm, trainers: list[NodeProcess], servers: list[NodeProcess], 
         "retries": int(sum(retries.values())), "retries_by_reason": {k: int(v) for k, v in retries.items() if v},
         "recoveries": {k: int(v) for k, v in recoveries.items() if v},
         "rejected_messages_phase": {k: int(v) for k, v in rejected.items() if v},
+        "stage_averaging_phase": {k: int(v) for k, v in averaging.items() if v},
+        "server_seconds_missing": round(missing, 1),
+        "mean_serving_servers": round(args.servers_per_stage * (args.stages - 1) - missing / elapsed, 2),
         "kills": phase.kills, "replacements": phase.replacements, "min_stage_peers_seen": phase.min_stage_peers,
     }
+
+
+def _server_seconds_missing(phase: Phase, window_s: float) -> float:
+    """Seconds of server time the window lacked: from each kill until its replacement (the
+    i-th started after the i-th kill) was first seen serving, or the window's end. Polled,
+    so each interval is late by up to one poll."""
+    out = 0.0
+    for i, kill in enumerate(phase.kills):
+        rep = phase.replacements[i] if i < len(phase.replacements) else None
+        back = window_s
+        if rep is not None and isinstance(rep["serving_after_s"], float):
+            back = min(window_s, rep["t"] + rep["serving_after_s"])
+        out += max(0.0, back - kill["t"])
+    return out
 
 
 def _buckets(samples: list[tuple[float, float]], bucket_s: float) -> tuple[list[float], float]:
@@ -367,7 +389,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--poll-s", type=float, default=2.0)
     ap.add_argument("--bucket-s", type=float, default=10.0, help="bucket of the median rate")
     ap.add_argument("--start-timeout-s", type=float, default=180.0)
-    ap.add_argument("--repeats", type=int, default=1, help="pairs of phases, alternating the order (AB, BA, ...)")
+    ap.add_argument("--repeats", type=int, default=1, help="pairs of phases, alternating their order")
+    ap.add_argument("--first", choices=("no-churn", "churn"), default="no-churn", help="phase run first in the "
+                    "first pair (order effects: the box warms, other jobs come and go)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke size: 45 s windows, 10 s warm-up, one pair")
     ap.add_argument("--workdir", type=Path, default=None, help="keep state dirs and logs here (default: a temp dir)")
@@ -388,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
         root = args.workdir or Path(tmp)
         env = snapshot(args.at_commit, Path(tmp) / "code") if args.at_commit else None
         for rep in range(args.repeats):
-            order = [False, True] if rep % 2 == 0 else [True, False]
+            order = [False, True] if (rep % 2 == 0) == (args.first == "no-churn") else [True, False]
             res = {}
             for churn in order:
                 name = f"{'churn' if churn else 'nochurn'}{rep}"

@@ -57,3 +57,13 @@ def test_bad_arguments_are_refused_before_anything_starts(argv, capsys):
         bench.main(argv)
     assert e.value.code == 2
     assert "need" in capsys.readouterr().err
+
+
+def test_server_seconds_missing_pairs_each_kill_with_its_replacement():
+    phase = bench.Phase("churn0", True)
+    phase.kills = [{"t": 5.0, "peer": "s1a", "stage": 1}, {"t": 65.0, "peer": "s2b", "stage": 2},
+                   {"t": 125.0, "peer": "r0", "stage": 1}]
+    phase.replacements = [{"peer": "r0", "t": 15.0, "stage": 1, "serving_after_s": 20.0},  # back at 35
+                          {"peer": "r1", "t": 75.0, "stage": 2, "serving_after_s": "<=70.0"},  # seen at the end only
+                          {"peer": "r2", "t": 135.0, "stage": None, "serving_after_s": None}]  # never served
+    assert bench._server_seconds_missing(phase, 150.0) == 30 + 85 + 25
