@@ -142,18 +142,18 @@ class Phase:
     min_stage_peers: list[int] = field(default_factory=list)
 
 
-def snapshot(rev: str, dest: Path) -> dict[str, str]:
-    """Lay out the swarm_node package as committed at `rev` under dest (pyproject's
+def snapshot(commit: str, dest: Path) -> dict[str, str]:
+    """Lay out the swarm_node package as of `commit` under dest (pyproject's
     package-dir: node/ is swarm_node, protocol/ and strategies/ its subpackages) and return
     the environment that makes the peers import it: PYTHONPATH comes before the editable
     install's finder, so the peers run that commit whatever the working tree holds (other
     people edit it while a bench runs)."""
     src = dest / "src"
     src.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", rev, "node", "protocol", "strategies"], cwd=ROOT,
+    archive = subprocess.run(["git", "archive", commit, "node", "protocol", "strategies"], cwd=ROOT,
                              capture_output=True, timeout=60)
     if archive.returncode != 0:
-        raise SystemExit(f"git archive {rev} failed: {archive.stderr.decode(errors='replace')[:300]}")
+        raise SystemExit(f"git archive {commit} failed: {archive.stderr.decode(errors='replace')[:300]}")
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=60)
     pkg = dest / "pkg" / "swarm_node"
     pkg.parent.mkdir(parents=True)
@@ -266,11 +266,14 @@ def _window(sw: Swarm, trainers: list[NodeProcess], servers: list[NodeProcess], 
             key = f"stage{lab.get('stage')}:{lab.get('method')}"
             recoveries[key] = recoveries.get(key, 0) + v
     phase.samples.append((elapsed, ok + base_ok))
-    rejected: dict[str, float] = {}
+    rejected: dict[str, dict[str, float]] = {"trainers": {}, "servers": {}}
     averaging: dict[str, float] = {}
-    for m in recov_metrics:  # whole phase, not windowed: diagnostics (rejected retries, replica sync)
+    trainer_ids = {id(m) for m in end}
+    for m in [*end, *(m for m in recov_metrics if total(m, "swarm_pipeline_stage") != 0)]:
+        # whole phase, not windowed: diagnostics (who rejects what; replica sync)
+        side = rejected["trainers" if id(m) in trainer_ids else "servers"]
         for reason, v in by_label(m, "swarm_rejected_messages_total", "reason").items():
-            rejected[reason] = rejected.get(reason, 0) + v
+            side[reason] = side.get(reason, 0) + v
         for outcome, v in by_label(m, "swarm_stage_averaging_total", "outcome").items():
             averaging[outcome] = averaging.get(outcome, 0) + v
     rates, longest_gap = _buckets(phase.samples, args.bucket_s)
@@ -294,7 +297,7 @@ def _window(sw: Swarm, trainers: list[NodeProcess], servers: list[NodeProcess], 
         "abandoned": int(sum(mb(m, "abandoned") for m in end) - base_bad["abandoned"]),
         "retries": int(sum(retries.values())), "retries_by_reason": {k: int(v) for k, v in retries.items() if v},
         "recoveries": {k: int(v) for k, v in recoveries.items() if v},
-        "rejected_messages_phase": {k: int(v) for k, v in rejected.items() if v},
+        "rejected_messages_phase": {side: {k: int(v) for k, v in d.items() if v} for side, d in rejected.items()},
         "stage_averaging_phase": {k: int(v) for k, v in averaging.items() if v},
         "server_seconds_missing": round(missing, 1),
         "mean_serving_servers": round(args.servers_per_stage * (args.stages - 1) - missing / elapsed, 2),
@@ -361,18 +364,21 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def _provenance(rev: str | None) -> dict:
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    if rev:
-        return {"code": f"committed {git('rev-parse', '--short', rev)} (--at-commit {rev})",
-                "python": platform.python_version(), "cpus": os.cpu_count()}
-    return {"code": f"working tree on {git('rev-parse', '--short', 'HEAD')}",
-            "dirty_code": git("status", "--porcelain", "--", "strategies", "node", "protocol").splitlines(),
-            "python": platform.python_version(), "cpus": os.cpu_count()}
+def _git(*a: str) -> str:
+    try:
+        out = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def _provenance(commit: str | None) -> dict:
+    if commit:
+        code = {"code": f"peers ran committed {commit}"}
+    else:
+        code = {"code": f"peers ran the working tree on {_git('rev-parse', '--short', 'HEAD')}",
+                "dirty_code": _git("status", "--porcelain", "--", "strategies", "node", "protocol").splitlines()}
+    return {**code, "python": platform.python_version(), "cpus": os.cpu_count()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -410,7 +416,11 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = []
     with tempfile.TemporaryDirectory(prefix="churnbench-") as tmp:
         root = args.workdir or Path(tmp)
-        env = snapshot(args.at_commit, Path(tmp) / "code") if args.at_commit else None
+        # resolved once, here: HEAD moves while a bench runs (others commit), the snapshot does not
+        commit = _git("rev-parse", "--short", args.at_commit) if args.at_commit else None
+        if args.at_commit and not commit:
+            ap.error(f"--at-commit {args.at_commit}: no such revision")
+        env = snapshot(commit, Path(tmp) / "code") if commit else None
         for rep in range(args.repeats):
             order = [False, True] if (rep % 2 == 0) == (args.first == "no-churn") else [True, False]
             res = {}
@@ -429,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
               "pairs": pairs, "median_ratio": _median(ratios),
               "median_cpu_ratio": _median([p["cpu_ratio"] for p in pairs if p["cpu_ratio"] is not None]),
               "lost_total": sum(p[k]["lost"] for p in pairs for k in ("churn", "no_churn")),
-              "provenance": _provenance(args.at_commit)}
+              "provenance": _provenance(commit)}
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     if args.json:
