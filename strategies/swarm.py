@@ -796,7 +796,9 @@ class SwarmStrategy(Strategy):
         # Throughput in forward-equivalent samples per second of compute: a backward (with its
         # recomputed forward) counts BACKWARD_COST, so stages serving different op mixes compare,
         # and queueing is left out, so a stage does not look faster just because it got a peer.
-        work = int(tensors[0].shape[0]) * (BACKWARD_COST if first.op == Op.STAGE_BACKWARD else 1.0)
+        # A split stage's two parts (CheckFree+ swaps) count half a call each: together, one.
+        work = int(tensors[0].shape[0]) * (BACKWARD_COST if first.op == Op.STAGE_BACKWARD else 1.0) * \
+            (1.0 if part == "full" else 0.5)
         per = busy / max(work, 1e-9)
         self.serve_ema = per if self.serve_ema == 0 else (1 - SERVE_EMA_ALPHA) * self.serve_ema + SERVE_EMA_ALPHA * per
         self.sm.served.labels(op=opname, outcome="ok").inc()
