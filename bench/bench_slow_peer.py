@@ -2,13 +2,16 @@
 
 Every configuration runs `--peers` real `swarm-node join` processes on 127.0.0.1; in all but
 the baseline, one of them runs with `--compute-slowdown 3` (after each local step it sleeps
-twice that step's compute time: a slower device that does not load the shared CPU). The slow
-peer is never the round leader (the leader is the lowest peer id; the bench creates the
-identities first and slows the highest id), so the measured cost is the straggler's alone.
+twice that step's compute time: a slower device that does not load the shared CPU). The bench
+creates the identities first, so it knows the round leader (the lowest peer id): the slow peer
+is the highest id, except in `quorum-slow-leader`, where the slow peer leads.
 
   wait-for-all   diloco, the round waits for every expected peer (grace = timeout)
   quorum         diloco with `--round-grace-s`: the round goes on with those that joined
-                 within the grace window after the leader was ready
+                 within the grace window after the first join
+  quorum-slow-leader  the same with the slow peer as the leader: it coordinates the rounds it
+                 is late for and downloads their result (before, its readiness opened the window,
+                 so it set everyone's pace)
   noloco         pairs only: a slow peer can delay its partner of that round, nobody else
 
 Per round attempt every peer records its local compute since the previous attempt and the
@@ -26,6 +29,7 @@ first two:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -43,11 +47,12 @@ BASE = ["--host", "127.0.0.1", "--metrics-addr", "127.0.0.1:0", "--threads", "1"
         "--status-interval-s", "60", "--log-level", "WARNING", "--round-timeout-s", "30", "--eval-every", "1000000",
         "--checkpoint-every", "1000000", *MODEL]
 
-CONFIGS: dict[str, tuple[list[str], bool]] = {  # name -> (flags, with a slow peer)
-    "baseline": (["--strategy", "diloco"], False),
-    "wait-for-all": (["--strategy", "diloco"], True),
-    "quorum": (["--strategy", "diloco", "--round-grace-s", "1.0"], True),
-    "noloco": (["--strategy", "noloco", "--outer-momentum", "0.5"], True),
+CONFIGS: dict[str, tuple[list[str], str | None]] = {  # name -> (flags, which peer is slow: None/follower/leader)
+    "baseline": (["--strategy", "diloco"], None),
+    "wait-for-all": (["--strategy", "diloco"], "follower"),
+    "quorum": (["--strategy", "diloco", "--round-grace-s", "1.0"], "follower"),
+    "quorum-slow-leader": (["--strategy", "diloco", "--round-grace-s", "1.0"], "leader"),
+    "noloco": (["--strategy", "noloco", "--outer-momentum", "0.5"], "follower"),
 }
 
 
@@ -55,11 +60,12 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def run_config(workdir: Path, name: str, flags: list[str], slow: bool, *, peers: int, rounds: int, h: int,
+def run_config(workdir: Path, name: str, flags: list[str], slow: str | None, *, peers: int, rounds: int, h: int,
                slowdown: float) -> dict:
     names = [f"p{i}" for i in range(peers)]
     ids = {n: ensure_identity(workdir / n / "identity.key").peer_id for n in names}
-    slow_name = max(names, key=lambda n: ids[n]) if slow else None
+    slow_name = {None: None, "follower": max(names, key=lambda n: ids[n]),
+                 "leader": min(names, key=lambda n: ids[n])}[slow]
     common = [*BASE, *flags, "--inner-steps", str(h), "--max-steps", str(rounds * h), "--min-peers", str(peers),
               "--run-id", f"slow-{name}"]
     extra = {n: (["--compute-slowdown", str(slowdown)] if n == slow_name else []) for n in names}
@@ -112,11 +118,12 @@ def main() -> int:
     ap.add_argument("--slowdown", type=float, default=3.0)
     ap.add_argument("--only", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--keep", type=Path, default=None, help="run in this directory and keep the nodes' logs")
     args = ap.parse_args()
     print(f"# bench_slow_peer: {args.peers} peers, {args.rounds} rounds of H={args.inner_steps}, one peer "
           f"{args.slowdown:g}x slower | {platform.node()} | python {platform.python_version()}", flush=True)
     results = []
-    with tempfile.TemporaryDirectory(prefix="bench-slow-") as tmp:
+    with (contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory(prefix="bench-slow-")) as tmp:
         for name in args.only:
             flags, slow = CONFIGS[name]
             r = run_config(Path(tmp) / name, name, flags, slow, peers=args.peers, rounds=args.rounds,
@@ -126,12 +133,12 @@ def main() -> int:
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
     base = next((r for r in results if r["config"] == "baseline"), None)
-    print(f"\n{'config':<13} {'fast w/c':>8} {'vs base':>7} {'fast wall':>9} {'fast cmp':>8} {'slow cmp':>8} "
+    print(f"\n{'config':<18} {'fast w/c':>8} {'vs base':>7} {'fast wall':>9} {'fast cmp':>8} {'slow cmp':>8} "
           f"{'fast/slow':>9} {'slow ok':>7} {'w/ slow':>7} {'w/ fast':>7} {'val':>6}")
     for r in results:
         vs = (r["fast_w_over_c"] / base["fast_w_over_c"]) if base and base["fast_w_over_c"] and r["fast_w_over_c"] \
             else None
-        print(f"{r['config']:<13} {_f(r['fast_w_over_c']):>8} {_f(vs):>7} {_f(r['fast_round_wall_s']):>9} "
+        print(f"{r['config']:<18} {_f(r['fast_w_over_c']):>8} {_f(vs):>7} {_f(r['fast_round_wall_s']):>9} "
               f"{_f(r['fast_compute_s']):>8} {_f(r.get('slow_compute_s')):>8} {_f(r.get('fast_over_slow')):>9} "
               f"{r.get('slow_ok', '-'):>7} {_f(r.get('paired_with_slow')):>7} {_f(r.get('paired_with_fast')):>7} "
               f"{_f(r['val_loss'], '{:.3f}'):>6}")

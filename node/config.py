@@ -76,10 +76,11 @@ class NodeConfig(BaseSettings):
     lr_warmup_steps: int = Field(0, ge=0, description="Warmup steps of the cosine schedule.")
     seed: int = Field(0, ge=0, description="Seed for model init and data order.")
     round_timeout_s: float = Field(20.0, gt=0, description="Longest wait for the other peers in one synchronization round.")
-    round_grace_s: float | None = Field(None, gt=0, le=3600, description="DiLoCo family: after the leader is ready, how "
-                                        "long a round waits for the other expected peers before it goes on with "
-                                        "those that joined (the deadline quorum; unset = --round-timeout-s, i.e. "
-                                        "wait for all up to the timeout).")
+    round_grace_s: float | None = Field(None, gt=0, le=3600, description="DiLoCo family: after the first peer joins "
+                                        "a round, how long it waits for the other expected peers before it goes on "
+                                        "with those that joined, the leader included only if it was ready (the "
+                                        "deadline quorum; unset = wait for all up to --round-timeout-s after the "
+                                        "leader is ready).")
     compute_slowdown: float = Field(1.0, ge=1.0, le=100.0, description="Simulate a slower device: after each local "
                                     "step sleep (F-1) x that step's compute time, so this peer computes F times "
                                     "slower without loading the CPU (benchmarks and labs; 1 = off).")

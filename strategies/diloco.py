@@ -79,13 +79,15 @@ class DiLoCoStrategy(Strategy):
         # split, the side whose φ holds more work keeps it (see rounds.py)
         self.work = 0
         self._adopt_from: str | None = None  # set on the leader when a member's φ holds more work
+        self._overtaken = False  # set on a late leader once its round committed without it
         self.election = LeaderElection(ctx, self.name)
         self.allreduce = averaging_layer(ctx, timeout_s=cfg.round_timeout_s, compression=COMPRESSIONS[cfg.compression])
         self.rounds = RoundCoordinator(
             ctx.transport, ctx.spec.run_id, timeout_s=cfg.round_timeout_s, grace_s=cfg.round_grace_s or cfg.round_timeout_s,
             allreduce=self.allreduce, leader_fn=self.election.leader, expected_fn=self.election.expected,
             state_fn=lambda: (self.round_no, self.phi_hash), on_stragglers=ctx.metrics.stragglers.inc,
-            work_fn=lambda: self.work, on_behind=self._behind)
+            work_fn=lambda: self.work, on_behind=self._behind, open_on_first_join=cfg.round_grace_s is not None,
+            on_left_out=self._left_out)
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3,
                                   extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore,
                                   snapshot_guard=self._snapshot_guard)
@@ -128,6 +130,9 @@ class DiLoCoStrategy(Strategy):
             self.ctx.log.warning("a member's state holds more work than mine: adopting it from %s", member[-8:])
             self._adopt_from = member
 
+    def _left_out(self) -> None:
+        self._overtaken = True
+
     async def _catch_up(self) -> None:
         """Adopt the state a member showed to hold more work than ours (we led a stale side)."""
         member, self._adopt_from = self._adopt_from, None
@@ -159,8 +164,12 @@ class DiLoCoStrategy(Strategy):
 
     async def _inner_phase(self) -> None:
         ctx = self.ctx
+        self._overtaken = False
         for _ in range(self.H):
             if ctx.should_stop() or (ctx.config.max_steps and ctx.trainer.step >= ctx.config.max_steps):
+                return
+            if self._overtaken:  # a slow leader's round went on without it: its join now resyncs it
+                ctx.log.info("round %d committed without me: cutting my local steps short", self.round_no)
                 return
             await self.local_step()
 
@@ -192,7 +201,7 @@ class DiLoCoStrategy(Strategy):
                 return
             if out.status == "resync":
                 self._account("resync", 0, duration, out)
-                await self._adopt(out.leader, out.detail)
+                await self._adopt(out.leader, out.detail, min_round=out.round_no)
                 return
             self._account("error", len(out.group), duration, out)
             if "unreachable" in out.detail or "lost" in out.detail:
@@ -214,12 +223,19 @@ class DiLoCoStrategy(Strategy):
             self.ctx.log.info("first round done: contributing from now on")
         self.weight = 1.0
 
-    async def _adopt(self, leader: str, why: str) -> None:
+    async def _adopt(self, leader: str, why: str, min_round: int = -1) -> None:
+        """Download φ, momentum, round and inner state from `leader` (the donor). A donor that
+        has not applied the round it just committed yet (a left-out leader downloads from a
+        member right at the commit) is asked again, a little later, a few times."""
         ctx = self.ctx
         ctx.log.info("adopting the swarm's state from %s (%s)", leader[-8:], why)
-        if await self.state.adopt(leader, ctx.metrics, ctx.log) is None:
-            self.election.suspect(leader)
-            return
+        for attempt in range(3):
+            if await self.state.adopt(leader, ctx.metrics, ctx.log) is None:
+                self.election.suspect(leader)
+                return
+            if self.round_no >= min_round:
+                break
+            await asyncio.sleep(0.2 * (attempt + 1))
         self.weight = 0.0  # take part in the next round without changing its average
         ctx.progress.step = ctx.trainer.step
 

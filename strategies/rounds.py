@@ -62,8 +62,9 @@ class RoundOutcome:
     result: torch.Tensor | None = None
     group: list[str] = field(default_factory=list)
     detail: str = ""
-    leader: str = ""
+    leader: str = ""  # for resync: the peer to download from
     allreduce: AllReduceOutcome | None = None
+    round_no: int = -1  # for resync: the round the downloaded state must have reached
 
 
 @dataclass
@@ -80,6 +81,8 @@ class _LeaderRound:
     decision: bool | None = None
     num_elements: int | None = None  # every member must all-reduce a vector of this length
     epoch: int = 0  # retries of one round are new epochs: fresh group, group id and votes
+    freeze_at: float | None = None  # loop time the earliest freeze timer fires at
+    decided: asyncio.Event = field(default_factory=asyncio.Event)
     on_freeze: Callable[[int], None] | None = None  # called with the number of expected peers left out
 
     def freeze(self, run_id: str) -> None:
@@ -101,6 +104,7 @@ class _LeaderRound:
             hashes = {h for _, h in self.votes.values()}
             self.decision = (set(self.votes) >= set(self.group) and all(c for c, _ in self.votes.values())
                              and len(hashes) == 1)
+            self.decided.set()
         return self.decision
 
 
@@ -111,8 +115,15 @@ class RoundCoordinator:
     def __init__(self, transport: Transport, run_id: str, *, timeout_s: float, grace_s: float,
                  allreduce: ButterflyAllReduce, leader_fn: Callable[[], str], expected_fn: Callable[[], set[str]],
                  state_fn: Callable[[], tuple[int, str]], on_stragglers: Callable[[int], None] | None = None,
-                 work_fn: Callable[[], int] | None = None, on_behind: Callable[[str], None] | None = None):
+                 work_fn: Callable[[], int] | None = None, on_behind: Callable[[str], None] | None = None,
+                 open_on_first_join: bool = False, on_left_out: Callable[[], None] | None = None):
         self.transport, self.run_id = transport, run_id
+        # False: the grace window opens when the leader itself is ready (it is always in its own
+        # group, but a slow leader sets everyone's pace). True (the deadline quorum): it opens at
+        # the first join; a leader that misses it still coordinates the round, then downloads
+        # the committed state from a member, as a late member would
+        self.open_on_first_join = open_on_first_join
+        self.on_left_out = on_left_out  # called when a round committed without this leader in it
         # the deadline quorum: expected members that missed the grace window are left out of the
         # frozen group (fast peers are not held hostage) and counted here
         self.on_stragglers = on_stragglers
@@ -143,7 +154,8 @@ class RoundCoordinator:
         except PeerUnavailable as e:
             return RoundOutcome("aborted", detail=f"leader unreachable: {e}", leader=leader)
         if reply.status == JoinStatus.ROUND_STATUS_RESYNC:
-            return RoundOutcome("resync", detail=reply.detail, leader=leader)
+            # the hint names whom to download from when it is not the leader (a leader left out)
+            return RoundOutcome("resync", detail=reply.detail, leader=reply.leader_hint or leader, round_no=reply.round)
         if reply.status == JoinStatus.ROUND_STATUS_NOT_LEADER and reply.leader_hint:
             return RoundOutcome("not_leader", detail=f"{leader[-8:]} points to {reply.leader_hint[-8:]}",
                                 leader=reply.leader_hint)
@@ -245,9 +257,8 @@ class RoundCoordinator:
         elif join.num_elements != rnd.num_elements:
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_REJECTED,
                                       detail=f"vector of {join.num_elements} elements, round uses {rnd.num_elements}")
-        if caller == me and not rnd.frozen.is_set():
-            # the grace window opens when the leader itself is ready, not at the first join
-            asyncio.get_running_loop().call_later(self.grace_s, rnd.freeze, self.run_id)
+        if not rnd.frozen.is_set():
+            self._open_window(rnd, caller == me, join.weight)
         if not rnd.frozen.is_set():
             rnd.joined[caller] = join.weight
             if set(rnd.joined) >= rnd.expected:
@@ -258,9 +269,44 @@ class RoundCoordinator:
         except asyncio.TimeoutError:
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_TIMEOUT, detail="group never froze")
         if caller not in rnd.group:
+            if caller == me and rnd.group:
+                return await self._left_out_leader(rnd)
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_TIMEOUT, detail="joined after the group froze")
         return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_OK, round=my_round, group=rnd.group,
                                   group_id=rnd.group_id)
+
+    def _open_window(self, rnd: _LeaderRound, by_leader: bool, weight: float) -> None:
+        """Start (or bring forward) the round's freeze timer. Wait for all: the leader's own join
+        opens a window of grace_s. Quorum: the first join that contributes (weight > 0) opens
+        it, from anyone; a leader with nothing to contribute (it just downloaded the state)
+        opens only a fallback window of timeout_s, since it alone must not freeze a group of
+        one before the contributors arrive (a weight-0 round still moves φ by momentum)."""
+        if self.open_on_first_join:
+            delay = self.grace_s if weight > 0 else (self.timeout_s if by_leader else None)
+        else:
+            delay = self.grace_s if by_leader else None
+        if delay is None:
+            return
+        loop = asyncio.get_running_loop()
+        at = loop.time() + delay
+        if rnd.freeze_at is None or at < rnd.freeze_at:
+            rnd.freeze_at = at
+            loop.call_later(delay, rnd.freeze, self.run_id)
+
+    async def _left_out_leader(self, rnd: _LeaderRound) -> rpb.RoundJoinReply:
+        """This leader was not ready when its round froze. It coordinates the round all the
+        same; once the round is decided, a commit means its own state is one round behind, so
+        it downloads the state from a member (RESYNC with that member as the hint), and an
+        abort means the round will be retried as a new epoch, with the leader in it."""
+        try:
+            await asyncio.wait_for(rnd.decided.wait(), self.timeout_s * 2 + 1)
+        except asyncio.TimeoutError:
+            pass
+        if rnd.decision:
+            return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_RESYNC, round=rnd.round_no + 1,
+                                      leader_hint=rnd.group[0],
+                                      detail=f"round {rnd.round_no} committed without the leader (it was late)")
+        return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_TIMEOUT, detail="joined after the group froze")
 
     async def _lead_join(self, join: rpb.RoundJoin) -> rpb.RoundJoinReply:
         return await self._admit(join, self.transport.peer_id)
@@ -280,7 +326,11 @@ class RoundCoordinator:
             await asyncio.wait_for(rnd.voted.wait(), self.timeout_s * 2)
         except asyncio.TimeoutError:
             pass
-        return rpb.CommitDecision(commit=rnd.decide())
+        first = rnd.decision is None
+        commit = rnd.decide()
+        if first and commit and self.transport.peer_id not in rnd.group and self.on_left_out is not None:
+            self.on_left_out()  # this leader's own steps for the round are moot: stop them early
+        return rpb.CommitDecision(commit=commit)
 
     async def _lead_vote(self, me: str, vote: rpb.CommitVote) -> bool:
         return (await self._decide(me, vote)).commit

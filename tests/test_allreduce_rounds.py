@@ -243,3 +243,39 @@ def test_the_leader_answers_a_join_before_the_members_deadline_runs_out():
 
     reply, took = asyncio.run(go())
     assert reply.status == JoinStatus.ROUND_STATUS_TIMEOUT and took < 1.9, (reply, took)
+
+
+def test_in_a_quorum_a_late_leader_does_not_set_the_pace_and_then_downloads_the_commit():
+    """The deadline quorum: the grace window opens at the first join, not when the leader is
+    ready, so members go on without a slow leader. The leader still coordinates (freeze, votes);
+    its own late join waits for the decision and, on commit, is told to resync from a member.
+    Without the quorum the window waits for the leader (its old behaviour): no freeze without it."""
+    from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
+    from swarm_node.strategies.rounds import JoinStatus, RoundCoordinator
+
+    class T:
+        peer_id = "a"
+
+    def join() -> rpb.RoundJoin:
+        return rpb.RoundJoin(run_id="run", round=3, phi_hash="h", weight=1.0, num_elements=4)
+
+    async def go(quorum: bool):
+        rc = RoundCoordinator(T(), "run", timeout_s=0.6, grace_s=0.3, allreduce=None, leader_fn=lambda: "a",
+                              expected_fn=lambda: {"b", "c"}, state_fn=lambda: (3, "h"), open_on_first_join=quorum)
+        replies = await asyncio.gather(rc._admit(join(), "b"), rc._admit(join(), "c"))
+        if not quorum:
+            return replies, None
+        group_id = replies[0].group_id
+        late = asyncio.create_task(rc._admit(join(), "a"))  # the leader is ready only now
+        await asyncio.sleep(0.05)
+        assert not late.done()  # it waits for the members' votes
+        votes = [rc._decide(p, rpb.CommitVote(group_id=group_id, complete=True, result_hash="x")) for p in "bc"]
+        decisions = await asyncio.gather(*votes)
+        return replies, (decisions, await late)
+
+    replies, _ = asyncio.run(go(quorum=False))
+    assert all(r.status == JoinStatus.ROUND_STATUS_TIMEOUT for r in replies), replies
+    replies, (decisions, leader) = asyncio.run(go(quorum=True))
+    assert all(r.status == JoinStatus.ROUND_STATUS_OK and list(r.group) == ["b", "c"] for r in replies)
+    assert all(d.commit for d in decisions)
+    assert leader.status == JoinStatus.ROUND_STATUS_RESYNC and leader.leader_hint == "b" and leader.round == 4
