@@ -125,13 +125,19 @@ class SwarmStrategy(Strategy):
         self.max_numel = 4 * B * T * max(D, self.model_cfg.vocab_size) + 4 * 12 * D * D * max(spec.n_layer, 1) + 4 * \
             self.model_cfg.vocab_size * D + 4 * T * D
         self.steps = 0
-        self.totals = {"microbatches_ok": 0, "microbatches_lost": 0, "retries": 0, "recoveries": 0, "rebalances": 0}
+        self.totals = {"microbatches_ok": 0, "microbatches_lost": 0, "retries": 0, "recoveries": 0, "rebalances": 0,
+                       "returns": 0}
         self._next_rebalance = None
         self.edge_copy: dict[str, torch.Tensor] | None = None  # stage S-2 only: last stage's ln_f/lm_head
         self._view_shape: tuple = ()
         self._views_changed_at = time.monotonic()  # last change of who serves which stage
         self._tasks: list[asyncio.Task] = []
         self._pending_move: int | None = None  # a trainer chosen to rebuild this stage moves between steps
+        # a trainer that moved to rebuild a server stage is on loan: it says so in its record
+        # (`trainer`), a --stage auto joiner takes such a stage first, and the trainer goes back
+        # to stage 0 once another peer serves it (else the swarm would lose a trainer for good)
+        self._on_loan = False
+        self._return_reads = 0
         self._own: tuple[int, dict[str, torch.Tensor], float, int, dict[str, torch.Tensor] | None] | None = None
         self._finished = False  # trainer: reached --max-steps and announced so (servers stop on it)
         self.allreduce: ButterflyAllReduce | None = None  # made in start(): it needs the transport
@@ -175,6 +181,7 @@ class SwarmStrategy(Strategy):
                 k, self._pending_move = self._pending_move, None
                 await self._take_stage(k, reason="checkfree")
                 self.empty_reads[k] = 0
+                self._on_loan = self.worker.index != 0
                 continue
             if self.worker.index == 0:
                 if ctx.config.max_steps and self.steps >= ctx.config.max_steps:
@@ -218,7 +225,7 @@ class SwarmStrategy(Strategy):
         # a trainer announces its training step (what --max-steps counts), a server its replica's step
         step = self.steps if w.index == 0 else w.step
         return StageRecord(self.ctx.peer_id, w.index, state, min(thr, 1e8), self.queue, step,
-                           float(w.last_grad_norm or 0.0), w.index == 0)
+                           float(w.last_grad_norm or 0.0), w.index == 0 or self._on_loan)
 
     async def _announce(self, state: str = "online", ttl_s: float | None = None) -> None:
         if self.worker is None:
@@ -288,7 +295,9 @@ class SwarmStrategy(Strategy):
             return int(want)
         counts = [len(v.online()) for v in self.views]
         caps = [sum(r.throughput for r, _ in v.online().values()) for v in self.views]
-        return choose_start_stage(counts, caps)
+        on_loan = [k for k in range(1, self.S)
+                   if self.views[k].online() and all(r.trainer for r, _ in self.views[k].online().values())]
+        return choose_start_stage(counts, caps, on_loan)
 
     async def _take_stage(self, k: int, reason: str) -> None:
         """Serve stage k: download it from a live replica, or rebuild it by CheckFree when
@@ -459,6 +468,7 @@ class SwarmStrategy(Strategy):
                     # hold a head copy from the first tick on: a last stage lost before the first
                     # averaging interval could otherwise not be rebuilt at all (seen in the churn lab)
                     await self._refresh_edge_copy()
+                await self._maybe_return()
                 await self._maybe_rebalance()
             except asyncio.CancelledError:
                 raise
@@ -549,6 +559,22 @@ class SwarmStrategy(Strategy):
         got = await self._fetch_state(random.choice(peers), last)
         if got is not None:
             self.edge_copy = {key: t for key, t in got[0].items() if not is_body_key(key)}
+
+    async def _maybe_return(self) -> None:
+        """A trainer on loan goes back to stage 0 once a peer that is not on loan has served its
+        stage for two reads in a row (the stage keeps a live replica; it downloaded ours)."""
+        if not self._on_loan or self.worker.index == 0:
+            self._on_loan = False
+            return
+        k = self.worker.index
+        others = [p for p, (r, _) in self.views[k].online().items() if p != self.ctx.peer_id and not r.trainer]
+        self._return_reads = self._return_reads + 1 if others else 0
+        if self._return_reads < 2 or not self.views[0].online():
+            return
+        self.ctx.log.info("stage %d is served by %s now: back to training (stage 0)", k, others[0][-8:])
+        self._on_loan, self._return_reads = False, 0
+        self.totals["returns"] += 1
+        await self._take_stage(0, reason="return")
 
     async def _maybe_rebalance(self) -> None:
         T = self.ctx.config.rebalance_interval_s

@@ -18,12 +18,15 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 
-def choose_start_stage(counts: Sequence[int], capacities: Sequence[float]) -> int:
-    """An empty stage if any (lowest index), else the non-trainer stage with the least
-    capacity (peer count when no throughput is known yet)."""
+def choose_start_stage(counts: Sequence[int], capacities: Sequence[float], on_loan: Sequence[int] = ()) -> int:
+    """An empty stage if any (lowest index), else a server stage served only by trainers on
+    loan (they go back to training once it has another peer), else the non-trainer stage with
+    the least capacity (peer count when no throughput is known yet)."""
     for k, n in enumerate(counts):
         if n == 0:
             return k
+    if on_loan:
+        return min(on_loan)
     pool = list(range(1, len(counts))) or [0]
     known = any(capacities[k] > 0 for k in pool)
     return min(pool, key=lambda k: ((capacities[k] if known else counts[k]), counts[k], k))

@@ -146,7 +146,7 @@ class StageRecord:
     queue: int  # requests waiting or running
     step: int  # optimizer steps of this replica
     grad_norm: float  # last post-clip gradient norm (CheckFree)
-    trainer: bool  # stage-0 peers drive micro-batches
+    trainer: bool  # a trainer: a stage-0 peer, or one on loan to a server stage it rebuilt
 
     def to_wire(self) -> bytes:
         blob = msgpack.packb((self.VERSION, self.peer_id, self.stage, self.state, float(self.throughput),

@@ -73,6 +73,19 @@ def test_four_peers_three_stages_drain_kill_restart_never_stalls(tmp_path):
         assert metric(t1, "swarm_pipeline_microbatches_total", outcome="lost") == 0
         assert float(t1.status()["train_loss"]) < 5.0
 
+        # --- t2 is a trainer on loan to stage 2: a new --stage auto peer takes stage 2 (not the
+        #     least-capacity stage), and t2 goes back to training; before, it stayed a server
+        s3 = sw.add("s3", [], initial=boot)
+        s3.wait_info(90)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "back to training (stage 0)" not in t2.log_text():
+            time.sleep(1)
+        assert "back to training (stage 0)" in t2.log_text(), t2.log_text()[-2000:]
+        assert metric(s3, "swarm_pipeline_stage") == 2 and metric(t2, "swarm_pipeline_stage") == 0
+        step = t2.status()["step"]
+        t2.wait_for(lambda s: s.get("step", 0) >= step + 3, 90, "the returned trainer's steps")
+        assert metric(t1, "swarm_pipeline_microbatches_total", outcome="lost") == 0
+
 
 def test_stage_servers_stop_when_the_trainer_reaches_max_steps(tmp_path):
     args = [*ARGS, "--max-steps", "15"]

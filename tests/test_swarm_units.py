@@ -128,6 +128,9 @@ def test_rebalance_rule_converges_without_oscillation():
     assert rebalance_target([1.0, 3.0, 3.0, 3.0], 1, 1.0, 0.05) is None  # balanced: stay
     assert choose_start_stage([2, 2, 0], [0, 0, 0]) == 2
     assert choose_start_stage([2, 3, 1], [0, 0, 0]) == 2
+    # a stage served only by a trainer on loan comes before the least-capacity one (it goes home)
+    assert choose_start_stage([1, 1, 1], [0, 5.0, 9.0], on_loan=[2]) == 2
+    assert choose_start_stage([1, 0, 1], [0, 0, 9.0], on_loan=[2]) == 1  # an empty stage still first
     assert designated_mover({0: ["t1", "t2"], 1: [], 2: ["z", "y"]}) == "y"
     # no server stage can spare a peer: a spare trainer moves (the 4-peers-for-3-stages stall),
     # the one with the fewest training steps, so the most-trained stage-0 replica keeps training
