@@ -18,22 +18,10 @@ import pytest
 
 from swarm_node.launcher import Swarm
 
-from .test_swarm_live import ARGS, _wait_join, metric
+from .test_swarm_live import ARGS, _wait_join, _wait_metric, metric
 
 pytestmark = pytest.mark.timeout(300)
 
-
-def _wait_metric(nodes, name: str, value: float, timeout_s: float, **labels):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for n in nodes:
-            try:
-                if metric(n, name, **labels) >= value:
-                    return n
-            except Exception:  # a node between restarts answers nothing for a moment
-                pass
-        time.sleep(1)
-    return None
 
 
 def test_four_peers_three_stages_drain_kill_restart_never_stalls(tmp_path):

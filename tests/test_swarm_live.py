@@ -106,6 +106,20 @@ def test_pipeline_trains_survives_kill_mid_backward_and_rebuilds_a_lost_stage(tm
         assert metric(trainer, "swarm_stage_peers", stage="1") >= 1
 
 
+def _wait_metric(nodes, name: str, value: float, timeout_s: float, **labels):
+    """The first of `nodes` whose metric reaches `value` within the timeout, else None."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for n in nodes:
+            try:
+                if metric(n, name, **labels) >= value:
+                    return n
+            except Exception:  # a node between restarts answers nothing for a moment
+                pass
+        time.sleep(1)
+    return None
+
+
 def _wait_join(node, timeout_s: float = 60) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -176,12 +190,7 @@ def test_last_stage_lost_is_rebuilt_from_its_neighbour_and_the_head_copy(tmp_pat
         time.sleep(5)  # > --stage-average-interval-s: stage-1 peers now hold a head copy
         step = trainer.status()["step"]
         s2.kill()
-        deadline = time.monotonic() + 90
-        rebuilt = None
-        while time.monotonic() < deadline and rebuilt is None:
-            rebuilt = next((n for n in s1 if metric(n, "swarm_checkfree_recoveries_total", stage="2",
-                                                    method="copy") >= 1), None)
-            time.sleep(1)
+        rebuilt = _wait_metric(s1, "swarm_checkfree_recoveries_total", 1, 90, stage="2", method="copy")
         assert rebuilt is not None, "\n".join(n.log_text()[-1500:] for n in s1)
         assert metric(rebuilt, "swarm_pipeline_stage") == 2
         trainer.wait_for(lambda s: s.get("step", 0) >= step + 5, 120, "training after the rebuild")

@@ -22,7 +22,7 @@ from swarm_node.strategies.checkfree import body_order, stage_route, swapped_pai
 from swarm_node.strategies.swarm_stage import StageWorker
 from swarm_node.strategies.swarm_wire import Op, Part, Status, encode_request, read_request, request_part
 
-from .test_swarm_live import ARGS, _wait_join, metric
+from .test_swarm_live import ARGS, _wait_join, _wait_metric, metric
 
 CFG = GPTConfig(n_layer=3, d_model=32, n_head=4, seq_len=16)
 
@@ -102,6 +102,18 @@ def test_swapped_route_order():
             assert bodies == body_order(S, n, True), (S, n)
 
 
+def _assert_matches_reference(loss: float, logits: torch.Tensor, y: torch.Tensor, workers, ref) -> None:
+    """The routed micro-batch's loss and every stage's gradients equal the hand-composed model's."""
+    ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    ref_loss.backward()
+    assert loss == pytest.approx(float(ref_loss.detach()), abs=1e-6)
+    for w, r in zip(workers, ref):
+        a, b = _grads(r), _grads(w)
+        assert sorted(a) == sorted(b)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=f"stage {w.index} {k}")
+
+
 def _drive(route, workers, x, y):
     """The trainer's real `_run_route`, its remote calls served by `workers` through the real
     request encoding and validation (fp32 on the wire, so the result is exact)."""
@@ -143,14 +155,7 @@ def test_trainer_routes_the_swapped_last_pair_forward_and_backward():
     ref = [StageWorker(CFG, 0, k, 3, lr=1e-3, accumulate=4) for k in range(3)]
     m0, m1, m2 = (w.module for w in ref)
     logits = m2.head(m1.body(m2.body(m0(x))))
-    ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-    ref_loss.backward()
-    assert loss == pytest.approx(float(ref_loss.detach()), abs=1e-6)
-    for w, r in zip(workers, ref):
-        a, b = _grads(r), _grads(w)
-        assert sorted(a) == sorted(b)
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=f"stage {w.index} {k}")
+    _assert_matches_reference(loss, logits, y, workers, ref)
     assert [w.pending for w in workers] == [1, 1, 1]  # one micro-batch counted once per stage
 
 
@@ -162,14 +167,7 @@ def test_trainer_routes_the_swapped_first_pair_through_its_own_stage():
     ref = [StageWorker(CFG, 0, k, 3, lr=1e-3, accumulate=4) for k in range(3)]
     m0, m1, m2 = (w.module for w in ref)
     logits = m2(m0.body(m1.body(m0.embed(x))))
-    ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-    ref_loss.backward()
-    assert loss == pytest.approx(float(ref_loss.detach()), abs=1e-6)
-    for w, r in zip(workers, ref):
-        a, b = _grads(r), _grads(w)
-        assert sorted(a) == sorted(b)
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=f"stage {w.index} {k}")
+    _assert_matches_reference(loss, logits, y, workers, ref)
     assert [w.pending for w in workers] == [1, 1, 1]
 
 
@@ -271,12 +269,7 @@ def test_live_swarm_with_swaps_trains_and_rebuilds_the_last_stage_by_a_checkfree
 
         step = trainer.status()["step"]
         s2.kill()
-        deadline = time.monotonic() + 90
-        rebuilt = None
-        while time.monotonic() < deadline and rebuilt is None:
-            rebuilt = next((n for n in s1 if metric(n, "swarm_checkfree_copy_recoveries_total", stage="2",
-                                                    kind="checkfree_plus") >= 1), None)
-            time.sleep(1)
+        rebuilt = _wait_metric(s1, "swarm_checkfree_copy_recoveries_total", 1, 90, stage="2", kind="checkfree_plus")
         assert rebuilt is not None, "\n".join(n.log_text()[-1500:] for n in s1)
         assert metric(rebuilt, "swarm_pipeline_stage") == 2
         assert metric(rebuilt, "swarm_checkfree_recoveries_total", stage="2", method="copy") == 1
