@@ -23,6 +23,8 @@ first two:
                  the straggler sets the pace)
   slow ok        rounds the slow peer committed / rounds it attempted
   noloco         fast peers' wall / compute in rounds paired with the slow peer vs with a fast one
+  util           fast peers' time in local steps / wall time over their committed rounds (with
+                 `--only baseline --inner-steps 100`: the issue's DiLoCo H=100 utilization)
 
   .venv/bin/python bench/bench_slow_peer.py [--rounds 12] [--inner-steps 40] [--slowdown 3]
 """
@@ -83,7 +85,11 @@ def run_config(workdir: Path, name: str, flags: list[str], slow: str | None, *, 
     fast = [n for n in names if n != slow_name]
     ratio = [r["wall_s"] / r["compute_s"] for n in fast for r in hist[n] if r["outcome"] == "ok" and r["compute_s"] > 0]
     fast_wall = [r["wall_s"] for n in fast for r in hist[n] if r["outcome"] == "ok"]
+    ok_rounds = [r for n in fast for r in hist[n] if r["outcome"] == "ok"]
+    wall_sum = sum(r["wall_s"] for r in ok_rounds)
     out = {"config": name, "wall_s": round(time.monotonic() - t0, 1), "fast_w_over_c": _median(ratio),
+           # compute utilization: time in local steps (forward, backward, optimizer) over wall time
+           "fast_utilization": sum(r["compute_s"] for r in ok_rounds) / wall_sum if wall_sum > 0 else None,
            "fast_round_wall_s": _median(fast_wall),
            "fast_compute_s": _median([r["compute_s"] for n in fast for r in hist[n] if r["compute_s"] > 0]),
            "val_loss": statistics.mean(s["val_loss"] for s in sums.values() if s["val_loss"] is not None)
@@ -134,14 +140,14 @@ def main() -> int:
                 args.json.write_text(json.dumps(results, indent=1))
     base = next((r for r in results if r["config"] == "baseline"), None)
     print(f"\n{'config':<18} {'fast w/c':>8} {'vs base':>7} {'fast wall':>9} {'fast cmp':>8} {'slow cmp':>8} "
-          f"{'fast/slow':>9} {'slow ok':>7} {'w/ slow':>7} {'w/ fast':>7} {'val':>6}")
+          f"{'fast/slow':>9} {'slow ok':>7} {'w/ slow':>7} {'w/ fast':>7} {'util':>5} {'val':>6}")
     for r in results:
         vs = (r["fast_w_over_c"] / base["fast_w_over_c"]) if base and base["fast_w_over_c"] and r["fast_w_over_c"] \
             else None
         print(f"{r['config']:<18} {_f(r['fast_w_over_c']):>8} {_f(vs):>7} {_f(r['fast_round_wall_s']):>9} "
               f"{_f(r['fast_compute_s']):>8} {_f(r.get('slow_compute_s')):>8} {_f(r.get('fast_over_slow')):>9} "
               f"{r.get('slow_ok', '-'):>7} {_f(r.get('paired_with_slow')):>7} {_f(r.get('paired_with_fast')):>7} "
-              f"{_f(r['val_loss'], '{:.3f}'):>6}")
+              f"{_f(r['fast_utilization']):>5} {_f(r['val_loss'], '{:.3f}'):>6}")
     return 0
 
 
