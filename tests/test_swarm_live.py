@@ -120,6 +120,18 @@ def _wait_metric(nodes, name: str, value: float, timeout_s: float, **labels):
     return None
 
 
+def start_one_two_one(sw):
+    """A 3-stage swarm: a trainer, two stage-1 servers and one stage-2 server, all started."""
+    trainer = sw.add("trainer", ["--stage", "0"])
+    _wait_join(trainer)
+    boot = trainer.join_maddr()
+    s1 = [sw.add(f"s1{c}", ["--stage", "1"], initial=boot) for c in "ab"]
+    s2 = sw.add("s2a", ["--stage", "2"], initial=boot)
+    for n in sw.nodes:
+        n.wait_info(90)
+    return trainer, s1, s2
+
+
 def _wait_join(node, timeout_s: float = 60) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -179,13 +191,7 @@ def test_last_stage_lost_is_rebuilt_from_its_neighbour_and_the_head_copy(tmp_pat
     """Stage 2 (blocks + head) loses its only peer: a stage-1 peer copies stage 1's body and
     the head copy stage-1 peers keep, takes stage 2, and training goes on."""
     with Swarm(tmp_path, ARGS) as sw:
-        trainer = sw.add("trainer", ["--stage", "0"])
-        _wait_join(trainer)
-        boot = trainer.join_maddr()
-        s1 = [sw.add(f"s1{c}", ["--stage", "1"], initial=boot) for c in "ab"]
-        s2 = sw.add("s2a", ["--stage", "2"], initial=boot)
-        for n in sw.nodes:
-            n.wait_info(90)
+        trainer, s1, s2 = start_one_two_one(sw)
         trainer.wait_for(lambda s: s.get("step", 0) >= 8, 120, "pipeline steps")
         time.sleep(5)  # > --stage-average-interval-s: stage-1 peers now hold a head copy
         step = trainer.status()["step"]

@@ -22,7 +22,7 @@ from swarm_node.strategies.checkfree import body_order, stage_route, swapped_pai
 from swarm_node.strategies.swarm_stage import StageWorker
 from swarm_node.strategies.swarm_wire import Op, Part, Status, encode_request, read_request, request_part
 
-from .test_swarm_live import ARGS, _wait_join, _wait_metric, metric
+from .test_swarm_live import ARGS, _wait_metric, metric, start_one_two_one
 
 CFG = GPTConfig(n_layer=3, d_model=32, n_head=4, seq_len=16)
 
@@ -251,13 +251,7 @@ def test_live_swarm_with_swaps_trains_and_rebuilds_the_last_stage_by_a_checkfree
     peer rebuilds stage 2 by CheckFree+'s copy (kind checkfree_plus), and training goes on."""
     args = [*ARGS, "--checkfree-swaps"]
     with Swarm(tmp_path, args) as swarm:
-        trainer = swarm.add("trainer", ["--stage", "0"])
-        _wait_join(trainer)
-        boot = trainer.join_maddr()
-        s1 = [swarm.add(f"s1{c}", ["--stage", "1"], initial=boot) for c in "ab"]
-        s2 = swarm.add("s2a", ["--stage", "2"], initial=boot)
-        for n in swarm.nodes:
-            n.wait_info(90)
+        trainer, s1, s2 = start_one_two_one(swarm)
         first_loss = float(trainer.wait_for(lambda s: s.get("step", 0) >= 1, 120, "a first step")["train_loss"])
         trainer.wait_for(lambda s: s.get("step", 0) >= 12, 120, "pipeline steps")
         last, first = (metric(trainer, "swarm_pipeline_swapped_microbatches_total", pair=p) for p in ("last", "first"))
