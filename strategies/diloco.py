@@ -203,9 +203,7 @@ class DiLoCoStrategy(Strategy):
                 self._account("resync", 0, duration, out)
                 await self._adopt(out.leader, out.detail, min_round=out.round_no)
                 return
-            self._account("error", len(out.group), duration, out)
-            if "unreachable" in out.detail or "lost" in out.detail:
-                self.election.suspect(out.leader)
+            self._aborted(out, duration)
             ctx.log.warning("round %d attempt %d/%d aborted: %s", self.round_no, attempt, MAX_ATTEMPTS, out.detail)
             if ctx.should_stop():
                 break
@@ -240,6 +238,12 @@ class DiLoCoStrategy(Strategy):
         ctx.progress.step = ctx.trainer.step
 
     # ------------------------------------------------------------------ bookkeeping
+    def _aborted(self, out, duration_s: float) -> None:
+        """Count an aborted round; a leader that was unreachable or lost is skipped for a while."""
+        self._account("error", len(out.group), duration_s, out)
+        if "unreachable" in out.detail or "lost" in out.detail:
+            self.election.suspect(out.leader)
+
     def _account(self, outcome: str, size: int, duration_s: float, out) -> None:
         if outcome == "ok":
             self.ctx.progress.state = "online"

@@ -259,7 +259,6 @@ class RoundCoordinator:
                                       detail=f"vector of {join.num_elements} elements, round uses {rnd.num_elements}")
         if not rnd.frozen.is_set():
             self._open_window(rnd, caller == me, join.weight)
-        if not rnd.frozen.is_set():
             rnd.joined[caller] = join.weight
             if set(rnd.joined) >= rnd.expected:
                 rnd.freeze(self.run_id)

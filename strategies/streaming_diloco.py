@@ -202,9 +202,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             self.pending.clear()
             await self._adopt(out.leader, out.detail)
             return True
-        self._account("error", len(out.group), duration, out)
-        if "unreachable" in out.detail or "lost" in out.detail:
-            self.election.suspect(out.leader)
+        self._aborted(out, duration)
         if attempt == FRAGMENT_ATTEMPTS or self.ctx.should_stop():
             self.ctx.log.info("fragment %d round %d skipped after %d attempts: %s", f, flight.round_no, attempt,
                               out.detail)

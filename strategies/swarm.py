@@ -77,7 +77,7 @@ from .swarm_metrics import SwarmMetrics
 from .swarm_rebalance import choose_start_stage, designated_mover, rebalance_target
 from .swarm_router import BACKWARD_COST, NoPeers, StageRouter
 from .swarm_stage import StageWorker
-from .swarm_wire import COMPRESSIONS, Op, Part, StageRecord, Status, encode_reply, encode_request, read_reply, \
+from .swarm_wire import COMPRESSIONS, Op, StageRecord, Status, encode_reply, encode_request, read_reply, \
     read_request, request_part, stage_key
 
 METHOD = "swarm.stage"
@@ -759,10 +759,13 @@ class SwarmStrategy(Strategy):
                 yield m
             return
         if first.op == Op.STAGE_STATE:
-            if first.run_id != self.ctx.spec.run_id or first.num_tensors != 0 or first.part != Part.STAGE_PART_FULL:
-                self._reject("malformed")
+            try:  # the shared header checks: run id, no tensors, no part
+                await read_request(first, requests, run_id=self.ctx.spec.run_id, max_numel=self.max_numel,
+                                   timeout_s=cfg.round_timeout_s)
+            except codec.CodecError as e:
+                self._reject(e.reason)
                 await drain(requests, 2.0)
-                for m in encode_reply(Status.STAGE_REJECTED, w.index, detail="malformed state request"):
+                for m in encode_reply(Status.STAGE_REJECTED, w.index, detail=f"malformed state request: {e}"):
                     yield m
                 return
             await drain(requests, 2.0)
