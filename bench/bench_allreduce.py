@@ -17,7 +17,8 @@ be true.
 Where the tcp path spends its time: each worker's AllReduceOutcome.phases (slowest of its
 exchanges: libp2p offer, connect+handshake, then — overlapping, both counted from the
 connect, since the reducer streams each segment's mean back while pushes still arrive —
-push sent and mean received; when its own shard closed, when all shards were back), its
+push sent and mean received; when its own shard closed, when all shards were back, when its
+own replies were all sent, which is when run() returns), its
 Python CPU (p2pd CPU is ~0 there: only the offers use it), fp32 accumulation and the
 finite checks.
 
@@ -61,7 +62,7 @@ COMPRESSIONS = ("none", "fp16", "int8", "e3m0")
 VALUE_MAX = 64.0  # |x| <= 64, multiples of 1/64: fp32 sums of a few peers are exact
 GOAL_RATIO = 0.8  # issue: gloo_time / our_time >= 0.8 (judged on the tcp path, the node's default)
 METHODS = ("gloo", "ours", "tcp")  # ours = the libp2p stream path
-TCP_PHASES = ("offer_s", "connect_s", "send_s", "reply_s", "own_shard_closed_s", "all_shards_back_s")
+TCP_PHASES = ("offer_s", "connect_s", "send_s", "reply_s", "own_shard_closed_s", "all_shards_back_s", "replies_sent_s")
 FOREIGN_WARN_CORES = 0.25  # other processes' CPU during a timed run above this: say the numbers are perturbed
 
 
@@ -738,7 +739,8 @@ def report(res: dict) -> None:
     for label, key in (("libp2p offer (token + address)", "offer_s"), ("TCP connect + token handshake", "connect_s"),
                        ("push sent, from connect (scatter)", "send_s"),
                        ("mean received, from connect (gather)", "reply_s"), ("own shard closed after", "own_shard_closed_s"),
-                       ("all shards back after", "all_shards_back_s"), ("python CPU, total", "python_cpu_s"),
+                       ("all shards back after", "all_shards_back_s"),
+                       ("my replies all sent after (run returns)", "replies_sent_s"), ("python CPU, total", "python_cpu_s"),
                        ("  fp32 accumulate + mean", "reduce_cpu_s"), ("  finite checks", "finite_check_cpu_s"),
                        ("p2pd CPU (offers only)", "p2pd_cpu_s"),
                        (f"CPU floor: all workers' CPU / {res['cpus']} cores", "cpu_floor_s")):

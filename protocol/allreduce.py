@@ -15,6 +15,9 @@ Contract:
   from its reducer with every member counted. A partial average is reported, never
   hidden (hivemind's averager fills missing parts with local values silently).
 - Nothing here commits anything: the caller decides (see rounds.py's commit vote).
+- `run()` returns once this member holds every shard AND its own shard's mean has been
+  handed to the kernel for every contributor (bounded by timeout_s), so a caller that
+  blocks the event loop right after (hashing the result) stalls nobody else.
 
 Two data paths, chosen per (member, reducer) pair by `transport_mode`:
 - `p2p`: every shard travels as protobuf chunks on a libp2p stream (encrypted, NAT-friendly
@@ -105,8 +108,11 @@ class _Reduction:
     encoded: list | None = None  # the result's wire chunks, encoded once for every contributor
     wire: memoryview | None = None  # the result's compressed bulk payload, encoded once
     poisoned: str = ""  # why this shard's mean cannot be trusted ("" = it can)
+    serving: int = 0  # contributors whose reply is still being sent
+    served: asyncio.Event = field(default_factory=asyncio.Event)  # set while serving == 0
 
     def __post_init__(self) -> None:
+        self.served.set()
         self.segments = bulk_tcp.segment_bounds(self.length, self.segment)
         self.seg_count = [0] * len(self.segments)
         self.seg_weight = [0.0] * len(self.segments)
@@ -146,6 +152,15 @@ class _Reduction:
             return
         for k, (s, e) in enumerate(self.segments):
             self.add_segment(peer, k, x[s:e], w)
+
+    def serve_begin(self) -> None:
+        self.serving += 1
+        self.served.clear()
+
+    def serve_end(self) -> None:
+        self.serving -= 1
+        if self.serving <= 0:
+            self.served.set()
 
     def fail(self, peer: str, why: str) -> None:
         """`peer`'s contribution broke off: harmless before its first segment, fatal after."""
@@ -325,8 +340,18 @@ class ButterflyAllReduce:
                 s, e = bounds[j]
                 out[s:e] = piece
         complete = have_all and all(c == len(group) for c in counts)
+        t_back = time.perf_counter() - t0
+        # The caller may block this event loop as soon as we return (it hashes the result):
+        # my shard's mean must be out to every contributor first, or that stall is theirs
+        # (a 100 MB hash here held the other peer's reply for 0.4 s). A contributor that
+        # does not read its reply costs at most timeout_s; its round is incomplete anyway.
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(mine.served.wait(), max(0.0, min(self.timeout_s, deadline - loop.time())))
+        except asyncio.TimeoutError:
+            log.info("group %s: %d replies of my shard still unsent after the wait", group_id[-8:], mine.serving)
         dur = time.perf_counter() - t0
-        phases = {"own_shard_closed_s": t_closed, "all_shards_back_s": dur}
+        phases = {"own_shard_closed_s": t_closed, "all_shards_back_s": t_back, "replies_sent_s": dur}
         for k in ("offer_s", "connect_s", "send_s", "reply_s"):
             if any(k in t for t in timings):  # the slowest exchange is the critical path
                 phases[k] = max(t.get(k, 0.0) for t in timings)
@@ -457,6 +482,14 @@ class ButterflyAllReduce:
         if red is None or not red.begin(caller):
             await refuse(bulk_tcp.REJECTED, "group closed or unknown, or already contributed")
             return
+        red.serve_begin()
+        try:
+            await self._serve_push(sock, red, caller, deadline, refuse)
+        finally:
+            red.serve_end()
+
+    async def _serve_push(self, sock, red: _Reduction, caller: str, deadline: float, refuse) -> None:
+        loop = asyncio.get_running_loop()
         try:
             head = await bulk_tcp.recv_exact(sock, bulk_tcp.PUSH.size, loop.time() + self.timeout_s)
             compression, weight, nbytes = bulk_tcp.unpack_push(head, red.length)
@@ -606,18 +639,21 @@ class ButterflyAllReduce:
             yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_REJECTED, detail=str(e))
             return
         await drain(requests, self.timeout_s)
-        red.add(caller, assembler.result()[0], float(first.weight))
+        red.serve_begin()  # before add: the add may close the shard and wake run()
         try:
-            await asyncio.wait_for(red.closed.wait(), self.timeout_s * 2)
-        except asyncio.TimeoutError:
-            yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_TIMEOUT, detail="shard never closed")
-            return
-        if red.poisoned:
-            yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_REJECTED, detail=red.poisoned[:200])
-            return
-        if red.encoded is None:
-            red.encoded = list(codec.tensors_to_chunks([red.result], self.compression, MAX_MESSAGE))
-        for chunk in red.encoded:
-            yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_OK, num_contributors=len(red.contributors),
-                                 total_weight=red.weight, chunk=chunk)
-
+            red.add(caller, assembler.result()[0], float(first.weight))
+            try:
+                await asyncio.wait_for(red.closed.wait(), self.timeout_s * 2)
+            except asyncio.TimeoutError:
+                yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_TIMEOUT, detail="shard never closed")
+                return
+            if red.poisoned:
+                yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_REJECTED, detail=red.poisoned[:200])
+                return
+            if red.encoded is None:
+                red.encoded = list(codec.tensors_to_chunks([red.result], self.compression, MAX_MESSAGE))
+            for chunk in red.encoded:
+                yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_OK, num_contributors=len(red.contributors),
+                                     total_weight=red.weight, chunk=chunk)
+        finally:
+            red.serve_end()

@@ -29,7 +29,7 @@ from swarm_node.protocol import codec
 from .base import Strategy
 from .leader import LeaderElection
 from .outer_math import OuterOptimizer, pseudo_gradient, round_digest
-from .rounds import RoundCoordinator, averaging_layer, tensor_digest
+from .rounds import RoundCoordinator, averaging_layer
 from .state_transfer import StateService, StateTransferError
 
 MAX_ATTEMPTS = 5  # with backoff 0.5, 1, 2, 4 s: membership views converge meanwhile
@@ -197,7 +197,7 @@ class DiLoCoStrategy(Strategy):
                 self._account("ok", len(out.group), duration, out)
                 ctx.log.info("round %d committed by %d peers in %.2fs: phi %s -> %s (delta %s, weight %g)",
                              self.round_no - 1, len(out.group), duration, before, self.phi_hash,
-                             tensor_digest(out.result), self.weight)
+                             out.result_hash, self.weight)
                 return
             if out.status == "resync":
                 self._account("resync", 0, duration, out)

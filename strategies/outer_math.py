@@ -376,5 +376,5 @@ def round_digest(tensors: Iterable[Tensor], length: int = 16) -> str:
     for t in tensors:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # in place, no copy
     return h.hexdigest()[:length]

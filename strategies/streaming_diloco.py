@@ -27,7 +27,7 @@ import torch
 
 from .diloco import DiLoCoStrategy, _work, flatten, unflatten
 from .outer_math import OuterOptimizer, fragment_due, fragment_indices, merge, round_digest
-from .rounds import RoundOutcome, tensor_digest
+from .rounds import RoundOutcome
 from .state_transfer import StateTransferError
 
 FRAGMENT_ATTEMPTS = 3  # backoff 0.5 s, 1 s: a dead member's absence is settled by the grace window
@@ -193,7 +193,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             self.election.mark_committed(out.group)
             self._account("ok", len(out.group), duration, out)
             self.ctx.log.debug("fragment %d round %d committed (attempt %d): phi %s (delta %s)", f, flight.round_no,
-                               attempt, self.phi_hash, tensor_digest(out.result))
+                               attempt, self.phi_hash, out.result_hash)
             return True
         if out.status == "resync":
             self._account("resync", 0, duration, out)

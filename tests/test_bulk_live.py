@@ -2,7 +2,8 @@
 the bulk TCP path: the mean is exact and complete; a member presenting a forged token is
 refused and counted while the round still completes; a reducer whose advertised TCP
 address is unreachable (TEST-NET-1, as behind NAT) is reached over libp2p instead, counted
-as a fallback, and the round is still exact and complete.
+as a fallback, and the round is still exact and complete. A member that stalls its event
+loop right after its run() returns does not stall the others.
 """
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ import pytest
 N = 4
 NUMEL = 2_000_003  # 500k per shard: two pipelining segments, and shards of unequal length
 UNREACHABLE = "192.0.2.1"  # TEST-NET-1: never routed
+BIG_NUMEL = 16_000_000  # 64 MB: 16 MB replies per member, more than a loopback socket buffers
 
 
-def _vector(rank: int):
+def _vector(rank: int, numel: int = NUMEL):
     import torch
 
     g = torch.Generator().manual_seed(77 + rank)
     # multiples of 1/64 in [-64, 64]: the fp32 mean of 4 is exact in any summation order
-    return torch.randint(-4096, 4097, (NUMEL,), generator=g, dtype=torch.int32).float().div_(64.0)
+    return torch.randint(-4096, 4097, (numel,), generator=g, dtype=torch.int32).float().div_(64.0)
 
 
 def _member(rank: int, cmd_q, res_q, parent: int) -> None:
@@ -125,6 +127,23 @@ async def _member_main(rank: int, cmd_q, res_q) -> None:
                 res_q.put(("ran", rank, {"complete": out.complete, "counts": out.contributors_per_shard,
                                          "err": err, "paths": out.paths, "path_counts": dict(paths),
                                          "rejects": dict(rejects), "forged": forged}))
+            elif cmd[0] == "run_blocking":  # ("run_blocking", group_id, group, block_s, ranks)
+                # every member stalls its event loop right after run() returns, as a caller
+                # hashing a 100 MB result does: the others must not need it any more by then
+                _, gid, group, block_s, ranks = cmd
+                if transport.peer_id not in group:
+                    res_q.put(("ran", rank, None))
+                    continue
+                ar.transport_mode = "tcp"
+                big = _vector(rank, BIG_NUMEL)
+                out = await asyncio.wait_for(ar.run(gid, group, big, 1.0), 60)
+                returned = time.time()
+                time.sleep(block_s)
+                err = float("inf") if out.result is None else \
+                    float((out.result - sum(_vector(r, BIG_NUMEL) for r in ranks) / len(group)).abs().max())
+                res_q.put(("ran", rank, {"complete": out.complete, "err": err, "returned": returned,
+                                         "unblocked": time.time(), "counts": out.contributors_per_shard,
+                                         "phases": out.phases}))
             elif cmd[0] == "stop":
                 break
     finally:
@@ -199,9 +218,9 @@ def test_four_processes_all_reduce_over_tcp_reject_a_forged_token_and_fall_back_
             assert sorted(res["paths"]) == ["local"] + ["tcp"] * (N - 1) and res["path_counts"] == {"tcp": N - 1}
             assert not res["rejects"], res
 
-        # 2. the member of rank 3 presents a forged token to the reducer of shard 0: refused there and
+        # 2. the member holding shard N-1 presents a forged token to the reducer of shard 0: refused there and
         # counted as bad_token; its real push still counts and the round completes everywhere
-        forger, victim = 3, rank_of[group[0]]
+        forger, victim = rank_of[group[-1]], rank_of[group[0]]  # never the same process (no dial to self)
         cmds = {r: ("run", "g-forged", group, "tcp", 0 if r == forger else None) for r in range(N)}
         for r in range(N):
             m.cmd_qs[r].put(cmds[r])
@@ -224,6 +243,17 @@ def test_four_processes_all_reduce_over_tcp_reject_a_forged_token_and_fall_back_
                 assert res["path_counts"] == {"tcp": N - 1}, res
             else:
                 assert res["paths"][2] == "fallback" and res["path_counts"] == {"tcp": N - 2, "fallback": 1}, res
+        # 4. every member stalls its event loop for 6 s as soon as its run() returns: run()
+        # returns only once this member's replies are out, so the last member holds the mean
+        # before the first one's stall ends (before, it waited out that stall)
+        m.cmd_qs[far].put(("readvertise", "127.0.0.1"))  # reachable again: this step is tcp only
+        assert m.res_q.get(timeout=30)[:2] == ("ok", far)
+        m.send(("run_blocking", "g-blocking", group, 6.0, list(range(N))))
+        ran = m.collect("ran", 90)
+        for r in ran.values():
+            assert r["complete"] and r["err"] == 0.0, r
+        assert max(r["returned"] for r in ran.values()) < min(r["unblocked"] for r in ran.values()) - 3.0, ran
+
         m.send(("stop",))
         m.collect("bye", 30)
     finally:
