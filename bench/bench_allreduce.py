@@ -181,12 +181,13 @@ def _instrument(stats: _Stats) -> None:
 
     codec.ChunkAssembler.add = asm_add
 
-    orig_red_add, orig_red_close = ar._Reduction.add, ar._Reduction.close
+    # add_segment: every contribution on either path goes through it (and the mean's division)
+    orig_red_add, orig_red_close = ar._Reduction.add_segment, ar._Reduction.close
 
-    def red_add(self, peer, x, w):
+    def red_add(self, peer, k, x, w):
         t = time.thread_time()
         try:
-            return orig_red_add(self, peer, x, w)
+            return orig_red_add(self, peer, k, x, w)
         finally:
             stats.t["reduce_s"] += time.thread_time() - t
 
@@ -196,7 +197,7 @@ def _instrument(stats: _Stats) -> None:
         if not was_closed:
             stats.closed_at = time.monotonic()
 
-    ar._Reduction.add, ar._Reduction.close = red_add, red_close
+    ar._Reduction.add_segment, ar._Reduction.close = red_add, red_close
 
     orig_as_sent = getattr(ar.ButterflyAllReduce, "_as_sent", None)
     if orig_as_sent is not None:  # lossy wire: a reducer round-trips its own mean through the codec

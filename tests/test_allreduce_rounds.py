@@ -37,6 +37,29 @@ def test_reduction_weighted_mean_zero_weight_joiner_and_duplicates():
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("w_local", [1.0, 0.5, 0.0])
+def test_reduction_own_part_is_written_with_the_first_other_part_or_at_close(w_local):
+    async def go():
+        mine, other = torch.arange(10.0), torch.full((10,), 4.0)
+        red = _Reduction(expected={"me", "b"}, length=10, total=torch.full((10,), float("nan")), segment=4)
+        red.add_local("me", mine, w_local)
+        assert red.contributors == {"me"} and not red.closed.is_set()
+        red.add("b", other, 2.0)
+        assert red.closed.is_set() and red.weight == w_local + 2.0
+        torch.testing.assert_close(red.result, (w_local * mine + 2.0 * other) / (w_local + 2.0))
+        # alone after a timeout: the mean of whoever is in, i.e. my own part (or zero at weight 0)
+        late = _Reduction(expected={"me", "b"}, length=10, total=torch.full((10,), float("nan")), segment=4)
+        late.add_local("me", mine, w_local)
+        late.close()
+        torch.testing.assert_close(late.result, mine if w_local > 0 else torch.zeros(10))
+        assert late.contributors == {"me"}
+        alone = _Reduction(expected={"me"}, length=10, total=torch.empty(10), segment=4)
+        alone.add_local("me", mine, w_local)
+        assert alone.closed.is_set()
+
+    asyncio.run(go())
+
+
 def test_commit_needs_every_member_complete_and_agreeing():
     async def go():
         def round_with(votes):

@@ -80,7 +80,7 @@ async def _member_main(rank: int, cmd_q, res_q) -> None:
 
     p2p = await asyncio.wait_for(P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"]), 30)
     transport = Transport(p2p, "bulktest", count_bytes=lambda *a: None)
-    ar = ButterflyAllReduce(transport, timeout_s=8, transport_mode="tcp", bulk_host="127.0.0.1",
+    ar = ButterflyAllReduce(transport, timeout_s=8, transport_mode="tcp", bulk_host="127.0.0.1", segment_elems=1 << 18,
                             on_reject=lambda r: rejects.update([r]), on_path=lambda p: paths.update([p]))
     await ar.start()
     maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
