@@ -359,7 +359,7 @@ async def _worker_main(rank: int, cfg: dict, cmd_q, res_q) -> None:
                 _, start_at = await expect("go")
                 cpu0, p2pd0 = time.process_time(), p2pd_cpu()
                 lag = await sleep_until(start_at)
-                out_complete, counts, phases, paths = True, None, {}, []
+                out_complete, counts, phases, paths, errors = True, None, {}, [], {}
                 if method != "gloo":
                     allreduce.transport_mode = "p2p" if method == "ours" else "tcp"
                 if method == "gloo":
@@ -370,7 +370,7 @@ async def _worker_main(rank: int, cfg: dict, cmd_q, res_q) -> None:
                     out = await asyncio.wait_for(
                         allreduce.run(group_id=f"{tag}", group=group, vector=x, weight=1.0, out=out_buf), step_s)
                     result, out_complete, counts = out.result, out.complete, out.contributors_per_shard
-                    phases, paths = out.phases, out.paths
+                    phases, paths, errors = out.phases, out.paths, out.errors
                 end = time.monotonic()
                 cpu1, p2pd1 = time.process_time(), p2pd_cpu()
                 err = float("inf") if result is None else float((result - expected).abs().max())
@@ -387,7 +387,7 @@ async def _worker_main(rank: int, cfg: dict, cmd_q, res_q) -> None:
                     raise BenchError(f"worker {rank} {method} {tag}: shards took paths {paths}")
                 if result is None or not out_complete or not err <= limit:
                     raise BenchError(f"worker {rank} {method} {tag}: wrong or incomplete result: complete="
-                                     f"{out_complete} counts={counts} max_abs_err={err} (allowed {limit})")
+                                     f"{out_complete} counts={counts} max_abs_err={err} (allowed {limit}) errors={errors}")
                 rep["window_cpu_s"] = time.process_time() - cpu0 + p2pd_cpu() - p2pd0
                 put("result", rep)
             elif kind == "micro":  # codec steps for one shard, this worker alone

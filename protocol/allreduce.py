@@ -234,6 +234,7 @@ class AllReduceOutcome:
     bytes_sent: int = 0
     paths: list[str] = field(default_factory=list)  # per shard: tcp | p2p | fallback | local
     phases: dict[str, float] = field(default_factory=dict)  # seconds: own shard closed, all shards back
+    errors: dict[int, str] = field(default_factory=dict)  # shard index -> why it did not come back
 
 
 class ButterflyAllReduce:
@@ -364,6 +365,7 @@ class ButterflyAllReduce:
         t_closed = time.perf_counter() - t0
         counts = [0] * len(group)
         failed: list[str] = []
+        errors: dict[int, str] = {}
         have_all = True
         # Others receive my shard's mean through the (possibly lossy) codec: use exactly what
         # they decode, or members would hold different vectors and never agree on a commit.
@@ -377,6 +379,7 @@ class ButterflyAllReduce:
             if piece is None:
                 have_all = False
                 failed.append(group[j])
+                errors[j] = err
                 log.info("shard %d from %s missing: %s", j, group[j][-8:], err)
             elif piece.data_ptr() != out[bounds[j][0]:bounds[j][1]].data_ptr():
                 s, e = bounds[j]
@@ -398,7 +401,7 @@ class ButterflyAllReduce:
             if any(k in t for t in timings):  # the slowest exchange is the critical path
                 phases[k] = max(t.get(k, 0.0) for t in timings)
         return AllReduceOutcome(out if have_all else None, complete, counts, sorted(set(failed)), dur,
-                                paths=paths, phases=phases)
+                                paths=paths, phases=phases, errors=errors)
 
     # ------------------------------------------------------------------ tcp path, member side
     async def _push_tcp(self, peer: str, group_id: str, shard: int, x: torch.Tensor, weight: float,
@@ -438,7 +441,8 @@ class ButterflyAllReduce:
             raise bulk_tcp.BulkUnavailable(f"reducer has no bulk listener ({offer.detail})")
         lap("offer_s")
         sock = await bulk_tcp.connect(list(offer.hosts), offer.port, offer.token,
-                                      timeout_s=min(CONNECT_TIMEOUT_S, max(0.1, deadline - loop.time())))
+                                      timeout_s=min(CONNECT_TIMEOUT_S, max(0.1, deadline - loop.time())),
+                                      handshake_s=max(0.1, min(self.timeout_s, deadline - loop.time())))
         lap("connect_s")
         t_connected = t
         numel = dest.numel()

@@ -186,6 +186,41 @@ def test_a_wrong_token_is_refused_counted_and_never_reaches_the_handler():
     asyncio.run(go())
 
 
+def test_a_reachable_but_slow_server_gets_the_handshake_window_not_the_connect_budget():
+    async def go():
+        token = bytes(range(32))
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+
+        async def busy_server(delay_s: float):  # accepts at once, answers the proof late
+            loop = asyncio.get_running_loop()
+            conn, _ = await loop.sock_accept(listener)
+            conn.setblocking(False)
+            await bulk_tcp.recv_exact(conn, bulk_tcp.HELLO.size, loop.time() + 3)
+            await asyncio.sleep(delay_s)
+            try:
+                await loop.sock_sendall(conn, bulk_tcp.WELCOME.pack(bulk_tcp.OK, token[16:]))
+                await asyncio.sleep(0.2)
+            except OSError:
+                pass
+            conn.close()
+
+        port = listener.getsockname()[1]
+        task = asyncio.create_task(busy_server(1.0))
+        sock = await bulk_tcp.connect(["127.0.0.1"], port, token, timeout_s=0.5, handshake_s=3)
+        sock.close()
+        await task
+        task = asyncio.create_task(busy_server(1.0))  # but the handshake window still bounds it
+        with pytest.raises(bulk_tcp.BulkUnavailable, match="TimeoutError|timeout"):
+            await bulk_tcp.connect(["127.0.0.1"], port, token, timeout_s=0.5, handshake_s=0.3)
+        await task
+        listener.close()
+
+    asyncio.run(go())
+
+
 def test_a_client_never_talks_to_a_server_that_cannot_prove_the_token():
     async def go():
         stranger = socket.socket()
