@@ -55,7 +55,6 @@ OfferStatus = bpb.BulkOfferReply.Status
 KEEP_GROUPS = 8
 TRANSPORT_MODES = ("auto", "p2p", "tcp")
 CONNECT_TIMEOUT_S = 3.0  # an unreachable (NAT) bulk address costs at most this before the fallback
-HANDSHAKE_CAP_S = 10.0  # a host that accepted but does not prove the token (busy, or a stranger)
 PATHS = ("tcp", "p2p", "fallback")  # on_path labels: one per pushed shard
 # 8 MiB of fp32 per pipelining segment: every segment costs a wakeup and a send per
 # contributor, so 1 MiB ones spent more CPU on that than on the bytes (100 MB, 4 peers on
@@ -443,7 +442,7 @@ class ButterflyAllReduce:
         lap("offer_s")
         sock = await bulk_tcp.connect(list(offer.hosts), offer.port, offer.token,
                                       timeout_s=min(CONNECT_TIMEOUT_S, max(0.1, deadline - loop.time())),
-                                      handshake_s=max(0.1, min(HANDSHAKE_CAP_S, self.timeout_s, deadline - loop.time())))
+                                      handshake_s=max(0.1, min(self.timeout_s, deadline - loop.time())))
         lap("connect_s")
         t_connected = t
         numel = dest.numel()
