@@ -50,6 +50,7 @@ from .state_transfer import StateService
 ROUND = "gradcode.round"
 PUSH = "gradcode.push"
 RESULTS_KEPT = 32  # decoded steps kept for peers that replay to catch up
+ROLE_CHECK_S = 0.5  # how often a waiting round checks that this peer is still the aggregator
 R = gc_pb.CodedRoundReply.Status
 P = gc_pb.CodedPushReply.Status
 DECODE_OUTCOMES = ("exact", "wait_more", "failed")
@@ -120,6 +121,8 @@ class GradientCodingStrategy(Strategy):
         self._replica_hashes: dict[int, str] = {}  # step (multiple of 10) -> replica hash at its start
         self._applied_at: list[float] = []  # monotonic time of each applied step (wall clock per step)
         self._quorum_reached = False
+        self._last_leader: str | None = None  # for one log line per aggregator change
+        self._ahead: tuple[int, str] | None = None  # aggregator: (step, peer) of a caller past my decodes
 
     def summary(self) -> dict:
         value = lambda c: int(c._value.get())  # noqa: E731  (our own counters, no labels)
@@ -166,6 +169,9 @@ class GradientCodingStrategy(Strategy):
     async def _step(self) -> bool:
         ctx, me = self.ctx, self.ctx.peer_id
         step, leader = ctx.trainer.step, self.election.leader()
+        if leader != self._last_leader:
+            ctx.log.info("step %d: aggregator is %s%s", step, leader[-8:], " (me)" if leader == me else "")
+            self._last_leader = leader
         t0 = time.perf_counter()
         my_hash = await ctx.compute(ctx.trainer.param_hash)
         if step % 10 == 0:  # a sparse log of (step, replica) for consistency checks after the run
@@ -177,10 +183,11 @@ class GradientCodingStrategy(Strategy):
                    ctx.transport.call(leader, ROUND, [request], gc_pb.CodedRoundReply,
                                       timeout_s=ctx.config.round_timeout_s * 2 + 10, channel="averaging"))
         reader = _ResultReader(replies, self._shapes, self._numel)
-        computed = None
+        computed, planned = None, False
         try:
             first = await reader.first()
-            if first.status == R.CODED_PLAN:
+            planned = first.status == R.CODED_PLAN
+            if planned:
                 update, computed = await self._work(first, reader, leader, step, my_hash)
             else:
                 update = await reader.result(first)
@@ -224,14 +231,18 @@ class GradientCodingStrategy(Strategy):
         # without this a follower that went online first would take itself for the aggregator.
         self.election.mark_committed([leader, *(reader.members[i] for i in reader.decoded_from
                                                 if i < len(reader.members))])
-        await self._go_online()
+        if planned:  # a replayed step means I am still behind: leading now would stall the swarm on my step
+            await self._go_online()
         await ctx.on_step()
         return True
 
     async def _go_online(self) -> None:
-        """Eligible as aggregator from now on. Safe for a peer whose replica is stale: the
-        aggregator decodes only from replies of one replica, and its own request is checked
-        against that replica's hash like anyone else's."""
+        """Eligible as aggregator from now on: called once a step that was planned (not replayed)
+        has been applied, i.e. this peer is at the swarm's newest step. A joiner that went online
+        while still replaying would, with the lowest id, become the aggregator of a step the
+        others finished long ago, and every round would wait out the timeout. Safe for a peer
+        whose replica is stale: the aggregator decodes only from replies of one replica, and its
+        own request is checked against that replica's hash like anyone else's."""
         if self.ctx.progress.state != "online":
             self.ctx.progress.state = "online"
             await self.ctx.membership.announce("online")
@@ -315,8 +326,11 @@ class GradientCodingStrategy(Strategy):
         ctx.log.info("replica differs from the swarm (%s): downloading state from %s", why, donor[-8:])
         step = await self.state.adopt(donor, ctx.metrics, ctx.log)
         if step is None:
+            if self._ahead is not None and self._ahead[1] == donor:
+                self._ahead = None  # that peer cannot serve its state: back to plain rounds, not a loop
             return
         ctx.progress.step = step
+        self._caught_up(step)
         ctx.log.info("resynchronised to step %d", step)
 
     def _account(self, outcome: str, size: int, duration_s: float, leader: str, n: int | None = None) -> None:
@@ -353,6 +367,8 @@ class GradientCodingStrategy(Strategy):
         newest = self._newest_decoded()
         if newest is not None and step < newest.step - RESULTS_KEPT or (rnd is None and self.rounds
                                                                          and step < min(self.rounds)):
+            return None
+        if rnd is None and step < self.ctx.trainer.step:  # decoded by an earlier aggregator, not by me
             return None
         attempt = self.attempts.get(step, 0) + 1
         self.attempts[step] = attempt
@@ -397,22 +413,32 @@ class GradientCodingStrategy(Strategy):
         if not await self._quorum(ctx.config.round_timeout_s):
             yield gc_pb.CodedRoundReply(status=R.CODED_FAILED, detail="the aggregator is still waiting for peers")
             return
+        if caller != ctx.peer_id:
+            self._note_ahead(req.step, caller)
+        elif self._ahead is not None and self._ahead[0] > req.step:
+            yield gc_pb.CodedRoundReply(status=R.CODED_RESYNC, donor=self._ahead[1],
+                                        detail=f"the swarm is at step {self._ahead[0]}, past my decodes")
+            return
         rnd = self._round_for(req.step)
         if rnd is None:
             ctx.metrics.rejected_messages.labels(reason="stale_step").inc()
             yield gc_pb.CodedRoundReply(status=R.CODED_RESYNC, donor=self._donor(caller),
-                                        detail=f"step {req.step} is older than the decodes kept")
+                                        detail=f"step {req.step} is not among the decodes kept")
             return
         if not rnd.decoded:
             plan = rnd.plan
             yield gc_pb.CodedRoundReply(status=R.CODED_PLAN, step=plan.step, plan_id=plan.plan_id,
                                         members=list(plan.members), scheme=plan.code.scheme,
                                         stragglers=plan.code.s, code_seed=plan.seed)
-            remaining = rnd.created + rnd.timeout_s - time.monotonic()
-            try:
-                await asyncio.wait_for(rnd.done.wait(), max(remaining, 0.0))
-            except asyncio.TimeoutError:
-                self._fail(rnd)
+            moved_to = await self._wait_round(rnd)
+            if moved_to is not None:
+                yield gc_pb.CodedRoundReply(status=R.CODED_NOT_LEADER, leader_hint=moved_to, detail=moved_to)
+                return
+        if rnd.overtaken:
+            ahead = self._ahead is not None and self._ahead[0] > ctx.trainer.step
+            yield gc_pb.CodedRoundReply(status=R.CODED_RESYNC, donor=self._ahead[1] if ahead else self._donor(caller),
+                                        detail=f"step {rnd.step} was overtaken by the swarm")
+            return
         if rnd.failed:
             newer = any(k > rnd.step and r.decoded for k, r in self.rounds.items())
             yield gc_pb.CodedRoundReply(status=R.CODED_RESYNC if newer else R.CODED_FAILED, donor=self._donor(caller),
@@ -430,6 +456,47 @@ class GradientCodingStrategy(Strategy):
             yield gc_pb.CodedRoundReply(status=R.CODED_DECODED, step=rnd.step, plan_id=rnd.plan.plan_id,
                                         num_tensors=len(rnd.result) if k == 0 else 0,
                                         decoded_from=used if k == 0 else [], chunk=chunk)
+
+    async def _wait_round(self, rnd: CodedRound) -> str | None:
+        """Wait until `rnd` is done (decoded, failed at its deadline, or overtaken); or return
+        the new aggregator if the role moved meanwhile (a lower id went online): its waiters,
+        me included, must not sit out the deadline on a round the others no longer push to."""
+        deadline = rnd.created + rnd.timeout_s
+        while not rnd.done.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._fail(rnd)
+                break
+            try:
+                await asyncio.wait_for(rnd.done.wait(), min(left, ROLE_CHECK_S))
+            except asyncio.TimeoutError:
+                leader = self.election.leader()
+                if leader != self.ctx.peer_id and not rnd.done.is_set():
+                    return leader
+        return None
+
+    def _note_ahead(self, step: int, caller: str) -> None:
+        """A caller at a step past mine whose previous step I never decoded went on under another
+        aggregator: I took this role while behind (a straggler with the lowest id, say). Then
+        my own waiting round can never decode; it is overtaken, and my next request downloads
+        the caller's state instead (`_caught_up` then releases whoever waits on older steps)."""
+        before = self.rounds.get(step - 1)
+        if step <= self.ctx.trainer.step or (before is not None and before.decoded):
+            return
+        if self._ahead is None or step > self._ahead[0]:
+            self.ctx.log.info("step %d: %s is past my decodes; catching up from it", step, caller[-8:])
+            self._ahead = (step, caller)
+        mine = self.rounds.get(self.ctx.trainer.step)
+        if mine is not None:
+            mine.overtake()
+
+    def _caught_up(self, step: int) -> None:
+        """After a state download to `step`: undecoded rounds of older steps will never decode."""
+        if self._ahead is not None and self._ahead[0] <= step:
+            self._ahead = None
+        for k, rnd in self.rounds.items():
+            if k < step:
+                rnd.overtake()
 
     def _fail(self, rnd: CodedRound) -> None:
         if rnd.failed or rnd.decoded:

@@ -11,6 +11,8 @@ attempt:
             applies it only if its own replica hash equals that tag.
   deadline  `timeout_s` after creation: a round still undecodable then is failed, and the
             members that never replied are reported so the next plan can leave them out.
+  overtaken a round the swarm has moved past (a new aggregator that was behind caught up):
+            its waiters are told to download state, without waiting out the deadline.
 Stragglers are the plan members missing from the decode set; each one's lateness is
 measured when (if ever) its reply arrives after the decode.
 """
@@ -72,6 +74,7 @@ class CodedRound:
     decoding: Decoding | None = None
     decoded_at: float | None = None
     failed: bool = False
+    overtaken: bool = False  # the swarm is past this step under another aggregator: waiters resync
     refused_decodes: int = 0  # ill-conditioned attempts (each means: wait for one more reply)
     late: dict[int, float] = field(default_factory=dict)  # straggler -> seconds after the decode
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -116,6 +119,13 @@ class CodedRound:
     def fail(self) -> None:
         if not self.decoded and not self.failed:
             self.failed = True
+            self.done.set()
+
+    def overtake(self) -> None:
+        """Not a failure: nobody will reply to this step any more (the others are past it), so
+        wake its waiters to download state instead of waiting out the deadline."""
+        if not self.decoded and not self.failed:
+            self.overtaken = True
             self.done.set()
 
     def expired(self) -> bool:

@@ -27,13 +27,18 @@ async def _announce(state: str) -> bool:
     return True
 
 
-def _strategy() -> GradientCodingStrategy:
+def _member(peer_id: str):
+    return SimpleNamespace(peer_id=peer_id, record=SimpleNamespace(strategy="gradcode", state="online"))
+
+
+def _strategy(others: list[str] = (), step: int = 0) -> GradientCodingStrategy:
     params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
     config = SimpleNamespace(round_timeout_s=2.0, gc_scheme="frc", gc_stragglers=1, seed=0, ttl_s=4.0, min_peers=1)
     ctx = StrategyContext(config=config, spec=SimpleNamespace(run_id="t"), peer_id="peerA", transport=None,
-                          membership=SimpleNamespace(others=lambda: [], announce=_announce),
+                          membership=SimpleNamespace(others=lambda: [_member(p) for p in others],
+                                                     announce=_announce),
                           metrics=NodeMetrics("gradcode"),
-                          trainer=SimpleNamespace(parameters_list=lambda: params), compute=None,
+                          trainer=SimpleNamespace(parameters_list=lambda: params, step=step), compute=None,
                           progress=Progress(state="online"), should_stop=lambda: False, on_step=lambda: None,
                           log=logging.getLogger("test.gradcode"))
     return GradientCodingStrategy(ctx)
@@ -135,3 +140,78 @@ def test_plans_follow_the_group_size(n, scheme, expect):
     plan = make_plan(0, 1, MEMBERS[:n], scheme, 1, 0)
     assert plan.code.scheme == expect and plan.code.n == n
     assert plan.plan_id != make_plan(0, 2, MEMBERS[:n], scheme, 1, 0).plan_id  # a retry is a new plan
+
+
+def test_an_aggregator_behind_the_swarm_catches_up_instead_of_waiting_out_the_deadline():
+    """peerA has the lowest id, so it leads as soon as it is online, but it is at step 10
+    while the others went on to 15 under the previous aggregator. Its own round can never
+    decode: a request for 15 overtakes it, and peerA is sent to download peerB's state. A
+    request for an old step peerA never decoded is answered RESYNC at once; once peerA has
+    caught up, a round left at an older step releases its waiter. No decode counts as failed.
+    A straggling aggregator (the others one step past a step it decoded) is not behind."""
+    R = gc_pb.CodedRoundReply.Status
+    s = _strategy(others=["peerB", "peerC", "peerD"], step=10)
+    req = lambda step: gc_pb.CodedRoundRequest(run_id="t", step=step, param_hash="h0")  # noqa: E731
+
+    async def scenario():
+        mine = s._serve_round(req(10), "peerA")
+        assert (await mine.__anext__()).status == R.CODED_PLAN
+        waiting = asyncio.ensure_future(mine.__anext__())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        b = s._serve_round(req(15), "peerB")
+        assert (await b.__anext__()).status == R.CODED_PLAN  # the swarm's step goes on
+        reply = await asyncio.wait_for(waiting, 1.0)  # not the 2 s round timeout
+        assert reply.status == R.CODED_RESYNC and reply.donor == "peerB", reply
+        again = [r async for r in s._serve_round(req(10), "peerA")]
+        assert [r.status for r in again] == [R.CODED_RESYNC] and again[0].donor == "peerB"
+        old = [r async for r in s._serve_round(req(8), "peerC")]
+        assert [r.status for r in old] == [R.CODED_RESYNC]
+        d = s._serve_round(req(12), "peerD")  # a peer between the two: its round cannot decode either
+        assert (await d.__anext__()).status == R.CODED_PLAN
+        d_waiting = asyncio.ensure_future(d.__anext__())
+        s.ctx.trainer.step = 15  # peerA downloaded peerB's state
+        s._caught_up(15)
+        assert (await asyncio.wait_for(d_waiting, 1.0)).status == R.CODED_RESYNC
+        assert s._ahead is None
+        mine = s._serve_round(req(15), "peerA")
+        assert (await mine.__anext__()).status == R.CODED_PLAN  # peerA joins the swarm's round
+        await b.aclose()
+        await mine.aclose()
+
+    asyncio.run(scenario())
+    assert s.gm.decodes.labels(outcome="failed")._value.get() == 0
+
+    straggler = _strategy(others=["peerB", "peerC", "peerD"], step=10)
+    rnd = straggler.rounds[10] = CodedRound(make_plan(10, 1, ["peerA", *MEMBERS[1:]], "frc", 1, 0), timeout_s=30)
+    for w in (1, 3):
+        rnd.add(w, "h0", [torch.ones(3, 2), torch.ones(4)])
+    assert rnd.decoded
+    straggler._note_ahead(11, "peerB")
+    assert straggler._ahead is None
+
+
+def test_a_round_whose_aggregator_lost_the_role_releases_its_waiters():
+    """peerA leads while peer0 (a lower id) is still joining. When peer0 goes online, peerA's
+    open round cannot decode any more (the others now push to peer0): its waiters are told
+    NOT_LEADER with the new aggregator within a role check, not after the round deadline,
+    and the round is not counted as a failed decode."""
+    R = gc_pb.CodedRoundReply.Status
+    s = _strategy(others=["peer0", "peerB"], step=3)
+    records = {m.peer_id: m for m in s.ctx.membership.others()}
+    records["peer0"].record.state = "joining"
+    s.ctx.membership.others = lambda: list(records.values())
+    assert s.election.leader() == "peerA"
+
+    async def scenario():
+        mine = s._serve_round(gc_pb.CodedRoundRequest(run_id="t", step=3, param_hash="h0"), "peerA")
+        assert (await mine.__anext__()).status == R.CODED_PLAN
+        waiting = asyncio.ensure_future(mine.__anext__())
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        records["peer0"].record.state = "online"
+        reply = await asyncio.wait_for(waiting, 1.5)  # the round timeout is 2 s from creation
+        assert reply.status == R.CODED_NOT_LEADER and reply.leader_hint == "peer0", reply
+
+    asyncio.run(scenario())
+    assert s.gm.decodes.labels(outcome="failed")._value.get() == 0

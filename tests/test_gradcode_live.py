@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from swarm_node.identity import ensure_identity
 from swarm_node.launcher import NodeProcess
 
 from .conftest import scrape_metrics
@@ -30,22 +31,35 @@ def _start(swarm, names: list[str], common: list[str]) -> list[NodeProcess]:
     return nodes
 
 
+def _identities_in_order(swarm, names: list[str]) -> None:
+    """Create the nodes' key files up front so that peer ids sort in the order of `names`
+    (the first gets the lowest id, so it leads whenever it is online)."""
+    keys = sorted((ensure_identity(swarm.workdir / f"key{i}" / "identity.key") for i in range(len(names))),
+                  key=lambda ident: ident.peer_id)
+    for name, ident in zip(names, keys):
+        (swarm.workdir / name).mkdir(parents=True, exist_ok=True)
+        ident.path.rename(swarm.workdir / name / "identity.key")
+
+
 def test_four_coded_peers_survive_a_sigkill_without_waiting_for_it(swarm):
     """1. Four gradcode peers (frc, s=1: n=4 in two groups of two) with a 30 s round timeout,
        training until told to stop.
     2. After 15 steps, SIGKILL the whole group of one worker that is not the aggregator; a fresh
        peer e joins right away (the code is rebuilt per step for the new n: 4 -> 3 -> 4).
     3. Once e has been in plans of four for 30 steps, drain everyone with SIGTERM.
+    The joiner gets the lowest peer id, so once it is caught up it takes the aggregator's role:
+    it must not take it while it is still replaying steps the others finished (every round
+    would then wait out the timeout on a step nobody else is at).
     Result: no step waited for the dead peer (no failed decode, no step anywhere near the 30 s
     timeout), the aggregator counted it as a straggler, the joiner caught up (state download,
     then replayed decodes), every peer exits 0, and at every step two peers both logged they
     held the same replica (bit-identical weights), and the loss fell far below the start."""
     common = ["--run-id", "gck", "--strategy", "gradcode", "--gc-scheme", "frc", "--gc-stragglers", "1",
               "--min-peers", "4", "--round-timeout-s", "30"]
+    _identities_in_order(swarm, ["e", "a", "b", "c", "d"])
     nodes = _start(swarm, ["a", "b", "c", "d"], common)
-    ids = {n.info["peer_id"]: n for n in nodes}
-    aggregator = ids[min(ids)]
-    victim = ids[max(ids)]
+    aggregator, victim = nodes[0], nodes[-1]
+    assert aggregator.info["peer_id"] == min(n.info["peer_id"] for n in nodes)
     aggregator.wait_for(lambda s: s["step"] >= 15, 120, "15 coded steps")
     aggregator.wait_for(lambda s: s["last_round"].get("n") == 4, 30, "a plan of four")  # a replayed step has no n
     victim.kill(group=True)
@@ -56,7 +70,8 @@ def test_four_coded_peers_survive_a_sigkill_without_waiting_for_it(swarm):
     aggregator.wait_for(lambda s: s["last_round"].get("n") == 4, 120, "plans of four again, with the joiner")
     rejoined_at = aggregator.status()["step"]
     joiner.wait_for(lambda s: s["step"] >= rejoined_at + 30, 120, "30 steps of the joiner in the swarm")
-    # the joiner may take the aggregator's role (a lower peer id): sum the decodes over everyone
+    assert joiner.status()["last_round"].get("aggregator") == joiner.info["peer_id"]  # lowest id, caught up
+    # the joiner took over aggregation: sum the decodes over everyone
     ms = [scrape_metrics(n) for n in [*survivors, joiner]]
     total = lambda name, **lab: sum(m.get((name, tuple(sorted(lab.items()))), 0.0) for m in ms)  # noqa: E731
     assert total("swarm_gradcode_decodes_total", outcome="exact") >= 45
