@@ -26,6 +26,13 @@ A round not decodable within `round_timeout_s` fails; its silent members are sus
 (left out of the next plans for one record lifetime) and everyone retries the step. Plans
 are rebuilt per step from the aggregator's membership view, so the code follows joins and
 leaves at step boundaries.
+
+When the role moves (the lowest online id changes), the new aggregator may be behind: it
+was a tolerated straggler, say, and the others went on under the old one. A request for a
+step past the aggregator's own decodes makes it download that caller's state (the same
+trust as any donor) instead of waiting out a round nobody else is at; requests for older
+steps it never decoded are answered RESYNC at once; and an aggregator that is no longer the
+lowest online id answers its open rounds' waiters NOT_LEADER instead of holding them.
 """
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ class CodedRound:
     def add(self, worker: int, param_hash: str, grads: list[torch.Tensor]) -> str:
         """Record worker's coded gradient; returns "accepted", "late" or "failed"."""
         now = time.monotonic()
-        if self.failed:
+        if self.failed or self.overtaken:
             return "failed"
         if self.decoded:
             self.late.setdefault(worker, now - (self.decoded_at or now))
