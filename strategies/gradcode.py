@@ -422,8 +422,8 @@ class GradientCodingStrategy(Strategy):
             return
         if caller != ctx.peer_id:
             self._note_ahead(req.step, caller)
-        elif self._ahead is not None and self._ahead[0] > req.step:
-            yield gc_pb.CodedRoundReply(status=R.CODED_RESYNC, donor=self._ahead[1],
+        elif (donor := self._ahead_of(req.step)) is not None:
+            yield gc_pb.CodedRoundReply(status=R.CODED_RESYNC, donor=donor,
                                         detail=f"the swarm is at step {self._ahead[0]}, past my decodes")
             return
         rnd = self._round_for(req.step)
@@ -442,8 +442,8 @@ class GradientCodingStrategy(Strategy):
                 yield gc_pb.CodedRoundReply(status=R.CODED_NOT_LEADER, leader_hint=moved_to, detail=moved_to)
                 return
         if rnd.overtaken:
-            ahead = self._ahead is not None and self._ahead[0] > ctx.trainer.step
-            yield gc_pb.CodedRoundReply(status=R.CODED_RESYNC, donor=self._ahead[1] if ahead else self._donor(caller),
+            yield gc_pb.CodedRoundReply(status=R.CODED_RESYNC,
+                                        donor=self._ahead_of(ctx.trainer.step) or self._donor(caller),
                                         detail=f"step {rnd.step} was overtaken by the swarm")
             return
         if rnd.failed:
@@ -497,9 +497,13 @@ class GradientCodingStrategy(Strategy):
         if mine is not None:
             mine.overtake()
 
+    def _ahead_of(self, step: int) -> str | None:
+        """The caller noted past my decodes, if it is beyond `step`: the donor to catch up from."""
+        return self._ahead[1] if self._ahead is not None and self._ahead[0] > step else None
+
     def _caught_up(self, step: int) -> None:
         """After a state download to `step`: undecoded rounds of older steps will never decode."""
-        if self._ahead is not None and self._ahead[0] <= step:
+        if self._ahead_of(step) is None:
             self._ahead = None
         for k, rnd in self.rounds.items():
             if k < step:
