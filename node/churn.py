@@ -10,7 +10,10 @@ Two backends place the nodes:
 
 Invariants: every observation comes from a node's `/status`, `/readyz` and `/metrics` over
 HTTP, plus the `summary.json` a node writes when it drains (for its final param hash and
-held-out loss); never from logs. Teardown always runs, also on exceptions and Ctrl-C: every
+held-out loss); never from logs. With `stop_together`, the run ends by events, not by a step
+count a fast machine could reach before the churn is over: once the scenario has settled,
+every live peer is told (`swarm-node drain --at-step N`) to stop at one step N a little past
+the furthest, and the replicas are compared there. Teardown always runs, also on exceptions and Ctrl-C: every
 node's process group is killed, the lab is deleted, and the report says whether anything of
 ours is still running. Every wait is bounded.
 """
@@ -23,6 +26,8 @@ import re
 import signal
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,6 +45,9 @@ DEFAULT_NODE_ARGS = [
     "--checkpoint-every", "10", "--shutdown-grace-s", "10", "--log-format", "console",
 ]
 POLL_S = 1.0
+STOP_MARGIN_S = 15.0  # stop_together: the common step lies this many seconds of steps ahead of the furthest peer
+STOP_MARGIN_MIN_STEPS = 20
+STOP_WAIT_S = 60.0  # ... and every peer must have stopped this long after it is due
 HTTP_TIMEOUT_S = 2.0
 # loss="reward" (SAPO): rounds each survivor must report after the churn settled, waited for at most
 # REWARD_EXTRA_WAIT_S beyond settle_s (a loaded box may run rounds late, never forever)
@@ -214,6 +222,8 @@ class RunOptions:
     netns: bool = False
     node_args: list[str] = field(default_factory=list)  # strategy flags + user flags (win over defaults)
     max_steps: int = 0
+    # after the scenario settles, drain every live peer at one common step (see the module doc)
+    stop_together: bool = False
     duration_s: float = 0.0  # hard end, seconds after training started (0 = scenario + settle / max-steps)
     settle_s: float = 15.0  # without max-steps: how long to keep running after the last event
     consistency: str | None = None  # "param_hash" | "phi_hash" | None: see churn_scenarios.Profile
@@ -262,6 +272,8 @@ class ChurnRunner:
         self.watch: dict[str, dict] = {}  # "heal n3" -> what we wait for
         self.partitioned: dict[str, dict] = {}
         self.workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="swarm-node-churn-"))
+        self.stop_target: int | None = None  # stop_together: the common drain step, once requested
+        self.stop_deadline = 0.0
 
     # ---- public ------------------------------------------------------------------------
     def run(self) -> Report:
@@ -369,7 +381,54 @@ class ChurnRunner:
             live = [k for k, n in self.nodes.items() if n.alive and n.terminating_since is None]
             enough = all(len(self._sapo_after(k, since)) >= REWARD_ROUNDS_AFTER for k in live)
             return enough or self.now() >= since + self.o.settle_s + REWARD_EXTRA_WAIT_S
-        return self.now() >= last_fire + self.o.settle_s
+        if self.now() < last_fire + self.o.settle_s:
+            return False
+        if not self.o.stop_together:
+            return True
+        if self.stop_target is None:
+            self._request_common_stop()
+            return False
+        running = [k for k, n in self.nodes.items() if n.alive and n.proc.proc.poll() is None]
+        if running and time.monotonic() > self.stop_deadline:
+            self.report.problems.append(f"{', '.join(running)} did not stop at the common step {self.stop_target}")
+            return True
+        return not running
+
+    def _request_common_stop(self) -> None:
+        """Tell every live peer, through its own control API (`swarm-node drain --at-step`), to
+        drain at one step: the furthest peer's step plus what the swarm does in STOP_MARGIN_S at
+        its recent pace (so no peer is already past it when the request arrives)."""
+        live = {k: n for k, n in self.nodes.items()
+                if n.alive and n.terminating_since is None and n.proc.proc.poll() is None}
+        furthest = max(((n.status or {}).get("step", 0) for n in live.values()), default=0)
+        rate = self._recent_step_rate()
+        self.stop_target = furthest + max(STOP_MARGIN_MIN_STEPS, math.ceil(rate * STOP_MARGIN_S))
+        self.stop_deadline = time.monotonic() + STOP_WAIT_S + (self.stop_target - furthest) / max(rate, 0.5)
+        self.o.progress(f"[t={self.now():5.1f}s] asking {', '.join(live)} to drain together at step "
+                        f"{self.stop_target} (furthest at {furthest}, {rate:.1f} steps/s)")
+        calls = {k: subprocess.Popen([*self.backend.cmd_prefix(k), sys.executable, "-m", "swarm_node", "drain",
+                                      "--state-dir", str(n.proc.state_dir), "--at-step", str(self.stop_target),
+                                      "--reason", "churn runner: stop together"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for k, n in live.items()}
+        for k, call in calls.items():
+            try:
+                out, _ = call.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                call.kill()
+                out = "no answer within 30 s"
+            if call.returncode != 0:
+                self.report.problems.append(f"drain --at-step {self.stop_target} to {k} failed: {out.strip()[-300:]}")
+
+    def _recent_step_rate(self, window_s: float = 10.0) -> float:
+        """Steps per second of the furthest live peer over the last `window_s` of samples."""
+        t_end = self.now()
+        best = 0.0
+        for name in {n for _, n, _, _ in self.samples}:
+            pts = [(t, s) for t, n, s, _ in self.samples if n == name and t >= t_end - window_s]
+            if len(pts) >= 2 and pts[-1][0] > pts[0][0]:
+                best = max(best, (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0]))
+        return best
 
     def _due(self, e: Event) -> bool:
         if e.at_s is not None:
@@ -640,8 +699,9 @@ class ChurnRunner:
             end = r.val_loss.get("end") if r.val_loss.get("before") else r.train_loss.get("end")
         if before is not None and end is not None and not end < before:
             r.problems.append(f"loss did not fall through the churn: {before:.3f} -> {end:.3f}")
-        if self.o.consistency == "param_hash" and self.o.max_steps and len(r.final) >= 2:
-            # only --max-steps stops every replica at one step; a drain at an arbitrary moment may not
+        if self.o.consistency == "param_hash" and (self.o.max_steps or self.o.stop_together) and len(r.final) >= 2:
+            # only a common last step (--max-steps, or drain --at-step) stops every replica at one
+            # step; a drain at an arbitrary moment may not
             steps = {f["step"] for f in r.final.values()}
             hashes = {f["param_hash"] for f in r.final.values()}
             r.consistent = len(steps) == 1 and len(hashes) == 1

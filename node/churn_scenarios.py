@@ -72,6 +72,8 @@ class Profile:
     strategy: str
     node_args: tuple[str, ...] = ()
     max_steps: int = 0  # 0 = run until the scenario ends (then every node is drained)
+    # drain every survivor at one common step once the scenario settled (param_hash is compared there)
+    stop_together: bool = False
     # How survivors must agree: "param_hash" = one final param hash at --max-steps (from
     # summary.json); "phi_hash" = one outer-weight hash per round in /status last_round, for the
     # rounds after the last event; None = replicas differ by design.
@@ -93,16 +95,18 @@ PROFILES: dict[str, Profile] = {
     # --max-steps, far enough out that a partitioned peer is healed and resynchronised before
     # anyone finishes: an isolated sync *leader* trains alone at full speed (measured ~40
     # steps/s with the tiny model, vs ~6-20 in a swarm), and at 400 it finished while cut off.
-    "sync": Profile("sync", max_steps=800, consistency="param_hash", scenarios=GENERIC),
-    # DiLoCo: H=5 inner steps; the shared φ is compared round by round while the swarm runs.
+    # sync averages gradients every step, so replicas stay bit-identical. The run is bounded by
+    # events, not steps: a cut-off peer waits below the quorum instead of training alone, and once
+    # the scenario settled every survivor drains at one common step (the runner's stop_together),
+    # where their param hashes are compared. No step count decides the outcome, however fast the box.
+    "sync": Profile("sync", consistency="param_hash", stop_together=True, scenarios=GENERIC),
     "diloco": Profile("diloco", ("--inner-steps", "5"), consistency="phi_hash", scenarios=GENERIC),
     "streaming-diloco": Profile("streaming-diloco", ("--inner-steps", "10", "--fragments", "2"),
                                 consistency="phi_hash", scenarios=GENERIC),
     "noloco": Profile("noloco", ("--inner-steps", "5"), scenarios=GENERIC),  # per-peer φ by design
-    # gradcode: the aggregator's one decoded tensor per step keeps replicas bit-identical; like
-    # sync, a peer cut off trains alone, fast (measured ~65 steps/s: from step ~200 to 1000 within
-    # the 12 s partition), so --max-steps lies well beyond what it can reach before the heal.
-    "gradcode": Profile("gradcode", ("--gc-stragglers", "1"), max_steps=2000, consistency="param_hash",
+    # gradcode: the aggregator's one decoded tensor per step keeps replicas bit-identical; judged like
+    # sync (a cut-off peer waits below the quorum; survivors drain together at one step).
+    "gradcode": Profile("gradcode", ("--gc-stragglers", "1"), consistency="param_hash", stop_together=True,
                         scenarios=GENERIC),
     # SWARM: 3 stages of one layer; each node serves a stage (stage-0 peers train), so only the
     # trainers' training loss means anything, and replicas of a stage differ between gossip rounds.

@@ -41,6 +41,16 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper(), help=help_text)
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _default(field) -> str:
     if field.default_factory is not None:
         return repr(field.default_factory())
@@ -105,7 +115,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 print(json.dumps([p.model_dump(mode="json") for p in peers], indent=2) if args.json
                       else format_peers(peers, wide=args.wide))
             else:
-                ok, detail = client.drain(args.reason)
+                ok, detail = client.drain(args.reason, args.at_step)
                 print(detail)
                 return 0 if ok else 1
     except ControlError as e:
@@ -178,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--wide", action="store_true", help="show full peer ids")
         if name == "drain":
             c.add_argument("--reason", default="swarm-node drain")
+            c.add_argument("--at-step", type=_non_negative_int, default=0, metavar="N",
+                           help="keep training and drain on reaching step N (0 = now); sync and gradcode "
+                                "peers told the same N stop together, on one replica")
         c.set_defaults(fn=_cmd_status)
 
     strat = sub.add_parser("strategies", help="list installed strategies")

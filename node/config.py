@@ -54,6 +54,10 @@ class NodeConfig(BaseSettings):
     watchdog_interval_s: float = Field(5.0, gt=0.1, description="How often the isolation watchdog checks the routing table.")
     watchdog: bool = Field(True, description="Reconnect to initial and known peers when isolated (hivemind never does).")
     min_peers: int = Field(1, ge=1, description="Peers (including this one) needed before training starts.")
+    quorum: int = Field(0, ge=0, le=10_000, description="sync, gradcode: peers (this one included) a peer must see "
+                        "to keep stepping, for the whole run; below it the peer waits (phase 'waiting') instead of "
+                        "training alone on a fork, and rejoins as a joiner. 0 = a majority of the last committed "
+                        "round's group, less the peers that left it gracefully since; 1 = never wait.")
     discover: bool = Field(False, description="Find peers of this run on the local network by mDNS and advertise "
                            "this node there. Without --initial-peers it joins what it finds, or starts a new "
                            "swarm if nothing answers within --discover-timeout-s; with --new-swarm it only advertises.")

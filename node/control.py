@@ -115,7 +115,7 @@ def _is_loopback(host: str) -> bool:
 
 
 class _Servicer(pb_grpc.ControlServicer):
-    def __init__(self, status_fn: Callable[[], NodeStatus], drain_fn: Callable[[str], tuple[bool, str]]) -> None:
+    def __init__(self, status_fn: Callable[[], NodeStatus], drain_fn: Callable[[str, int], tuple[bool, str]]) -> None:
         self._status_fn, self._drain_fn = status_fn, drain_fn
 
     def _call(self, context: grpc.ServicerContext, fn: Callable, *args):
@@ -132,7 +132,9 @@ class _Servicer(pb_grpc.ControlServicer):
         return pb.PeersReply(peers=[peer_to_pb(p) for p in self._call(context, self._status_fn).peers])
 
     def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.DrainReply:
-        accepted, detail = self._call(context, self._drain_fn, request.reason)
+        if request.at_step < 0:
+            return pb.DrainReply(accepted=False, detail=f"at_step must be >= 0, got {request.at_step}")
+        accepted, detail = self._call(context, self._drain_fn, request.reason, request.at_step)
         return pb.DrainReply(accepted=accepted, detail=detail)
 
 
@@ -149,7 +151,7 @@ class ControlServer:
         address: str = DEFAULT_ADDRESS,
         *,
         status_fn: Callable[[], NodeStatus],
-        drain_fn: Callable[[str], tuple[bool, str]],
+        drain_fn: Callable[[str, int], tuple[bool, str]],
         allow_remote: bool = False,
     ) -> None:
         host, port = _split_host_port(address)
@@ -210,8 +212,9 @@ class ControlClient:
     def peers(self) -> list[PeerView]:
         return [peer_from_pb(p) for p in self._call(self._stub.Peers, pb.PeersRequest()).peers]
 
-    def drain(self, reason: str) -> tuple[bool, str]:
-        reply = self._call(self._stub.Drain, pb.DrainRequest(reason=reason))
+    def drain(self, reason: str, at_step: int = 0) -> tuple[bool, str]:
+        """Ask the node to drain now, or (at_step > 0) once it reaches that step."""
+        reply = self._call(self._stub.Drain, pb.DrainRequest(reason=reason, at_step=at_step))
         return reply.accepted, reply.detail
 
     def close(self) -> None:

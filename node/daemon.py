@@ -89,6 +89,7 @@ class Node:
         self.phase = Phase.STARTING
         self.stop_requested = False
         self.stop_reason = ""
+        self.stop_at_step: int | None = None  # `swarm-node drain --at-step N`
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._compute_busy_since: float | None = None
         self._snapshot: NodeStatus | None = None
@@ -184,7 +185,7 @@ class Node:
         self.strategy = strategy_cls(StrategyContext(
             config=cfg, spec=self.spec, peer_id=identity.peer_id, transport=self.transport,
             membership=self.membership, metrics=self.metrics, trainer=self.trainer, compute=self.compute,
-            progress=self.progress, should_stop=lambda: self.stop_requested, on_step=self._on_step,
+            progress=self.progress, should_stop=self._should_stop, on_step=self._on_step,
             log=logging.getLogger(f"swarm_node.strategy.{cfg.strategy}")))
         await self.strategy.start()
         self.metrics.info.info({"version": __version__, "strategy": cfg.strategy, "role": self.strategy.role,
@@ -340,6 +341,7 @@ class Node:
             "connected": self.net is not None and (self.net.routing_table_size() > 0 or alone_ok),
             "not_isolated": not (self.watchdog and self.watchdog.isolated),
             "in_sync": self.progress.state == "online",
+            "quorum": not self.progress.below_quorum,
             "not_draining": not self.stop_requested,
         }
 
@@ -366,6 +368,8 @@ class Node:
             phase = Phase.DRAINING
         elif not checks["not_isolated"]:
             phase = Phase.ISOLATED
+        elif not checks["quorum"]:
+            phase = Phase.WAITING
         elif all(checks.values()):
             phase = Phase.READY
         else:
@@ -523,7 +527,8 @@ class Node:
             if train.done() and not train.cancelled() and train.exception() is not None:
                 raise train.exception()
             if not self.stop_requested:
-                self.stop_reason = f"reached --max-steps {self.config.max_steps}"
+                self.stop_reason = (f"reached the drain step {self.stop_at_step}" if self._at_drain_step()
+                                    else f"reached --max-steps {self.config.max_steps}")
             return EXIT_OK
         finally:
             self.stop_requested = True
@@ -546,11 +551,28 @@ class Node:
         self.stop_requested = True
         self.stop_reason = self.stop_reason or reason
 
-    def _drain_from_thread(self, reason: str) -> tuple[bool, str]:
+    def _should_stop(self) -> bool:
+        return self.stop_requested or self._at_drain_step()
+
+    def _at_drain_step(self) -> bool:
+        return self.stop_at_step is not None and self.trainer is not None and self.trainer.step >= self.stop_at_step
+
+    def _drain_from_thread(self, reason: str, at_step: int = 0) -> tuple[bool, str]:
         if self._loop is None:
             return False, "node is not running"
-        self._loop.call_soon_threadsafe(self.request_stop, f"drain requested: {reason or 'no reason given'}")
+        why = f"drain requested: {reason or 'no reason given'}"
+        if at_step > 0:
+            step = self.trainer.step if self.trainer is not None else 0
+            if at_step > step:
+                self._loop.call_soon_threadsafe(self._drain_at, at_step, why)
+                return True, f"will drain on reaching step {at_step} (now at {step})"
+            why += f" (at step {at_step}; already at {step})"
+        self._loop.call_soon_threadsafe(self.request_stop, why)
         return True, "draining: finishing the current step, then leaving the swarm"
+
+    def _drain_at(self, step: int, why: str) -> None:
+        log.info("%s: will drain on reaching step %d", why, step)
+        self.stop_at_step = step
 
     async def shutdown(self) -> None:
         log.info("shutting down (%s)", self.stop_reason or "stop")

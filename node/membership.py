@@ -8,8 +8,9 @@ Contract:
 - The view contains only well-formed records of peers running our spec hash; every other
   record is dropped and counted under `swarm_rejected_messages_total{reason}`
   (`bad_record` for malformed/spoofed, `spec_mismatch` for a different run spec).
-- A LEAVING record removes the peer at once; otherwise a peer leaves the view when its
-  record expires (ttl = 2.5 x announce interval by default).
+- A LEAVING record removes the peer at once, and `left_since()` counts it as a graceful
+  leave (the run-long quorum does not wait for it); otherwise a peer leaves the view when
+  its record expires (ttl = 2.5 x announce interval by default).
 - `check_spec()` raises `SpecMismatch` naming each differing field when the DHT already
   holds a different spec for this run id.
 """
@@ -54,6 +55,8 @@ class Membership:
         self._view: dict[str, Member] = {}
         self._rejected_logged: set[tuple[str, str]] = set()
         self.last_refresh_ok: float | None = None
+        # peer -> (DHT time, strategy) of its LEAVING record, seen while the peer was in the view
+        self._left: dict[str, tuple[float, str]] = {}
 
     # ---- the run spec ----------------------------------------------------------------
     async def check_spec(self) -> None:
@@ -109,7 +112,13 @@ class Membership:
         if rec.spec_hash != self.spec_hash:
             self._reject("spec_mismatch", rec.peer_id, f"runs spec {rec.spec_hash}, ours is {self.spec_hash}")
             return None
-        if rec.state == "leaving" or item.expiration_time <= now:
+        if rec.state == "leaving":
+            if rec.peer_id in self._view and rec.peer_id != self.self_id:
+                self._left[rec.peer_id] = (now, rec.strategy)
+                if len(self._left) > 1024:  # bounded: the oldest leaves no longer matter
+                    del self._left[min(self._left, key=lambda p: self._left[p][0])]
+            return None
+        if item.expiration_time <= now:
             return None
         return Member(rec, item.expiration_time)
 
@@ -137,6 +146,17 @@ class Membership:
 
     def others(self) -> list[Member]:
         return [m for m in self.members() if m.peer_id != self.self_id]
+
+    def left_since(self, since: float, strategy: str | None = None) -> int:
+        """Peers (of `strategy`, when given) that left gracefully at or after DHT time `since`
+        and are not back in the view."""
+        live = {m.peer_id for m in self.members()}
+        return sum(1 for pid, (t, strat) in self._left.items()
+                   if t >= since and pid not in live and strategy in (None, strat))
+
+    def now(self) -> float:
+        """DHT time (what `left_since` and record expiries are measured in)."""
+        return get_dht_time()
 
     def known_maddrs(self) -> list[str]:
         return [a for m in self.others() for a in m.record.maddrs]

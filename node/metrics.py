@@ -126,6 +126,12 @@ class NodeMetrics:
         self.recoveries = Counter("swarm_recoveries", "Recovery actions by kind and outcome.", ["kind", "outcome"], registry=r)
         _precreate(self.recoveries, kind=RECOVERY_KINDS, outcome=RECOVERY_OUTCOMES)
         self.spare_gpu_paused = Gauge("swarm_spare_gpu_paused", "1 while training yields the GPU to its owner.", registry=r)
+        self.quorum_waiting = Gauge("swarm_quorum_waiting", "1 while this peer sees fewer peers than the run-long "
+                                    "quorum and waits instead of stepping (sync, gradcode).", registry=r)
+        self.quorum_needed = Gauge("swarm_quorum_needed", "Peers (this one included) the run-long quorum needed at "
+                                   "the last check (sync, gradcode; 0 = not checked yet).", registry=r)
+        self.quorum_waits = Counter("swarm_quorum_waits", "Times this peer fell below the run-long quorum and "
+                                    "stopped stepping.", registry=r)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format 0.0.4 (what `/metrics` serves)."""

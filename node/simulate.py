@@ -55,6 +55,7 @@ def simulate(args: argparse.Namespace, extra: list[str]) -> int:
     opts = RunOptions(strategy=args.strategy, peers=args.peers, scenario=scenario, netns=args.netns,
                       node_args=[*profile.node_args, *extra],
                       max_steps=profile.max_steps if args.max_steps is None else args.max_steps,
+                      stop_together=profile.stop_together and not args.max_steps,
                       duration_s=args.duration_s, consistency=profile.consistency, loss=profile.loss,
                       workdir=args.workdir,
                       strict=args.strict, progress=lambda line: print(line, flush=True))

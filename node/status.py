@@ -17,6 +17,7 @@ class Phase(str, Enum):
     STARTING = "starting"
     READY = "ready"
     ISOLATED = "isolated"  # had peers, now sees none: the watchdog is reconnecting
+    WAITING = "waiting"  # sees fewer peers than the run-long quorum: holds still instead of forking
     DRAINING = "draining"
     STOPPED = "stopped"
 

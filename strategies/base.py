@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+from .quorum import QuorumRule
+
 if TYPE_CHECKING:  # runtime imports would make strategies depend on the whole node
     from swarm_node.config import NodeConfig, RunSpec
     from swarm_node.membership import Membership
@@ -39,6 +41,7 @@ class Progress:
     last_round: dict[str, Any] = field(default_factory=dict)
     waiting_for: str | None = None
     state: str = "joining"  # joining until this peer's replica agrees with the swarm
+    below_quorum: bool = False  # waiting: it sees fewer peers than the run-long quorum (sync, gradcode)
 
 
 @dataclass
@@ -60,9 +63,14 @@ class StrategyContext:
 class Strategy(abc.ABC):
     name: ClassVar[str]
     role: ClassVar[str] = "trainer"
+    # Step-synchronous strategies stop stepping below the run-long quorum (`wait_for_peers`);
+    # the others keep their local steps, which their next round merges or resyncs.
+    quorum_gated: ClassVar[bool] = False
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx
+        self.quorum = QuorumRule(fixed=getattr(ctx.config, "quorum", 0),
+                                 joined=bool(getattr(ctx.config, "initial_peers", ())))
         # one entry per round attempt, for summary.json (bounded): what the round cost against
         # the local compute since the previous one, which is what straggler benches compare
         self.round_history: list[dict[str, Any]] = []
@@ -89,17 +97,62 @@ class Strategy(abc.ABC):
     # ---- helpers shared by the strategies' loops ----
     async def wait_for_peers(self) -> bool:
         """Before the first step, block (re-checking stop) until `--min-peers` are present.
-        Afterwards it never blocks: a swarm that loses peers keeps training. False if stopping."""
+        Afterwards a `quorum_gated` strategy blocks while this peer sees fewer peers than the
+        run-long quorum (see quorum.py), and comes back as a joiner: its replica is checked
+        against the swarm's (and downloaded if it differs) before it contributes or leads.
+        Other strategies never block after the start. False if stopping."""
         ctx = self.ctx
         while not ctx.should_stop():
-            have, need = len(ctx.membership.others()) + 1, ctx.config.min_peers
-            if have >= need or getattr(self, "_quorum_reached", False):
+            if not getattr(self, "_quorum_reached", False):
+                have, need = len(ctx.membership.others()) + 1, ctx.config.min_peers
+                if have < need:
+                    ctx.progress.waiting_for = f"peers: {have}/{need} needed"
+                    await asyncio.sleep(0.5)
+                    continue
                 self._quorum_reached = True
-                ctx.progress.waiting_for = None
-                return True
-            ctx.progress.waiting_for = f"peers: {have}/{need} needed"
-            await asyncio.sleep(0.5)
+            if self.quorum_gated:
+                have, need = self.quorum_counts()
+                if have < need:
+                    self._wait_below_quorum(have, need)
+                    await asyncio.sleep(0.5)
+                    continue
+                if ctx.progress.below_quorum:
+                    self._quorum_regained(have, need)
+            ctx.progress.waiting_for = None
+            return True
         return False
+
+    def quorum_counts(self) -> tuple[int, int]:
+        """(peers of this strategy in my view, me included; peers the quorum needs)."""
+        ms = self.ctx.membership
+        have = 1 + sum(1 for m in ms.others() if m.record.strategy == self.name)
+        return have, self.quorum.needed(ms.left_since(self.quorum.committed_at, self.name))
+
+    def note_committed(self, group_size: int) -> None:
+        """A round this peer applied committed with `group_size` contributors: the group the
+        quorum's majority is taken of, from now on."""
+        self.quorum.committed(group_size, self.ctx.membership.now())
+
+    def _wait_below_quorum(self, have: int, need: int) -> None:
+        ctx = self.ctx
+        if not ctx.progress.below_quorum:
+            ctx.progress.below_quorum = True
+            ctx.metrics.quorum_waits.inc()
+            ctx.log.warning("below quorum: I see %d of the %d peers needed (last committed round: %d); "
+                            "waiting instead of training alone", have, need, self.quorum.last_group)
+        # not in sync with the swarm any more: not eligible to lead until a round checks my replica
+        ctx.progress.state = "joining"
+        ctx.progress.waiting_for = f"quorum: {have}/{need} peers"
+        ctx.metrics.quorum_waiting.set(1)
+        ctx.metrics.quorum_needed.set(need)
+
+    def _quorum_regained(self, have: int, need: int) -> None:
+        ctx = self.ctx
+        ctx.progress.below_quorum = False
+        ctx.metrics.quorum_waiting.set(0)
+        ctx.metrics.quorum_needed.set(need)
+        ctx.log.info("quorum regained (%d of %d peers): rejoining; my replica is checked against the "
+                     "swarm's before I contribute", have, need)
 
     async def local_step(self) -> bool:
         """One local optimizer step on this peer's own batch (no exchange). Returns False,

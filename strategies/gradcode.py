@@ -109,12 +109,13 @@ class GradcodeMetrics:
 
 class GradientCodingStrategy(Strategy):
     name = "gradcode"
+    quorum_gated = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
         cfg = ctx.config
         self.scheme, self.s, self.code_seed = cfg.gc_scheme, cfg.gc_stragglers, cfg.seed
-        self.election = LeaderElection(ctx, self.name)
+        self.election = LeaderElection(ctx, self.name, prefer_progress=True)
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3)
         self.rounds: dict[int, CodedRound] = {}
         self.attempts: dict[int, int] = {}
@@ -234,6 +235,7 @@ class GradientCodingStrategy(Strategy):
             ctx.progress.step = ctx.trainer.step
             ctx.metrics.local_step.set(ctx.trainer.step)
         self._account("ok", len(reader.decoded_from), elapsed, leader, n=len(reader.members))
+        self.note_committed(len(reader.members))
         # Those whose replies made this step are online, even before their records say so:
         # without this a follower that went online first would take itself for the aggregator.
         self.election.mark_committed([leader, *(reader.members[i] for i in reader.decoded_from

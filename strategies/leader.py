@@ -4,7 +4,10 @@ Every peer derives the same answer from its membership view, so no election mess
 are needed; views converge within one announce interval. Joiners (state `joining`) are
 not eligible while anyone is online, so a fresh joiner never leads the swarm away from
 the model everyone else holds. A peer that failed us is skipped ("suspect") until its
-record would have expired anyway.
+record would have expired anyway. When nobody is online (a fresh swarm, or one re-forming
+after its peers fell below the quorum), anyone may lead; with `prefer_progress` the peers at
+the highest step come first, so a re-forming swarm keeps its most advanced replica instead of
+resyncing everyone to the lowest id's older one.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ def pick_leader(candidates, suspects=()) -> str | None:
 
 
 class LeaderElection:
-    def __init__(self, ctx: StrategyContext, strategy_name: str):
-        self.ctx, self.strategy_name = ctx, strategy_name
+    def __init__(self, ctx: StrategyContext, strategy_name: str, *, prefer_progress: bool = False):
+        self.ctx, self.strategy_name, self.prefer_progress = ctx, strategy_name, prefer_progress
         self.suspects: dict[str, float] = {}  # peer -> monotonic time until which it is skipped
         self.committed_with: set[str] = set()  # members of our last committed round: online, whatever records say
 
@@ -53,5 +56,7 @@ class LeaderElection:
         if self.ctx.progress.state == "online":
             online.append(me)
         if not online:  # fresh swarm: all start from the same seed, so anyone may lead
-            online = [m.peer_id for m in self.peers()] + [me]
+            candidates = [(m.record.step, m.peer_id) for m in self.peers()] + [(self.ctx.trainer.step, me)]
+            top = max(step for step, _ in candidates) if self.prefer_progress else None
+            online = [p for step, p in candidates if top is None or step == top]
         return pick_leader(online, self.live_suspects() - {me}) or me

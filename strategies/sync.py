@@ -78,12 +78,13 @@ class ReduceRound:
 
 class SyncStrategy(DataParallelStrategy):
     name = "sync"
+    quorum_gated = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
         self.rounds: dict[int, ReduceRound] = {}
         self._adopted = False  # a joiner downloads the swarm's replica once, then contributes
-        self.election = LeaderElection(ctx, self.name)
+        self.election = LeaderElection(ctx, self.name, prefer_progress=True)
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.config.round_timeout_s * 3)
         params = ctx.trainer.parameters_list()
         self._shapes = [tuple(p.shape) for p in params]
@@ -125,6 +126,8 @@ class SyncStrategy(DataParallelStrategy):
         else:
             update, outcome, size = await self._follow(leader, result)
         self._account(outcome, size, time.perf_counter() - t0, leader)
+        if update is not None:
+            self.note_committed(size)
         if update is not None and self.ctx.progress.state != "online":
             self.ctx.progress.state = "online"
             await self.ctx.membership.announce("online")
@@ -143,6 +146,16 @@ class SyncStrategy(DataParallelStrategy):
             self.ctx.log.warning("round %d closed without %d peer(s): %s", rnd.step, len(missing),
                                  ", ".join(p[-8:] for p in missing))
             rnd.close()
+        need = self.quorum_counts()[1]
+        if len(rnd.contributions) < need:
+            # A leader cut off from its swarm must not commit a step alone: nobody applies this
+            # round (its waiters are told), and the step is retried in a fresh round.
+            self.ctx.log.warning("round %d closed with %d contributor(s), below the quorum of %d: not applied",
+                                 rnd.step, len(rnd.contributions), need)
+            rnd.result = None
+            if self.rounds.get(rnd.step) is rnd:
+                del self.rounds[rnd.step]
+            return None, "no_peers", len(rnd.contributions)
         return rnd.result, "ok", len(rnd.contributions)
 
     async def _follow(self, leader: str, result: StepResult) -> tuple[list[torch.Tensor] | None, str, int]:
@@ -272,6 +285,9 @@ class SyncStrategy(DataParallelStrategy):
             await asyncio.wait_for(rnd.closed.wait(), timeout * 2)
         except asyncio.TimeoutError:
             yield _reply(Status.SYNC_STATUS_TIMEOUT, "round did not close")
+            return
+        if rnd.result is None:
+            yield _reply(Status.SYNC_STATUS_TIMEOUT, "round closed below the quorum")
             return
         for chunk in codec.tensors_to_chunks([g.cpu() for g in rnd.result], codec.NONE, MAX_MESSAGE):
             yield wire.SyncReply(status=Status.SYNC_STATUS_OK, step=rnd.step, num_contributors=len(rnd.contributions),

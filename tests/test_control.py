@@ -43,6 +43,7 @@ class FakeNode:
     def __init__(self) -> None:
         self.status = full_status()
         self.drains: list[str] = []
+        self.drain_steps: list[int] = []
         self.block = threading.Event()
         self.blocking = False
 
@@ -51,10 +52,11 @@ class FakeNode:
             self.block.wait(5.0)
         return self.status
 
-    def drain_fn(self, reason: str) -> tuple[bool, str]:
+    def drain_fn(self, reason: str, at_step: int = 0) -> tuple[bool, str]:
         if reason == "explode":
             raise RuntimeError("drain machinery broken")
         self.drains.append(reason)
+        self.drain_steps.append(at_step)
         return True, f"draining: {reason}"
 
 
@@ -100,6 +102,17 @@ def test_nan_loss_survives(control, node):
 def test_peers(control, node):
     with ControlClient(control) as c:
         assert c.peers() == node.status.peers
+
+
+def test_drain_at_step_is_passed_on_and_a_negative_step_refused(control, node):
+    """`swarm-node drain --at-step N` reaches the node's drain callback with N; a negative step
+    (only possible by hand-built requests) is refused by the service without calling it."""
+    with ControlClient(control) as c:
+        assert c.drain("together", at_step=120)[0] is True
+        assert node.drain_steps == [120]
+        ok, detail = c.drain("bad", at_step=-5)
+        assert ok is False and "at_step must be >= 0" in detail
+        assert node.drains == ["together"]
 
 
 def test_drain_passes_reason(control, node):
