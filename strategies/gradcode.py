@@ -382,7 +382,8 @@ class GradientCodingStrategy(Strategy):
         attempt = self.attempts.get(step, 0) + 1
         self.attempts[step] = attempt
         plan = make_plan(step, attempt, self._members(), self.scheme, self.s, self.code_seed)
-        rnd = self.rounds[step] = CodedRound(plan, self.ctx.config.round_timeout_s)
+        rnd = self.rounds[step] = CodedRound(plan, self.ctx.config.round_timeout_s,
+                                             min_replies=self.quorum_counts()[1])
         for old in [k for k in self.rounds if k < max(self.rounds) - RESULTS_KEPT]:
             self._forget(self.rounds.pop(old))
             self.attempts.pop(old, None)

@@ -80,6 +80,9 @@ class CodedRound:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     encoded: list | None = None  # result chunks, encoded once for every reader
     fetched: set[str] = field(default_factory=set)  # peers the result was served to
+    # replies needed before a decode counts (the run-long quorum): a cut-off aggregator whose plan
+    # still lists peers it cannot reach must not decode a step from its own reply alone
+    min_replies: int = 1
 
     @property
     def step(self) -> int:
@@ -105,6 +108,8 @@ class CodedRound:
 
     def _try_decode(self, param_hash: str, bucket: dict[int, list[torch.Tensor]]) -> None:
         code = self.plan.code
+        if len(bucket) < self.min_replies:
+            return
         try:
             dec = code.decoding(sorted(bucket))
         except NotDecodable as e:

@@ -36,6 +36,7 @@ def _strategy(others: list[str] = (), step: int = 0) -> GradientCodingStrategy:
     config = SimpleNamespace(round_timeout_s=2.0, gc_scheme="frc", gc_stragglers=1, seed=0, ttl_s=4.0, min_peers=1)
     ctx = StrategyContext(config=config, spec=SimpleNamespace(run_id="t"), peer_id="peerA", transport=None,
                           membership=SimpleNamespace(others=lambda: [_member(p) for p in others],
+                                                     left_since=lambda since, strategy=None: 0, now=lambda: 0.0,
                                                      announce=_announce),
                           metrics=NodeMetrics("gradcode"),
                           trainer=SimpleNamespace(parameters_list=lambda: params, step=step), compute=None,

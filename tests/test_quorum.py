@@ -16,6 +16,7 @@ from swarm_node.membership import Membership
 from swarm_node.metrics import NodeMetrics
 from swarm_node.protocol.records import PeerRecord
 from swarm_node.strategies.base import Progress, Strategy, StrategyContext
+from swarm_node.strategies.gradcode_round import CodedRound, make_plan
 from swarm_node.strategies.leader import LeaderElection
 from swarm_node.strategies.quorum import QuorumRule, majority
 from swarm_node.strategies.sync import SyncStrategy
@@ -165,3 +166,19 @@ def test_a_sync_leader_cut_off_from_its_group_does_not_commit_alone():
     assert 7 not in s.rounds
     s, (update, outcome, size) = run(quorum=1)
     assert outcome == "ok" and size == 1 and torch.equal(update[0], torch.ones(3))
+
+
+def test_a_coded_round_decodes_only_with_the_replies_the_quorum_needs():
+    """n = 2, s = 1: either reply alone decodes the step (each worker computed all of it). A cut-off
+    aggregator whose plan still lists its partner must not decode from its own reply: with
+    min_replies = 2 (the majority of a group of 2) it waits for the second, then decodes."""
+    plan = make_plan(3, 1, ["a", "b"], "frc", 1, 0)
+    g = [torch.full((2,), 4.0)]
+    alone = CodedRound(plan, timeout_s=5)
+    alone.add(0, "h", [t.clone() for t in g])
+    assert alone.decoded
+    guarded = CodedRound(plan, timeout_s=5, min_replies=2)
+    guarded.add(0, "h", [t.clone() for t in g])
+    assert not guarded.decoded
+    guarded.add(1, "h", [t.clone() for t in g])
+    assert guarded.decoded
