@@ -45,6 +45,7 @@ DEFAULT_NODE_ARGS = [
     "--checkpoint-every", "10", "--shutdown-grace-s", "10", "--log-format", "console",
 ]
 POLL_S = 1.0
+CUT_OFF_STEP_SLACK = 1  # cut_off_holds: a step already in flight when the isolation is seen may still land
 STOP_MARGIN_S = 15.0  # stop_together: the common step lies this many seconds of steps ahead of the furthest peer
 STOP_MARGIN_MIN_STEPS = 20
 STOP_WAIT_S = 60.0  # ... and every peer must have stopped this long after it is due
@@ -224,6 +225,8 @@ class RunOptions:
     max_steps: int = 0
     # after the scenario settles, drain every live peer at one common step (see the module doc)
     stop_together: bool = False
+    # a partitioned peer must not step once it knows it is cut off (sync, gradcode: the run-long quorum)
+    cut_off_holds: bool = False
     duration_s: float = 0.0  # hard end, seconds after training started (0 = scenario + settle / max-steps)
     settle_s: float = 15.0  # without max-steps: how long to keep running after the last event
     consistency: str | None = None  # "param_hash" | "phi_hash" | None: see churn_scenarios.Profile
@@ -492,6 +495,9 @@ class ChurnRunner:
                 iso["min_routing_table"] = min(iso.get("min_routing_table", 99), n.status["routing_table_size"])
                 if n.status["routing_table_size"] <= 1 and n.readyz == 503 and "isolated_after_s" not in iso:
                     iso["isolated_after_s"] = round(t - iso["since_s"], 1)  # the node knows it is cut off
+                    iso["step_when_isolated"] = n.status["step"]
+                if "isolated_after_s" in iso:
+                    iso["steps_while_isolated"] = n.status["step"] - iso["step_when_isolated"]
                 iso.setdefault("readyz_seen", set()).add(n.readyz)
 
     @staticmethod
@@ -543,6 +549,7 @@ class ChurnRunner:
             key = f"{e.action} {name}"
             self.watch[key] = {"node": name, "since": time.monotonic(), "done_s": None, "want": "ready"}
         elif e.is_network:
+            f.detail["survivors_step"] = self._survivor_steps(name)
             self.backend.apply(e)
             if e.action == "partition":
                 self.partitioned[name] = {"since_s": self.now()}
@@ -687,6 +694,12 @@ class ChurnRunner:
         r.val_loss["end"] = _mean(vals) if vals else None
         if r.nan_seen:
             r.problems.append("a non-finite loss was seen")
+        if self.o.cut_off_holds:
+            for f in fired:
+                moved = f.detail.get("steps_while_isolated") if f.event.action == "heal" else None
+                if moved is not None and moved > CUT_OFF_STEP_SLACK:
+                    r.problems.append(f"{f.event.target} took {moved} steps while cut off (expected to wait "
+                                      f"below the quorum)")
         if not r.final:
             r.problems.append("no peer survived the scenario")
         if self.o.loss == "reward":

@@ -74,6 +74,8 @@ class Profile:
     max_steps: int = 0  # 0 = run until the scenario ends (then every node is drained)
     # drain every survivor at one common step once the scenario settled (param_hash is compared there)
     stop_together: bool = False
+    # a partitioned peer must hold still once it knows it is cut off (the run-long quorum)
+    cut_off_holds: bool = False
     # How survivors must agree: "param_hash" = one final param hash at --max-steps (from
     # summary.json); "phi_hash" = one outer-weight hash per round in /status last_round, for the
     # rounds after the last event; None = replicas differ by design.
@@ -99,7 +101,7 @@ PROFILES: dict[str, Profile] = {
     # events, not steps: a cut-off peer waits below the quorum instead of training alone, and once
     # the scenario settled every survivor drains at one common step (the runner's stop_together),
     # where their param hashes are compared. No step count decides the outcome, however fast the box.
-    "sync": Profile("sync", consistency="param_hash", stop_together=True, scenarios=GENERIC),
+    "sync": Profile("sync", consistency="param_hash", stop_together=True, cut_off_holds=True, scenarios=GENERIC),
     "diloco": Profile("diloco", ("--inner-steps", "5"), consistency="phi_hash", scenarios=GENERIC),
     "streaming-diloco": Profile("streaming-diloco", ("--inner-steps", "10", "--fragments", "2"),
                                 consistency="phi_hash", scenarios=GENERIC),
@@ -107,7 +109,7 @@ PROFILES: dict[str, Profile] = {
     # gradcode: the aggregator's one decoded tensor per step keeps replicas bit-identical; judged like
     # sync (a cut-off peer waits below the quorum; survivors drain together at one step).
     "gradcode": Profile("gradcode", ("--gc-stragglers", "1"), consistency="param_hash", stop_together=True,
-                        scenarios=GENERIC),
+                        cut_off_holds=True, scenarios=GENERIC),
     # SWARM: 3 stages of one layer; each node serves a stage (stage-0 peers train), so only the
     # trainers' training loss means anything, and replicas of a stage differ between gossip rounds.
     # Rebalancing is off so the churn, not a move, decides who serves what. 4 peers for 3 stages:

@@ -88,14 +88,15 @@ class Membership:
 
     async def refresh(self) -> None:
         found = await self.net.get(peers_key(self.spec.run_id))
-        if found is None:
-            if self.last_refresh_ok is None:
-                return
-            entries = {}
-        else:
-            entries = found.value if isinstance(found.value, dict) else {}
-            self.last_refresh_ok = time.time()
         now = get_dht_time()
+        if found is None:
+            # A failed read (a timeout toward an unreachable replica of the key, say) is no news:
+            # every record stays valid until its own expiry. Emptying the view here made the
+            # reachable side of a partition believe it had lost its peers too.
+            self._update({pid: m for pid, m in self._view.items() if m.expires_at > now})
+            return
+        entries = found.value if isinstance(found.value, dict) else {}
+        self.last_refresh_ok = time.time()
         view: dict[str, Member] = {}
         for subkey, item in entries.items():
             member = self._parse(subkey, item, now)

@@ -22,6 +22,10 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from .quorum import QuorumRule
 
+# How long a view must stay short of the quorum before the peer stops stepping. A step in that
+# window cannot fork: a sync round and a gradcode decode each check the quorum themselves.
+QUORUM_GRACE_S = 2.0
+
 if TYPE_CHECKING:  # runtime imports would make strategies depend on the whole node
     from swarm_node.config import NodeConfig, RunSpec
     from swarm_node.membership import Membership
@@ -71,6 +75,7 @@ class Strategy(abc.ABC):
         self.ctx = ctx
         self.quorum = QuorumRule(fixed=getattr(ctx.config, "quorum", 0),
                                  joined=bool(getattr(ctx.config, "initial_peers", ())))
+        self._short_since: float | None = None  # when the view first fell short of the quorum
         # one entry per round attempt, for summary.json (bounded): what the round cost against
         # the local compute since the previous one, which is what straggler benches compare
         self.round_history: list[dict[str, Any]] = []
@@ -112,12 +117,17 @@ class Strategy(abc.ABC):
                 self._quorum_reached = True
             if self.quorum_gated:
                 have, need = self.quorum_counts()
-                if have < need:
+                now = time.monotonic()
+                if have >= need:
+                    self._short_since = None
+                    if ctx.progress.below_quorum:
+                        self._quorum_regained(have, need)
+                elif ctx.progress.below_quorum or now - (self._short_since or now) >= QUORUM_GRACE_S:
                     self._wait_below_quorum(have, need)
                     await asyncio.sleep(0.5)
                     continue
-                if ctx.progress.below_quorum:
-                    self._quorum_regained(have, need)
+                elif self._short_since is None:
+                    self._short_since = now  # a view that is short for a moment (a slow record) is no split
             ctx.progress.waiting_for = None
             return True
         return False
@@ -126,6 +136,10 @@ class Strategy(abc.ABC):
         """(peers of this strategy in my view, me included; peers the quorum needs)."""
         ms = self.ctx.membership
         have = 1 + sum(1 for m in ms.others() if m.record.strategy == self.name)
+        # A round that committed within one record lifetime is first-hand proof of that many live
+        # peers, fresher than records (whose stores and reads stall while part of the DHT is cut off).
+        if ms.now() - self.quorum.committed_at <= self.ctx.config.ttl_s:
+            have = max(have, self.quorum.last_group)
         return have, self.quorum.needed(ms.left_since(self.quorum.committed_at, self.name))
 
     def note_committed(self, group_size: int) -> None:
@@ -142,6 +156,9 @@ class Strategy(abc.ABC):
                             "waiting instead of training alone", have, need, self.quorum.last_group)
         # not in sync with the swarm any more: not eligible to lead until a round checks my replica
         ctx.progress.state = "joining"
+        election = getattr(self, "election", None)
+        if election is not None:
+            election.forget_commits()
         ctx.progress.waiting_for = f"quorum: {have}/{need} peers"
         ctx.metrics.quorum_waiting.set(1)
         ctx.metrics.quorum_needed.set(need)
@@ -151,8 +168,8 @@ class Strategy(abc.ABC):
         ctx.progress.below_quorum = False
         ctx.metrics.quorum_waiting.set(0)
         ctx.metrics.quorum_needed.set(need)
-        ctx.log.info("quorum regained (%d of %d peers): rejoining; my replica is checked against the "
-                     "swarm's before I contribute", have, need)
+        ctx.log.info("quorum regained (I see %d peers, %d needed): rejoining; my replica is checked against "
+                     "the swarm's before I contribute", have, need)
 
     async def local_step(self) -> bool:
         """One local optimizer step on this peer's own batch (no exchange). Returns False,

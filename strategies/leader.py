@@ -6,14 +6,16 @@ not eligible while anyone is online, so a fresh joiner never leads the swarm awa
 the model everyone else holds. A peer that failed us is skipped ("suspect") until its
 record would have expired anyway. When nobody is online (a fresh swarm, or one re-forming
 after its peers fell below the quorum), anyone may lead; with `prefer_progress` the peers at
-the highest step come first, so a re-forming swarm keeps its most advanced replica instead of
-resyncing everyone to the lowest id's older one.
+the highest step (within PROGRESS_SLACK_STEPS) come first, so a re-forming swarm keeps its most
+advanced replica instead of resyncing everyone to the lowest id's older one.
 """
 from __future__ import annotations
 
 import time
 
 from .base import StrategyContext
+
+PROGRESS_SLACK_STEPS = 10  # prefer_progress: peers this close to the highest step count as level
 
 
 def pick_leader(candidates, suspects=()) -> str | None:
@@ -26,6 +28,7 @@ class LeaderElection:
         self.ctx, self.strategy_name, self.prefer_progress = ctx, strategy_name, prefer_progress
         self.suspects: dict[str, float] = {}  # peer -> monotonic time until which it is skipped
         self.committed_with: set[str] = set()  # members of our last committed round: online, whatever records say
+        self.committed_at = 0.0  # monotonic time of that round: its evidence lasts one record lifetime
 
     def suspect(self, peer: str) -> None:
         if peer != self.ctx.peer_id:
@@ -43,9 +46,17 @@ class LeaderElection:
         """Peers that just committed a round with us are online, even before their records
         say so (records lag by up to one announce interval)."""
         self.committed_with = set(group) - {self.ctx.peer_id}
+        self.committed_at = time.monotonic()
+
+    def forget_commits(self) -> None:
+        """This peer fell out of step with its group (below the quorum): what it committed before
+        says nothing about who is online now. Two peers that each still counted the other as
+        online, from rounds long past, would each send the other NOT_LEADER forever."""
+        self.committed_with = set()
 
     def online_peers(self) -> list[str]:
-        return [m.peer_id for m in self.peers() if m.record.state == "online" or m.peer_id in self.committed_with]
+        recent = self.committed_with if time.monotonic() - self.committed_at <= self.ctx.config.ttl_s else set()
+        return [m.peer_id for m in self.peers() if m.record.state == "online" or m.peer_id in recent]
 
     def expected(self) -> set[str]:
         return {m.peer_id for m in self.peers()} | {self.ctx.peer_id}
@@ -58,5 +69,6 @@ class LeaderElection:
         if not online:  # fresh swarm: all start from the same seed, so anyone may lead
             candidates = [(m.record.step, m.peer_id) for m in self.peers()] + [(self.ctx.trainer.step, me)]
             top = max(step for step, _ in candidates) if self.prefer_progress else None
-            online = [p for step, p in candidates if top is None or step == top]
+            # within a slack: records lag, and peers a few steps apart must still agree (lowest id)
+            online = [p for step, p in candidates if top is None or step >= top - PROGRESS_SLACK_STEPS]
         return pick_leader(online, self.live_suspects() - {me}) or me

@@ -84,6 +84,7 @@ class SyncStrategy(DataParallelStrategy):
         super().__init__(ctx)
         self.rounds: dict[int, ReduceRound] = {}
         self._adopted = False  # a joiner downloads the swarm's replica once, then contributes
+        self._last_group: set[str] = set()  # leader: contributors of the round it last committed
         self.election = LeaderElection(ctx, self.name, prefer_progress=True)
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.config.round_timeout_s * 3)
         params = ctx.trainer.parameters_list()
@@ -128,6 +129,10 @@ class SyncStrategy(DataParallelStrategy):
         self._account(outcome, size, time.perf_counter() - t0, leader)
         if update is not None:
             self.note_committed(size)
+            # those I just committed with are online, even before their records say so (records lag by
+            # up to an announce interval; without this a follower that went online first could take
+            # itself for the only online peer, and lead a round of one)
+            self.election.mark_committed(list(self._last_group) if leader == self.ctx.peer_id else [leader])
         if update is not None and self.ctx.progress.state != "online":
             self.ctx.progress.state = "online"
             await self.ctx.membership.announce("online")
@@ -156,6 +161,7 @@ class SyncStrategy(DataParallelStrategy):
             if self.rounds.get(rnd.step) is rnd:
                 del self.rounds[rnd.step]
             return None, "no_peers", len(rnd.contributions)
+        self._last_group = set(rnd.contributions)
         return rnd.result, "ok", len(rnd.contributions)
 
     async def _follow(self, leader: str, result: StepResult) -> tuple[list[torch.Tensor] | None, str, int]:

@@ -15,6 +15,7 @@ from swarm_node.config import NodeConfig
 from swarm_node.membership import Membership
 from swarm_node.metrics import NodeMetrics
 from swarm_node.protocol.records import PeerRecord
+from swarm_node.strategies import base
 from swarm_node.strategies.base import Progress, Strategy, StrategyContext
 from swarm_node.strategies.gradcode_round import CodedRound, make_plan
 from swarm_node.strategies.leader import LeaderElection
@@ -82,6 +83,26 @@ def test_membership_counts_graceful_leaves_of_peers_it_had_seen():
     assert ms.left_since(t - 1, "sync") == 0
 
 
+def test_a_failed_membership_read_keeps_records_until_they_expire():
+    """A DHT read that fails (a timeout toward a partitioned replica of the key) is no news: the
+    view keeps every record until its own expiry, instead of emptying (which made the reachable
+    side of a partition fall below the quorum too)."""
+    spec = NodeConfig(state_dir="/tmp/unused").run_spec()
+
+    async def failed_get(key):
+        return None
+
+    net = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "me"), get=failed_get)
+    ms = Membership(net, spec, NodeMetrics("sync"), ttl_s=4.0, make_record=None)
+    now = time.time()
+    items = {"a": now + 60, "b": now - 1}  # b's record has expired
+    ms._update({m.peer_id: m for p, exp in items.items() if (m := ms._parse(
+        p, SimpleNamespace(value=_record(p, "online", spec_hash=ms.spec_hash), expiration_time=exp), now - 5))})
+    assert {m.peer_id for m in ms.others()} == {"a"}
+    asyncio.run(ms.refresh())
+    assert {m.peer_id for m in ms.others()} == {"a"}
+
+
 class _Gated(Strategy):
     name = "sync"
     quorum_gated = True
@@ -111,20 +132,29 @@ def _ctx(others: list[str], *, quorum: int = 0, step: int = 0, params=None, time
                            log=logging.getLogger("test.quorum"))
 
 
-def test_a_peer_below_the_quorum_waits_as_a_joiner_and_resumes_when_peers_return():
+def test_a_peer_below_the_quorum_waits_as_a_joiner_and_resumes_when_peers_return(monkeypatch):
     """1. A gated peer last committed a round of 4; it now sees itself and one other (2 < 3).
-    2. wait_for_peers blocks: state joining (not eligible to lead), waiting_for says the counts,
-       swarm_quorum_waiting = 1, one wait counted.
-    3. Two peers come back into its view.
+    2. For a short grace (0.2 s here) it still steps: a view short for a moment is no split.
+    3. After that, wait_for_peers blocks: state joining (not eligible to lead), waiting_for says
+       the counts, swarm_quorum_waiting = 1, one wait counted.
+    4. Two peers come back into its view.
     Result: the wait returns True, the gauge drops to 0, and the state stays joining (a round
     must check the replica before the peer counts as online again)."""
+    monkeypatch.setattr(base, "QUORUM_GRACE_S", 0.2)
     others = ["a"]
     ctx = _ctx(others)
     s = _Gated(ctx)
     s._quorum_reached = True
     s.quorum.committed(4, at=time.time())
+    # a round of 4 committed just now is first-hand proof of 4 live peers, whatever records say
+    assert s.quorum_counts() == (4, 3)
+    s.quorum.committed(4, at=time.time() - 10)  # ... but not after a record lifetime (4 s here)
+    assert s.quorum_counts() == (2, 3)
 
     async def go():
+        assert await asyncio.wait_for(s.wait_for_peers(), 1) is True  # within the grace
+        assert not ctx.progress.below_quorum and ctx.progress.state == "online"
+        await asyncio.sleep(0.3)
         waiter = asyncio.ensure_future(s.wait_for_peers())
         await asyncio.sleep(0.7)
         assert not waiter.done()
@@ -144,7 +174,7 @@ def test_quorum_one_never_waits():
     ctx = _ctx([], quorum=1)
     s = _Gated(ctx)
     s._quorum_reached = True
-    s.quorum.committed(4, at=time.time())
+    s.quorum.committed(4, at=time.time() - 10)
     assert asyncio.run(asyncio.wait_for(s.wait_for_peers(), 2)) is True
     assert not ctx.progress.below_quorum
 
@@ -157,7 +187,7 @@ def test_a_sync_leader_cut_off_from_its_group_does_not_commit_alone():
     def run(quorum: int):
         ctx = _ctx(["b", "c"], quorum=quorum, timeout_s=0.3)
         s = SyncStrategy(ctx)
-        s.quorum.committed(3, at=time.time())
+        s.quorum.committed(3, at=time.time() - 10)
         result = StepResult(step=7, loss=1.0, grads=[torch.ones(3)], num_samples=4, duration_s=0.0)
         return s, asyncio.run(s._lead(result))
 

@@ -53,7 +53,7 @@ def test_builtin_churn_scenario_in_namespaces(strategy, tmp_path):
     p = profile_for(strategy)
     report = run_scenario(RunOptions(strategy=strategy, peers=p.peers, scenario=Scenario.parse(p.scenarios["churn"], "churn"),
                                      netns=True, node_args=list(p.node_args), max_steps=p.max_steps,
-                                     stop_together=p.stop_together, settle_s=12,
+                                     stop_together=p.stop_together, cut_off_holds=p.cut_off_holds, settle_s=12,
                                      consistency=p.consistency, loss=p.loss, workdir=tmp_path, netns_prefix="swlt",
                                      run_id=f"churn-{strategy}"))
     _check(report, p.consistency)

@@ -18,10 +18,14 @@ def test_partitioned_peer_knows_it_is_isolated_and_rejoins_after_heal(tmp_path):
     2. While cut off: n2's routing table <= 1 and /readyz 503 (and still <= 1 late in the partition).
     3. Within 30 s of the heal: routing table >= 2, /readyz 200, and
        swarm_bootstrap_attempts_total{outcome="ok"} >= 1.
-    Result: hivemind's forever-isolated state (ops reference §7) is detected and repaired."""
+    4. Once it knows it is cut off, n2 (1 of a group of 3, below the quorum) takes no step; the
+       others (2 of 3) train on. After the heal all three drain together at one step.
+    Result: hivemind's forever-isolated state is detected and repaired, and the partition
+    costs no fork: one param hash at the common last step."""
     report = run_scenario(RunOptions(strategy="sync", peers=3, scenario=Scenario.parse(PARTITION, "partition"),
                                      netns=True, settle_s=3, rejoin_timeout_s=30, workdir=tmp_path,
-                                     netns_prefix="swlt", run_id="o8"))
+                                     netns_prefix="swlt", run_id="o8", consistency="param_hash",
+                                     stop_together=True, cut_off_holds=True))
     print(report.format())
     heal = next(f for f in report.fired if f.event.action == "heal")
     assert heal.detail.get("isolated_after_s") is not None, heal.detail  # rt <= 1 and /readyz 503 together
@@ -33,4 +37,8 @@ def test_partitioned_peer_knows_it_is_isolated_and_rejoins_after_heal(tmp_path):
     # O-8 asks for ok >= 1. Usually the healed node's own watchdog adds one (before < after), but
     # the other peers' heartbeats can refill its table first (seen in 1 of 4 runs), so not asserted.
     assert heal.detail["bootstrap_ok_after"] >= 1, heal.detail
-    assert not report.nan_seen and report.leftover == [], report.format()
+    assert heal.detail["steps_while_isolated"] <= 1, heal.detail
+    partition = next(f for f in report.fired if f.event.action == "partition")
+    assert heal.detail["survivors_step"] > partition.detail["survivors_step"] + 10, (partition.detail, heal.detail)
+    assert report.consistent is True and len(report.final) == 3, report.format()
+    assert not report.problems and not report.nan_seen and report.leftover == [], report.format()
