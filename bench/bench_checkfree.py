@@ -1,6 +1,6 @@
 """CheckFree vs random re-init vs checkpoint rollback after losing a middle pipeline stage.
 
-Network-free: an in-process pipeline of the tiny GPT (node/model.py split_stages), one Adam
+Network-free: an in-process pipeline of the tiny GPT (node/train/model.py split_stages), one Adam
 (weight decay 0, as the note's §2) per stage, per-stage clipping at 1.0 (the post-clip norm is
 what CheckFree weighs neighbours by). Every continuation starts from the same pretrained
 state and sees the same batches (batch of step t is a function of (seed, t)), so the
@@ -43,9 +43,9 @@ import time
 
 import torch
 
-from swarm_node.data import ByteDataset, batch_generator_seed
-from swarm_node.model import INIT_STD, GPTConfig, PipelineStage, build_model, split_stages
-from swarm_node.strategies.checkfree import (CheckFreeConfig, body_order, fresh_optimizer, plan_recovery,
+from swarm_node.train.data import ByteDataset, batch_generator_seed
+from swarm_node.train.model import INIT_STD, GPTConfig, PipelineStage, build_model, split_stages
+from swarm_node.strategies.swarm.checkfree import (CheckFreeConfig, body_order, fresh_optimizer, plan_recovery,
                                              rebuild_state, state_bytes)
 
 CLIP = 1.0

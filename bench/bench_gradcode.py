@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from swarm_node.launcher import Swarm
+from swarm_node.lab.launcher import Swarm
 
 ARGS = ["--host", "127.0.0.1", "--metrics-addr", "127.0.0.1:0", "--threads", "1", "--announce-interval-s", "1",
         "--record-ttl-s", "4", "--status-interval-s", "30", "--log-level", "WARNING", "--eval-every", "1000",
@@ -64,9 +64,9 @@ def partition_compute_s(repeats: int = 30) -> tuple[float, float]:
     batch, one thread, in this process): the extra compute s·c of coding with s = 1."""
     import torch
 
-    from swarm_node.data import ByteDataset
-    from swarm_node.model import GPTConfig
-    from swarm_node.trainer import TrainConfig, build_trainer
+    from swarm_node.train.data import ByteDataset
+    from swarm_node.train.model import GPTConfig
+    from swarm_node.train.trainer import TrainConfig, build_trainer
 
     torch.set_num_threads(1)
     trainer = build_trainer(GPTConfig(seq_len=32, n_layer=1, n_head=4, d_model=64), TrainConfig(batch_size=8, seed=1),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from swarm_node.launcher import NodeProcess, Swarm
+from swarm_node.lab.launcher import NodeProcess, Swarm
 
 ARGS = ["--host", "127.0.0.1", "--metrics-addr", "127.0.0.1:0", "--threads", "1", "--announce-interval-s", "1",
         "--status-interval-s", "30", "--log-level", "WARNING", "--eval-every", "1000"]

@@ -1,5 +1,5 @@
 """Pipeline scheduling benches: a discrete-event simulation driven by the REAL routing and
-rebalancing code (strategies/swarm_router.py, strategies/swarm_rebalance.py).
+rebalancing code (strategies/swarm/router.py, strategies/swarm/rebalance.py).
 
 No network, no torch: peers are servers with a speed (samples/s) and a FIFO queue; a
 micro-batch visits every stage in order; trainers keep `--inflight` micro-batches going
@@ -28,8 +28,8 @@ import json
 import random
 from dataclasses import dataclass, field
 
-from swarm_node.strategies.swarm_rebalance import rebalance_target
-from swarm_node.strategies.swarm_router import StageRouter
+from swarm_node.strategies.swarm.rebalance import rebalance_target
+from swarm_node.strategies.swarm.router import StageRouter
 
 
 @dataclass

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from swarm_node.launcher import Swarm
+from swarm_node.lab.launcher import Swarm
 
 CONFIGS: dict[str, list[str]] = {
     "8/0": ["--sapo-local-groups", "8", "--sapo-external-groups", "0"],

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from swarm_node.identity import ensure_identity
-from swarm_node.launcher import Swarm
+from swarm_node.lab.launcher import Swarm
 
 MODEL = ["--n-layer", "2", "--d-model", "128", "--n-head", "4", "--seq-len", "64", "--batch-size", "16",
          "--data-max-bytes", "400000"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from swarm_node.launcher import Swarm
+from swarm_node.lab.launcher import Swarm
 
 MODEL = ["--n-layer", "1", "--d-model", "64", "--n-head", "4", "--seq-len", "32", "--batch-size", "8",
          "--data-max-bytes", "600000"]
@@ -147,7 +147,7 @@ def _utilization(summary: dict) -> float:
 
 
 def _num_params() -> int:
-    from swarm_node.model import GPTConfig, build_model
+    from swarm_node.train.model import GPTConfig, build_model
 
     return build_model(GPTConfig(seq_len=32, n_layer=1, n_head=4, d_model=64), 0).num_parameters()
 

@@ -1,6 +1,6 @@
 """Live churn throughput of the `swarm` pipeline strategy (issue 4; swarm_pipeline.md S-9).
 
-Real `swarm-node join --strategy swarm` processes on 127.0.0.1 (node/launcher.py): `--trainers`
+Real `swarm-node join --strategy swarm` processes on 127.0.0.1 (node/lab/launcher.py): `--trainers`
 stage-0 peers plus `--servers-per-stage` servers on every other stage, tiny model, --threads 1.
 Two phases, each a fresh swarm with the same flags and seed (the no-churn baseline is measured
 in the same run, never taken from an earlier one):
@@ -52,7 +52,7 @@ from pathlib import Path
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from swarm_node.launcher import LaunchError, NodeProcess, Swarm
+from swarm_node.lab.launcher import LaunchError, NodeProcess, Swarm
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ["--host", "127.0.0.1", "--metrics-addr", "127.0.0.1:0", "--threads", "1", "--announce-interval-s", "1",

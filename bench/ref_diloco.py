@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm_node.data import ByteDataset
-from swarm_node.model import GPTConfig
-from swarm_node.trainer import LocalTrainer, TrainConfig, build_trainer
-from swarm_node.strategies.outer_math import (OuterOptimizer, fragment_due, fragment_indices, merge, noloco_update,
+from swarm_node.train.data import ByteDataset
+from swarm_node.train.model import GPTConfig
+from swarm_node.train.trainer import LocalTrainer, TrainConfig, build_trainer
+from swarm_node.strategies.lowcomm.outer_math import (OuterOptimizer, fragment_due, fragment_indices, merge, noloco_update,
                                               pair_peers, pseudo_gradient, weighted_mean)
 
 

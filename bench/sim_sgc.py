@@ -1,4 +1,4 @@
-"""Trace-driven comparison of GC, SR-SGC and M-SGC (strategies/sequential_coding.py; test G-6).
+"""Trace-driven comparison of GC, SR-SGC and M-SGC (strategies/gradcode/sequential.py; test G-6).
 
   .venv/bin/python bench/sim_sgc.py --n 16 --jobs 80 --seed 0 [--B 1 --W 3 --lam 4 --p-start 0.3
       --iid-p 0.1 --base-s 0.05 --compute-s 1.0 --straggle-s 1.0 --policy model]
@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without the install, too
 try:
-    from swarm_node.strategies import sequential_coding as sgc
+    from swarm_node.strategies.gradcode import sequential as sgc
 except ImportError:  # pragma: no cover - only without the editable install
     from strategies import sequential_coding as sgc  # type: ignore[no-redef]
 

@@ -1,3 +1,3 @@
-from .cli import main
+from swarm_node.cli import main
 
 raise SystemExit(main())

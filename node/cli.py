@@ -20,8 +20,8 @@ import sys
 import typing
 from pathlib import Path
 
-from . import __version__
-from .config import DEFAULT_STATE_DIR, ConfigError, NodeConfig, load_config
+from swarm_node import __version__
+from swarm_node.config import DEFAULT_STATE_DIR, ConfigError, NodeConfig, load_config
 
 EXIT_CONFIG = 2
 
@@ -67,17 +67,17 @@ def _cmd_join(args: argparse.Namespace) -> int:
     if not cfg.initial_peers and not cfg.new_swarm and not cfg.discover:
         raise ConfigError("give --initial-peers MADDR (the join line printed by a running node), "
                           "--discover to find peers on the local network, or --new-swarm to start a new swarm")
-    from .logs import configure_logging
+    from swarm_node.logs import configure_logging
 
     configure_logging(cfg.log_format, cfg.log_level)
-    from .daemon import run_node
+    from swarm_node.daemon import run_node
 
     return run_node(cfg)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     cfg = _config_from(args)
-    from .preflight import exit_code, format_findings, run_preflight
+    from swarm_node.preflight import exit_code, format_findings, run_preflight
 
     findings = run_preflight(device=cfg.device, initial_peers=cfg.initial_peers, host=cfg.host, port=cfg.port,
                              state_dir=cfg.state_dir)
@@ -101,8 +101,8 @@ def _control_address(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .control import ControlClient, ControlError
-    from .tables import format_peers, format_status
+    from swarm_node.control import ControlClient, ControlError
+    from swarm_node.tables import format_peers, format_status
 
     address, state_dir = _control_address(args)
     try:
@@ -133,7 +133,7 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
 
 
 def _cmd_identity(args: argparse.Namespace) -> int:
-    from .identity import IdentityError, ensure_identity
+    from swarm_node.identity import IdentityError, ensure_identity
 
     try:
         ident = ensure_identity(Path(args.state_dir) / "identity.key")
@@ -145,7 +145,7 @@ def _cmd_identity(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoOptions, run_demo
+    from swarm_node.lab.demo import DemoOptions, run_demo
 
     extra = list(args.node_args or [])
     if extra[:1] == ["--"]:  # argparse keeps the separator in a REMAINDER argument
@@ -155,7 +155,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from .simulate import simulate
+    from swarm_node.lab.simulate import simulate
 
     extra = list(args.node_args or [])
     if extra[:1] == ["--"]:  # argparse keeps the separator in a REMAINDER argument

@@ -239,7 +239,7 @@ class NodeConfig(BaseSettings):
         return self
 
     def _check_sapo(self) -> None:
-        from swarm_node.strategies import sapo_tasks  # pure stdlib: cheap, and only for sapo
+        from swarm_node.strategies.sapo import tasks as sapo_tasks  # pure stdlib: cheap, and only for sapo
 
         if self.sapo_local_groups > self.sapo_questions:
             raise ValueError(f"sapo needs --sapo-local-groups ({self.sapo_local_groups}) <= --sapo-questions "

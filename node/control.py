@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from .protocol.pb import swarm_node_control_pb2 as pb
-from .protocol.pb import swarm_node_control_pb2_grpc as pb_grpc
-from .status import NodeStatus, PeerView, Phase
+from swarm_node.protocol.pb import swarm_node_control_pb2 as pb
+from swarm_node.protocol.pb import swarm_node_control_pb2_grpc as pb_grpc
+from swarm_node.status import NodeStatus, PeerView, Phase
 
 log = logging.getLogger(__name__)
 

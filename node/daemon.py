@@ -33,22 +33,22 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .config import NodeConfig
-from .control import ControlServer
-from .data import ByteDataset, DataError
-from .device import DeviceError, SpareGpuGate, apply_memory_cap, describe_device, make_probe, resolve_device
-from .health import Heartbeat, HealthServer, make_live_fn
-from .identity import ensure_identity
-from .membership import Membership, SpecMismatch
-from .metrics import NodeMetrics
-from .model import GPTConfig
-from .discovery import DiscoveryClient
-from .network import IsolationWatchdog, NetworkSettings, SwarmNetwork
-from .preflight import raise_nofile_limit
-from .processes import install_p2pd_reaper, reap_children
-from .status import NodeStatus, PeerView, Phase
-from .trainer import LocalTrainer, TrainConfig, build_trainer
+from swarm_node import __version__
+from swarm_node.config import NodeConfig
+from swarm_node.control import ControlServer
+from swarm_node.train.data import ByteDataset, DataError
+from swarm_node.train.device import DeviceError, SpareGpuGate, apply_memory_cap, describe_device, make_probe, resolve_device
+from swarm_node.health import Heartbeat, HealthServer, make_live_fn
+from swarm_node.identity import ensure_identity
+from swarm_node.membership import Membership, SpecMismatch
+from swarm_node.metrics import NodeMetrics
+from swarm_node.train.model import GPTConfig
+from swarm_node.discovery import DiscoveryClient
+from swarm_node.network import IsolationWatchdog, NetworkSettings, SwarmNetwork
+from swarm_node.preflight import raise_nofile_limit
+from swarm_node.processes import install_p2pd_reaper, reap_children
+from swarm_node.status import NodeStatus, PeerView, Phase
+from swarm_node.train.trainer import LocalTrainer, TrainConfig, build_trainer
 from swarm_node.protocol.codec import REJECT_REASONS
 from swarm_node.protocol.records import PeerRecord
 from swarm_node.protocol.transport import Transport

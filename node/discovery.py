@@ -1,6 +1,6 @@
 """Node side of LAN discovery: start, read and supervise the mDNS sidecar process.
 
-The sidecar (node/mdns_sidecar.py) runs py-libp2p, which cannot live in this process
+The sidecar (node/sidecars/mdns.py) runs py-libp2p, which cannot live in this process
 (hivemind's and py-libp2p's `crypto.pb` protobufs clash), so it is a child process that
 reports JSON lines on its stdout. This module never imports py-libp2p.
 
@@ -32,7 +32,7 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-SIDECAR_MODULE = "swarm_node.mdns_sidecar"
+SIDECAR_MODULE = "swarm_node.sidecars.mdns"
 MAX_LINE_BYTES = 64 * 1024
 SETTLE_S = 0.5  # after the first answer: peers started together answer within ~this
 

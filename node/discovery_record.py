@@ -1,6 +1,6 @@
 """The LAN-discovery advertisement: what one node tells another about how to join it.
 
-A node's mDNS sidecar (node/mdns_sidecar.py) serves this record over a py-libp2p stream to
+A node's mDNS sidecar (node/sidecars/mdns.py) serves this record over a py-libp2p stream to
 any sidecar that found it by mDNS. The sidecar's libp2p key *is* the node's identity key,
 so the secure channel already proves which peer id is speaking; the record additionally
 carries a signature by that key over its content, so the binding of (run id, join

@@ -27,8 +27,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import make_wsgi_app
 
-from .metrics import NodeMetrics
-from .status import NodeStatus
+from swarm_node.metrics import NodeMetrics
+from swarm_node.status import NodeStatus
 
 log = logging.getLogger(__name__)
 

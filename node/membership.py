@@ -24,9 +24,9 @@ from typing import Callable
 from hivemind.utils import get_dht_time
 
 from swarm_node.protocol.records import PeerRecord, RecordError, SpecRecord, peers_key, spec_key
-from .config import RunSpec
-from .metrics import NodeMetrics
-from .network import SwarmNetwork
+from swarm_node.config import RunSpec
+from swarm_node.metrics import NodeMetrics
+from swarm_node.network import SwarmNetwork
 
 log = logging.getLogger(__name__)
 

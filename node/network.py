@@ -30,7 +30,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 from multiaddr import Multiaddr
 
-from .metrics import NodeMetrics
+from swarm_node.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 

@@ -110,7 +110,7 @@ def check_torch_and_device(device: str) -> list[Finding]:
         import torch
     except Exception as e:  # noqa: BLE001 - a broken install shows up here in many ways
         return [Finding("torch", "error", f"cannot import torch: {e}")]
-    from swarm_node.device import DeviceError, describe_device, resolve_device
+    from swarm_node.train.device import DeviceError, describe_device, resolve_device
 
     findings = [Finding("torch", "ok", f"torch {torch.__version__}")]
     try:

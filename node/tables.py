@@ -13,7 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .status import NodeStatus, PeerView
+from swarm_node.status import NodeStatus, PeerView
 
 WIDTH = 120
 

@@ -1,6 +1,6 @@
 """Regenerate protocol/pb/*_pb2*.py from proto/*.proto.
 
-Run `python proto/generate.py` after editing a .proto. tests/test_proto_in_sync.py fails
+Run `python proto/generate.py` after editing a .proto. tests/unit/test_proto_in_sync.py fails
 when the committed generated code differs from a fresh generation.
 
 Every proto here declares `package swarmnode.v1` (or a sub-package) and has a file name

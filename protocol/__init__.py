@@ -1,1 +1,9 @@
-"""Wire layer: DHT records, tensor codec, RPC helpers."""
+"""The wire layer: what peers say to each other, and how.
+
+  records.py    DHT key layout and the versioned records stored under it
+  codec.py      torch tensors <-> protobuf tensor messages (chunked, size- and dtype-checked)
+  transport.py  protobuf streams between peers over hivemind's P2P; bytes counted per channel
+  allreduce.py  weighted butterfly all-reduce of one flat vector among a frozen group
+  bulk_tcp.py   the all-reduce's bulk data path on direct TCP sockets
+  pb/           code generated from proto/*.proto (never edited by hand)
+"""

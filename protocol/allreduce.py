@@ -42,10 +42,10 @@ from typing import AsyncIterator
 
 import torch
 
-from . import bulk_tcp, codec
-from .pb import swarm_node_bulk_pb2 as bpb
-from .pb import swarm_node_rounds_pb2 as rpb
-from .transport import MAX_MESSAGE, PeerUnavailable, Transport, drain, first_message
+from swarm_node.protocol import bulk_tcp, codec
+from swarm_node.protocol.pb import swarm_node_bulk_pb2 as bpb
+from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
+from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, Transport, drain, first_message
 
 log = logging.getLogger(__name__)
 METHOD = "allreduce.shard"

@@ -48,7 +48,7 @@ from typing import Any, Awaitable, Callable
 
 import torch
 
-from . import codec
+from swarm_node.protocol import codec
 
 log = logging.getLogger(__name__)
 

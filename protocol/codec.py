@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from google.protobuf.message import DecodeError
 
-from .pb import swarm_node_wire_pb2 as wire
+from swarm_node.protocol.pb import swarm_node_wire_pb2 as wire
 
 if sys.byteorder != "little":  # buffers are little-endian and we reinterpret in place
     raise ImportError("swarm_node.protocol.codec requires a little-endian host")

@@ -1,1 +1,14 @@
-"""Training strategies: plain tensor math plus a thin round driver."""
+"""Synchronization strategies: plain tensor math plus a thin driver that maps rounds onto the transport.
+
+  base.py            Strategy, StrategyContext, Progress; the peers/quorum wait every loop uses
+  registry.py        find strategies by name (built-ins and the `swarm_node.strategies` entry points)
+  solo.py sync.py    the baselines; data_parallel.py is their shared step loop
+  leader.py          who coordinates a round; quorum.py the run-long quorum of sync and gradcode
+  rounds.py          averaging rounds as transactions (freeze, all-reduce, vote, commit)
+  state_transfer.py  hand a replica to a joiner or a peer that drifted
+Subpackages, one per family:
+  lowcomm/   diloco, streaming-diloco, noloco and their outer-loop math
+  swarm/     SWARM pipeline parallelism with CheckFree stage recovery
+  sapo/      rollout sharing for RL post-training
+  gradcode/  gradient coding for stragglers
+"""

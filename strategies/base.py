@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from .quorum import QuorumRule
+from swarm_node.strategies.quorum import QuorumRule
 
 # How long a view must stay short of the quorum before the peer stops stepping. A step in that
 # window cannot fork: a sync round and a gradcode decode each check the quorum themselves.
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # runtime imports would make strategies depend on the whole n
     from swarm_node.config import NodeConfig, RunSpec
     from swarm_node.membership import Membership
     from swarm_node.metrics import NodeMetrics
-    from swarm_node.trainer import LocalTrainer
+    from swarm_node.train.trainer import LocalTrainer
     from swarm_node.protocol.transport import Transport
 
 
@@ -174,7 +174,7 @@ class Strategy(abc.ABC):
     async def local_step(self) -> bool:
         """One local optimizer step on this peer's own batch (no exchange). Returns False,
         with nothing changed, when the loss or gradients were NaN/inf (counted)."""
-        from swarm_node.trainer import NonFiniteError  # the trainer imports torch; keep base light
+        from swarm_node.train.trainer import NonFiniteError  # the trainer imports torch; keep base light
 
         ctx = self.ctx
         t0 = time.perf_counter()

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from swarm_node.trainer import NonFiniteError, StepResult
+from swarm_node.train.trainer import NonFiniteError, StepResult
 
-from .base import Strategy
+from swarm_node.strategies.base import Strategy
 
 
 class DataParallelStrategy(Strategy):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from .base import StrategyContext
+from swarm_node.strategies.base import StrategyContext
 
 PROGRESS_SLACK_STEPS = 10  # prefer_progress: peers this close to the highest step count as level
 

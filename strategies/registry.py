@@ -5,18 +5,18 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from .base import Strategy
+from swarm_node.strategies.base import Strategy
 
 ENTRY_POINT_GROUP = "swarm_node.strategies"
 _BUILTIN = {
     "solo": "swarm_node.strategies.solo:SoloStrategy",
     "sync": "swarm_node.strategies.sync:SyncStrategy",
-    "diloco": "swarm_node.strategies.diloco:DiLoCoStrategy",
-    "noloco": "swarm_node.strategies.noloco:NoLoCoStrategy",
-    "streaming-diloco": "swarm_node.strategies.streaming_diloco:StreamingDiLoCoStrategy",
-    "gradcode": "swarm_node.strategies.gradcode:GradientCodingStrategy",
-    "swarm": "swarm_node.strategies.swarm:SwarmStrategy",
-    "sapo": "swarm_node.strategies.sapo:SapoStrategy",
+    "diloco": "swarm_node.strategies.lowcomm.diloco:DiLoCoStrategy",
+    "noloco": "swarm_node.strategies.lowcomm.noloco:NoLoCoStrategy",
+    "streaming-diloco": "swarm_node.strategies.lowcomm.streaming:StreamingDiLoCoStrategy",
+    "gradcode": "swarm_node.strategies.gradcode.strategy:GradientCodingStrategy",
+    "swarm": "swarm_node.strategies.swarm.strategy:SwarmStrategy",
+    "sapo": "swarm_node.strategies.sapo.strategy:SapoStrategy",
 }
 
 

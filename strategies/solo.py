@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from swarm_node.trainer import StepResult
+from swarm_node.train.trainer import StepResult
 
-from .data_parallel import DataParallelStrategy
+from swarm_node.strategies.data_parallel import DataParallelStrategy
 
 
 class SoloStrategy(DataParallelStrategy):

@@ -34,12 +34,12 @@ import torch
 from swarm_node.protocol import codec
 from swarm_node.protocol.pb import swarm_node_wire_pb2 as wire
 from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message
-from swarm_node.trainer import StepResult
+from swarm_node.train.trainer import StepResult
 
-from .data_parallel import DataParallelStrategy
-from .leader import LeaderElection
-from .outer_math import weighted_mean
-from .state_transfer import StateService
+from swarm_node.strategies.data_parallel import DataParallelStrategy
+from swarm_node.strategies.leader import LeaderElection
+from swarm_node.strategies.lowcomm.outer_math import weighted_mean
+from swarm_node.strategies.state_transfer import StateService
 
 PUSH = "sync.push"
 Status = wire.SyncReply.Status

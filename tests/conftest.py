@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm_node.launcher import Swarm, leftover_launched_pids
+from swarm_node.lab.launcher import Swarm, leftover_launched_pids
 
 # Small and fast: one layer, short sequences, 1 s heartbeats, 4 s record lifetime.
 FAST_NODE_ARGS = [

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from swarm_node.netlab import capability
+from swarm_node.lab.netlab import capability
 
 
 @pytest.fixture

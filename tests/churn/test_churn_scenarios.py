@@ -14,9 +14,9 @@ import warnings
 import psutil
 import pytest
 
-from swarm_node.churn import RunOptions, run_scenario
-from swarm_node.churn_scenarios import profile_for
-from swarm_node.scenario import Scenario
+from swarm_node.lab.churn import RunOptions, run_scenario
+from swarm_node.lab.churn_scenarios import profile_for
+from swarm_node.lab.scenario import Scenario
 
 pytestmark = pytest.mark.churn
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from swarm_node.churn import RunOptions, run_scenario
-from swarm_node.churn_scenarios import PARTITION
-from swarm_node.scenario import Scenario
+from swarm_node.lab.churn import RunOptions, run_scenario
+from swarm_node.lab.churn_scenarios import PARTITION
+from swarm_node.lab.scenario import Scenario
 
 pytestmark = [pytest.mark.churn, pytest.mark.usefixtures("lab_capable")]
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from swarm_node.netlab import NetLab, lab_namespaces
+from swarm_node.lab.netlab import NetLab, lab_namespaces
 
 pytestmark = [pytest.mark.churn, pytest.mark.usefixtures("lab_capable")]
 

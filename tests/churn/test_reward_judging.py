@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from swarm_node.churn import ChurnRunner, Fired, RunOptions
-from swarm_node.churn_scenarios import SAPO_CHURN
-from swarm_node.scenario import Scenario
+from swarm_node.lab.churn import ChurnRunner, Fired, RunOptions
+from swarm_node.lab.churn_scenarios import SAPO_CHURN
+from swarm_node.lab.scenario import Scenario
 
 pytestmark = pytest.mark.churn
 

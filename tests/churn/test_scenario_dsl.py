@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from swarm_node.churn_scenarios import PROFILES, profile_for
-from swarm_node.scenario import Event, Scenario, ScenarioError, at, at_step
+from swarm_node.lab.churn_scenarios import PROFILES, profile_for
+from swarm_node.lab.scenario import Event, Scenario, ScenarioError, at, at_step
 
 pytestmark = pytest.mark.churn
 

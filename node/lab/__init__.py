@@ -1,0 +1,10 @@
+"""The churn lab and local launchers: real daemons on one machine, for tests, demos and benches.
+
+  launcher.py         NodeProcess / Swarm: start, watch and always reap `swarm-node join` processes
+  scenario.py         the scenario language (timed events)
+  churn.py            ChurnRunner: play a scenario against a swarm and judge it (loopback or netns)
+  churn_scenarios.py  one Profile per strategy: node flags, how a run ends, how survivors must agree
+  netlab.py           network namespaces, veth, bridge, nftables partitions, tbf shaping (root)
+  simulate.py         `swarm-node simulate`
+  demo.py             `swarm-node demo`
+"""

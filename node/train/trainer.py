@@ -1,0 +1,346 @@
+"""Local training on one device: gradients, optimizer steps, evaluation, checkpoints.
+
+`LocalTrainer` owns one model replica, its AdamW optimizer and the batch generator of this
+peer. Strategies drive it: `compute_gradients(step)` produces this peer's gradients for a
+step without changing any parameter; the strategy may average them with other peers and
+then calls `apply_gradients(grads)`, which is the only place parameters change.
+
+Invariants:
+  * Everything runs synchronously on the caller's (single compute) thread.
+  * The batch for `(run seed, peer, step)` is fixed (see `data.batch_generator_seed`), so a
+    retried or resumed step sees the same data.
+  * A non-finite loss or gradient raises before any parameter or optimizer state changes.
+  * `trainer.step` counts applied optimizer steps; checkpoints restore it exactly, so
+    "save at N, load, continue" is bit-identical to never having stopped (same device and
+    thread count).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from swarm_node.train.data import ByteDataset, batch_generator_seed
+from swarm_node.train.model import GPT, GPTConfig, build_model
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer and batching knobs shared by every peer of a run."""
+
+    lr: float = 3e-3  # AdamW learning rate (constant; schedules belong to strategies)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # max global grad norm; None or 0 disables clipping
+    batch_size: int = 16  # sequences per local step
+    seed: int = 0  # run seed: model init and per-step batch seeds derive from it
+    # "constant", or "cosine": linear warmup over `warmup_steps`, then cosine decay to 0 at
+    # `total_steps`. A function of the step alone, so a joiner that adopts a peer's step count
+    # also has its learning rate.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]  # lists from JSON/TOML
+        if self.lr <= 0 or self.batch_size <= 0:
+            raise ValueError("lr and batch_size must be positive")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown lr schedule {self.lr_schedule!r} (constant or cosine)")
+        if self.lr_schedule == "cosine" and self.total_steps <= self.warmup_steps:
+            raise ValueError("a cosine schedule needs total_steps > warmup_steps")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the optimizer step taken at `step` (0-based)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/inf; parameters and optimizer state were left untouched."""
+
+
+class NonFiniteLoss(NonFiniteError):
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"non-finite loss {loss} at step {step}")
+        self.step = step
+        self.loss = loss
+
+
+class NonFiniteGradients(NonFiniteError):
+    def __init__(self, step: int, norm: float) -> None:
+        super().__init__(f"non-finite gradient norm {norm} at step {step}")
+        self.step = step
+        self.norm = norm
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """This peer's contribution to one step. `grads` align with `parameters_list()`."""
+
+    step: int
+    loss: float
+    grads: list[torch.Tensor]  # detached, fp32, on the trainer's device
+    num_samples: int  # sequences in the batch
+    duration_s: float  # batch + forward + backward, device-synchronised
+
+
+class LocalTrainer:
+    def __init__(
+        self,
+        model: GPT,
+        dataset: ByteDataset,
+        cfg: TrainConfig | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        peer: int | str = 0,
+    ) -> None:
+        """`model` is moved to `device`; `peer` keys this peer's batch stream (index or id)."""
+        self.cfg = cfg or TrainConfig()
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.dataset = dataset
+        self.peer = peer
+        self.seq_len = model.cfg.seq_len
+        self.step = 0  # optimizer steps applied so far
+        self.last_grad_norm: float | None = None  # pre-clip norm of the last applied step
+        self._params: list[nn.Parameter] = list(self.model.parameters())
+        self.optimizer = torch.optim.AdamW(
+            self._params,
+            lr=self.cfg.lr,
+            betas=self.cfg.betas,
+            eps=self.cfg.eps,
+            weight_decay=self.cfg.weight_decay,
+        )
+        self._gen = torch.Generator(device="cpu")  # batch sampling; reseeded every step
+        self._gen.manual_seed(batch_generator_seed(self.cfg.seed, peer, 0))
+
+    # ------------------------------------------------------------------ training
+
+    def parameters_list(self) -> list[nn.Parameter]:
+        """Parameters in the fixed order used by grads, hashes and strategies."""
+        return list(self._params)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def compute_gradients(self, step: int) -> StepResult:
+        """Forward + backward on this peer's batch for `step`; parameters are not changed."""
+        t0 = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._gen.manual_seed(batch_generator_seed(self.cfg.seed, self.peer, step))
+        x, y = self.dataset.train_batch(self.cfg.batch_size, self.seq_len, self._gen)
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        _, loss = self.model(x, y)
+        assert loss is not None
+        loss_value = loss.item()  # syncs; we need it on the host anyway
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(step, loss_value)  # before backward: no grads, no changes
+        loss.backward()
+        grads = [
+            p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+            for p in self._params
+        ]
+        self.optimizer.zero_grad(set_to_none=True)  # the returned tensors are now the only owners
+        self._sync()
+        return StepResult(
+            step=step,
+            loss=loss_value,
+            grads=grads,
+            num_samples=x.shape[0],
+            duration_s=time.perf_counter() - t0,
+        )
+
+    def partition_batch(self, step: int, partition: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Partition `partition` of the swarm's global batch for `step`: the same on every
+        peer (keyed by the partition, not the peer), so any replica can compute it."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(batch_generator_seed(self.cfg.seed, f"partition:{partition}", step))
+        return self.dataset.train_batch(self.cfg.batch_size, self.seq_len, gen)
+
+    def compute_coded_gradients(self, step: int, parts: list[tuple[int, float]]) -> StepResult:
+        """sum_j w_j * grad(mean loss of partition j) for (j, w_j) in `parts`, in ONE backward
+        over the concatenated partitions (exact by linearity); parameters are not changed.
+        `loss` is the unweighted mean over the partitions; `num_samples` counts them all."""
+        if not parts:
+            raise ValueError("no partitions to compute")
+        t0 = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        batches = [self.partition_batch(step, j) for j, _ in parts]
+        x = torch.cat([b[0] for b in batches]).to(self.device, non_blocking=True)
+        y = torch.cat([b[1] for b in batches]).to(self.device, non_blocking=True)
+        logits, _ = self.model(x)
+        per_token = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), reduction="none")
+        per_part = per_token.view(len(parts), -1).mean(dim=1)  # mean loss of each partition
+        weights = torch.tensor([w for _, w in parts], dtype=per_part.dtype, device=per_part.device)
+        loss_value = float(per_part.detach().mean())
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(step, loss_value)
+        (per_part * weights).sum().backward()
+        grads = [
+            p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+            for p in self._params
+        ]
+        self.optimizer.zero_grad(set_to_none=True)
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        if not math.isfinite(norm):
+            raise NonFiniteGradients(step, norm)
+        self._sync()
+        return StepResult(step=step, loss=loss_value, grads=grads, num_samples=x.shape[0],
+                          duration_s=time.perf_counter() - t0)
+
+    def apply_gradients(self, grads: list[torch.Tensor]) -> None:
+        """Clip `grads` (by global norm) and take one AdamW step; increments `self.step`.
+
+        `grads` may live on any device / dtype; they are copied, never modified. Raises
+        `NonFiniteGradients` (parameters untouched) if their norm is NaN/inf.
+        """
+        if len(grads) != len(self._params):
+            raise ValueError(f"expected {len(self._params)} gradients, got {len(grads)}")
+        for p, g in zip(self._params, grads):
+            if g.shape != p.shape:
+                raise ValueError(f"gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
+            p.grad = g.detach().to(device=p.device, dtype=p.dtype, copy=True)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip else math.inf  # inf: only measure
+        norm = float(torch.nn.utils.clip_grad_norm_(self._params, clip))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteGradients(self.step, norm)
+        lr = self.cfg.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_grad_norm = norm
+        self.step += 1
+
+    def train_step(self, step: int | None = None) -> StepResult:
+        """Convenience for solo training: compute and apply this peer's own gradients."""
+        result = self.compute_gradients(self.step if step is None else step)
+        self.apply_gradients(result.grads)
+        return result
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int = 8) -> float:
+        """Mean loss over the fixed held-out windows (same windows on every peer)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            total, n = 0.0, 0
+            for x, y in self.dataset.val_batches(self.cfg.batch_size, self.seq_len, max_batches):
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+                assert loss is not None
+                total += loss.item()
+                n += 1
+            return total / max(n, 1)
+        finally:
+            self.model.train(was_training)
+
+    def param_hash(self) -> str:
+        """First 16 hex chars of sha256 over (name, dtype, shape, bytes) of every parameter.
+
+        Equal hashes mean bit-identical replicas; used to check that peers stay in sync.
+        """
+        h = hashlib.sha256()
+        for name, p in self.model.named_parameters():
+            t = p.detach().to("cpu").contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())  # raw bits, any dtype
+        return h.hexdigest()[:16]
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically: step, model, optimizer, batch generator."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "model_config": asdict(self.model.cfg),
+            "train_config": asdict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "batch_generator": self._gen.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict()`; the model config must match this trainer's model."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
+        theirs = GPTConfig(**state["model_config"])
+        if theirs != self.model.cfg:
+            raise ValueError(f"checkpoint model config {theirs} != this model's {self.model.cfg}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])  # moves state to the params' device
+        self._gen.set_state(state["batch_generator"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Write `state_dict()` atomically: a crash leaves the old file or the new, never half."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> int:
+        """Load a checkpoint written by `save_checkpoint`; returns the restored step."""
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        self.load_state_dict(state)
+        return self.step
+
+
+def build_trainer(
+    model_cfg: GPTConfig,
+    train_cfg: TrainConfig,
+    dataset: ByteDataset,
+    *,
+    device: torch.device | str = "cpu",
+    peer: int | str = 0,
+) -> LocalTrainer:
+    """Model seeded from `train_cfg.seed` (identical on every peer) wrapped in a trainer."""
+    return LocalTrainer(build_model(model_cfg, train_cfg.seed), dataset, train_cfg, device=device, peer=peer)
+
+
+__all__ = [
+    "LocalTrainer",
+    "NonFiniteError",
+    "NonFiniteGradients",
+    "NonFiniteLoss",
+    "StepResult",
+    "TrainConfig",
+    "build_trainer",
+]

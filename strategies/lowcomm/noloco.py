@@ -1,0 +1,211 @@
+"""`noloco`: DiLoCo without all-reduce — each round a peer averages with one random partner.
+
+Round r (every H local steps), on peer i:
+  pairs = a seeded random perfect matching of the sorted live noloco peers (seed from
+          run id and r): every peer computes the same pairs without any message
+  the lower id of a pair streams θ_i to its partner, which answers with θ_j
+  δ_i ← β·δ_i + η·(mean(θ_i, θ_j) − φ_i);  φ_i ← φ_i + δ_i;  θ_i ← φ_i
+(the NoLoCo update with consensus weight γ = η, where the partner's φ cancels out, so
+only θ crosses the wire: |θ| per peer per round.)
+
+Invariants:
+- φ_i and δ_i are per-peer and never identical across peers; there is no global commit.
+- Only partners wait for each other, at most `round_timeout_s`; a peer without a partner
+  (odd count, partner refused, or timeout) keeps φ_i and its θ and just trains on.
+- A partner is accepted only if the receiver's own matching agrees (same view of the
+  swarm); otherwise it refuses and both skip the round.
+- A joiner downloads a live peer's θ_j, φ_j and δ_j and continues from them.
+- Heavy-ball momentum, not Nesterov: with the group set to all peers this is exactly
+  heavy-ball DiLoCo (tests/unit/test_outer_math.py checks the equivalence).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator
+
+import torch
+
+from swarm_node.protocol import codec
+from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
+from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message
+
+from swarm_node.strategies.base import Strategy
+from swarm_node.strategies.lowcomm.diloco import COMPRESSIONS, load_params
+from swarm_node.strategies.leader import LeaderElection
+from swarm_node.strategies.lowcomm.outer_math import noloco_update, pair_peers, pairing_seed, replica_spread
+from swarm_node.strategies.state_transfer import StateService, StateTransferError
+
+PAIR = "pair.exchange"
+PairStatus = rpb.PairReply.Status
+KEEP_ROUNDS = 4
+
+
+class NoLoCoStrategy(Strategy):
+    name = "noloco"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        cfg = ctx.config
+        self.H = cfg.inner_steps
+        self.params = ctx.trainer.parameters_list()
+        self.shapes = [tuple(p.shape) for p in self.params]
+        self.numel = sum(p.numel() for p in self.params)
+        self.phi = [p.detach().float().cpu().clone() for p in self.params]
+        self.momentum: list[torch.Tensor] | None = None
+        self.compression = COMPRESSIONS[cfg.compression]
+        self.election = LeaderElection(ctx, self.name)
+        # round -> (my θ for that round, event set when posted); round -> partner's θ future
+        self._mine: dict[int, list[torch.Tensor]] = {}
+        self._posted: dict[int, asyncio.Event] = {}
+        self._incoming: dict[int, asyncio.Future] = {}
+        self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3,
+                                  extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore)
+
+    async def start(self) -> None:
+        await self.ctx.transport.add_handler(PAIR, self._rpc_pair, rpb.PairPush, channel="averaging")
+        await self.state.start()
+
+    # ------------------------------------------------------------------ joiner state
+    def _extra_snapshot(self):
+        """A joiner takes the donor's φ_j and momentum δ_j along with its θ_j (the note's join
+        rule), not θ_j as its φ: it then continues the donor's outer trajectory."""
+        has = self.momentum is not None
+        return {"noloco": 1, "has_momentum": has}, list(self.phi) + (list(self.momentum) if has else [])
+
+    def _extra_restore(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+        n = len(self.params)
+        if meta.get("noloco") != 1:  # a donor without outer state (older version): φ ← its θ
+            self.phi, self.momentum = [p.detach().float().cpu().clone() for p in self.params], None
+            return
+        has = meta.get("has_momentum") is True
+        if len(tensors) != n * (2 if has else 1) or any(tuple(t.shape) != s for t, s in zip(tensors, self.shapes * 2)):
+            raise StateTransferError("noloco outer state does not match this model")
+        self.phi = [t.float().clone() for t in tensors[:n]]
+        self.momentum = [t.float().clone() for t in tensors[n:]] if has else None
+
+    # ------------------------------------------------------------------ pairing
+    def partner(self, round_no: int) -> str | None:
+        members = sorted({m.peer_id for m in self.election.peers()} | {self.ctx.peer_id})
+        return pair_peers(members, pairing_seed(self.ctx.spec.run_id, round_no))[self.ctx.peer_id]
+
+    def _slot(self, round_no: int) -> asyncio.Event:
+        if round_no not in self._posted:
+            self._posted[round_no] = asyncio.Event()
+            self._incoming[round_no] = asyncio.get_running_loop().create_future()
+            for old in sorted(self._posted)[:-KEEP_ROUNDS]:
+                self._posted.pop(old, None)
+                self._mine.pop(old, None)
+                fut = self._incoming.pop(old, None)
+                if fut is not None and not fut.done():
+                    fut.cancel()
+        return self._posted[round_no]
+
+    # ------------------------------------------------------------------ the loop
+    async def run(self) -> None:
+        ctx = self.ctx
+        if self.election.online_peers():  # a joiner starts from a live peer's weights
+            try:
+                await self.state.download(self.election.leader())  # θ_j, φ_j and δ_j (see _extra_restore)
+            except Exception as e:
+                ctx.log.warning("could not download a peer's state, starting from the seed: %s", e)
+        ctx.progress.state = "online"
+        while not ctx.should_stop() and (ctx.config.max_steps == 0 or ctx.trainer.step < ctx.config.max_steps):
+            if not await self.wait_for_peers():
+                break
+            for _ in range(self.H):
+                if ctx.should_stop() or (ctx.config.max_steps and ctx.trainer.step >= ctx.config.max_steps):
+                    break
+                await self.local_step()
+            if ctx.trainer.step % self.H == 0 and not ctx.should_stop():
+                await self._pair_round(ctx.trainer.step // self.H)
+
+    async def _pair_round(self, round_no: int) -> None:
+        ctx, t0 = self.ctx, time.perf_counter()
+        theta = [p.detach().float().cpu().clone() for p in self.params]
+        self._mine[round_no] = theta
+        self._slot(round_no).set()
+        partner = self.partner(round_no)
+        if partner is None:
+            self._account("no_peers", 1, time.perf_counter() - t0, None, "odd one out")
+            return
+        try:
+            if ctx.peer_id < partner:
+                theirs = await self._initiate(partner, round_no, theta)
+            else:
+                theirs = await asyncio.wait_for(asyncio.shield(self._incoming[round_no]),
+                                                ctx.config.round_timeout_s)
+        except asyncio.TimeoutError:
+            self._account("timeout", 1, time.perf_counter() - t0, partner, "partner did not arrive in time")
+            return
+        except (PeerUnavailable, _Refused, codec.CodecError) as e:
+            self._account("error", 1, time.perf_counter() - t0, partner, str(e)[:200])
+            return
+        lr, beta = ctx.config.outer_lr, ctx.config.outer_momentum
+        # γ = η: the partner's φ cancels, so our own φ stands in for it in the group
+        self.phi, self.momentum = await ctx.compute(lambda: noloco_update(
+            self.phi, self.momentum, [self.phi, self.phi], [theta, theirs], lr=lr, gamma=lr, beta=beta))
+        await ctx.compute(load_params, self.params, self.phi)
+        spread = replica_spread([theta, theirs])
+        self._account("ok", 2, time.perf_counter() - t0, partner, f"pair spread {spread:.4g}")
+
+    async def _initiate(self, partner: str, round_no: int, theta: list[torch.Tensor]) -> list[torch.Tensor]:
+        def pushes():
+            for chunk in codec.tensors_to_chunks(theta, self.compression, MAX_MESSAGE):
+                yield rpb.PairPush(run_id=self.ctx.spec.run_id, round=round_no, num_tensors=len(theta), chunk=chunk)
+
+        assembler = codec.ChunkAssembler(len(self.shapes), max_numel_total=self.numel, expected_shapes=self.shapes)
+        async for reply in self.ctx.transport.call(partner, PAIR, pushes(), rpb.PairReply,
+                                                   timeout_s=self.ctx.config.round_timeout_s * 2 + 5,
+                                                   channel="averaging"):
+            if reply.status != PairStatus.PAIR_STATUS_OK:
+                raise _Refused(f"{partner[-8:]}: {PairStatus.Name(reply.status)} {reply.detail}")
+            assembler.add(reply.chunk)
+        return assembler.result()
+
+    async def _rpc_pair(self, requests: AsyncIterator[rpb.PairPush], caller: str) -> AsyncIterator[rpb.PairReply]:
+        ctx, timeout = self.ctx, self.ctx.config.round_timeout_s
+        first = await first_message(requests, timeout)
+        if first is None:
+            return
+        assembler = codec.ChunkAssembler(len(self.shapes), max_numel_total=self.numel, expected_shapes=self.shapes)
+        try:
+            assembler.add(first.chunk)
+            while not assembler.complete:
+                msg = await first_message(requests, timeout)
+                if msg is None:
+                    return
+                assembler.add(msg.chunk)
+            theirs = assembler.result()
+        except codec.CodecError as e:
+            ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
+            await drain(requests, timeout)
+            yield rpb.PairReply(status=PairStatus.PAIR_STATUS_REJECTED, detail=str(e))
+            return
+        await drain(requests, timeout)
+        round_no = first.round
+        if first.run_id != ctx.spec.run_id or self.partner(round_no) != caller or round_no < 0:
+            yield rpb.PairReply(status=PairStatus.PAIR_STATUS_REFUSED, detail="not my partner for this round")
+            return
+        posted = self._slot(round_no)
+        fut = self._incoming[round_no]
+        if not fut.done():
+            fut.set_result(theirs)
+        try:
+            await asyncio.wait_for(posted.wait(), timeout)
+        except asyncio.TimeoutError:
+            yield rpb.PairReply(status=PairStatus.PAIR_STATUS_TIMEOUT, detail="did not reach the round in time")
+            return
+        for chunk in codec.tensors_to_chunks(self._mine[round_no], self.compression, MAX_MESSAGE):
+            yield rpb.PairReply(status=PairStatus.PAIR_STATUS_OK, chunk=chunk)
+
+    # ------------------------------------------------------------------ helpers
+    def _account(self, outcome: str, size: int, duration_s: float, partner: str | None, detail: str) -> None:
+        if outcome not in ("ok", "no_peers"):
+            self.ctx.log.info("pair round skipped (%s): %s", outcome, detail)
+        self.record_round(outcome, size, duration_s, round=self.ctx.trainer.step // self.H, partner=partner or "",
+                          detail=detail)
+
+
+class _Refused(Exception):
+    pass

@@ -1,0 +1,46 @@
+"""A NoLoCo joiner takes the donor's θ_j, φ_j and momentum δ_j through the state snapshot."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from swarm_node.config import NodeConfig
+from swarm_node.train.data import ByteDataset
+from swarm_node.train.model import GPTConfig
+from swarm_node.strategies.lowcomm.noloco import NoLoCoStrategy
+from swarm_node.strategies.state_transfer import StateTransferError, restore, snapshot
+from swarm_node.train.trainer import TrainConfig, build_trainer
+
+TINY = GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=16)
+
+
+def _strategy(seed_shift: int) -> NoLoCoStrategy:
+    ds = ByteDataset(torch.randint(0, 256, (4096,), dtype=torch.uint8))
+    trainer = build_trainer(TINY, TrainConfig(batch_size=2, seed=0), ds, peer=seed_shift)
+    ctx = SimpleNamespace(config=NodeConfig(strategy="noloco"), trainer=trainer, transport=None, compute=None,
+                          peer_id=f"p{seed_shift}")
+    return NoLoCoStrategy(ctx)
+
+
+def test_joiner_continues_the_donors_outer_trajectory():
+    donor, joiner = _strategy(1), _strategy(2)
+    donor.ctx.trainer.train_step()
+    donor.phi = [torch.randn_like(p) for p in donor.phi]
+    donor.momentum = [torch.randn_like(p) for p in donor.phi]
+    meta, tensors = snapshot(donor.ctx.trainer, donor._extra_snapshot)
+    restore(joiner.ctx.trainer, meta, tensors, joiner._extra_restore)
+    assert all(torch.equal(a, b) for a, b in zip(joiner.phi, donor.phi))
+    assert all(torch.equal(a, b) for a, b in zip(joiner.momentum, donor.momentum))
+    assert joiner.ctx.trainer.param_hash() == donor.ctx.trainer.param_hash()  # θ_j too
+    assert not torch.equal(joiner.phi[0], joiner.params[0].detach())  # φ_j, not θ_j, as before
+
+
+def test_donor_without_momentum_and_a_malformed_outer_state():
+    donor, joiner = _strategy(1), _strategy(2)
+    meta, tensors = snapshot(donor.ctx.trainer, donor._extra_snapshot)
+    restore(joiner.ctx.trainer, meta, tensors, joiner._extra_restore)
+    assert joiner.momentum is None and all(torch.equal(a, b) for a, b in zip(joiner.phi, donor.phi))
+    with pytest.raises(StateTransferError):
+        joiner._extra_restore({"noloco": 1, "has_momentum": True}, list(donor.phi))  # momentum missing
