@@ -1,43 +1,18 @@
 """Averaging throughput: our ButterflyAllReduce (both data paths) vs torch.distributed gloo.
 
-N worker processes (spawn) on 127.0.0.1 each hold a flat fp32 vector (default 100 MB,
-25M elements) and average it with every other worker, in turn with gloo (the baseline:
-all_reduce(SUM) then /N), with ours over the libp2p path ("p2p": protobuf chunks on
-Transport streams through hivemind's p2pd; keys `ours_*`) and with ours over the bulk TCP
-path ("tcp": token from a libp2p offer, raw bytes on direct sockets, protocol/bulk_tcp.py;
-keys `tcp_*`), after one warm-up of each: gloo, p2p, tcp, gloo, p2p, tcp, ... Every repetition
-starts at one instant chosen by the parent after all workers reported ready (a barrier
-through the parent); its time is the wall time until the LAST worker holds the mean.
-
-Correctness is checked on every repetition: values are multiples of 1/64 in [-64, 64], so
-the fp32 mean is exact in any summation order: max abs error must be 0 for gloo and for
-ours without compression, and within the codec's bound with compression; `complete` must
-be true.
-
-Where the tcp path spends its time: each worker's AllReduceOutcome.phases (slowest of its
-exchanges: libp2p offer, connect+handshake, then — overlapping, both counted from the
-connect, since the reducer streams each segment's mean back while pushes still arrive —
-push sent and mean received; when its own shard closed, when all shards were back, when its
-own replies were all sent, which is when run() returns), its
-Python CPU (p2pd CPU is ~0 there: only the offers use it), fp32 accumulation and the
-finite checks.
-
-Where the p2p path spends its time (workers time their own phases; protocol/ is not edited, the
-worker wraps a few functions of its own imported copy):
-  * per run: CPU seconds of each worker's Python process and of its p2pd, time spent in
-    codec encode+chunking / protobuf serialize / protobuf parse / chunk assembly+decode /
-    fp32 accumulation, and when the worker's own shard closed (end of scatter-reduce);
-  * in isolation (worker 0 alone, the others idle): the same codec steps for one shard;
-  * raw Transport streaming of one shard's messages worker 0 -> worker 1, and of all
-    shards all-to-all at once (the transport floor of one butterfly phase, no codec).
+N worker processes (spawn) on 127.0.0.1 each hold a flat fp32 vector (default 100 MB) and
+average it, in turn with gloo (all_reduce(SUM) then /N), ours over libp2p ("p2p", keys `ours_*`)
+and ours over bulk TCP ("tcp", protocol/bulk_tcp.py, keys `tcp_*`), after one warm-up of each.
+Every repetition starts at one instant chosen by the parent after all workers are ready; its
+time is the wall time until the LAST worker holds the mean. Correctness is checked on every
+repetition: values are multiples of 1/64 in [-64, 64], so the fp32 mean is exact in any order
+(error 0 for gloo and uncompressed ours, within the codec's bound otherwise; `complete` true).
+Where each path spends its time: see `summarize`.
 
   .venv/bin/python bench/bench_allreduce.py [--mb 100] [--peers 4] [--repeats 3]
         [--compression none|fp16|int8|e3m0] [--smoke]
-
-Prints one env line, tables, and one JSON line (last line of stdout). Exit status is
-non-zero on any failure (wrong result, incomplete outcome, timeout, a worker died, a p2pd
-left running); every worker is killed in all cases. Absolute numbers are for this machine
-(2 cores shared by N workers and N p2pds): quote the ratio.
+Prints tables and one JSON line (last); exit status non-zero on any failure; every worker is
+killed in all cases. Absolute numbers are for this machine: quote the ratio.
 """
 from __future__ import annotations
 
@@ -60,7 +35,7 @@ from collections import defaultdict
 
 COMPRESSIONS = ("none", "fp16", "int8", "e3m0")
 VALUE_MAX = 64.0  # |x| <= 64, multiples of 1/64: fp32 sums of a few peers are exact
-GOAL_RATIO = 0.8  # issue: gloo_time / our_time >= 0.8 (judged on the tcp path, the node's default)
+GOAL_RATIO = 0.8  # goal: gloo_time / our_time >= 0.8 (judged on the tcp path, the node's default)
 METHODS = ("gloo", "ours", "tcp")  # ours = the libp2p stream path
 TCP_PHASES = ("offer_s", "connect_s", "send_s", "reply_s", "own_shard_closed_s", "all_shards_back_s", "replies_sent_s")
 FOREIGN_WARN_CORES = 0.25  # other processes' CPU during a timed run above this: say the numbers are perturbed
@@ -644,6 +619,21 @@ def run_bench(args) -> dict:
 
 
 def summarize(args, n, numel, state_mb, runs, foreign, micro, pair, xfer_all, setup_s, p2pd_pids) -> dict:
+    """The report. Where the tcp path spends its time: each worker's AllReduceOutcome.phases
+    (slowest of its exchanges: libp2p offer, connect+handshake, then, overlapping and both
+    counted from the connect since the reducer streams each segment's mean back while pushes
+    still arrive, push sent and mean received; when its own shard closed, when all shards were
+    back, when its own replies were all sent, which is when run() returns), its Python CPU
+    (p2pd CPU is ~0 there: only the offers use it), fp32 accumulation and the finite checks.
+
+    Where the p2p path spends its time (workers time their own phases with `_instrument`):
+      * per run: CPU seconds of each worker's Python process and of its p2pd, time spent in
+        codec encode+chunking / protobuf serialize / protobuf parse / chunk assembly+decode /
+        fp32 accumulation, and when the worker's own shard closed (end of scatter-reduce);
+      * in isolation (worker 0 alone, the others idle): the same codec steps for one shard;
+      * raw Transport streaming of one shard's messages worker 0 -> worker 1, and of all
+        shards all-to-all at once (the transport floor of one butterfly phase, no codec).
+    """
     walls = {m: [max(w["wall_s"] for w in rep) for rep in runs[m]] for m in runs}
     med = {m: _med(walls[m]) for m in walls}
     ratio = med["gloo"] / med["ours"]

@@ -1,36 +1,18 @@
 """CheckFree vs random re-init vs checkpoint rollback after losing a middle pipeline stage.
 
 Network-free: an in-process pipeline of the tiny GPT (node/train/model.py split_stages), one Adam
-(weight decay 0, as the note's §2) per stage, per-stage clipping at 1.0 (the post-clip norm is
-what CheckFree weighs neighbours by). Every continuation starts from the same pretrained
-state and sees the same batches (batch of step t is a function of (seed, t)), so the
-comparison is paired. Every rebuilt stage gets the same brand-new optimizer at lr x 1.1, so
-two recoveries differ only in the weights they start from.
-
-For each middle stage k: pretrain F steps (a checkpoint of every stage, weights and
-optimizer, is taken every C steps), lose stage k at step F, then continue with:
-  none         no failure (the baseline every ratio is against)
-  checkfree    grad-norm weighted average of stages k-1, k+1 (checkfree.md §2), weighted by
-               each neighbour's whole-stage post-clip norm (what the live strategy announces)
-  checkfree_body  the same, weighted by the neighbours' BODY gradient norms (clipped at 1): the
-               paper's statistic, whose neighbour stages hold blocks only
-  uniform      0.5/0.5 average of the same neighbours (the note's ablation)
-  random       stage k re-initialised by THIS model's init: residual projections at
-               0.02/sqrt(2 n_layer) (GPT-2 practice), so a fresh block is close to a skip
-  random_full  every weight matrix at std 0.02, no depth scaling: the init of the paper's
-               main (LLaMa) configs, i.e. the note's `ours-random` there
-  skip         residual projections zeroed: the block is exactly the identity (a reference
-               point: what `random` approaches)
-  checkpoint   every stage rolled back to the last checkpoint (F - F mod C): F mod C steps
-               of work are redone; its "+n" counts steps after the rollback
-`--data markov` is the note's §6 toy data (order-2 Markov chain, V = 32, seq 16, batch 32);
-`--note-toy` sets all of §6 (6 one-block stages, d 32, lr 1e-3, pretrain 1500, marks up to
-+300); see MarkovData for why its chain mixes an order-1 part in. Prints eval loss at each mark (mean and median over the middle stages), the ratio to
-the no-failure loss of this run, the C-2 gate of checkfree.md §8 against both random
-baselines, and the recovery cost: bytes moved and seconds.
+(weight decay 0) per stage, per-stage clipping at 1.0. Every continuation starts from the same
+pretrained state and sees the same batches, so the comparison is paired; every rebuilt stage
+gets the same brand-new optimizer at lr x 1.1. For each middle stage k: pretrain F steps (a
+checkpoint every C steps), lose stage k at step F, then continue with each method of METHODS
+(see the comment there). `--data markov` is a toy order-2 Markov chain (`MarkovData`);
+`--note-toy` sets the full toy setup on it (6 one-block stages, d 32, lr 1e-3, pretrain
+1500, marks up to +300). Prints eval loss at each mark (mean and median over the middle stages),
+the ratio to the no-failure loss, the pass/fail gate of `gate` against both random baselines,
+and the recovery cost: bytes moved and seconds.
 
     .venv/bin/python bench/bench_checkfree.py              # ~1 min on one thread
-    .venv/bin/python bench/bench_checkfree.py --note-toy   # checkfree.md §6 / C-2 (~4 min)
+    .venv/bin/python bench/bench_checkfree.py --note-toy   # the Markov toy setup (~4 min)
 """
 from __future__ import annotations
 
@@ -49,17 +31,32 @@ from swarm_node.strategies.swarm.checkfree import (CheckFreeConfig, body_order, 
                                              rebuild_state, state_bytes)
 
 CLIP = 1.0
+# What each continuation does after stage k is lost at step F:
+#   none         no failure (the baseline every ratio is against)
+#   checkfree    grad-norm weighted average of stages k-1, k+1, weighted by each neighbour's
+#                whole-stage post-clip norm (what the live strategy announces)
+#   checkfree_body  the same, weighted by the neighbours' BODY gradient norms (clipped at 1): the
+#                paper's statistic, whose neighbour stages hold blocks only
+#   uniform      0.5/0.5 average of the same neighbours (an ablation)
+#   random       stage k re-initialised by THIS model's init: residual projections at
+#                0.02/sqrt(2 n_layer) (GPT-2 practice), so a fresh block is close to a skip
+#   random_full  every weight matrix at std 0.02, no depth scaling: the init of the paper's
+#                main (LLaMa) configs
+#   skip         residual projections zeroed: the block is exactly the identity (a reference
+#                point: what `random` approaches)
+#   checkpoint   every stage rolled back to the last checkpoint (F - F mod C): F mod C steps
+#                of work are redone; its "+n" counts steps after the rollback
 METHODS = ("none", "checkfree", "checkfree_body", "uniform", "random", "random_full", "skip", "checkpoint")
 
 
 class MarkovData:
-    """checkfree.md §6's synthetic language: an order-2 Markov chain over V tokens. Next-token
+    """A synthetic language: an order-2 Markov chain over V tokens. Next-token
     distribution given (a, b) = w * D1[b] + (1 - w) * D2[a, b], with D1, D2 seeded
     Dirichlet(0.1) draws: an order-1 part the model picks up within a few hundred steps and an
-    order-2 refinement that takes longer, so stages specialise (checkfree.md: averaging helps
-    once they have). Measured: with w = 0 (a pure order-2 Dirichlet(0.3) chain, this bench's
-    earlier data) the order-1 marginal is nearly uniform, nothing is learnable short of the
-    full pair interaction, and a 6-block d=32 GPT sat at ln 32 for 1,500 steps.
+    order-2 refinement that takes longer, so stages specialise (averaging helps once they
+    have). Why the order-1 part: with w = 0 (a pure order-2 Dirichlet(0.3) chain) the order-1
+    marginal is nearly uniform, nothing is learnable short of the full pair interaction, and
+    a 6-block d=32 GPT stays at ln 32 for 1,500 steps.
     Train batches are fresh chains from the generator; validation is fixed."""
 
     def __init__(self, vocab: int = 32, seed: int = 0, order1_weight: float = 0.6, alpha: float = 0.1):
@@ -198,7 +195,9 @@ def _install(p: Pipeline, k: int, state: dict[str, torch.Tensor], cfg: GPTConfig
 
 
 def gate(loss: dict, baseline: str, method: str = "checkfree") -> dict:
-    """checkfree.md §8 C-2 against one baseline (means over the failed stages)."""
+    """CheckFree's pass/fail gate against one baseline (means over the failed stages): clearly
+    better right after the failure and at +10, no worse than the baseline at +300, and still
+    above the no-failure loss there."""
     cf, rb, none = loss[method], loss[baseline], loss["none"]
     checks = {"+0 < base - 0.05": cf["+0"] < rb["+0"] - 0.05}
     if "+10" in cf:
@@ -220,7 +219,7 @@ def main() -> None:
     ap.add_argument("--pretrain", type=int, default=430, help="failure step F")
     ap.add_argument("--marks", default="0,10,50", help="eval points after the failure")
     ap.add_argument("--data", choices=("stdlib", "markov"), default="stdlib")
-    ap.add_argument("--note-toy", action="store_true", help="checkfree.md §6: --data markov --stages 6 --n-layer 6 "
+    ap.add_argument("--note-toy", action="store_true", help="the small toy setting: --data markov --stages 6 --n-layer 6 "
                     "--seq-len 16 --batch 32 --lr 1e-3 --pretrain 1500 --marks 0,10,50,300")
     ap.add_argument("--ckpt-every", type=int, default=100, help="C of the checkpoint baseline")
     ap.add_argument("--seed", type=int, default=0)
@@ -341,7 +340,7 @@ def main() -> None:
               f"{report['median'][m]['+0']:.4f}")
     print(f"neighbour grad norms (stage pre-clip, stage post-clip, body clipped) per failed stage: {used_norms}")
     for b, g in report["gate_c2"].items():
-        print(f"C-2 gate, {b.replace('_vs_', ' vs ')}: {'PASS' if g['pass'] else 'FAIL'} "
+        print(f"recovery gate, {b.replace('_vs_', ' vs ')}: {'PASS' if g['pass'] else 'FAIL'} "
               + ", ".join(f"{k} {'ok' if v else 'no'}" for k, v in g["checks"].items()))
     print(f"checkfree recovery: {c['checkfree']['bytes_per_failure']} B downloaded (2 neighbour bodies), "
           f"{c['checkfree']['seconds_per_failure'] * 1e3:.2f} ms rebuild, 0 steps lost, 0 B while nothing fails")
@@ -361,7 +360,7 @@ def main() -> None:
 
 
 def edge_experiment(args, cfg: GPTConfig, ds, pipe_noswap: Pipeline) -> dict:
-    """CheckFree+ (note §3): lose stage S-1, rebuild its body by copying stage S-2."""
+    """CheckFree+: lose stage S-1, rebuild its body by copying stage S-2."""
     S, F = args.stages, args.pretrain
     swapped = Pipeline(split_stages(build_model(cfg, args.seed), S), args.lr, ds, args.batch, args.seed, swaps=True)
     for t in range(F):

@@ -8,12 +8,10 @@ each without stragglers and with them: every step, with probability --prob, one 
 process, not a simulated one). Configurations are interleaved over --repeats so machine noise
 hits all alike; medians of the per-step wall clock (interval between applied steps at the
 aggregator) are printed with ratios against the baselines measured in the same run.
-
-Then, from the measured per-partition compute c and the fixed step overhead, the model of
-../shared/reference/gradient_coding.md §5 says where coding stops paying: coding costs
-s·c extra compute per step, and saves the straggler wait; with one straggler of delay D per
-step (probability p) wait-for-all pays p·D per step, so coding pays when p·D > s·c.
-
+Then, from the measured per-partition compute c and the fixed step overhead, a simple model says
+where coding stops paying: coding costs s·c extra compute per step and saves the straggler wait;
+with one straggler of delay D per step (probability p) wait-for-all pays p·D, so coding pays
+when p·D > s·c.
   .venv/bin/python bench/bench_gradcode.py [--steps 40] [--repeats 1] [--delay-s 0.5] [--prob 0.5]
 """
 from __future__ import annotations

@@ -1,22 +1,17 @@
 """Pipeline scheduling benches: a discrete-event simulation driven by the REAL routing and
 rebalancing code (strategies/swarm/router.py, strategies/swarm/rebalance.py).
 
-No network, no torch: peers are servers with a speed (samples/s) and a FIFO queue; a
-micro-batch visits every stage in order; trainers keep `--inflight` micro-batches going
-(closed loop). Calls to a peer that dies before finishing fail after `--timeout-s` and are
-re-sent to another replica (router.report_error bans the dead peer), so nothing is lost.
-
-Scenarios (all ratios against a baseline measured in the same run):
-  routing     3 stages x 3 peers, speeds 1:1:4 per stage: throughput / optimum
-              (optimum = min over stages of the sum of speeds) for the router and for
-              round-robin.
-  churn       same swarm; every 60 s a random 25 % of the peers is SIGKILLed and each is
-              replaced 10 s later by a fresh peer of the same speed: throughput / the
-              no-churn throughput, micro-batches lost, retries.
+No network, no torch: peers are servers with a speed (samples/s) and a FIFO queue; a micro-batch
+visits every stage in order; trainers keep `--inflight` micro-batches going (closed loop). A call
+to a peer that dies before finishing fails after `--timeout-s` and is re-sent to another replica.
+Scenarios (all ratios against a baseline measured in the same run; optimum = min over stages of
+the sum of speeds):
+  routing     3 stages x 3 peers, speeds 1:1:4 per stage: throughput / optimum, router and round-robin.
+  churn       same swarm; every 60 s a random 25 % of the peers is SIGKILLed, each replaced 10 s
+              later by one of the same speed: throughput / no-churn, micro-batches lost, retries.
   rebalance   3 stages with 5/1/3 equal-speed peers; every peer checks at random times in
               [0, 2T]; a move costs 10 s of state download: throughput in the first and
               last quarter / optimum (3.0), number of moves, final assignment.
-
     .venv/bin/python bench/bench_pipeline.py [--duration-s 1200] [--json]
 """
 from __future__ import annotations

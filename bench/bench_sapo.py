@@ -1,17 +1,16 @@
 """SAPO: cumulative reward of 4 real peers over R rounds, for several I/J splits, same seeds.
 
-Every configuration runs `--peers` `swarm-node join --strategy sapo` processes on
-127.0.0.1 (real DHT, real rollout sidecars with gossipsub, real pulls). Peer k always gets
-`--sapo-peer-seed k+1` and the run `--seed`, so its question sequence is the same in every
-configuration; every peer generates and publishes Q = 8 groups of G = 8 completions per
-round in every configuration (the same generation compute), and trains on I of its own
-plus J external groups. Reported per configuration:
+Every configuration runs `--peers` `swarm-node join --strategy sapo` processes on 127.0.0.1
+(real DHT, real rollout sidecars with gossipsub, real pulls). Peer k always gets
+`--sapo-peer-seed k+1` and the run `--seed`, so its questions are the same in every
+configuration; every peer generates and publishes Q = 8 groups of G = 8 completions per round
+(the same generation compute) and trains on I of its own plus J external groups. Reported:
   reward   cumulative reward of the peers' own completions (summed over peers and rounds)
   x8/0     ratio to the 8/0 (no sharing) configuration measured in the same run
   pub/recv/used   rollout groups per peer per round (received: gossip + pull)
   gossip   mean fraction of manifest-named rollouts that gossip delivered before the deadline
   KB/rnd   rollout bytes sent + received per peer per round; s/rnd: mean round duration
-Goal (issue 5): 4/4 above 1.94x of 8/0, floor 1.3x on each of two seeds.
+Goal: 4/4 above 1.94x of 8/0, floor 1.3x on each of two seeds.
 
   .venv/bin/python bench/bench_sapo.py [--rounds 40] [--round-s 2.5] [--seeds 0] [--only 8/0 4/4]
 """

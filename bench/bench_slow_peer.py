@@ -1,30 +1,16 @@
-"""One peer 3x slower (the note's I6): what it costs the fast peers under each sync rule.
+"""One peer 3x slower: what it costs the fast peers under each sync rule.
 
-Every configuration runs `--peers` real `swarm-node join` processes on 127.0.0.1; in all but
-the baseline, one of them runs with `--compute-slowdown 3` (after each local step it sleeps
-twice that step's compute time: a slower device that does not load the shared CPU). The bench
-creates the identities first, so it knows the round leader (the lowest peer id): the slow peer
-is the highest id, except in `quorum-slow-leader`, where the slow peer leads.
+Every configuration (see CONFIGS) runs `--peers` real `swarm-node join` processes on 127.0.0.1;
+in all but the baseline, one of them runs with `--compute-slowdown 3` (after each local step it
+sleeps twice that step's compute time: a slower device that does not load the shared CPU). The
+bench creates the identities first, so it knows the round leader (the lowest peer id): the slow
+peer is the highest id, except in `quorum-slow-leader`, where the slow peer leads.
 
-  wait-for-all   diloco, the round waits for every expected peer (grace = timeout)
-  quorum         diloco with `--round-grace-s`: the round goes on with those that joined
-                 within the grace window after the first join
-  quorum-slow-leader  the same with the slow peer as the leader: it coordinates the rounds it
-                 is late for and downloads their result (before, its readiness opened the window,
-                 so it set everyone's pace)
-  noloco         pairs only: a slow peer can delay its partner of that round, nobody else
-
-Per round attempt every peer records its local compute since the previous attempt and the
-wall time (summary.json `round_history`). Reported, as medians over a peer's rounds after the
-first two:
-  fast w/c       fast peers' wall / compute per round (1.0 = never waits; I6 quorum goal <= 1.2,
-                 judged against the baseline's own overhead measured in the same run)
-  fast/slow      fast peers' round wall / the slow peer's compute per round (wait-for-all: ~1,
-                 the straggler sets the pace)
-  slow ok        rounds the slow peer committed / rounds it attempted
-  noloco         fast peers' wall / compute in rounds paired with the slow peer vs with a fast one
-  util           fast peers' time in local steps / wall time over their committed rounds (with
-                 `--only baseline --inner-steps 100`: the issue's DiLoCo H=100 utilization)
+Per round attempt every peer records its local compute since the previous attempt and the wall
+time (summary.json `round_history`). Reported as medians over a peer's rounds after the first
+two (see `main`): fast peers' wall / compute per round (goal for quorum <= 1.2, judged against
+the baseline's own overhead), fast peers' round wall / the slow peer's compute, the slow peer's
+commit rate, noloco rounds paired with the slow peer vs a fast one, and utilization.
 
   .venv/bin/python bench/bench_slow_peer.py [--rounds 12] [--inner-steps 40] [--slowdown 3]
 """
@@ -49,6 +35,13 @@ BASE = ["--host", "127.0.0.1", "--metrics-addr", "127.0.0.1:0", "--threads", "1"
         "--status-interval-s", "60", "--log-level", "WARNING", "--round-timeout-s", "30", "--eval-every", "1000000",
         "--checkpoint-every", "1000000", *MODEL]
 
+# wait-for-all   diloco, the round waits for every expected peer (grace = timeout)
+# quorum         diloco with `--round-grace-s`: the round goes on with those that joined
+#                within the grace window after the first join
+# quorum-slow-leader  the same with the slow peer as the leader: it coordinates the rounds it
+#                is late for and downloads their result, so its readiness does not set
+#                everyone's pace
+# noloco         pairs only: a slow peer can delay its partner of that round, nobody else
 CONFIGS: dict[str, tuple[list[str], str | None]] = {  # name -> (flags, which peer is slow: None/follower/leader)
     "baseline": (["--strategy", "diloco"], None),
     "wait-for-all": (["--strategy", "diloco"], "follower"),
@@ -117,6 +110,15 @@ def _f(x: float | None, fmt: str = "{:.2f}") -> str:
 
 
 def main() -> int:
+    """Run the configurations and print, as medians over a peer's rounds after the first two:
+      fast w/c       fast peers' wall / compute per round (1.0 = never waits; quorum goal <= 1.2,
+                     judged against the baseline's own overhead measured in the same run)
+      fast/slow      fast peers' round wall / the slow peer's compute per round (wait-for-all: ~1,
+                     the straggler sets the pace)
+      slow ok        rounds the slow peer committed / rounds it attempted
+      noloco         fast peers' wall / compute in rounds paired with the slow peer vs with a fast one
+      util           fast peers' time in local steps / wall time over their committed rounds (with
+                     `--only baseline --inner-steps 100`: DiLoCo's H=100 utilization)"""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--inner-steps", type=int, default=40)

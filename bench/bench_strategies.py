@@ -8,8 +8,8 @@ alone). Reported per configuration:
   B/s   averaging bytes sent per peer per inner step, and the ratio to the formula
         (all-reduce: 2(N-1)/N * |θ| * 4 B / H; NoLoCo: |θ| * 4 B / H per paired round)
   util  share of wall time in local steps (goal for DiLoCo H=100: >= 0.97)
-Targets from the issue: DiLoCo H=10 g >= 0.85; H=50 and streaming g >= 0.5; NoLoCo within
-0.15 of DiLoCo at the same H and momentum. Tiny models understate DiLoCo (see the note).
+Targets: DiLoCo H=10 g >= 0.85; H=50 and streaming g >= 0.5; NoLoCo within 0.15 of DiLoCo at
+the same H and momentum. Tiny models understate DiLoCo.
 
   .venv/bin/python bench/bench_strategies.py [--steps 400] [--peers 4] [--only diloco-h10 ...]
 """
@@ -82,7 +82,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=50, help="cosine warmup steps")
     ap.add_argument("--reference", action="store_true",
                     help="also run bench/ref_diloco.py's in-process reference of each config (same math, no "
-                         "transport) and print live - reference (the note's parity bound: ±0.05 nats)")
+                         "transport) and print live - reference (parity within ±0.05 nats)")
     args = ap.parse_args()
     opt = ["--lr", str(args.lr), "--lr-schedule", args.schedule]
     if args.schedule == "cosine":

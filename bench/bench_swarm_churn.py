@@ -1,37 +1,17 @@
-"""Live churn throughput of the `swarm` pipeline strategy (issue 4; swarm_pipeline.md S-9).
+"""Live churn throughput of the `swarm` pipeline strategy.
 
 Real `swarm-node join --strategy swarm` processes on 127.0.0.1 (node/lab/launcher.py): `--trainers`
 stage-0 peers plus `--servers-per-stage` servers on every other stage, tiny model, --threads 1.
 Two phases, each a fresh swarm with the same flags and seed (the no-churn baseline is measured
-in the same run, never taken from an earlier one):
-
-  no-churn  the swarm trains for a warm-up, then for a window of `--window-s` seconds.
-  churn     the same, and during the window, every 60 / (fraction x servers) seconds one
-            random live SERVER peer is SIGKILLed (its whole process group, p2pd included) and
-            a replacement peer (fresh identity, `--stage auto`) starts `--replace-after-s` later.
-            Trainers are never killed: they hold the data, and a killed trainer's own
-            in-flight micro-batches are "abandoned" by definition, not lost; killing one would
-            also make the phases compare different numbers of drivers.
-
-Measured, from the peers' /metrics polled every `--poll-s` (never from logs):
-  throughput   completed micro-batches per second, summed over the trainers, between the
-               window edges (`swarm_pipeline_microbatches_total{outcome="ok"}`); also the median
-               of per-bucket rates and the longest stretch with no completed micro-batch (a stall).
-  ratio        churn / no-churn throughput (issue 4 goal >= 0.8).
-  lost         trainers' `...{outcome="lost"}` (goal 0). The strategy only counts a micro-batch
-               lost after MICROBATCH_DEADLINE_S (120 s) with a stage empty, so the bench also
-               reports stalls, which show such a micro-batch long before its counter does.
-  retries      trainers' `swarm_pipeline_rpc_retries_total` by reason (failovers).
-  recoveries   `swarm_checkfree_recoveries_total` over every peer (the victims' values are read
-               just before their kill): a stage rebuilt because it emptied.
-
-Invariants: every wait has a deadline; every node (replacements too) is closed in a finally,
-process group and remembered children, so no p2pd is left. Rebalancing is off (the phases
-compare the same assignment; a replacement picks its stage by `--stage auto`, i.e. an empty
-stage, else the one with the least capacity). On a box with fewer cores than peers the ratio
-also carries CPU share: a dead server frees CPU for the others, a starting one (import torch,
-p2pd) takes some.
-
+in the same run): no-churn trains for a warm-up, then for a window of `--window-s` seconds;
+churn does the same and, during the window, every 60 / (fraction x servers) seconds SIGKILLs
+one random live SERVER (its whole process group, p2pd included) and starts a replacement (fresh
+identity, `--stage auto`) `--replace-after-s` later. Trainers are never killed: they hold the
+data, and killing one would make the phases compare different numbers of drivers.
+Measured from /metrics polled every `--poll-s` (see `_window`): throughput, churn / no-churn
+ratio (goal >= 0.8), lost micro-batches (goal 0), stalls, retries, recoveries.
+Every wait has a deadline and every node is closed in a finally, so no p2pd is left. Rebalancing
+is off (the phases compare the same assignment).
   .venv/bin/python bench/bench_swarm_churn.py [--quick] [--window-s 150] [--repeats 1] [--json]
 """
 from __future__ import annotations
@@ -193,6 +173,19 @@ def run_phase(workdir: Path, phase: Phase, args: argparse.Namespace, rng: random
 
 def _window(sw: Swarm, trainers: list[NodeProcess], servers: list[NodeProcess], boot: str, phase: Phase,
             args: argparse.Namespace, rng: random.Random, interval: float | None, startup_s: float) -> dict:
+    """One measured window, from the peers' /metrics (never from logs):
+      throughput   completed micro-batches per second, summed over the trainers, between the
+                   window edges (`swarm_pipeline_microbatches_total{outcome="ok"}`); also the median
+                   of per-bucket rates and the longest stretch with no completed micro-batch (a stall).
+      lost         trainers' `...{outcome="lost"}`. The strategy only counts a micro-batch lost
+                   after MICROBATCH_DEADLINE_S (120 s) with a stage empty, so stalls show such a
+                   micro-batch long before its counter does.
+      retries      trainers' `swarm_pipeline_rpc_retries_total` by reason (failovers).
+      recoveries   `swarm_checkfree_recoveries_total` over every peer (the victims' values are read
+                   just before their kill): a stage rebuilt because it emptied.
+    A replacement picks its stage by `--stage auto` (an empty stage, else the one with the least
+    capacity). On a box with fewer cores than peers the ratio also carries CPU share: a dead
+    server frees CPU for the others, a starting one (import torch, p2pd) takes some."""
     alive = list(servers)
     pending: list[tuple[float, str]] = []  # (due, name) replacements to start
     victims_metrics: list[dict] = []

@@ -8,10 +8,8 @@ gap each strategy closes. The outer updates are the functions the strategies cal
 (`OuterOptimizer`, `noloco_update`, `merge`, the fragment schedule), so a gap here is a
 property of the algorithm and its hyperparameters at this scale, not of the transport; the
 live bench (`bench_strategies.py`) at the same settings should land within ±0.05 nats.
-
-Issue 3's targets (calibrated in the note on 2000 steps, cosine LR, 4 replicas): DiLoCo
-H=10 g >= 0.85; DiLoCo H=50 and Streaming g >= 0.5; NoLoCo g >= DiLoCo g - 0.15 at the
-same H and momentum.
+Targets (on 2000 steps, cosine LR, 4 replicas): DiLoCo H=10 g >= 0.85; DiLoCo H=50 and
+Streaming g >= 0.5; NoLoCo g >= DiLoCo g - 0.15 at the same H and momentum.
 
   .venv/bin/python bench/ref_diloco.py [--steps 2000] [--replicas 4] [--schedule cosine] [--only sync diloco-h10]
 """

@@ -1,23 +1,18 @@
-"""Trace-driven comparison of GC, SR-SGC and M-SGC (strategies/gradcode/sequential.py; test G-6).
+"""Trace-driven comparison of GC, SR-SGC and M-SGC (strategies/gradcode/sequential.py).
 
   .venv/bin/python bench/sim_sgc.py --n 16 --jobs 80 --seed 0 [--B 1 --W 3 --lam 4 --p-start 0.3
       --iid-p 0.1 --base-s 0.05 --compute-s 1.0 --straggle-s 1.0 --policy model]
 
-Three straggler traces, all seeded, and all schemes run on the same trace (common random numbers):
-  * bursty: `BurstyStragglerModel(B, W, lam).trace(...)`, which conforms to the model;
-  * none: no stragglers;
-  * iid: every worker straggles with probability --iid-p in every round, which usually breaks the
-    model (the fallback path).
-Per scheme it prints its load (in units of 1/n), its delay T, and the simulated runtime under the
-delay model base + work*c (+ D when straggling). A round that breaks the scheme's model makes the
-master wait for everyone; those rounds are counted as fallbacks. With --policy deadline it waits
-only when a job due in that round would otherwise miss. The ratio is runtime / GC runtime
-on the same trace in the same run. GC is the (n, s = lam) code with rule "le" (stragglers <= s);
-GC(<s) is the authors' stricter baseline. decoded / misses come from playing the raw trace with a
-master that never waits: a miss is a job not decodable by t + T. repeats count the SR-SGC redos
-and the M-SGC D2 slots spent on D1 under the runtime model. rt_miss counts the deadline misses
-under the runtime model; they are always 0 with --policy model. Runtimes are simulated seconds, not
-wall time; the last line is the same table as JSON.
+Three seeded straggler traces, each run by all schemes (common random numbers): bursty
+(`BurstyStragglerModel(B, W, lam).trace(...)`, conforming), none, and iid (every worker
+straggles with probability --iid-p each round, which usually breaks the model: the fallback
+path). Per scheme: load (units of 1/n), delay T, and the runtime simulated by
+`sequential.simulate_runtime` (fallback rounds counted); ratio = runtime / GC runtime on the
+same trace. GC is the (n, s = lam) code with rule "le"; GC(<s) is the authors' stricter
+baseline. decoded / misses come from the raw trace with a master that never waits; repeats
+count the SR-SGC redos and the M-SGC D2 slots spent on D1; rt_miss counts deadline misses under
+the runtime model (always 0 with --policy model). Runtimes are simulated seconds, not wall
+time; the last line is the same table as JSON.
 """
 from __future__ import annotations
 

@@ -1,46 +1,18 @@
 """Toy simulator: sync time and compute utilization as a swarm grows, DiLoCo vs NoLoCo.
 
-Reproduces benchmark B2 of the reference note (docs: /work/shared/reference/diloco_noloco.md,
-section 9). Pure standard library, deterministic for a seed, runs in about a second.
+Pure standard library, deterministic for a seed, runs in about a second.
 
   .venv/bin/python bench/sim_sync_scaling.py [--bytes 5e8 --bandwidth-bps 1e9 --latency-s 0.05
       --compute-s 300 --jitter 0.3 --rounds 200 --seed 0 --n 4 8 16 64 256 1024]
 
-Network model (per hop: latency L seconds, bandwidth B bits/s, full duplex):
-  * units: S is in bytes with GB = 1e9 (decimal), B is in bits/s, so one full model crosses a
-    link in 8*S/B seconds (0.5 GB at 1 Gb/s = 4 s). This is the convention that reproduces the
-    note's figures; with bytes/s or GiB they would be 8x or 1.07x off.
-  * ring all-reduce: 2(N-1) steps, each moving S/N:      2(N-1) * (L + 8S/(N B))
-  * tree (binary reduce, then broadcast), full S a hop:  2 ceil(log2 N) * (L + 8S/B)
-  * pair exchange: one full S each way at the same time: L + 8S/B   (independent of N)
-  With the defaults: N=4 ring 6.30 / tree 16.20 / pair 4.05 s; N=1024 ring 110.29 / tree 81.00 /
-  pair 4.05 s. The note prints the pair time as "4.0" (4.05 rounded to one decimal; the
-  float 4.05 is just below 4.05, so it rounds down); all other figures match to 0.01 s.
-
-Compute model: each peer's compute per round is C * exp(sigma * z), z ~ N(0, 1) i.i.d. per peer
-and round (lognormal: always positive, median C, mean C*exp(sigma^2/2), a right tail like real
-slow hosts). jitter=0 gives exactly C everywhere. Draws come from one seeded RNG and are shared
-by both strategies (common random numbers), so their difference is not sampling noise.
-
-Round models:
-  * DiLoCo: a global barrier, then an all-reduce (the faster of ring and tree for that N):
-    round = max_i(c_i) + sync; everybody's round lasts that long.
-  * NoLoCo: a fresh random perfect matching every round (an odd peer out just computes and
-    skips the exchange, as in the note's section 8); a peer waits only for its partner:
-    round_i = max(c_i, c_partner) + pair.  Pairs are treated as independent and every round
-    starts from a clean slate ("independent" model, the one this bench asserts on).
-  * NoLoCo "timeline" (reported as an extra column): the same pairs and draws, but each peer
-    starts its next round when its own exchange ends, so a delay it inherited from a slow
-    partner is passed on to its next partner. DiLoCo is identical in both models because its
-    barrier resets every peer's clock each round.
-
-Utilization of a peer = its total compute time / its total wall time over all rounds; the
-reported value is the mean over peers. For DiLoCo that is sum_r mean_i(c_ri) / sum_r round_r.
-
-Assumptions and omissions: homogeneous links; no congestion, packet loss, stragglers beyond the
-jitter, failures, matchmaking or commit messages; no overlap of compute and communication; the
-extra rounds NoLoCo needs (H 50 vs 100 in the released configs) are not modelled: this compares
-time per round, not time to a given loss.
+Network model (see the comment above `_link_time`): per hop latency L and bandwidth B, full
+duplex; ring or tree all-reduce for DiLoCo, one pair exchange for NoLoCo. Compute and round
+models: see `simulate`. Utilization of a peer = its total compute time / its total wall time
+over all rounds; the reported value is the mean over peers. Assumptions and omissions:
+homogeneous links; no congestion, packet loss, stragglers beyond the jitter, failures,
+matchmaking or commit messages; no overlap of compute and communication; the extra rounds
+NoLoCo needs (H 50 vs 100 in the released configs) are not modelled: this compares time per
+round, not time to a given loss.
 """
 from __future__ import annotations
 
@@ -54,6 +26,16 @@ import time
 DEFAULT_NS = (4, 8, 16, 64, 256, 1024)
 
 
+# Network model (per hop: latency L seconds, bandwidth B bits/s, full duplex):
+#   * units: S is in bytes with GB = 1e9 (decimal), B is in bits/s, so one full model crosses a
+#     link in 8*S/B seconds (0.5 GB at 1 Gb/s = 4 s). This is the convention that reproduces the
+#     published figures; with bytes/s or GiB they would be 8x or 1.07x off.
+#   * ring all-reduce: 2(N-1) steps, each moving S/N:      2(N-1) * (L + 8S/(N B))
+#   * tree (binary reduce, then broadcast), full S a hop:  2 ceil(log2 N) * (L + 8S/B)
+#   * pair exchange: one full S each way at the same time: L + 8S/B   (independent of N)
+#   With the defaults: N=4 ring 6.30 / tree 16.20 / pair 4.05 s; N=1024 ring 110.29 / tree 81.00 /
+#   pair 4.05 s. The published pair time "4.0" is 4.05 rounded to one decimal (the float 4.05 is
+#   just below 4.05, so it rounds down); all other figures match to 0.01 s.
 def _link_time(size_bytes: float, bw_bps: float) -> float:
     """Seconds to push `size_bytes` through one link of `bw_bps` bits per second."""
     return 8.0 * size_bytes / bw_bps
@@ -89,7 +71,27 @@ def sync_time_allreduce(n: int, size_bytes: float, bw_bps: float, latency_s: flo
 
 def simulate(n: int, *, compute_s: float = 300.0, jitter: float = 0.3, rounds: int = 200, seed: int = 0,
              size_bytes: float = 5e8, bw_bps: float = 1e9, latency_s: float = 0.05) -> dict:
-    """Simulate `rounds` rounds of an `n`-peer swarm; returns sync times and utilizations."""
+    """Simulate `rounds` rounds of an `n`-peer swarm; returns sync times and utilizations.
+
+    Compute model: each peer's compute per round is C * exp(sigma * z), z ~ N(0, 1) i.i.d. per
+    peer and round (lognormal: always positive, median C, mean C*exp(sigma^2/2), a right tail
+    like real slow hosts). jitter=0 gives exactly C everywhere. Draws come from one seeded RNG
+    and are shared by both strategies (common random numbers), so their difference is not
+    sampling noise.
+
+    Round models:
+      * DiLoCo: a global barrier, then an all-reduce (the faster of ring and tree for that N):
+        round = max_i(c_i) + sync; everybody's round lasts that long.
+      * NoLoCo: a fresh random perfect matching every round (an odd peer out just computes and
+        skips the exchange); a peer waits only for its partner: round_i = max(c_i, c_partner)
+        + pair. Pairs are treated as independent and every round starts from a clean slate
+        ("independent" model, the one this bench asserts on).
+      * NoLoCo "timeline" (an extra column): the same pairs and draws, but each peer starts its
+        next round when its own exchange ends, so a delay it inherited from a slow partner is
+        passed on to its next partner. DiLoCo is identical in both models because its barrier
+        resets every peer's clock each round.
+    For DiLoCo, utilization is sum_r mean_i(c_ri) / sum_r round_r.
+    """
     if n < 2:
         raise ValueError("need at least 2 peers")
     rng = random.Random(seed)

@@ -1,7 +1,7 @@
 """swarm-node: a peer daemon for decentralized swarm training (this package is `swarm_node`).
 
 The daemon (this folder):
-  cli.py            `swarm-node` command line: parse, validate, hand over
+  cli.py            `swarm-node` command line: parse, validate, hand over (__main__.py: `python -m`)
   config.py         NodeConfig (every `join` flag, env var and TOML key) and the run spec
   daemon.py         Node: startup -> run -> drain on one event loop plus one compute thread
   network.py        p2pd + in-process DHT node; the isolation watchdog

@@ -2,16 +2,14 @@
 
 Order of startup (each step logs; a failure exits with a documented code):
   1. lock the state dir, load or create the identity (0600), build model/trainer, resume
-  2. start p2pd + in-process DHT; with --discover, start the mDNS sidecar and (without
-     --initial-peers) take the LAN peers it finds as initial peers (node/discovery.py);
-     dial initial peers with backoff (never fatal unless
-     --join-timeout-s is set); refuse a mismatched run spec (exit 2)
+  2. start p2pd + in-process DHT; with --discover, take the LAN peers the mDNS sidecar finds
+     as initial peers; dial initial peers with backoff (fatal only with --join-timeout-s);
+     refuse a mismatched run spec (exit 2)
   3. start the strategy, health HTTP, gRPC control; print the join line; write node.json
 Run: heartbeat (announce + read membership), isolation watchdog, strategy loop, status line.
 Drain (SIGTERM/SIGINT/gRPC Drain/--max-steps): stop after the current step (bounded by
 --shutdown-grace-s), announce LEAVING, checkpoint, stop servers and p2pd, exit 0. A second
 SIGINT exits at once (130).
-
 Threads: the event loop owns P2P, the DHT node, membership and strategy rounds; all tensor
 work runs on the single "compute" thread; health HTTP and gRPC run in their own threads
 and only read immutable `NodeStatus` snapshots rebuilt once a second on the loop.

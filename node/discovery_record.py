@@ -1,24 +1,18 @@
 """The LAN-discovery advertisement: what one node tells another about how to join it.
 
-A node's mDNS sidecar (node/sidecars/mdns.py) serves this record over a py-libp2p stream to
-any sidecar that found it by mDNS. The sidecar's libp2p key *is* the node's identity key,
-so the secure channel already proves which peer id is speaking; the record additionally
-carries a signature by that key over its content, so the binding of (run id, join
-multiaddrs) to the peer id survives being cached or relayed.
+A node's mDNS sidecar (node/sidecars/mdns.py) serves this record over a py-libp2p stream. The
+sidecar's libp2p key *is* the node's identity key, so the secure channel proves the speaker;
+the record is also signed by that key, so (run id, join multiaddrs) stays bound to the peer id
+when cached or relayed. Wire form: msgpack `[VERSION, run_id, peer_id, [maddr, ...], signature]`;
+the signature covers `SIGNING_DOMAIN + msgpack([VERSION, run_id, peer_id, maddrs])`.
 
-Wire form: msgpack array `[VERSION, run_id, peer_id, [maddr, ...], signature]`; the signature
-covers `SIGNING_DOMAIN + msgpack([VERSION, run_id, peer_id, maddrs])`.
-
-Invariants (checked by `decode_advert`, each failure a `AdvertRejected` with a bounded reason):
-- the encoded record is at most `MAX_ADVERT_BYTES` (enforced at encode time too);
-- types are exact: a str is a str, the list holds 1..`MAX_MADDRS` str of at most
-  `MAX_MADDR_CHARS` characters; a bool or float never passes for anything else;
-- the run id equals ours (`wrong_run`), the peer id equals the authenticated remote one
-  (`peer_mismatch`), every multiaddr is `/ip4|ip6|dns*/.../tcp/N/p2p/<that peer id>`;
-- the signature verifies under the remote's public key (`bad_signature`).
-
-Pure: no libp2p import (the node process must never import py-libp2p: its `crypto.pb`
-protobuf clashes with hivemind's). Signing and verification are injected callables.
+Invariants (checked by `decode_advert`; each failure is an `AdvertRejected` with a bounded reason):
+- at most `MAX_ADVERT_BYTES` encoded (enforced at encode time too); exact types (1..`MAX_MADDRS`
+  str of at most `MAX_MADDR_CHARS`; a bool or float never passes for anything else);
+- run id equals ours (`wrong_run`), peer id equals the authenticated remote (`peer_mismatch`),
+  every multiaddr is `/ip4|ip6|dns*/.../tcp/N/p2p/<that peer id>`; the signature verifies
+  under the remote's public key (`bad_signature`).
+Pure: no libp2p import (its `crypto.pb` clashes with hivemind's); signing and verifying are injected.
 """
 from __future__ import annotations
 

@@ -2,19 +2,17 @@
 
 `configure_logging(fmt, level)`:
 - `fmt="console"`: `HH:MM:SS LEVEL logger: message key=value…` on stderr, one line per
-  record (never wrapped, so join lines stay copyable); `"json"`: one JSON object per line
-  with `ts` (UTC ISO-8601), `level`, `logger`, `msg`, any `extra=` fields and `exc` for
-  tracebacks; `"auto"`: console when stderr is a TTY, else JSON.
-- hivemind installs its own handler on the `hivemind` logger (not propagating). We switch
-  it to "nowhere" so hivemind records propagate to our root handler exactly once, and
-  re-level it to WARNING unless `level` is DEBUG (or stricter than WARNING, e.g. ERROR,
-  which then applies to hivemind too). Never silence it: a muted hivemind turns
-  partitions into silent hangs (operations.md §1).
+  record (never wrapped); `"json"`: one JSON object per line with `ts` (UTC ISO-8601),
+  `level`, `logger`, `msg`, any `extra=` fields and `exc`; `"auto"`: console on a TTY, else JSON.
+- hivemind's own handler is switched to "nowhere" so its records reach our root handler
+  exactly once, re-levelled to WARNING unless `level` is DEBUG (or stricter than WARNING,
+  which then applies to hivemind too). Never silence it: a muted hivemind turns partitions
+  into silent hangs.
 - Idempotent: calling again replaces our handler instead of adding a second one.
 - Raises `ValueError` for an unknown `fmt` or `level`.
 
-Switching hivemind's handler requires importing hivemind (≈3 s, torch included); pass
-`adopt_hivemind=False` from light CLI commands that never import it.
+Switching hivemind's handler imports hivemind (≈3 s, torch included); light CLI commands that
+never import it pass `adopt_hivemind=False`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one swarm-node process (names per operations.md §3).
+"""Prometheus metrics of one swarm-node process.
 
 Contract:
 - `NodeMetrics` owns a private `CollectorRegistry` (plus the process, platform and GC

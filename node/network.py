@@ -4,14 +4,12 @@ Why not `hivemind.DHT`: it forks a process, talks to it over a pipe that breaks 
 of ~16 KB under uvloop, and leaves orphans on SIGKILL. `DHTNode.create(p2p=...)` runs in
 this loop instead (about 3x faster, no pipe).
 
-Joining: p2pd refuses to start at all when given bootstrap peers of which none answers,
-so p2pd is always started alone and `connect_peers` dials the initial peers itself (dial,
-then a DHT ping that puts both sides in each other's routing table, then a lookup of our
-own id to fill the table). An unreachable initial peer is a warning and a retry.
-
-Isolation: hivemind pings initial peers only at creation; a peer whose routing table
-emptied during a partition stays alone forever. `IsolationWatchdog` notices an empty table
-and re-runs `connect_peers` on the initial and last-known peers until it is refilled.
+Joining: p2pd refuses to start when none of its bootstrap peers answers, so it starts alone and
+`connect_peers` dials the initial peers (dial, a DHT ping that puts both sides in each other's
+routing table, then a lookup of our own id). An unreachable initial peer is a warning and a retry.
+Isolation: hivemind pings initial peers only at creation, so a table emptied by a partition
+stays empty; `IsolationWatchdog` re-runs `connect_peers` on the initial and last-known peers
+until it is refilled.
 
 All awaits on the network carry deadlines. DHT request metrics are updated here, in the
 process that serves /metrics.

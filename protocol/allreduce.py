@@ -1,36 +1,18 @@
 """Weighted butterfly all-reduce of one flat fp32 vector among a frozen group.
 
-The vector is cut into len(group) contiguous shards; member i reduces shard i. Every
-member streams its shard j to group[j] (its own shard stays local), the reducer averages
-what arrived — Σ wᵢxᵢ / Σ wᵢ, accumulated in fp32 — and streams the mean back to each
-contributor. Each peer sends and receives about 2·(N−1)/N of the vector, spread over all
-links instead of funnelled through one leader.
+The vector is cut into len(group) contiguous shards; member i reduces shard i. Every member
+streams its shard j to group[j] (its own shard stays local); the reducer averages what arrived
+(Σ wᵢxᵢ / Σ wᵢ, accumulated in fp32 whatever the wire compression) and streams the mean back to
+each contributor: about 2·(N−1)/N of the vector per peer, spread over all links.
 
 Contract:
-- The group and its `group_id` come from a coordinator (strategies/rounds.py); a push
-  stamped with another group id, a wrong shard index or a wrong size is rejected and
-  counted. Accumulation is fp32 whatever the wire compression.
-- A reducer waits for all members until `timeout_s`, then closes with who arrived. The
-  outcome says exactly what happened: `complete` is true only if every shard came back
-  from its reducer with every member counted. A partial average is reported, never
-  hidden (hivemind's averager fills missing parts with local values silently).
+- The group and its `group_id` come from a coordinator (strategies/rounds.py); a push stamped
+  with another group id, a wrong shard index or a wrong size is rejected and counted.
+- A reducer waits for all members until `timeout_s`, then closes with who arrived. `complete`
+  is true only if every shard came back with every member counted: a partial average is
+  reported, never hidden (hivemind's averager silently fills missing parts with local values).
 - Nothing here commits anything: the caller decides (see rounds.py's commit vote).
-- `run()` returns once this member holds every shard AND its own shard's mean has been
-  handed to the kernel for every contributor (bounded by timeout_s), so a caller that
-  blocks the event loop right after (hashing the result) stalls nobody else.
-
-Two data paths, chosen per (member, reducer) pair by `transport_mode`:
-- `p2p`: every shard travels as protobuf chunks on a libp2p stream (encrypted, NAT-friendly
-  through p2pd, but CPU-heavy: several copies per byte).
-- `tcp`: the member asks the reducer over libp2p for a single-use token and its bulk TCP
-  address (protocol/bulk_tcp.py), then pushes raw bytes on a direct socket and reads the
-  mean back on it. Group membership, shard index and caller identity still come from the
-  authenticated libp2p stream; the TCP bytes are authenticated by the token, not encrypted.
-- `auto` (the node's default): tcp, and the p2p stream for a reducer whose TCP address
-  cannot be reached or has no listener (NAT), before anything was sent; counted via
-  `on_path("fallback")`. A failure after bytes were sent is not retried: the shard is
-  missing and the round is incomplete, exactly as on the p2p path.
-Both paths feed the same `_Reduction`, so a reducer may serve a mixed group.
+- Data paths (p2p, tcp, auto) are chosen per (member, reducer) pair; see `ButterflyAllReduce`.
 """
 from __future__ import annotations
 
@@ -238,6 +220,26 @@ class AllReduceOutcome:
 
 
 class ButterflyAllReduce:
+    """One member's side of every group it is in: pushes its shards, reduces its own shard.
+
+    `run()` returns once this member holds every shard AND its own shard's mean has been
+    handed to the kernel for every contributor (bounded by timeout_s), so a caller that
+    blocks the event loop right after (hashing the result) stalls nobody else.
+
+    Two data paths, chosen per (member, reducer) pair by `transport_mode`:
+    - `p2p`: every shard travels as protobuf chunks on a libp2p stream (encrypted, NAT-friendly
+      through p2pd, but CPU-heavy: several copies per byte).
+    - `tcp`: the member asks the reducer over libp2p for a single-use token and its bulk TCP
+      address (protocol/bulk_tcp.py), then pushes raw bytes on a direct socket and reads the
+      mean back on it. Group membership, shard index and caller identity still come from the
+      authenticated libp2p stream; the TCP bytes are authenticated by the token, not encrypted.
+    - `auto` (the node's default): tcp, and the p2p stream for a reducer whose TCP address
+      cannot be reached or has no listener (NAT), before anything was sent; counted via
+      `on_path("fallback")`. A failure after bytes were sent is not retried here: the shard is
+      missing and the round is incomplete, exactly as on the p2p path.
+    Both paths feed the same `_Reduction`, so a reducer may serve a mixed group.
+    """
+
     def __init__(self, transport: Transport, *, timeout_s: float, compression: int = codec.NONE,
                  max_numel: int = 1 << 31, on_reject=None, transport_mode: str = "p2p",
                  bulk_host: str = "127.0.0.1", bulk_port: int = 0, announce_host: str | None = None,
@@ -388,7 +390,7 @@ class ButterflyAllReduce:
         t_back = time.perf_counter() - t0
         # The caller may block this event loop as soon as we return (it hashes the result):
         # my shard's mean must be out to every contributor first, or that stall is theirs
-        # (a 100 MB hash here held the other peer's reply for 0.4 s). A contributor that
+        # (a 100 MB hash here holds the other peer's reply for ~0.4 s). A contributor that
         # does not read its reply costs at most timeout_s; its round is incomplete anyway.
         loop = asyncio.get_running_loop()
         try:

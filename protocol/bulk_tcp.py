@@ -1,37 +1,18 @@
 """Bulk data path for the butterfly all-reduce: shard bytes on direct TCP connections.
 
-Why: libp2p streams through p2pd cost several CPU copies per byte (protobuf framing,
-unix socket to p2pd, encryption, muxing); a 100 MB all-reduce among 4 peers spent ~20×
-gloo's time there. This module moves only the tensor bytes onto a plain TCP socket; who
-is in the group, the round id and the token stay on the authenticated libp2p stream.
-
-Wire format (all little-endian), one connection per (member, reducer, group):
-  member  -> reducer  HELLO    magic b"SNB1", client proof (16 B)
-  reducer -> member   WELCOME  status u8, server proof (16 B; zeros when rejected)
-  member  -> reducer  PUSH     compression u8, weight f64, nbytes u64, then nbytes of payload
-  reducer -> member   REPLY    status u8, nbytes u64, detail length u16, detail (utf-8),
-                               then (status OK only) nbytes of payload, then
-                      TRAILER  status u8, contributors u32, total weight f64
-Payload: COMPRESSION_NONE is the raw little-endian fp32 shard (sent from and received
-into the tensors' own memory, no copy in Python); any other compression is ONE
-`swarmnode.v1.Tensor` message made by protocol/codec.py for the whole shard.
-Raw shards are pipelined: the reducer adds each SEGMENT of a push as it arrives and
-streams each segment of the mean back as soon as every member's part of it is in, so the
-scatter and the gather overlap on one full-duplex connection. The REPLY is therefore
-sent before the outcome is known; only the TRAILER says whether the payload counts
-(OK and every member counted), which is why a reader must not use it before the trailer.
-
+Why: libp2p streams through p2pd cost several CPU copies per byte (protobuf framing, unix
+socket, encryption, muxing); a 100 MB all-reduce among 4 peers spent ~20× gloo's time there.
+Only tensor bytes use plain TCP (wire format: see the comment above `MAGIC`); group, round id
+and token stay on the authenticated libp2p stream.
 Invariants:
-- A token is 32 random bytes handed out by the reducer over the libp2p stream of the
-  member it is for, bound to (group, member), single use and expiring. The member proves
-  it knows the first half; the reducer answers with the second half, so a member never
-  streams its shard to a stranger listening on a recycled address either.
-- Every length is checked against what the round expects BEFORE anything is allocated
-  or read; a raw shard must be exactly `numel * 4` bytes; a compressed one at most
-  `max_payload_bytes(numel)`. Decoded values must be finite. Any violation raises
-  `BulkError` with a bounded `.reason` (a metrics label), and the connection is dropped.
-- Every read and write runs under a deadline (`asyncio.wait_for` around the whole loop).
-- Nothing here knows about rounds or weights' meaning: protocol/allreduce.py does.
+- A token is 32 random bytes handed out by the reducer over the libp2p stream of the member it
+  is for, bound to (group, member), single use and expiring. The member proves it knows the
+  first half; the reducer answers with the second, so a member never streams its shard to a
+  stranger listening on a recycled address either.
+- Every length is checked against what the round expects BEFORE anything is allocated or read
+  (a raw shard is exactly `numel * 4` bytes, a compressed one at most `max_payload_bytes`);
+  decoded values must be finite. A violation raises `BulkError` with a bounded `.reason` (a
+  metrics label) and drops the connection. Every read and write runs under a deadline.
 """
 from __future__ import annotations
 
@@ -52,6 +33,22 @@ from swarm_node.protocol import codec
 
 log = logging.getLogger(__name__)
 
+# Wire format (all little-endian), one connection per (member, reducer, group):
+#   member  -> reducer  HELLO    magic b"SNB1", client proof (16 B)
+#   reducer -> member   WELCOME  status u8, server proof (16 B; zeros when rejected)
+#   member  -> reducer  PUSH     compression u8, weight f64, nbytes u64, then nbytes of payload
+#   reducer -> member   REPLY    status u8, nbytes u64, detail length u16, detail (utf-8),
+#                                then (status OK only) nbytes of payload, then
+#                       TRAILER  status u8, contributors u32, total weight f64
+# Payload: COMPRESSION_NONE is the raw little-endian fp32 shard (sent from and received into
+# the tensors' own memory, no copy in Python); any other compression is ONE
+# `swarmnode.v1.Tensor` message made by protocol/codec.py for the whole shard.
+# Raw shards are pipelined: the reducer adds each SEGMENT of a push as it arrives and streams
+# each segment of the mean back as soon as every member's part of it is in, so the scatter and
+# the gather overlap on one full-duplex connection. The REPLY is therefore sent before the
+# outcome is known; only the TRAILER says whether the payload counts (OK and every member
+# counted), so a reader must not use the payload before the trailer.
+# Nothing here knows about rounds or what the weights mean: protocol/allreduce.py does.
 MAGIC = b"SNB1"
 TOKEN_BYTES = 32
 PROOF_BYTES = TOKEN_BYTES // 2

@@ -1,33 +1,18 @@
 """Tensor codec: torch tensors <-> `swarmnode.v1.Tensor` / `TensorChunk` wire messages.
 
-Owns: encoding (raw, float16, absmax blockwise int8, blockwise 4-bit E3M0), validated decoding of untrusted
-messages, and cutting tensor lists into size-bounded chunks plus reassembling them.
-Pure functions, no I/O.
-
+Owns: encoding (raw, float16, absmax blockwise int8, blockwise 4-bit E3M0 described at its constants),
+validated decoding of untrusted messages, and cutting tensor lists into size-bounded chunks
+plus reassembling them. Pure functions, no I/O.
 Invariants
-  * Buffers are little-endian, row-major; `dtype` always names the ORIGINAL dtype and
-    decoding always returns it, whatever the compression.
-  * Allowed dtypes: float32, float16, bfloat16, int64, int32. Integer tensors are never
-    compressed (encode sends them raw; decode rejects a compressed integer tensor).
+  * Buffers are little-endian, row-major; `dtype` always names the ORIGINAL dtype and decoding
+    returns it. Allowed: float32, float16, bfloat16, int64, int32; integers are never compressed
+    (encode sends them raw; decode rejects a compressed integer tensor).
   * Every size is checked against the header and the caller's caps BEFORE anything is
     allocated: numel > max_numel is "too_large" even if the buffer is tiny.
-  * Lossy encodings refuse non-finite sources ("non_finite"); FLOAT16 clamps finite
-    values beyond +-65504 instead of letting them become inf. NONE sends NaN/inf as is
-    and the receiver decides (allow_non_finite).
-  * Blockwise encodings (INT8_BLOCKWISE, E3M0) carry one fp32 scale per block; a scale
-    must be finite and >= 0 (negative: "malformed"; NaN/inf: "non_finite" for E3M0, and
-    for INT8 caught by the decoded-value check unless allow_non_finite).
-
-E3M0 (4 bits per value; the exact layout is documented on COMPRESSION_E3M0 in the .proto)
-  s = absmax of the block; each value becomes 0 or +-s * 2^-k with k in 0..6, rounded to
-  the nearest such level in linear distance (ties away from zero). Error bound per value:
-  |x_hat - x| <= |x| / 3 when |x| >= s * 2^-6, else <= s * 2^-7. The block's largest
-  magnitude is exact. Decoding multiplies by powers of two only, so (for a finite scale
-  and no fp32 underflow) every decoded value is exactly 0 or +-s * 2^-k.
-
-Failure semantics: reject loudly. Any problem raises `CodecError` whose `.reason` is one
-of REJECT_REASONS; no function ever returns a partially decoded tensor, and a
-`ChunkAssembler` that rejected a chunk stays failed.
+  * Lossy encodings refuse non-finite sources ("non_finite"); FLOAT16 clamps finite values
+    beyond +-65504 instead of letting them become inf; NONE sends NaN/inf as is (the receiver
+    decides: allow_non_finite). Any problem raises `CodecError` (`.reason` in REJECT_REASONS);
+    nothing partially decoded is returned; a `ChunkAssembler` that rejected a chunk stays failed.
 """
 from __future__ import annotations
 
@@ -64,7 +49,16 @@ _COMPRESSIONS = (NONE, FLOAT16, INT8_BLOCKWISE, E3M0)
 _BLOCKWISE = (INT8_BLOCKWISE, E3M0)
 _FP16_MAX = 65504.0
 _INT8_MAX = 127
-# E3M0: exponent field e = 1..7 stands for magnitude 2^-(7-e) (times the block scale); e = 0
+# Blockwise encodings (INT8_BLOCKWISE, E3M0) carry one fp32 scale per block; a scale must be
+# finite and >= 0 (negative: "malformed"; NaN/inf: "non_finite" for E3M0, and for INT8 caught
+# by the decoded-value check unless allow_non_finite).
+# E3M0 (4 bits per value; the exact layout is documented on COMPRESSION_E3M0 in the .proto):
+# s = absmax of the block; each value becomes 0 or +-s * 2^-k with k in 0..6, rounded to the
+# nearest such level in linear distance (ties away from zero). Error bound per value:
+# |x_hat - x| <= |x| / 3 when |x| >= s * 2^-6, else <= s * 2^-7. The block's largest magnitude
+# is exact. Decoding multiplies by powers of two only, so (for a finite scale and no fp32
+# underflow) every decoded value is exactly 0 or +-s * 2^-k.
+# Exponent field e = 1..7 stands for magnitude 2^-(7-e) (times the block scale); e = 0
 # is zero. _E3M0_MIDPOINTS[j] is the rounding threshold between level e = j and e = j + 1
 # (ascending), so e = number of midpoints <= |x|/s.
 _E3M0_MAX_SHIFT = 6

@@ -212,7 +212,11 @@ class Strategy(abc.ABC):
                                        "duration_s": round(duration_s, 4),
                                        "compute_s": round(self._compute_since_round, 4),
                                        "wall_s": round(now - self._last_round_at, 4),
-                                       "peer": details.get("partner") or details.get("leader") or details.get("aggregator") or ""})
+                                       "peer": details.get("partner") or details.get("leader") or details.get("aggregator") or "",
+                                       # when (wall clock) and on which shared weights: lets a judge compare
+                                       # peers' whole round histories, not samples of /status
+                                       "at": round(time.time(), 3),
+                                       **({"phi_hash": details["phi_hash"]} if details.get("phi_hash") else {})})
         self._compute_since_round, self._last_round_at = 0.0, now
 
     def record_step(self, num_samples: int, loss: float, elapsed_s: float) -> None:

@@ -1,21 +1,18 @@
 """The run-long quorum of the step-synchronous strategies (sync, gradcode).
 
-`--min-peers` is only a start barrier. Afterwards a peer that can see too few of the swarm
-must not go on alone: every step it took would be a fork that the next resync throws away
-(and it would count them toward `--max-steps`). The rule, evaluated from this peer's own
-membership view before every step:
+`--min-peers` is only a start barrier. Afterwards a peer that sees too few of the swarm must
+not go on alone: each step would be a fork that the next resync throws away. The rule,
+checked from this peer's own membership view before every step:
 
   needed = --quorum, when set (> 0)
          = a strict majority of the last committed round's group, less the peers that left
            it gracefully (a LEAVING record) since;
-           before this process saw a round commit: 1 for the peer that started the swarm, 2 for
-           one that joined through --initial-peers (a restarted peer that cannot reach its swarm
-           must not train on alone from its old checkpoint).
+           before its first commit: 1 for the swarm's first peer, 2 for one that joined with
+           --initial-peers (a restarted peer must not train on alone from its old checkpoint).
 
-A majority means that of two sides of a split at most one keeps stepping. The cost is that a
-swarm that loses half of its peers at once by crashes waits until they (or others) come
-back; `--quorum 1` restores "train on whatever is left". Peers that left gracefully lower
-the bar, so a swarm drained peer by peer goes on to the last one.
+Of two sides of a split at most one keeps stepping. A swarm that loses half its peers at
+once by crashes waits until peers come back (`--quorum 1`: train on whatever is left);
+graceful leaves lower the bar, so a swarm drained peer by peer goes on to the last one.
 """
 from __future__ import annotations
 

@@ -4,21 +4,15 @@ One round, as seen by a member:
   1. join    — tell the leader (lowest online peer id) "round r, my shared-state hash h,
                weight w". The leader freezes the group when every expected member joined
                or `grace_s` after its own join, and answers everyone with the sorted group
-               and a group id. A member whose r or h differs is told RESYNC instead —
-               unless its state carries more merged work (member-rounds) than the
-               leader's: then the leader is the stale side (it was cut off, or frozen,
-               while the others went on), adopts that member's state, and the member is
-               told LEADER_BEHIND and retries. After a split the side that merged more
-               work keeps its model, whichever side the lowest id happens to be on.
+               and a group id. A member whose r or h differs is told RESYNC, unless it
+               carries more merged work than the leader (see `RoundCoordinator._admit`).
   2. reduce  — butterfly all-reduce of the member's vector inside that group.
   3. commit  — each member votes (complete?, hash of the averaged vector); the leader
                commits iff every member of the group voted complete with the same hash.
-The result is applied only on commit. On abort the caller keeps its old shared state and
-retries; it never applies a local-only update (that silently forks the model). If the
-leader dies, every member's join or vote fails and they all abort together.
-
-Invariants: the leader's decision is the only commit point; round numbers only move
-forward on commit; every wait is bounded by `timeout_s`/`grace_s`.
+The result is applied only on commit. On abort the caller keeps its shared state and retries,
+never applying a local-only update (that silently forks the model); a dead leader makes every
+member's join or vote fail, so all abort together. The leader's decision is the only commit
+point; round numbers move forward only on commit; every wait is bounded by `timeout_s`/`grace_s`.
 """
 from __future__ import annotations
 
@@ -191,8 +185,8 @@ class RoundCoordinator:
         """One request, one reply. Join and vote are idempotent at the leader (a second join of
         an admitted member returns the same group; a second vote overwrites the first), so a
         stream that ended without a reply is retried once instead of costing the round: a
-        member whose join reply was lost used to stay in the frozen group, and the others'
-        all-reduce waited the full timeout for its shard."""
+        member whose join reply was lost would otherwise stay in the frozen group, and the
+        others' all-reduce would wait the full timeout for its shard."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         for attempt in (1, 2):
             try:
@@ -225,6 +219,11 @@ class RoundCoordinator:
             self.on_stragglers(missing)
 
     async def _admit(self, join: rpb.RoundJoin, caller: str) -> rpb.RoundJoinReply:
+        """The leader's answer to a join. A member whose round or hash differs is told RESYNC,
+        unless its state carries more merged work (member-rounds) than the leader's: then the
+        leader is the stale side (it was cut off, or frozen, while the others went on), adopts
+        that member's state, and the member is told LEADER_BEHIND and retries. After a split the
+        side that merged more work keeps its model, whichever side the lowest id is on."""
         if join.run_id != self.run_id:
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_REJECTED, detail="wrong run id")
         me = self.transport.peer_id

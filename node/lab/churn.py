@@ -1,12 +1,8 @@
 """Run a churn scenario against a swarm of real `swarm-node join` processes, and judge it.
 
-Two backends place the nodes:
-- `LoopbackBackend` (no root): every node on 127.0.0.1 with its own fixed port, so a restart
-  with the same state dir comes back at the same address. Network events (partition, heal,
-  loss, shape, delay) are impossible there: they are SKIPPED with a warning, listed before the
-  run starts and in the report (`strict=True` refuses the scenario instead).
-- `NetnsBackend` (root): one network namespace per node from `netlab.NetLab`; nodes run under
-  `ip netns exec` and listen on their host's own IP.
+Two backends place the nodes: `LoopbackBackend` (no root; one fixed port per node on
+127.0.0.1; network events are skipped with a warning, or refused with `strict=True`) and
+`NetnsBackend` (root; one network namespace per node from `netlab.NetLab`).
 
 Invariants: every observation comes from a node's `/status`, `/readyz` and `/metrics` over
 HTTP, plus the `summary.json` a node writes when it drains (for its final param hash and
@@ -265,6 +261,7 @@ class ChurnRunner:
         self.nodes: dict[str, _Node] = {}
         self.all_procs: list[NodeProcess] = []
         self.t0: float | None = None
+        self.t0_wall = time.time()
         self.samples: list[tuple[float, str, int, float | None]] = []  # t, node, step, train loss
         self.rounds: dict[str, dict[int, tuple[float, str]]] = {}  # node -> outer round -> (t, phi hash), "ok" only
         # SAPO: node -> round -> (t first seen, mean reward per completion, external groups used); and
@@ -327,6 +324,7 @@ class ChurnRunner:
         for n in self.nodes.values():
             n.proc.wait_for(lambda s: s["step"] >= 1, max(1.0, deadline - time.monotonic()), "training to start")
         self.t0 = time.monotonic()
+        self.t0_wall = time.time()  # round histories in summary.json carry wall-clock times
         self.o.progress("all peers train: scenario clock starts")
 
     def _live_maddrs(self, exclude: str) -> list[str]:
@@ -678,11 +676,13 @@ class ChurnRunner:
                 continue
             r.final[name] = {"step": summ.get("step"), "param_hash": summ.get("param_hash"),
                              "val_loss": summ.get("val_loss"), "restarted": self.nodes[name].restarted}
-            lr = summ.get("last_round") or {}
-            if self.o.consistency == "phi_hash" and lr.get("outcome") == "ok" and lr.get("phi_hash"):
-                # the drained node's own last commit: where survivors stopped on the same round, their
-                # final φ is compared too (rounds can commit faster than /status can be read from all)
-                self.rounds.setdefault(name, {})[int(lr["round"])] = (self.now(), lr["phi_hash"])
+            if self.o.consistency == "phi_hash":
+                # the node's own record of every round it committed (with its wall-clock time): rounds
+                # commit faster than /status can be read from all peers, so samples alone may never
+                # catch two peers on one round, however consistent they are
+                for h in summ.get("round_history", []):
+                    if h.get("outcome") == "ok" and h.get("phi_hash") and h.get("at") and h.get("round") is not None:
+                        self.rounds.setdefault(name, {})[int(h["round"])] = (h["at"] - self.t0_wall, h["phi_hash"])
             v = summ.get("val_loss")
             if v is None or not math.isfinite(v):
                 r.nan_seen = r.nan_seen or v is not None

@@ -24,7 +24,7 @@ at 18s partition n3
 at 30s heal n3
 """
 
-# The O-8 isolation scenario: one peer alone for ~16 s, then healed.
+# Isolation: one peer alone for ~16 s, then healed.
 PARTITION = """\
 at 4s partition n2
 at 20s heal n2
@@ -114,7 +114,7 @@ PROFILES: dict[str, Profile] = {
     # trainers' training loss means anything, and replicas of a stage differ between gossip rounds.
     # Rebalancing is off so the churn, not a move, decides who serves what. 4 peers for 3 stages:
     # after the kill and the drain only 2 live, so a stage stays empty until the restart, which must
-    # take it (not become a trainer); netns churn passed 3/3 this way (it stalled before, issue 4).
+    # take it (not become a trainer); with fewer peers than stages a stage stays empty.
     "swarm": Profile("swarm", ("--n-layer", "3", "--stages", "3", "--micro-batches", "2", "--d-model", "32",
                                "--rebalance-interval-s", "0"), loss="train", peers=4, scenarios=GENERIC),
     # SAPO: peers share rollouts, not weights, so replicas differ by design and progress is reward.

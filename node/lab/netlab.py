@@ -4,20 +4,15 @@ Layout (prefix `swl`, subnet 10.77.0.0/24 by default):
 
     root ns: swl-obs 10.77.0.254 ──veth── [ns swl-hub: bridge swlbr] ──veth── ns swl-<name>: eth0 10.77.0.<k>
 
-Each host is a namespace whose `eth0` is one end of a veth pair; the other end is a port of
-the bridge inside the hub namespace. The root namespace gets one observer address (.254) so
-the runner can read every node's /status and /metrics; partitions and packet loss always
-spare the observer (it is the lab's management network, not a peer).
-
-Impairments, all inside the host's own namespace so nothing else on the machine is touched:
-- partition: nftables table `inet swlab_part` dropping input and output (heal deletes it);
-- loss P %: table `inet swlab_loss`, `numgen random mod 100 < P drop` on input;
-- shape RATE: `tbf` on the host's eth0 (egress);
-- delay: netem, probed once; this kernel has none, so `delay` reports why it cannot run.
-
-Invariants: only namespaces and links named with the lab prefix are created or deleted;
-`down()` is idempotent, never raises, and is what `__exit__` calls whatever happened; `up()`
-first removes a stale lab of the same prefix left by a crashed run.
+Each host is a namespace whose `eth0` is a veth end; the other end is a bridge port in the hub
+namespace. The root namespace's observer address (.254) reads every node's /status and /metrics;
+partitions and loss always spare it. Impairments live in the host's own namespace: partition
+(nftables `inet swlab_part`, dropping input and output), loss P % (`inet swlab_loss`, `numgen
+random mod 100 < P drop` on input), shape RATE (`tbf` on eth0 egress), delay (netem, probed
+once; where the kernel lacks it, `delay` reports why it cannot run).
+Invariants: only namespaces and links with the lab prefix are created or deleted; `down()` is
+idempotent, never raises, and is what `__exit__` calls; `up()` first removes a stale lab of the
+same prefix left by a crashed run.
 """
 from __future__ import annotations
 

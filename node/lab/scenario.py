@@ -1,27 +1,18 @@
 """Churn scenarios: a tiny language of timed events, parsed from text or built in Python.
 
-One event per line:
-
     at <seconds>[s] <action> <target> [arg]      # seconds after the swarm started training
     at step <N>     <action> <target> [arg]      # once the highest step of a live node reaches N
 
-Actions (targets are node names: the initial peers are n0..n{peers-1}; `join` names a new one):
-
-    kill n1            SIGKILL the node's whole process group (the crash path)
-    term n1            SIGTERM: graceful drain; the node must exit 0
-    pause n1           SIGSTOP the group (alive but unresponsive)    resume n1   SIGCONT
-    restart n1         start it again on the same --state-dir (same identity; SIGTERM first if running)
-    join n9            start a new node that joins the running swarm
-    partition n1       drop all its traffic (process alive)          heal n1     undo the partition
-    loss n1 20%        drop 20 % of its incoming packets (`loss n1 0` removes it)
-    shape n1 10mbit    cap its egress bandwidth (`shape n1 off` removes it)
-    delay n1 50ms      add latency (needs netem; skipped with a reason where the kernel lacks it)
-
-`#` starts a comment; blank lines are ignored. Invariants: a parsed `Scenario` only holds
-well-formed events (known action, valid argument, non-negative trigger); a bad line raises
-`ScenarioError` naming its line number. Events run in the order written: each waits for its
-own trigger after the previous one fired, so `kill n1` then `restart n1` can never swap.
-Whether a target exists is checked against the swarm by `Scenario.check_targets`.
+Actions (targets are node names: initial peers n0..n{peers-1}; `join` names a new one):
+kill (SIGKILL the process group), term (SIGTERM: graceful drain, must exit 0), pause/resume
+(SIGSTOP/SIGCONT), restart (same --state-dir; SIGTERM first if running), join (a new node),
+partition/heal (drop all traffic / undo), `loss n1 20%` (incoming packets; 0 removes),
+`shape n1 10mbit` (egress cap; off removes), `delay n1 50ms` (needs netem, else skipped).
+`#` starts a comment; blank lines are ignored. A parsed `Scenario` holds only well-formed
+events (known action, valid argument, non-negative trigger); a bad line raises `ScenarioError`
+naming its line number. Events run in the order written, each waiting for its trigger after
+the previous one fired, so `kill n1` then `restart n1` never swap. `Scenario.check_targets`
+checks targets against the swarm.
 """
 from __future__ import annotations
 

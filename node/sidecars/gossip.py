@@ -1,30 +1,12 @@
 """Rollout-gossip sidecar: a py-libp2p host with gossipsub that carries SAPO rollouts.
 
 Run only as its own process (`python -m swarm_node.sidecars.gossip ...`), started and
-supervised by strategies/sapo/gossip.py. Like the mDNS sidecar (node/sidecars/mdns.py,
-whose event writer and parent watch it reuses) it imports py-libp2p, which must never be
-imported in the node process (the `crypto.pb` protobuf clash with hivemind).
-
-What it does:
-1. Loads the node's identity.key as its libp2p key (so its peer id IS the node's peer id
-   and gossipsub's message signatures name the node), listens on TCP at --host.
-2. Runs gossipsub on one topic per run (`swarm-node/<run>/rollouts/1`) with limits set on
-   purpose, because py-libp2p's defaults drop messages silently: spam protection (10
-   msg/s per peer) off, eclipse protection off (every loopback peer shares one IP), the
-   subscription channel and each per-peer outbound queue raised from 32 to --queue-size,
-   the message-size cap set to --max-message-bytes (our rollouts are capped far below it),
-   and a 1 s heartbeat so the mesh forms within a round. Publishes are paced (a short
-   sleep after each) and strict signing stays on.
-3. The node treats it as a dumb pipe: payloads are opaque bytes (signed by the node at the
-   application level and verified by the receiving node, never here).
-
-Protocol with the node: JSON lines.
-  stdin  {"cmd": "connect", "maddrs": [...]}   dial other peers' sidecars (bounded, 5 s)
-         {"cmd": "publish", "data": <base64>}   publish one payload on the topic
-  stdout {"event": "ready", "peer_id", "listen": [maddr/p2p/id], "topic", "t_s"}
-         {"event": "message", "from": peer id, "data": <base64>, "t_s"}  (never our own)
-         {"event": "connected" | "connect_failed", "peer_id", "detail"?, "t_s"}
-         {"event": "error", "detail", "t_s"}
+supervised by strategies/sapo/gossip.py. Like mdns.py (both build on runtime.py) it imports
+py-libp2p, which must never be imported in the node process (the `crypto.pb` protobuf clash
+with hivemind). Its libp2p key is the node's identity.key, so its peer id and gossipsub
+signatures name the node. One topic per run (`swarm-node/<run>/rollouts/1`), with limits
+set on purpose (py-libp2p's defaults drop messages silently: see PROTOCOL below).
+Payloads are opaque bytes, signed and verified by the nodes, never here.
 Lifetime: dies with its parent (PR_SET_PDEATHSIG plus a parent watch), exits 0 on SIGTERM
 or when stdin closes. Every network wait is bounded.
 """
@@ -35,22 +17,31 @@ import base64
 import functools
 import json
 import os
-import signal
 import sys
 
-from swarm_node.sidecars.mdns import emit, run_sidecar
+from swarm_node.sidecars.runtime import emit, load_host, run_sidecar, sidecar_parser, until_signal
 
 CONNECT_TIMEOUT_S = 5.0
 PUBLISH_PACE_S = 0.005  # ~200 msg/s: far below what drains a 1024-deep queue
 MAX_COMMAND_BYTES = 1 << 20
 
+# PROTOCOL with the node, JSON lines:
+#   stdin  {"cmd": "connect", "maddrs": [...]}   dial other peers' sidecars (bounded, 5 s)
+#          {"cmd": "publish", "data": <base64>}   publish one payload on the topic
+#   stdout {"event": "ready", "peer_id", "listen": [maddr/p2p/id], "topic", "t_s"}
+#          {"event": "message", "from": peer id, "data": <base64>, "t_s"}  (never our own)
+#          {"event": "connected" | "connect_failed", "peer_id", "detail"?, "t_s"}
+#          {"event": "error", "detail", "t_s"}
+# Gossipsub limits: spam protection (10 msg/s per peer) off, eclipse protection off (every
+# loopback peer shares one IP), the subscription channel and each per-peer outbound queue
+# raised from 32 to --queue-size, the message-size cap set to --max-message-bytes (rollouts
+# are capped far below it), a 1 s heartbeat so the mesh forms within a round; publishes are
+# paced (a short sleep after each) and strict signing stays on.
+
 
 async def run(args: argparse.Namespace) -> int:
     import multiaddr
     import trio
-    from libp2p import new_host
-    from libp2p.crypto.keys import KeyPair
-    from libp2p.crypto.serialization import deserialize_private_key
     from libp2p.peer.id import ID
     from libp2p.peer.peerinfo import info_from_p2p_addr
     from libp2p.pubsub import pubsub as pubsub_module
@@ -65,9 +56,7 @@ async def run(args: argparse.Namespace) -> int:
     pubsub_module.RpcQueue = functools.partial(rpc_queue.RpcQueue, max_size=args.queue_size,
                                                max_message_size=args.max_message_bytes)
 
-    with open(args.identity, "rb") as f:
-        private = deserialize_private_key(f.read())
-    host = new_host(key_pair=KeyPair(private, private.get_public_key()))
+    host, _ = load_host(args.identity)
     me = str(host.get_id())
     router = GossipSub(protocols=[PROTOCOL_ID_V11, PROTOCOL_ID], degree=args.degree, degree_low=max(1, args.degree - 2),
                        degree_high=args.degree + 4, heartbeat_initial_delay=0.1, heartbeat_interval=1,
@@ -132,30 +121,20 @@ async def run(args: argparse.Namespace) -> int:
             port = int(host.get_transport_addrs()[0].value_for_protocol("tcp"))
             announce = args.announce_host or ("127.0.0.1" if args.host in ("0.0.0.0", "") else args.host)
             emit("ready", peer_id=me, listen=[f"/ip4/{announce}/tcp/{port}/p2p/{me}"], topic=topic)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async with trio.open_nursery() as nursery:
-                    async def until_signal() -> None:
-                        async for _ in signals:
-                            nursery.cancel_scope.cancel()
-                            return
-
-                    nursery.start_soon(until_signal)
-                    nursery.start_soon(deliver, subscription)
-                    nursery.start_soon(commands, nursery)
+            async with until_signal() as nursery:
+                nursery.start_soon(deliver, subscription)
+                nursery.start_soon(commands, nursery)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m swarm_node.sidecars.gossip", description=__doc__.splitlines()[0])
-    p.add_argument("--identity", required=True, help="the node's identity.key (libp2p protobuf private key)")
-    p.add_argument("--run-id", required=True)
+    p = sidecar_parser("swarm_node.sidecars.gossip", __doc__)
     p.add_argument("--host", default="127.0.0.1", help="IP to listen on")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--announce-host", default=None, help="IP to put in the advertised multiaddr")
     p.add_argument("--max-message-bytes", type=int, default=256 * 1024)
     p.add_argument("--queue-size", type=int, default=1024)
     p.add_argument("--degree", type=int, default=6)
-    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
     args = p.parse_args(argv)
     return run_sidecar("rollout-sidecar", run, args)
 

@@ -1,73 +1,38 @@
 """mDNS sidecar: advertise this node on the LAN and find other nodes of the same run.
 
 Run only as its own process (`python -m swarm_node.sidecars.mdns ...`), started and
-supervised by node/discovery.py. It imports py-libp2p, which must never be imported in the
-node process (its `crypto.pb` protobuf clashes with hivemind's).
-
-What it does, with py-libp2p doing the work:
-1. Loads the node's `identity.key` as its libp2p key, so this sidecar's peer id *is* the
-   node's peer id; starts a py-libp2p host (TCP, secure channel, muxer) on the node's IP.
-2. Registers with py-libp2p's mDNS (`MDNSDiscovery`, zeroconf underneath) under the run's
-   private service type `_p2p-<sha256(run_id)[:10]>._udp.local.`; the TXT `dnsaddr` records
-   are this host's addresses (libp2p mDNS spec).
-3. Serves `/swarm-node/discovery/1.0.0`: one signed advertisement (discovery_record.py) with
-   the run id and the node's hivemind join multiaddrs, then closes the stream.
-4. Browsing (unless --no-browse): for each peer mDNS reports, dials its host (the secure
-   channel authenticates the peer id), reads the advertisement, validates it strictly
-   (run id, peer id = channel's, multiaddrs, signature, size) and reports it.
-
-Output, one JSON object per line on stdout (nothing else is written there):
-  {"event": "ready", "peer_id", "service", "listen", "t_s"}
-  {"event": "peer", "peer_id", "maddrs", "t_s"}          a validated peer of our run
-  {"event": "rejected", "reason", "peer_id", "detail", "t_s"}   reason in REJECT_REASONS
-  {"event": "unreachable", "peer_id", "detail", "t_s"}   mDNS named it, its host did not answer
-  {"event": "error", "detail", "t_s"}                   bad arguments (then exit 2)
-t_s counts from process start. Logs go to stderr.
-
-Lifetime: dies with its parent (PR_SET_PDEATHSIG set first thing, plus a thread that
-watches the parent pid, which also covers the seconds spent importing py-libp2p). SIGTERM
-unregisters the mDNS service (goodbye packets) and exits 0. Every network wait is bounded.
-
-`--fault` (hidden) makes the sidecar serve a deliberately bad advertisement: the tests'
-fault injector for the validation path, exercised against a real honest browser.
+supervised by node/discovery.py; it imports py-libp2p, which must never be imported in the
+node process (its `crypto.pb` protobuf clashes with hivemind's). Its libp2p key is the
+node's identity.key, so its peer id *is* the node's. It registers with py-libp2p's mDNS under
+the run's private service type `_p2p-<sha256(run_id)[:10]>._udp.local.`, serves
+`/swarm-node/discovery/1.0.0` (one signed advertisement, discovery_record.py), and unless
+--no-browse dials every peer mDNS reports (the secure channel authenticates its peer id),
+validates its advertisement strictly and reports it (OUTPUT below; logs go to stderr).
+Lifetime: dies with its parent (PR_SET_PDEATHSIG first thing, plus a parent-pid watch that
+also covers the seconds spent importing py-libp2p); SIGTERM unregisters the service (goodbye
+packets) and exits 0. Every network wait is bounded. `--fault` (hidden) serves a deliberately
+bad advertisement: the tests' fault injector for the validation path.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
 import sys
-import threading
-import time
-from typing import Any
 
 from swarm_node.discovery_record import (MAX_ADVERT_BYTES, Advert, AdvertRejected, decode_advert, encode_advert,
                                service_fingerprint)
-from swarm_node.processes import die_with_parent
+from swarm_node.sidecars.runtime import emit, load_host, run_sidecar, sidecar_parser, until_signal
 
 PROTOCOL_ID = "/swarm-node/discovery/1.0.0"
 FETCH_TIMEOUT_S = 5.0
 FETCH_ATTEMPTS = 3
 FAULTS = ("wrong_run", "bad_signature", "malformed", "oversize", "peer_mismatch")
-_T0 = time.monotonic()
-_EVENTS = sys.stdout  # the protocol channel to the node; everything else goes to stderr
 
-
-def emit(event: str, **fields: Any) -> None:
-    _EVENTS.write(json.dumps({"event": event, **fields, "t_s": round(time.monotonic() - _T0, 3)}) + "\n")
-    _EVENTS.flush()
-
-
-def watch_parent(parent_pid: int, interval_s: float = 0.5) -> None:
-    """Exit when the parent is gone: a second line of defence next to PR_SET_PDEATHSIG."""
-    def loop() -> None:
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(0)
-            time.sleep(interval_s)
-
-    threading.Thread(target=loop, name="parent-watch", daemon=True).start()
+# OUTPUT, one JSON object per line on stdout (nothing else is written there; t_s counts from start):
+#   {"event": "ready", "peer_id", "service", "listen", "t_s"}
+#   {"event": "peer", "peer_id", "maddrs", "t_s"}                a validated peer of our run
+#   {"event": "rejected", "reason", "peer_id", "detail", "t_s"}  reason in REJECT_REASONS
+#   {"event": "unreachable", "peer_id", "detail", "t_s"}         mDNS named it, its host did not answer
+#   {"event": "error", "detail", "t_s"}                          bad arguments (then exit 2)
 
 
 def listen_plan(maddrs: list[str]) -> tuple[str, list[str]]:
@@ -119,17 +84,12 @@ async def read_capped(stream) -> bytes:
 async def run(args: argparse.Namespace) -> int:
     import multiaddr
     import trio
-    from libp2p import new_host
-    from libp2p.crypto.keys import KeyPair
-    from libp2p.crypto.serialization import deserialize_private_key
     from libp2p.custom_types import TProtocol
     from libp2p.discovery.events.peerDiscovery import peerDiscovery
     from libp2p.discovery.mdns.mdns import MDNSDiscovery
     from libp2p.peer.id import ID
 
-    with open(args.identity, "rb") as f:
-        private = deserialize_private_key(f.read())
-    host = new_host(key_pair=KeyPair(private, private.get_public_key()))
+    host, private = load_host(args.identity)
     me = str(host.get_id())
     for m in args.maddr:
         if not m.endswith(f"/p2p/{me}"):
@@ -206,17 +166,10 @@ async def run(args: argparse.Namespace) -> int:
         mdns.start()
         emit("ready", peer_id=me, service=mdns.service_type, listen=listen)
         try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async with trio.open_nursery() as nursery:
-                    async def until_signal() -> None:
-                        async for _ in signals:
-                            nursery.cancel_scope.cancel()
-                            return
-
-                    nursery.start_soon(until_signal)
-                    async for peer_info in receive:
-                        if str(peer_info.peer_id) != me:  # our own, e.g. a restarted sidecar's stale record
-                            nursery.start_soon(fetch, peer_info)
+            async with until_signal() as nursery:
+                async for peer_info in receive:
+                    if str(peer_info.peer_id) != me:  # our own, e.g. a restarted sidecar's stale record
+                        nursery.start_soon(fetch, peer_info)
         finally:
             try:
                 mdns.stop()  # unregister (goodbye packets); blocks this exiting process briefly
@@ -226,35 +179,13 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m swarm_node.sidecars.mdns", description=__doc__.splitlines()[0])
-    p.add_argument("--identity", required=True, help="the node's identity.key (libp2p protobuf private key)")
-    p.add_argument("--run-id", required=True)
+    p = sidecar_parser("swarm_node.sidecars.mdns", __doc__)
     p.add_argument("--maddr", action="append", required=True, help="a join multiaddr of the node (repeatable)")
     p.add_argument("--browse", action=argparse.BooleanOptionalAction, default=True,
                    help="also look for other peers (off: advertise only)")
-    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer our parent")
     p.add_argument("--fault", choices=FAULTS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     return run_sidecar("mdns-sidecar", run, args)
-
-
-def run_sidecar(label: str, run, args) -> int:
-    """The common body of a sidecar's main(): die with the node, keep stdout for events only,
-    then run `run(args)` on trio."""
-    if args.parent_pid is not None:
-        die_with_parent()
-        watch_parent(args.parent_pid)
-    # Libraries must not write to the event channel: route a stray print() to stderr.
-    sys.stdout = sys.stderr
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"{label}: %(name)s: %(message)s")
-    import trio
-
-    try:
-        return trio.run(run, args)
-    except KeyboardInterrupt:
-        return 0
 
 
 if __name__ == "__main__":

@@ -1,21 +1,17 @@
-"""Byte corpora and batch sampling.
-
-This module owns where training text comes from and how it is cut into batches:
+"""Byte corpora and batch sampling: where training text comes from and how it is cut.
 
   * `load_corpus(source, max_bytes)` turns "stdlib" (the Python standard library's own
-    top-level *.py sources, present on every machine without downloading anything) or a
-    user file/directory into one uint8 tensor. Files are read in sorted order and capped at
-    `max_bytes`, so the same source and Python version always yield the same bytes. The
-    result is cached per process.
-  * `ByteDataset` splits that tensor once: the last `val_fraction` of the bytes is held out
-    for validation and never sampled for training.
+    top-level *.py sources, on every machine without downloading anything) or a user
+    file/directory into one uint8 tensor, cached per process. Files are read in sorted order
+    and capped at `max_bytes`, so a source and Python version always yield the same bytes.
+  * `ByteDataset` splits it once: the last `val_fraction` is held out and never trained on.
   * Training windows are drawn from a caller-supplied `torch.Generator`; validation windows
     are fixed and evenly spaced, so every peer scores the same held-out bytes.
   * `batch_generator_seed` derives a per-(run, peer, step) seed, so peers draw different
     batches and a resumed or retried step draws the same batch again.
 
-Note: "stdlib" differs between Python versions; `ByteDataset.fingerprint` lets peers
-compare corpora before trusting each other's validation losses.
+"stdlib" differs between Python versions; `ByteDataset.fingerprint` lets peers compare
+corpora before trusting each other's validation losses.
 """
 from __future__ import annotations
 

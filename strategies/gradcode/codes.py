@@ -1,31 +1,18 @@
 """Gradient codes: encode partition gradients so the full sum decodes from any n - s workers.
 
-Setting (Tandon et al., ICML 2017): a step's data is cut into n partitions with gradients
-g_0..g_{n-1}. Worker i computes f_i = sum_j B[i, j] * g_j over its *support* (the columns
-where row i of B is non-zero) and sends that one vector. For any set F of surviving
-workers with |F| >= n - s there are coefficients a with a^T B_F = 1^T, so
-sum_{i in F} a_i f_i = sum_j g_j.
+Setting (Tandon et al., ICML 2017): a step's data is n partitions with gradients g_0..g_{n-1}.
+Worker i sends f_i = sum_j B[i, j] * g_j over its *support* (the non-zero columns of row i).
+For any surviving set F with |F| >= n - s there are a with a^T B_F = 1^T: sum_F a_i f_i = sum_j g_j.
 
-Schemes:
-  none    B = I, s = 0: plain data parallel, every worker is needed (the wait-for-all baseline).
-  frc     fractional repetition, needs (s+1) | n: workers form n/(s+1) groups of s+1; every
-          member of group k computes the plain sum of the group's s+1 partitions. Decoding
-          takes one reply per group with coefficient 1, so it is exact.
-  cyclic  cyclic repetition, any n > s: worker i holds partitions i..i+s (mod n); B's rows are
-          built to lie in the null space of a random s x n matrix H with H·1 = 0 (so any
-          n - s rows span a space containing 1). Decoding is a float64 least-squares solve,
-          refused when the coefficients blow up (then wait for another worker).
-
-Invariants:
-  * Construction is a pure function of (scheme, n, s, seed): every peer builds the same B
-    without any message. Cyclic draws several H from the seed and keeps the one whose worst
-    decode (over all, or sampled, straggler patterns) has the smallest max |a|.
-  * `decoding(available)` never returns coefficients that fail the guards: either a
-    `Decoding` whose residual and max |a| are within bounds, or `NotDecodable` with a reason
-    ("insufficient" = too few or a whole FRC group missing; "ill_conditioned").
-  * With more than n - s replies the cyclic decoder uses all of them: the minimum-norm
-    solution over a superset is never larger (in 2-norm) than over the subset.
-  * All decoding arithmetic is float64.
+Schemes: `none` (B = I, s = 0: plain data parallel, every worker needed); `frc` (fractional
+repetition, (s+1) | n: n/(s+1) groups of s+1 each compute their group's plain sum, decoded
+exactly from one reply per group); `cyclic` (any n > s: worker i holds partitions i..i+s mod n;
+B's rows lie in the null space of a random s x n H with H·1 = 0; float64 least-squares decode,
+refused when the coefficients blow up). Invariants: B is a pure function of (scheme, n, s,
+seed), so peers agree without a message (cyclic keeps the seeded H whose worst decode has the
+smallest max |a|); `decoding` returns a `Decoding` within the residual and max |a| bounds or
+`NotDecodable` ("insufficient", "ill_conditioned"); with more than n - s replies cyclic uses
+all of them; all decoding arithmetic is float64.
 """
 from __future__ import annotations
 
@@ -85,7 +72,10 @@ class GradientCode:
 
     def decoding(self, available: Sequence[int], *, max_coefficient: float = MAX_COEFFICIENT,
                  max_residual: float = MAX_RESIDUAL) -> Decoding:
-        """Coefficients to combine the replies of `available` workers into sum_j g_j."""
+        """Coefficients to combine the replies of `available` workers into sum_j g_j.
+
+        With more than n - s replies the cyclic decoder uses all of them: the minimum-norm
+        solution over a superset is never larger (in 2-norm) than over the subset."""
         avail = sorted(set(int(i) for i in available))
         if any(not 0 <= i < self.n for i in avail):
             raise ValueError(f"worker index out of range 0..{self.n - 1}: {avail}")

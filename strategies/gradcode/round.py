@@ -1,20 +1,18 @@
 """The aggregator's book of gradient-coded steps: plans, coded replies, decodes, stragglers.
 
-No transport here: `gradcode.py` maps RPCs onto these objects. One `CodedRound` per step
-attempt:
+No transport here: `strategy.py` maps RPCs onto these objects. One `CodedRound` per step attempt:
   plan      the sorted members (worker i = members[i]) and the code for n = len(members),
-            fixed when the round is created and never changed; a retry is a new round.
-  replies   coded gradients bucketed by the replica hash they were computed from. Only
-            replies of one bucket are ever combined, so a drifted peer cannot poison a
-            decode; a bucket decodes as soon as its workers form a decodable set.
-  result    the decoded MEAN gradient (sum / n) and the bucket hash it belongs to; a peer
-            applies it only if its own replica hash equals that tag.
-  deadline  `timeout_s` after creation: a round still undecodable then is failed, and the
-            members that never replied are reported so the next plan can leave them out.
+            fixed when the round is created; a retry is a new round.
+  replies   coded gradients bucketed by the replica hash they were computed from; only one
+            bucket is ever combined (a drifted peer cannot poison a decode), as soon as its
+            workers form a decodable set.
+  result    the decoded MEAN gradient (sum / n), tagged with its bucket hash; a peer applies
+            it only if its own replica hash equals that tag.
+  deadline  `timeout_s` after creation: an undecodable round fails, and its silent members
+            are reported so the next plan can leave them out.
   overtaken a round the swarm has moved past (a new aggregator that was behind caught up):
             its waiters are told to download state, without waiting out the deadline.
-Stragglers are the plan members missing from the decode set; each one's lateness is
-measured when (if ever) its reply arrives after the decode.
+Stragglers are the plan members missing from the decode set; a late reply's lateness is recorded.
 """
 from __future__ import annotations
 

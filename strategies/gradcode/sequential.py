@@ -1,76 +1,18 @@
 """Sequential gradient coding (SGC): pure state machines, a bursty straggler model, a runtime model.
 
-Network-free and deterministic. It reimplements, from the paper's description, the two schemes of
-Krishnan, Ebrahimi, Khisti, "Sequential Gradient Coding for Straggler Mitigation" (ICLR 2023,
-arXiv 2211.13802), and plain per-round gradient coding (GC) as the baseline. See
-/work/shared/reference/gradient_coding.md §6. No encode/decode arithmetic happens here. A "result"
-only counts toward decodability; the real codes are in strategies/gradcode/codes.py.
+Network-free and deterministic: the two schemes of Krishnan, Ebrahimi, Khisti, "Sequential Gradient
+Coding for Straggler Mitigation" (ICLR 2023, arXiv 2211.13802), reimplemented from the paper, and
+plain per-round gradient coding (GC) as the baseline. No encode/decode arithmetic happens here: a
+"result" only counts toward decodability; the real codes are in strategies/gradcode/codes.py.
 
-Model
-  * n workers and J jobs (job = one full gradient over a dataset of size 1). Job t (0-based) starts
-    in round t and must be decodable at the end of round t + T, where T is the scheme's delay.
-  * In each round the master gives every worker a list of tasks. A non-straggler delivers all of
-    them at the end of the round; a straggler delivers none (erasure). The master learns who
-    straggled when the round ends and may adapt the next round; it never sees the future.
-  * The load is the fraction of one job's dataset that a worker computes in a steady-state round.
-    Task sizes are exact `Fraction`s, so loads match the closed forms exactly.
-
-(B, W, λ)-bursty stragglers. A trace is a bool array of shape (rounds, n); trace[r, i] is True when
-worker i straggles in round r. The model needs 1 <= B < W and 0 <= λ < n.
-  (C1) Any W consecutive rounds hold at most λ distinct stragglers.
-  (C2) Within any W consecutive rounds, a worker's straggling rounds lie inside one run of at most B
-       consecutive rounds. Equivalently, a worker that straggles in round r straggles in none of
-       rounds [r-W+1, r-B]. We check this second form, which bounds the span of the run. A worker
-       may therefore skip a round inside its run: straggling in r-2 and r, but not in r-1, is
-       allowed when B >= 3.
-  A window that reaches past either end of the trace is a subset of a full window, so only full
-  windows are checked. A trace shorter than W is checked as one window.
-
-Schemes. `assignments()` gives the coming round's tasks per worker. `step(stragglers)` plays that
-round and returns a `RoundReport`. `run(trace)` plays a whole trace.
-  GC      (n, s) code with s = λ, T = 0, load (s+1)/n. Each round every worker computes its job-t
-          task. Rule "le" (ours, the default): a round decodes iff stragglers <= s, which is exact
-          for an (n, s) code. Rule "lt": the authors' baseline, which needs stragglers < s.
-  SR-SGC  (n, s) code with s = ceil(Bλ/(W-1+B)), T = B, load (s+1)/n. In round t every worker
-          computes its job-t task. The exception: if job t-B is still missing v > s results, then
-          v - s of the workers that missed it spend round t redoing their job-(t-B) task instead.
-          Workers that straggled in round t-B are picked first, because (C2) says they cannot
-          straggle in round t. Job t-B decodes from the >= n-s distinct results of rounds t-B
-          and t.
-  M-SGC   Each job is split into D1 and D2 (see `MSGCSplit`). D1 is uncoded: W-1 chunks per
-          worker. D2 is B groups, each coded with an (n, λ) GC code. Every round every worker runs
-          W-1+B equal-sized mini-tasks along a diagonal: slot m of round r belongs to job r-m, so
-          T = W-2+B. Slots 0..W-2 compute the worker's next undelivered D1 chunk. Slot W-1+j
-          computes D2 group j, but only if the worker has already delivered all W-1 of its D1
-          chunks of that job. Otherwise the slot repeats the missing D1 chunk. Job t decodes once
-          every worker's D1 chunks have arrived and every D2 group has >= n-λ results.
-
-Invariants (tests/unit/test_sequential_coding.py checks them)
-  * On every trace that conforms to (B, W, λ), SR-SGC and M-SGC decode every job by t + T (the
-    paper's theorems; the tests fuzz them), and GC with s = λ and rule "le" decodes every job in
-    its own round.
-  * In a steady-state round every worker's work equals `load` exactly, whatever the stragglers
-    did. A repeat replaces a task of the same size; it never adds work.
-  * A trace that does not conform never raises an exception. A job that cannot be decoded by
-    t + T is a deadline miss, and the miss is final: no work is ever scheduled for it again.
-
-Runtime model (`simulate_runtime`). Worker i's delay in round r is
-base_s + work_i * compute_s, plus straggle_s if it straggles. Delays are homogeneous, so all
-non-stragglers finish together. The time until the scheme's condition holds is therefore the
-finishing time of the non-stragglers that have work, and a round with no work costs 0.
-Fallback: if the round breaks the scheme's model, the master waits for everyone. That happens when
-the round would push the effective trace outside the scheme's (B, W, λ) model (for GC: more than
-s stragglers, or s or more under rule "lt"), or when a job would miss its deadline. The round then
-lasts until its slowest worker with work finishes, and the scheme sees it as straggler-free. The
-effective trace thus always conforms, and `simulate_runtime` never misses a deadline.
-Total runtime = the sum of all J + T round durations. This is the paper's method and the default,
-policy "model". Policy "deadline" is an optimistic variant for comparison: the master waits only
-when a job due this round would otherwise miss. Results lost in earlier rounds stay lost, so a
-miss can still happen and is counted.
-
-Known holes. Delays do not vary between workers apart from the straggle penalty, so GC cannot
-finish early on its n-s fastest workers. The straggler sets are given and do not depend on load.
-There is no communication model beyond base_s.
+Model: n workers and J jobs (job = one full gradient over a dataset of size 1). Job t (0-based)
+starts in round t and must be decodable at the end of round t + T (T: the scheme's delay). Each
+round the master gives every worker a list of tasks; a non-straggler delivers all of them at the
+end of the round, a straggler none (erasure). The master learns who straggled when the round ends
+and may adapt the next round; it never sees the future. The load is the fraction of one job's
+dataset a worker computes in a steady-state round; task sizes are exact `Fraction`s, so loads
+match the closed forms exactly. Stragglers follow the (B, W, λ)-bursty model (`conforms`); the
+schemes are `GradientCodingScheme`, `SelectiveRepetitionSGC` and `MultiplexedSGC`.
 """
 from __future__ import annotations
 
@@ -146,7 +88,19 @@ def round_conforms(history: np.ndarray, stragglers: Collection[int], B: int, W: 
 
 
 def conforms(trace: object, B: int, W: int, lam: int) -> tuple[bool, str]:
-    """Check both conditions of the (B, W, λ)-bursty model; (True, "ok") or (False, reason)."""
+    """Check both conditions of the (B, W, λ)-bursty model; (True, "ok") or (False, reason).
+
+    A trace is a bool array of shape (rounds, n); trace[r, i] is True when worker i straggles in
+    round r. The model needs 1 <= B < W and 0 <= λ < n.
+      (C1) Any W consecutive rounds hold at most λ distinct stragglers.
+      (C2) Within any W consecutive rounds, a worker's straggling rounds lie inside one run of at
+           most B consecutive rounds. Equivalently, a worker that straggles in round r straggles
+           in none of rounds [r-W+1, r-B]. We check this second form, which bounds the span of
+           the run. A worker may therefore skip a round inside its run: straggling in r-2 and r,
+           but not in r-1, is allowed when B >= 3.
+    A window that reaches past either end of the trace is a subset of a full window, so only full
+    windows are checked. A trace shorter than W is checked as one window.
+    """
     check_model_params(B, W, lam)
     tr = as_trace(trace)
     rounds, n = tr.shape
@@ -381,9 +335,19 @@ class SequentialScheme:
     """Shared driver. A subclass supplies `assignments`, `_deliver`, `_decodable`, `tolerates`
     and, if it wants, `_after_round`.
 
-    Round r plays the tasks from `assignments()`. Deliveries come from the non-stragglers only.
-    Then each undecided job with t <= r <= t + T either becomes decodable or, when r = t + T,
-    is recorded as missed. The run lasts J + T rounds.
+    Round r plays the tasks from `assignments()` (the coming round's tasks per worker);
+    `step(stragglers)` plays it and returns a `RoundReport`; `run(trace)` plays a whole trace.
+    Deliveries come from the non-stragglers only. Then each undecided job with t <= r <= t + T
+    either becomes decodable or, when r = t + T, is recorded as missed. The run lasts J + T rounds.
+
+    Invariants (tests/unit/test_sequential_coding.py checks them):
+      * On every trace that conforms to (B, W, λ), SR-SGC and M-SGC decode every job by t + T
+        (the paper's theorems; the tests fuzz them), and GC with s = λ and rule "le" decodes
+        every job in its own round.
+      * In a steady-state round every worker's work equals `load` exactly, whatever the
+        stragglers did. A repeat replaces a task of the same size; it never adds work.
+      * A trace that does not conform never raises an exception. A job that cannot be decoded
+        by t + T is a deadline miss, and the miss is final: no work is ever scheduled for it again.
     """
 
     name = "scheme"
@@ -488,10 +452,11 @@ class SequentialScheme:
 
 
 class GradientCodingScheme(SequentialScheme):
-    """Plain GC: an (n, s) code applied to each round's job on its own, so T = 0.
+    """Plain GC: an (n, s) code applied to each round's job on its own, so T = 0 (s = λ in the
+    comparisons, load (s+1)/n). Each round every worker computes its job-t task.
 
-    rule "le": a round decodes iff stragglers <= s. This is exact, because any n-s replies of an
-    (n, s) code decode.
+    rule "le" (ours, the default): a round decodes iff stragglers <= s. This is exact, because
+    any n-s replies of an (n, s) code decode.
     rule "lt": a round decodes iff stragglers < s, as in the authors' baseline. This is
     conservative against GC, and with s = 0 it never decodes.
     """
@@ -537,7 +502,14 @@ class GradientCodingScheme(SequentialScheme):
 
 
 class SelectiveRepetitionSGC(SequentialScheme):
-    """SR-SGC: an (n, s) code with s = ceil(Bλ/(W-1+B)) plus selective repetition after B rounds."""
+    """SR-SGC: an (n, s) code with s = ceil(Bλ/(W-1+B)) plus selective repetition after B rounds.
+
+    T = B, load (s+1)/n. In round t every worker computes its job-t task. The exception: if job
+    t-B is still missing v > s results, then v - s of the workers that missed it spend round t
+    redoing their job-(t-B) task instead. Workers that straggled in round t-B are picked first,
+    because (C2) says they cannot straggle in round t. Job t-B decodes from the >= n-s distinct
+    results of rounds t-B and t.
+    """
 
     name = "SR-SGC"
 
@@ -599,7 +571,16 @@ class SelectiveRepetitionSGC(SequentialScheme):
 
 
 class MultiplexedSGC(SequentialScheme):
-    """M-SGC: uncoded D1 and GC-coded D2 mini-tasks, multiplexed along diagonals, with adaptive D1 repeats."""
+    """M-SGC: uncoded D1 and GC-coded D2 mini-tasks, multiplexed along diagonals, with adaptive D1 repeats.
+
+    Each job is split into D1 and D2 (see `MSGCSplit`). D1 is uncoded: W-1 chunks per worker. D2
+    is B groups, each coded with an (n, λ) GC code. Every round every worker runs W-1+B
+    equal-sized mini-tasks along a diagonal: slot m of round r belongs to job r-m, so T = W-2+B.
+    Slots 0..W-2 compute the worker's next undelivered D1 chunk. Slot W-1+j computes D2 group j,
+    but only if the worker has already delivered all W-1 of its D1 chunks of that job. Otherwise
+    the slot repeats the missing D1 chunk. Job t decodes once every worker's D1 chunks have
+    arrived and every D2 group has >= n-λ results.
+    """
 
     name = "M-SGC"
 
@@ -705,11 +686,25 @@ class RuntimeResult:
 
 def simulate_runtime(scheme: SequentialScheme, trace: object, delays: DelayModel, *,
                      policy: Literal["model", "deadline"] = "model") -> RuntimeResult:
-    """Play `trace` through the scheme (which must be fresh) under the delay model of the module docstring.
+    """Play `trace` through the scheme (which must be fresh) under the delay model below.
+
+    Worker i's delay in round r is base_s + work_i * compute_s, plus straggle_s if it straggles.
+    Delays are homogeneous, so all non-stragglers finish together: a round lasts until the
+    non-stragglers that have work finish, and a round with no work costs 0. Total runtime = the
+    sum of all J + T round durations.
 
     Each round is first tried on a copy of the scheme. The master keeps the trial if no deadline
-    is missed and, under policy "model", the scheme's model also tolerates the round. Otherwise
-    it waits for everyone and plays the round as straggler-free.
+    is missed and, under policy "model" (the paper's method, the default), the scheme's model
+    also tolerates the round (for GC: at most s stragglers, or fewer than s under rule "lt").
+    Otherwise it waits for everyone: the round lasts until its slowest worker with work finishes
+    and is played as straggler-free, so the effective trace always conforms and no deadline is
+    missed. Policy "deadline" is an optimistic variant for comparison: the master waits only
+    when a job due this round would otherwise miss; results lost in earlier rounds stay lost,
+    so a miss can still happen and is counted.
+
+    Known holes: delays do not vary between workers apart from the straggle penalty, so GC
+    cannot finish early on its n-s fastest workers; the straggler sets are given and do not
+    depend on load; there is no communication model beyond base_s.
     """
     if scheme.round != 0:
         raise ValueError("simulate_runtime needs a fresh scheme")

@@ -6,33 +6,12 @@ partition gradients on its support (strategies/gradcode/codes.py) and sends that
 vector; the step decodes to the exact mean gradient from the first decodable set of
 replies, so s late or dead workers cost nothing but their share of redundant compute.
 
-Who decodes: a rotating aggregator, not every peer. The aggregator is the lowest online
-peer id (strategies/leader.py); when it dies, the next one takes over at the next request.
-Why: one decode means every peer applies the *same* tensor, so replicas stay bit-identical
-(peers decoding on their own from different reply sets would differ in the last bits, and
-cyclic codes amplify that); each worker still sends one vector and receives one, like
-plain data parallel; and no peer is a fixed master.
-
-One step, seen from any peer (the aggregator talks to itself through the same code path):
-  1. ask the aggregator for step t (with my replica hash): it answers PLAN (members and
-     code, fixed for this attempt) or, if t was already decoded, the result at once (a
-     peer that fell behind replays results without computing and so catches up);
-  2. if I am in the plan, compute my coded gradient and push it; meanwhile keep listening
-     on the same stream: when the step decodes without me, a pending (injected) delay is
-     abandoned and nothing is pushed;
-  3. apply the decoded mean gradient, but only if my replica hash equals the hash of the
-     replies it was decoded from; otherwise RESYNC: download state from a donor.
-A round not decodable within `round_timeout_s` fails; its silent members are suspected
-(left out of the next plans for one record lifetime) and everyone retries the step. Plans
-are rebuilt per step from the aggregator's membership view, so the code follows joins and
-leaves at step boundaries.
-
-When the role moves (the lowest online id changes), the new aggregator may be behind: it
-was a tolerated straggler, say, and the others went on under the old one. A request for a
-step past the aggregator's own decodes makes it download that caller's state (the same
-trust as any donor) instead of waiting out a round nobody else is at; requests for older
-steps it never decoded are answered RESYNC at once; and an aggregator that is no longer the
-lowest online id answers its open rounds' waiters NOT_LEADER instead of holding them.
+Who decodes: a rotating aggregator, the lowest online peer id (strategies/leader.py); when it
+dies, the next one takes over at the next request. One decode means every peer applies the
+*same* tensor, so replicas stay bit-identical (independent decodes from different reply sets
+would differ in the last bits, and cyclic codes amplify that); each worker still sends one
+vector and receives one, like plain data parallel; and no peer is a fixed master.
+`GradientCodingStrategy` describes one step, failures, and a moving aggregator role.
 """
 from __future__ import annotations
 
@@ -76,7 +55,7 @@ class RoundAborted(Exception):
 
 
 class GradcodeMetrics:
-    """The strategy's own series (names per ../shared/reference/gradient_coding.md §7)."""
+    """The strategy's own series (bounded labels)."""
 
     def __init__(self, registry) -> None:
         r = registry
@@ -108,6 +87,27 @@ class GradcodeMetrics:
 
 
 class GradientCodingStrategy(Strategy):
+    """One step, seen from any peer (the aggregator talks to itself through the same code path):
+      1. ask the aggregator for step t (with my replica hash): it answers PLAN (members and
+         code, fixed for this attempt) or, if t was already decoded, the result at once (a
+         peer that fell behind replays results without computing and so catches up);
+      2. if I am in the plan, compute my coded gradient and push it; meanwhile keep listening
+         on the same stream: when the step decodes without me, a pending (injected) delay is
+         abandoned and nothing is pushed;
+      3. apply the decoded mean gradient, but only if my replica hash equals the hash of the
+         replies it was decoded from; otherwise RESYNC: download state from a donor.
+    A round not decodable within `round_timeout_s` fails; its silent members are suspected
+    (left out of the next plans for one record lifetime) and everyone retries the step. Plans
+    are rebuilt per step from the aggregator's membership view, so the code follows joins and
+    leaves at step boundaries.
+
+    When the role moves (the lowest online id changes), the new aggregator may be behind (a
+    tolerated straggler, say, while the others went on under the previous one). A request for a
+    step past the aggregator's own decodes makes it download that caller's state (the same
+    trust as any donor) instead of waiting out a round nobody else is at; requests for older
+    steps it never decoded are answered RESYNC at once; and an aggregator that is no longer the
+    lowest online id answers its open rounds' waiters NOT_LEADER instead of holding them."""
+
     name = "gradcode"
     quorum_gated = True
 

@@ -4,4 +4,5 @@
   diloco.py      `diloco`: H local steps, then one transactional all-reduce round on φ
   streaming.py   `streaming-diloco`: φ synced in P staggered fragments, overlapped with local steps
   noloco.py      `noloco`: each round a peer averages with one random partner (no all-reduce)
+  options.py     the family's settings (H, outer optimizer, fragments, ...)
 """

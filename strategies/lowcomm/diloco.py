@@ -6,14 +6,12 @@ Round r, on every member:
   φ ← OuterSGD(φ, Δ̄) (lr 0.7, Nesterov 0.9)  ·  θ ← φ  ·  r ← r + 1
 
 Invariants (see rounds.py for the transaction):
-- φ and the outer momentum change only on a committed round, identically on every
-  member, so hash(φ) agrees across the swarm; a member whose hash or round differs is
-  told to resync and downloads φ, momentum, round and the inner state from the leader.
-- An aborted round is retried with fresh membership (the Δ is still valid: φ did not
-  move). After `MAX_ATTEMPTS` aborts the H steps are discarded (θ ← φ): never a
-  local-only outer step.
-- A joiner downloads the state, then takes part in the current round with weight 0 and a
-  zero Δ, so it changes nothing until its first full round.
+- φ and the outer momentum change only on a committed round, identically on every member, so
+  hash(φ) agrees across the swarm; a member whose hash or round differs is told to resync and
+  downloads φ, momentum, round and the inner state from the leader.
+- An aborted round is retried with fresh membership (Δ stays valid: φ did not move). After
+  `MAX_ATTEMPTS` aborts the H steps are discarded (θ ← φ): never a local-only outer step.
+- A joiner downloads the state, then joins the current round with weight 0 and a zero Δ.
 - Inner AdamW state is local and persists across rounds; φ is fp32 on the CPU.
 """
 from __future__ import annotations

@@ -5,18 +5,14 @@ Round r (every H local steps), on peer i:
           run id and r): every peer computes the same pairs without any message
   the lower id of a pair streams θ_i to its partner, which answers with θ_j
   δ_i ← β·δ_i + η·(mean(θ_i, θ_j) − φ_i);  φ_i ← φ_i + δ_i;  θ_i ← φ_i
-(the NoLoCo update with consensus weight γ = η, where the partner's φ cancels out, so
-only θ crosses the wire: |θ| per peer per round.)
+(the NoLoCo update with consensus weight γ = η: the partner's φ cancels, only θ crosses the wire.)
 
-Invariants:
-- φ_i and δ_i are per-peer and never identical across peers; there is no global commit.
-- Only partners wait for each other, at most `round_timeout_s`; a peer without a partner
-  (odd count, partner refused, or timeout) keeps φ_i and its θ and just trains on.
-- A partner is accepted only if the receiver's own matching agrees (same view of the
-  swarm); otherwise it refuses and both skip the round.
-- A joiner downloads a live peer's θ_j, φ_j and δ_j and continues from them.
-- Heavy-ball momentum, not Nesterov: with the group set to all peers this is exactly
-  heavy-ball DiLoCo (tests/unit/test_outer_math.py checks the equivalence).
+Invariants: φ_i and δ_i are per-peer, with no global commit. Only partners wait for each
+other, at most `round_timeout_s`; a peer without a partner (odd count, refused, timeout) keeps
+φ_i and θ and trains on. A partner is accepted only if the receiver's own matching agrees,
+else both skip the round. A joiner downloads a live peer's θ_j, φ_j and δ_j. Heavy-ball
+momentum, not Nesterov: with the group set to all peers this is exactly heavy-ball DiLoCo
+(tests/unit/test_outer_math.py checks the equivalence).
 """
 from __future__ import annotations
 
@@ -68,8 +64,8 @@ class NoLoCoStrategy(Strategy):
 
     # ------------------------------------------------------------------ joiner state
     def _extra_snapshot(self):
-        """A joiner takes the donor's φ_j and momentum δ_j along with its θ_j (the note's join
-        rule), not θ_j as its φ: it then continues the donor's outer trajectory."""
+        """A joiner takes the donor's φ_j and momentum δ_j along with its θ_j, not θ_j as its
+        φ: it then continues the donor's outer trajectory."""
         has = self.momentum is not None
         return {"noloco": 1, "has_momentum": has}, list(self.phi) + (list(self.momentum) if has else [])
 

@@ -1,33 +1,18 @@
 """Pure tensor math of the DiLoCo family (DiLoCo, Streaming DiLoCo, NoLoCo): no network, no I/O.
 
-Every function works on lists of tensors (one entry per parameter, in a fixed order that
-all peers share) and returns fresh fp32 CPU tensors. The round drivers map this onto a
-transport; see /work/shared/reference/diloco_noloco.md for the algorithms.
-
+Every function works on lists of tensors (one entry per parameter, in a fixed order that all
+peers share) and returns fresh fp32 CPU tensors; the round drivers map it onto a transport.
 Invariants
-  * Sign convention: the pseudo-gradient is Delta = phi - theta (outer weights minus the
-    weights after the local steps). It points uphill, so outer steps SUBTRACT it.
-  * fp32 everywhere: inputs of any float dtype/device are read as fp32 CPU values, and
-    every sum is accumulated in fp32 (never in the inputs' 16-bit dtype).
-  * Never in place on caller tensors: every result is a new tensor; no input is mutated
-    and no result aliases an input. (`OuterOptimizer` owns private copies of phi.)
-  * Bit-reproducible: the results depend only on the input values and their order. Our
-    own arithmetic uses separate elementwise mul/add/sub/div kernels (no `alpha=`, lerp
-    or addcmul, which may fuse into FMAs on some CPUs), so each element is a chain of
-    correctly rounded IEEE fp32 operations; `OuterOptimizer` delegates to
-    `torch.optim.SGD` (single-tensor path, foreach=False), whose kernels are outside
-    this guarantee. Order matters for the last bit of a mean: every member must pass
-    contributions in the same order (e.g. sorted by peer id).
-  * Means divide by the sum of the weights, never by the number of contributions, and
-    skip weight-0 contributions entirely, so a weight-0 joiner changes no bit.
-
-Updates (eta = outer lr)
-  DiLoCo            phi <- OuterSGD(phi, grad = mean_w(phi - theta_i)); PyTorch Nesterov:
-                    b <- mu*b + g (b = g at first); phi <- phi - eta*(g + mu*b)
-  heavy ball        delta <- beta*delta - eta*g;  phi <- phi + delta  (delta is the step)
-  NoLoCo (peer i)   delta <- beta*delta - eta*mean_G(phi_j - theta_j) - gamma*(phi_i - mean_G phi_j)
-                    phi_i <- phi_i + delta        (G includes i; callers default gamma = eta)
-  Streaming merge   theta_f <- alpha*theta_f + (1 - alpha)*phi_f
+  * Sign: the pseudo-gradient is Delta = phi - theta (outer weights minus the weights after the
+    local steps). It points uphill, so outer steps SUBTRACT it.
+  * fp32 everywhere: inputs of any float dtype/device are read as fp32 CPU values and every
+    sum is accumulated in fp32. Never in place: no input is mutated and no result aliases one.
+  * Bit-reproducible: results depend only on the input values and their order. Our arithmetic
+    uses separate elementwise mul/add/sub/div kernels (no `alpha=`, lerp or addcmul, which may
+    fuse into FMAs), so each element is a chain of correctly rounded IEEE fp32 operations;
+    `OuterOptimizer` delegates to `torch.optim.SGD` (foreach=False), outside this guarantee.
+    Order matters for the last bit of a mean: members pass contributions in the same order.
+  * Means divide by the sum of the weights and skip weight-0 contributions entirely.
 """
 from __future__ import annotations
 

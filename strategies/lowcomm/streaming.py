@@ -10,11 +10,9 @@ fragment merges: θ_f ← α·θ_f + (1−α)·φ_f. Peak traffic per round is 1
 
 Invariants: as in diloco.py, φ and the outer momenta change only on a committed round,
 identically everywhere (hash(φ) is checked at every join). τ < H/P guarantees each
-fragment's round is applied before the next one is sent. An aborted fragment round
-leaves φ_f and θ_f as they are (no local-only update); a peer whose state then disagrees
-is sent to resync. With P=1, τ=0, α=0 this is exactly DiLoCo.
-Known gap: an aborted fragment round is not retried (DiLoCo retries); it is simply
-skipped until the fragment's next turn.
+fragment's round is applied before the next one is sent. An aborted fragment round is
+retried with the same Δ_f up to `FRAGMENT_ATTEMPTS` times, then skipped until the fragment's
+next turn, leaving φ_f and θ_f as they are (no local-only update). With P=1, τ=0, α=0 this is DiLoCo.
 """
 from __future__ import annotations
 

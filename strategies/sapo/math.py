@@ -4,21 +4,13 @@ Pure functions over tensors and plain records; no network, no model.
 
 - Advantages: A = r - mean(group), divided by (std(group) + eps) when `normalize_std` (the
   population std, as GRPO does). A group whose rewards are all equal has A = 0 exactly.
-- External negatives: advantages < 0 of *external* groups are multiplied by
-  `negative_scale` (default 0.0: pushing down foreign wrong answers this node never samples
-  moved mass to tokens nobody samples and made a small prototype worse; 1.0 is the paper).
+- External negatives: advantages < 0 of *external* groups are multiplied by `negative_scale`
+  (default 0.0: pushing down foreign wrong answers this node never samples moves mass to tokens
+  nobody samples, which made a small prototype worse; 1.0 is the paper).
 - GRPO objective (no KL term): per token, -min(ratio * A, clip(ratio, 1 - eps_low,
   1 + eps_high) * A) with ratio = exp(logp_new - logp_old), averaged over valid tokens;
   each token's loss is clamped to [-10, 10] so one wild ratio cannot dominate a step.
-- Builder: exactly I of the node's own Q >= I generated groups and up to J
-  external groups drawn uniformly without replacement from the eligible ones; eligible
-  means: not from this node, not a duplicate (same group id or same sender and task
-  triple), and with non-zero reward variance *under this node's verifier* (the caller scores
-  them; the sender's rewards are never seen). Fewer than J eligible is a counted shortfall.
-  The I local groups are, with `local_select="informative"` (default), drawn uniformly from
-  the own groups with non-zero variance, padded in order with zero-variance ones when fewer
-  than I are informative (the same filter as for external groups: a zero-variance group has
-  A = 0 and teaches nothing); with "first", the first I. With I = Q both are all of them.
+- Builder: exactly I own groups plus up to J eligible external ones (`build_training_set`).
 - Guards: a step whose advantages are all zero, or whose loss or gradients are non-finite,
   is skipped (the caller leaves parameters untouched).
 """
@@ -102,7 +94,11 @@ class TrainingSet:
 
 def pick_local(local: Sequence[ScoredGroup], num_local: int, rng: random.Random,
                local_select: str = "informative") -> list[ScoredGroup]:
-    """`num_local` of the own groups (see the module docstring)."""
+    """`num_local` of the node's own Q >= I groups. With `local_select="informative"`
+    (default), drawn uniformly from the groups with non-zero reward variance, padded in order
+    with zero-variance ones when fewer than I are informative (the same filter as for external
+    groups: a zero-variance group has A = 0 and teaches nothing); with "first", the first I.
+    With I = Q both are all of them."""
     if len(local) < num_local:
         raise ValueError(f"{len(local)} local groups given, I = {num_local}")
     if local_select == "first" or num_local == len(local):
@@ -118,7 +114,10 @@ def build_training_set(local: Sequence[ScoredGroup], external: Sequence[ScoredGr
                        num_local: int, num_external: int, rng: random.Random,
                        local_select: str = "informative") -> TrainingSet:
     """Exactly `num_local` local groups (`pick_local`) + up to `num_external` eligible
-    external groups sampled uniformly (see the module docstring)."""
+    external groups drawn uniformly without replacement. Eligible: not from this node, not a
+    duplicate (same group id, or same sender and task triple), and with non-zero reward
+    variance *under this node's verifier* (the caller scores them; the sender's rewards are
+    never seen). Fewer than `num_external` eligible is a counted shortfall."""
     ts = TrainingSet(groups=pick_local(local, num_local, rng, local_select), local_used=num_local)
     seen_ids = {g.group_id for g in ts.groups}
     seen_keys = {(g.sender, g.task_key) for g in ts.groups}

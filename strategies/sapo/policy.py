@@ -5,14 +5,14 @@ A policy turns prompts into completions (temperature sampling) and scores comple
 completion is simply re-tokenized with this policy's own tokenizer.
 
 Byte policy invariants:
-- tokens are bytes (text <-> bytes by latin-1, one to one); a completion ends at the first "\n" (EOS) or after `max_new_tokens`;
-  for training its target is its bytes followed by EOS, truncated to `max_new_tokens + 1`;
+- tokens are bytes (text <-> bytes by latin-1, one to one); a completion ends at the first
+  newline (EOS) or after `max_new_tokens`; its training target is its bytes then EOS,
+  truncated to `max_new_tokens + 1`;
 - prompts are generated in batches of equal length (learned positions, no padding mask),
   scoring right-pads, which a causal model never looks at;
 - sampling draws only from the caller's `torch.Generator` (reproducible per round).
-`HFPolicy` is used only when transformers is installed (the `hf` extra) AND a local path is
-given; it is loaded with `local_files_only=True` (never downloads). `sapo_hf_fixture` builds
-a tiny one offline for tests.
+`HFPolicy` needs transformers (the `hf` extra) AND a local path; it loads with
+`local_files_only=True` (never downloads). `hf_fixture.py` builds a tiny one offline for tests.
 """
 from __future__ import annotations
 

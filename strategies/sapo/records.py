@@ -5,27 +5,14 @@ index), the question text and its G completions as plain text, plus small metada
 never carries rewards, token ids, weights or the truth: receivers regenerate the truth
 from the triple and score with their own verifier (strategies/sapo/tasks.py).
 
-Wire form (msgpack, versioned): `[VERSION, body, public_key, signature]` where `body` is
-the msgpack of `[run_id, round, sender, task, seed, index, question, completions, meta]`,
-`public_key` is the sender's libp2p `PublicKey` protobuf and `signature` is the sender's
-signature over `body` with its node identity (identity.key; RSA PKCS#1 v1.5/SHA-256 as
-libp2p signs, or Ed25519). The group id is sha256(body)[:16] hex, so a manifest names
-exactly one content.
-
-Invariants (`decode_rollout`), each failure a `RolloutRejected` with a bounded reason:
-- oversize: the blob, the question, a completion or the metadata exceed their caps;
-- bad_types: not msgpack, wrong version/shape, a field of the wrong type (bool is not int),
-  another run id, or an unknown task;
-- wrong_group_size: not exactly G completions;
-- stale_round: a round outside [current - max_lag, current + 1] (one round of clock skew);
-- forged_signature: the key does not hash to the claimed sender, the signature does not
-  verify, or the claimed sender is not the peer that handed us the blob (gossip origin or
-  pulled publisher). So one peer can neither forge nor overwrite another's rollouts.
-
-The round is the swarm's wall-clock epoch `floor(dht_time / round_s)` (`round_of`), the
-same on every peer whose clock agrees within the DHT's tolerance; never a local counter.
-
-This module is pure (msgpack, hashlib, cryptography): no network, no torch, no libp2p.
+Wire form (msgpack, versioned): `[VERSION, body, public_key, signature]`; `body` is the msgpack
+of `[run_id, round, sender, task, seed, index, question, completions, meta]`, `public_key` the
+sender's libp2p `PublicKey` protobuf, `signature` its identity key's signature over `body` (RSA
+PKCS#1 v1.5/SHA-256 as libp2p signs, or Ed25519). The group id is sha256(body)[:16] hex, so a
+manifest names exactly one content; `decode_rollout` lists what a valid record guarantees.
+The round is the swarm's wall-clock epoch `floor(dht_time / round_s)` (`round_of`), the same
+on every peer whose clock agrees within the DHT's tolerance; never a local counter.
+Pure (msgpack, hashlib, cryptography): no network, no torch, no libp2p.
 """
 from __future__ import annotations
 
@@ -229,7 +216,15 @@ def _is_int(v: Any) -> bool:
 
 def decode_rollout(blob: Any, *, run_id: str, group_size: int, current_round: int, max_round_lag: int = 1,
                    from_peer: str | None = None, known_task: Callable[[str], bool] = lambda t: True) -> SignedRollout:
-    """Validate everything about a received rollout (see the module docstring) or raise."""
+    """Validate everything about a received rollout or raise `RolloutRejected` with a bounded reason:
+    - oversize: the blob, the question, a completion or the metadata exceed their caps;
+    - bad_types: not msgpack, wrong version/shape, a field of the wrong type (bool is not int),
+      another run id, or an unknown task;
+    - wrong_group_size: not exactly G completions;
+    - stale_round: a round outside [current - max_lag, current + 1] (one round of clock skew);
+    - forged_signature: the key does not hash to the claimed sender, the signature does not
+      verify, or the claimed sender is not the peer that handed us the blob (gossip origin or
+      pulled publisher). So one peer can neither forge nor overwrite another's rollouts."""
     if type(blob) is not bytes:
         raise RolloutRejected("bad_types", f"rollout must be bytes, got {type(blob).__name__}")
     if len(blob) > MAX_ROLLOUT_BYTES:

@@ -5,25 +5,12 @@ verifier. Peers never exchange weights or gradients, only text: each round a pee
 Q questions, generates G completions each, shares them, and takes a GRPO step on I of its
 own groups plus J groups other peers shared, re-scored by its own verifier.
 
-One round r (rounds are wall-clock epochs of --sapo-round-s on the DHT clock, so every
-peer agrees on r without talking; a peer that falls behind skips to the current round):
-  1. publish this node's sidecar address (DHT, small) and dial the sidecars others published;
-  2. sample Q task items (seeded per peer and round), generate G completions each;
-  3. sign each group, gossip it through the rollout sidecar (py-libp2p gossipsub, its
-     own process), keep it for pulls, store a manifest of group ids in the DHT
-     (`swarm/{run}/sapo/round/{r}`, subkey = our peer id; ids only, never rollouts);
-  4. until the deadline (round start + --sapo-deadline-frac x round) collect rollouts of
-     round r from gossip; then read the manifests and pull, over a hivemind stream from
-     its publisher, every rollout named there that gossip did not bring (bounded by the
-     end of the round); a dead or late peer costs at most that wait;
-  5. re-score every external group with our verifier against the truth regenerated from
-     (task, seed, index) (a question that does not match the triple is rejected), build
-     exactly I local + up to J external groups (sapo_math), scale external negative
-     advantages (default 0), take --sapo-ppo-epochs clipped GRPO steps; skip the step if all
-     advantages are zero or the loss/gradients are non-finite.
-Received rollouts are validated in full before use (sapo_records.decode_rollout); each
-rejection is counted by reason. The cumulative reward is the summed reward of this peer's
-own completions (the same generation compute in every I/J configuration).
+Rounds are wall-clock epochs of --sapo-round-s on the DHT clock, so every peer agrees on r
+without talking; a peer that falls behind skips to the current round (`SapoStrategy` lists
+the steps of one round). Received rollouts are validated in full before use
+(records.decode_rollout); each rejection is counted by reason. The cumulative reward is the
+summed reward of this peer's own completions (the same generation compute in every I/J
+configuration).
 """
 from __future__ import annotations
 
@@ -81,7 +68,7 @@ def score_external(sr: SignedRollout, *, format_reward: float = 0.0) -> ScoredGr
 
 
 class SapoMetrics:
-    """The strategy's own series (names per ../shared/reference/sapo.md §7, bounded labels)."""
+    """The strategy's own series (bounded labels)."""
 
     def __init__(self, registry, negative_scale: float) -> None:
         r = registry
@@ -126,6 +113,22 @@ class SapoMetrics:
 
 
 class SapoStrategy(Strategy):
+    """One round r:
+      1. publish this node's sidecar address (DHT, small) and dial the sidecars others published;
+      2. sample Q task items (seeded per peer and round), generate G completions each;
+      3. sign each group, gossip it through the rollout sidecar (py-libp2p gossipsub, its
+         own process), keep it for pulls, store a manifest of group ids in the DHT
+         (`swarm/{run}/sapo/round/{r}`, subkey = our peer id; ids only, never rollouts);
+      4. until the deadline (round start + --sapo-deadline-frac x round) collect rollouts of
+         round r from gossip; then read the manifests and pull, over a hivemind stream from
+         its publisher, every rollout named there that gossip did not bring (bounded by the
+         end of the round); a dead or late peer costs at most that wait;
+      5. re-score every external group with our verifier against the truth regenerated from
+         (task, seed, index) (a question that does not match the triple is rejected), build
+         exactly I local + up to J external groups (math.py), scale external negative
+         advantages (default 0), take --sapo-ppo-epochs clipped GRPO steps; skip the step if all
+         advantages are zero or the loss/gradients are non-finite."""
+
     name = "sapo"
 
     def __init__(self, ctx):

@@ -7,4 +7,5 @@
   checkfree.py  rebuild a stage that lost every replica from its neighbours (CheckFree / CheckFree+)
   wire.py       pipeline messages <-> tensors; the per-stage DHT record
   metrics.py    the strategy's own Prometheus series
+  options.py    the strategy's settings (pipeline shape, placement, CheckFree, fault injection)
 """

@@ -1,26 +1,18 @@
 """CheckFree / CheckFree+ stage recovery: rebuild a pipeline stage that lost every replica
-from what its neighbours hold, with no checkpoint (../shared/reference/checkfree.md).
+from what its neighbours hold, with no checkpoint. Pure torch, no network; the live pipeline
+(strategies/swarm/) and bench/bench_checkfree.py both call these functions.
 
-Pure torch, no network. The live pipeline (strategies/swarm*.py) and bench/bench_checkfree.py
-both call these functions.
-
-Rules (our wording of the note's §2-§3, §7):
-  * A stage's *body* is its transformer blocks (keys "blocks.*"; node/train/model.py makes every
-    stage's body the same shape). Edge parts are the embedding (stage 0) and ln_f/lm_head
-    (last stage).
-  * Middle stage i (0 < i < S-1) -> method "wavg": every float body tensor becomes
-    (w_next * W[i+1] + w_prev * W[i-1]) / (w_next + w_prev) with w = norm**exponent + eps,
-    norm = that neighbour's last (post-clip, by default) gradient norm. Non-float tensors
-    are copied from the previous neighbour. Larger gradient -> more weight.
-  * Edge stage (0 or S-1) -> method "copy" from its CheckFree+ swap partner (1 or S-2), but
-    only when the swap schedule was on (otherwise the partner never learnt the edge role):
-    without it `NotRecoverable` is raised. Edge parts (embedding / head) come from the copy
-    a neighbour keeps (`edge_copy`); without one, `NotRecoverable`.
-  * The rebuilt stage always gets a brand-new optimizer at base_lr * lr_scale (default
-    1.1). A later failure bumps it again from base_lr: the scale never compounds.
-  * Swap schedule (CheckFree+): on odd micro-batches the bodies of stages 0<->1 and
-    S-2<->S-1 run in swapped order. With S == 3 the two pairs overlap, so odd micro-batches
-    alternate between them (mb 1, 5, 9.. swap the first pair; 3, 7, .. the last).
+Rules:
+  * A stage's *body* is its transformer blocks (keys "blocks.*", the same shape on every
+    stage); edge parts are the embedding (stage 0) and ln_f/lm_head (last stage).
+  * Middle stage i (0 < i < S-1) -> "wavg": every float body tensor becomes
+    (w_next * W[i+1] + w_prev * W[i-1]) / (w_next + w_prev), w = norm**exponent + eps with that
+    neighbour's last gradient norm (post-clip by default); non-floats are copied from stage i-1.
+  * Edge stage (0 or S-1) -> "copy" from its CheckFree+ swap partner (1 or S-2), only when the
+    swap schedule was on (else the partner never learnt the edge role: `NotRecoverable`); edge
+    parts come from the copy a neighbour keeps (`edge_copy`), else `NotRecoverable`.
+  * The rebuilt stage gets a brand-new optimizer at base_lr * lr_scale (default 1.1), always
+    from base_lr: the scale never compounds. Swap schedule: see `body_order`.
 """
 from __future__ import annotations
 
@@ -162,7 +154,10 @@ def fresh_optimizer(params: Iterable[torch.nn.Parameter], base_lr: float, cfg: C
 
 
 def body_order(num_stages: int, microbatch: int, swaps: bool) -> list[int]:
-    """Which stage's body runs at each body position for this micro-batch."""
+    """Which stage's body runs at each body position for this micro-batch. CheckFree+ swap
+    schedule: on odd micro-batches the bodies of stages 0<->1 and S-2<->S-1 run in swapped
+    order. With S == 3 the two pairs overlap, so odd micro-batches alternate between them
+    (mb 1, 5, 9.. swap the first pair; 3, 7, .. the last)."""
     order = list(range(num_stages))
     if not swaps or num_stages < 2 or microbatch % 2 == 0:
         return order

@@ -1,5 +1,4 @@
-"""The `swarm` strategy's own Prometheus series (names per ../shared/reference/swarm_pipeline.md
-§11, checkfree.md §7 and operations.md §3). Labels are bounded: stage (< --stages), op,
+"""The `swarm` strategy's own Prometheus series. Labels are bounded: stage (< --stages), op,
 outcome, reason, method; never peer ids."""
 from __future__ import annotations
 

@@ -1,22 +1,18 @@
 """Stochastic wiring: pick the peer of a stage that should finish a task soonest.
 
-Pure logic with an injectable clock (tests and bench/bench_pipeline.py drive it without a
-network). Our wording of ../shared/reference/swarm_pipeline.md §3-§4:
-
+Pure logic with an injectable clock (tests and bench/bench_pipeline.py drive it without a network).
   * Every peer p of a stage has a virtual finishing time v_p (seconds of work already
     assigned). `pick(size)` takes the peer with the smallest v_p (ties at random), adds
-    size / throughput_p to it and returns it. So work is shared in proportion to measured
-    throughput, and a peer's queue shows up as a larger v_p.
-  * Before a peer has a measurement it is charged `size * initial_cost_s`.
-  * A newly seen peer starts at the current minimum v: it is tried almost at once.
+    size / throughput_p to it and returns it: work is shared in proportion to measured
+    throughput, and a peer's queue shows up as a larger v_p. Before a peer has a measurement
+    it is charged `size * initial_cost_s`; a newly seen peer starts at the current minimum v.
   * Throughput is an EMA of seconds-per-sample over whole RPCs (network + queue + compute),
     bias-corrected: s <- a*dt/m + (1-a)*s, s_hat = s / (1-(1-a)^k), throughput = 1/s_hat.
     A failed call does not update it.
-  * Failures: a timeout bans nobody (v_p already grew, so the next pick goes elsewhere);
-    any other error bans the peer until its current record expires; it is re-admitted
-    when it re-announces with a later expiration.
-  * `update(peers)` replaces the candidate set with what the DHT says now; peers gone
-    from the DHT are dropped, their v forgotten.
+  * Failures: a timeout bans nobody (v_p already grew, so the next pick goes elsewhere); any
+    other error bans the peer until its current record expires (re-admitted when it
+    re-announces with a later expiration). `update(peers)` replaces the candidate set with
+    the DHT's current view; peers gone from it are dropped, their v forgotten.
 """
 from __future__ import annotations
 

@@ -6,17 +6,11 @@ Invariants:
   * Stateless between calls: `forward` keeps nothing; `backward(inputs, ...)` recomputes
     the forward from the re-sent inputs, so a backward may run on a different replica
     than the forward (exact when both replicas hold the same weights).
-  * Parameter gradients of `accumulate` backwards are summed, divided by their count (a
-    mean over micro-batches), then clipped to `grad_clip` and applied in one AdamW
-    step; `step` counts applied steps and `last_grad_norm` keeps the post-clip norm of the
-    last one (what CheckFree weighs neighbours by).
+  * Gradients of `accumulate` backwards are averaged, clipped to `grad_clip` and applied in
+    one AdamW step; `step` counts applied steps and `last_grad_norm` keeps the post-clip norm
+    of the last one (what CheckFree weighs neighbours by).
   * Non-finite inputs, losses or gradients raise `ValueError` before anything changes.
-  * Parts (CheckFree+ swap schedule): `part` runs "full" (the default), or one piece of the
-    stage: "embed" (stage 0), "body" (the blocks), "head" (ln_f + lm_head, last stage). The
-    loss is computed wherever the output is logits (full last stage, or head). One micro-batch
-    counts once toward `accumulate` whatever the split: a full backward counts, and of a split
-    stage the part whose backward runs last in the micro-batch (stage 0's embed, the last
-    stage's body); the other part's gradients accumulate into the same step uncounted.
+  * `part` (CheckFree+ swaps, see `backward`) runs "full" (default) or one piece of the stage.
   * `load_state` (replica sync, rebalancing, CheckFree) replaces the weights; with
     `fresh_optimizer=True` it also starts a new optimizer at lr * lr_scale.
 """
@@ -95,7 +89,14 @@ class StageWorker:
     def backward(self, inputs: torch.Tensor, grad_or_targets: torch.Tensor,
                  part: str = "full") -> tuple[torch.Tensor | None, float | None]:
         """Recompute the forward (of `part`), backpropagate, accumulate. Returns (grad wrt
-        inputs or None for byte ids, the loss when the output is logits or None)."""
+        inputs or None for byte ids, the loss when the output is logits or None).
+
+        Parts (CheckFree+ swap schedule): "full", or one piece of the stage: "embed" (stage 0),
+        "body" (the blocks), "head" (ln_f + lm_head, last stage). The loss is computed wherever
+        the output is logits (full last stage, or head). One micro-batch counts once toward
+        `accumulate` whatever the split: a full backward counts, and of a split stage the part
+        whose backward runs last in the micro-batch (stage 0's embed, the last stage's body);
+        the other part's gradients accumulate into the same step uncounted."""
         self._check_part(part)
         self._check_input(inputs, part)
         self.module.train()

@@ -3,53 +3,11 @@
 The GPT is cut into S stages (node/train/model.py split_stages). Every peer serves one stage;
 stage-0 peers also act as trainers: they hold the data, run stage 0 locally and drive
 micro-batches through *temporary pipelines* chosen per call by stochastic wiring
-(strategies/swarm/router.py). Our design, in the words of the invariants it keeps:
-
-  * Discovery: each peer announces a `StageRecord` (stage, throughput, queue, step, last
-    grad norm) under swarm/{run}/stage/{k}, subkey = its peer id, with the node's record
-    TTL; it re-reads every stage's key each announce interval. A peer that stops
-    announcing drops out when its record expires.
-  * Stateless servers: a FORWARD returns the stage's outputs and keeps nothing; a BACKWARD
-    carries the stage's inputs again, recomputes the forward, backpropagates, accumulates
-    and returns the input gradients. The trainer keeps each stage's inputs until that
-    stage's backward succeeded, so any replica can run it.
-  * Failover: every call goes to the router's pick; a timeout, error, rejection or
-    wrong-stage answer re-sends it to another replica of the same stage (errors ban the
-    peer until its record expires). While a stage has no live peer the call waits (DHT
-    re-read every 0.5 s) up to `MICROBATCH_DEADLINE_S`: a micro-batch is lost only if a
-    stage stays empty that long, and that is counted.
-  * Replica sync: replicas of a stage apply their own optimizer steps (one per
-    --micro-batches backwards) and every --stage-average-interval-s (a DHT-clock epoch)
-    average their weights with the shared butterfly all-reduce (protocol/allreduce.py), the
-    group being the stage's online replicas in this peer's view; a round left incomplete by
-    differing views falls back to a 50/50 mix with one random replica (pull gossip).
-    Between rounds replicas differ; a cross-replica backward is exact only between identical
-    replicas (see tests/test_swarm_stage.py), as in SWARM between averaging rounds.
-  * Recovery (CheckFree, strategies/swarm/checkfree.py): a stage with no live peer in two
-    consecutive reads is lost. The designated mover (lowest peer id of the most-populated
-    non-trainer stage with >= 2 peers, so no stage is stranded) fetches its neighbours'
-    weights and grad norms, rebuilds the stage, starts a fresh optimizer at lr x
-    --checkfree-lr-scale and announces it. A peer that joins with --stage auto and finds a
-    stage empty does the same. The last stage is rebuilt by copying stage S-2's body plus
-    the copy of the last stage's ln_f/head that stage-S-2 peers keep (refreshed every
-    averaging interval). Without --checkfree-swaps that copy is the note's naive copy; with it
-    it is CheckFree+'s copy of the swap partner. Stage 0 (the trainers) is never rebuilt.
-  * CheckFree+ swaps (--checkfree-swaps, part of the run spec, default off): odd micro-batches
-    (counted over the trainer's run, step x M + m) run the bodies of stages 0<->1 and
-    S-2<->S-1 in swapped order (checkfree.body_order; with S == 3 the pairs alternate). The
-    trainer routes it (checkfree.stage_route): a swapped last pair is ... -> body(S-1) ->
-    body(S-2) -> head(S-1), two calls to stage S-1 with `part` BODY and HEAD; a swapped first
-    pair runs embed(0) -> body(1) -> body(0) on the trainer itself. Each call keeps the
-    failover and replay rules above (a part-wise backward re-sends that part's inputs). Off,
-    every call is a FULL one and the wire is unchanged.
-  * Rebalancing: at random times in [0, 2T] (T = --rebalance-interval-s) a peer of a
-    non-trainer stage with >= 2 peers considers moving itself to the stage of least
-    capacity; it moves only if the sorted capacity vector improves by more than 20 % at its
-    first changed position (hysteresis, strategies/swarm/rebalance.py) and only the lowest
-    peer id of its stage may move in one check; it downloads the target stage's weights
-    from a replica first. Nobody decides while the view is unsettled: after any change of
-    who serves which stage, checks wait two record lifetimes (a move is seen everywhere
-    before the next one is weighed), which is what stops stale views from oscillating.
+(strategies/swarm/router.py). Servers are stateless (a backward re-sends its inputs), so any
+replica of a stage can run any call; failed calls go to another replica; replicas of a stage
+average their weights periodically; a stage that lost every replica is rebuilt from its
+neighbours (strategies/swarm/checkfree.py); peers rebalance towards the stage of least
+capacity. `SwarmStrategy` states the invariants of each of these parts.
 """
 from __future__ import annotations
 
@@ -85,7 +43,7 @@ EDGE_PREFIX = "edge_copy."  # STATE reply keys of the next stage's head, held by
 MAX_QUEUE = 64
 MICROBATCH_DEADLINE_S = 120.0
 RECOVERY_FETCH_ATTEMPTS = 3  # reads of a lost stage's neighbours, an announce interval apart
-HYSTERESIS = 0.20  # the note allows 0.05-0.25; CPU timings on a shared box are noisy
+HYSTERESIS = 0.20  # upper end of the usual 0.05-0.25: CPU timings on a shared box are noisy
 SERVE_EMA_ALPHA = 0.05
 
 
@@ -98,6 +56,55 @@ class StageView:
 
 
 class SwarmStrategy(Strategy):
+    """The invariants the strategy keeps:
+
+    * Discovery: each peer announces a `StageRecord` (stage, throughput, queue, step, last
+      grad norm) under swarm/{run}/stage/{k}, subkey = its peer id, with the node's record
+      TTL; it re-reads every stage's key each announce interval. A peer that stops
+      announcing drops out when its record expires.
+    * Stateless servers: a FORWARD returns the stage's outputs and keeps nothing; a BACKWARD
+      carries the stage's inputs again, recomputes the forward, backpropagates, accumulates
+      and returns the input gradients. The trainer keeps each stage's inputs until that
+      stage's backward succeeded, so any replica can run it.
+    * Failover: every call goes to the router's pick; a timeout, error, rejection or
+      wrong-stage answer re-sends it to another replica of the same stage (errors ban the
+      peer until its record expires). While a stage has no live peer the call waits (DHT
+      re-read every 0.5 s) up to `MICROBATCH_DEADLINE_S`: a micro-batch is lost only if a
+      stage stays empty that long, and that is counted.
+    * Replica sync: replicas of a stage apply their own optimizer steps (one per
+      --micro-batches backwards) and every --stage-average-interval-s (a DHT-clock epoch)
+      average their weights with the shared butterfly all-reduce (protocol/allreduce.py), the
+      group being the stage's online replicas in this peer's view; a round left incomplete by
+      differing views falls back to a 50/50 mix with one random replica (pull gossip).
+      Between rounds replicas differ; a cross-replica backward is exact only between identical
+      replicas (see tests/unit/test_swarm_units.py), as in SWARM between averaging rounds.
+    * Recovery (CheckFree, strategies/swarm/checkfree.py): a stage with no live peer in two
+      consecutive reads is lost. The designated mover (lowest peer id of the most-populated
+      non-trainer stage with >= 2 peers, so no stage is stranded) fetches its neighbours'
+      weights and grad norms, rebuilds the stage, starts a fresh optimizer at lr x
+      --checkfree-lr-scale and announces it. A peer that joins with --stage auto and finds a
+      stage empty does the same. The last stage is rebuilt by copying stage S-2's body plus
+      the copy of the last stage's ln_f/head that stage-S-2 peers keep (refreshed every
+      averaging interval). Without --checkfree-swaps that is a naive copy (stage S-2 never
+      trained the last role); with it it is CheckFree+'s copy of the swap partner. Stage 0
+      (the trainers) is never rebuilt.
+    * CheckFree+ swaps (--checkfree-swaps, part of the run spec, default off): odd micro-batches
+      (counted over the trainer's run, step x M + m) run the bodies of stages 0<->1 and
+      S-2<->S-1 in swapped order (checkfree.body_order; with S == 3 the pairs alternate). The
+      trainer routes it (checkfree.stage_route): a swapped last pair is ... -> body(S-1) ->
+      body(S-2) -> head(S-1), two calls to stage S-1 with `part` BODY and HEAD; a swapped first
+      pair runs embed(0) -> body(1) -> body(0) on the trainer itself. Each call keeps the
+      failover and replay rules above (a part-wise backward re-sends that part's inputs). Off,
+      every call is a FULL one and no message carries a `part`.
+    * Rebalancing: at random times in [0, 2T] (T = --rebalance-interval-s) a peer of a
+      non-trainer stage with >= 2 peers considers moving itself to the stage of least
+      capacity; it moves only if the sorted capacity vector improves by more than 20 % at its
+      first changed position (hysteresis, strategies/swarm/rebalance.py) and only the lowest
+      peer id of its stage may move in one check; it downloads the target stage's weights
+      from a replica first. Nobody decides while the view is unsettled: after any change of
+      who serves which stage, checks wait two record lifetimes (a move is seen everywhere
+      before the next one is weighed), which is what stops stale views from oscillating."""
+
     name = "swarm"
     role = "stage"
 
@@ -397,8 +404,8 @@ class SwarmStrategy(Strategy):
             except NotRecoverable:
                 if k != self.S - 1 or self.S < 2:
                     raise
-                # Without --checkfree-swaps stage S-2 never learnt the last role: copying it is
-                # the note's naive copy (ours-naive), better than nothing.
+                # Without --checkfree-swaps stage S-2 never learnt the last role: a naive copy
+                # of it is still better than nothing.
                 plan, copy_kind = RecoveryPlan(k, "copy", (k - 1,)), "naive"
                 self.ctx.log.warning("last stage lost: copying stage %d's body (no CheckFree+ swaps ran) and the "
                                      "head copy it holds", k - 1)

@@ -4,16 +4,15 @@ Invariants:
   * Every tensor goes through protocol/codec.py (strict validation before allocation);
     activations and gradients use the run's --act-compression (fp16 default, int8
     blockwise option); token ids and targets are int64 and always travel raw.
-  * `read_request` / `read_reply` check the header fields, the tensor count allowed for
-    the op and a numel cap, and raise `codec.CodecError` with a reason from
-    swarm_rejected_messages_total's label set ("malformed", "too_large", "bad_dtype", ...);
-    callers count it and answer REJECTED / try another replica. That includes a `part`
-    value this version does not know, or one given to a STATE request.
+  * `read_request` / `read_reply` check the header fields (an unknown `part`, or one given to a
+    STATE request, included), the tensor count allowed for the op and a numel cap, and raise
+    `codec.CodecError` with a reason from swarm_rejected_messages_total's label set
+    ("malformed", "too_large", "bad_dtype", ...); callers count it and answer REJECTED / try
+    another replica.
   * `part` (CheckFree+ swaps) is "full" unless set; "full" is never written to the wire, so
-    without --checkfree-swaps the messages are byte-for-byte what they were before.
-  * Stage records live under swarm/{run}/stage/{k}, subkey = peer id; the value is a small
-    msgpack tuple validated field by field (a record whose peer id differs from its subkey
-    is spoofed and dropped).
+    without --checkfree-swaps no message carries a `part` field.
+  * Stage records: swarm/{run}/stage/{k}, subkey = peer id; a small msgpack tuple validated
+    field by field (a record whose peer id differs from its subkey is spoofed and dropped).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Churn-lab fixtures: the capability probe that decides whether namespace tests run (O-11)."""
+"""Churn-lab fixtures: the capability probe that decides whether namespace tests run."""
 from __future__ import annotations
 
 import pytest

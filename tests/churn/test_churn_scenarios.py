@@ -21,7 +21,7 @@ from swarm_node.lab.scenario import Scenario
 pytestmark = pytest.mark.churn
 
 
-# Known bug (reported to the lead): a diloco peer SIGTERMed together with its round partners at
+# Known bug: a diloco peer SIGTERMed together with its round partners at
 # the very end sometimes never exits (40 s, shutdown-grace 10 s). The runner reports it and kills
 # the group; here it is a visible warning, not a failure of the churn properties under test.
 END_DRAIN = ("at the end", "no summary.json")

@@ -1,4 +1,4 @@
-"""O-8: the isolation watchdog across network namespaces. Root + `ip netns` only.
+"""The isolation watchdog across network namespaces. Root + `ip netns` only.
 
 Three sync peers, each in its own namespace. One is partitioned (nftables drop, process alive)
 for 16 s, then healed; everything is read from /status, /readyz and /metrics by the runner."""
@@ -34,7 +34,7 @@ def test_partitioned_peer_knows_it_is_isolated_and_rejoins_after_heal(tmp_path):
     rejoin = report.rejoin_s["heal n2"]
     assert rejoin is not None and rejoin <= 30, report.format()
     assert heal.detail["routing_table_after"] >= 2
-    # O-8 asks for ok >= 1. Usually the healed node's own watchdog adds one (before < after), but
+    # Only ok >= 1 is required. Usually the healed node's own watchdog adds one (before < after), but
     # the other peers' heartbeats can refill its table first (seen in 1 of 4 runs), so not asserted.
     assert heal.detail["bootstrap_ok_after"] >= 1, heal.detail
     assert heal.detail["steps_while_isolated"] <= 1, heal.detail

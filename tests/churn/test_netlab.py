@@ -1,4 +1,4 @@
-"""Lab self-test (O-13): hosts reach each other, `shape` caps bandwidth, `partition` cuts a host off
+"""Lab self-test: hosts reach each other, `shape` caps bandwidth, `partition` cuts a host off
 and `heal` restores it, and teardown leaves no lab namespace. Root + `ip netns` only."""
 from __future__ import annotations
 

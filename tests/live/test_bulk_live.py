@@ -243,7 +243,7 @@ def test_four_processes_all_reduce_over_tcp_reject_a_forged_token_and_fall_back_
                 assert res["paths"][2] == "fallback" and res["path_counts"] == {"tcp": N - 2, "fallback": 1}, res
         # 4. every member stalls its event loop for 6 s as soon as its run() returns: run()
         # returns only once this member's replies are out, so the last member holds the mean
-        # before the first one's stall ends (before, it waited out that stall)
+        # before the first one's stall ends (it never waits out that stall)
         m.cmd_qs[far].put(("readvertise", "127.0.0.1"))  # reachable again: this step is tcp only
         assert m.res_q.get(timeout=30)[:2] == ("ok", far)
         m.send(("run_blocking", "g-blocking", group, 6.0))

@@ -1,4 +1,4 @@
-"""gradcode over real daemons on loopback (reference test G-5, and training equivalence).
+"""gradcode over real daemons on loopback (stragglers tolerated, and training equivalence).
 
 Every wait is bounded, every node is killed by the `swarm` fixture, and the session
 fixture fails if any p2pd outlives the tests.

@@ -329,8 +329,8 @@ def test_streaming_diloco_retries_the_fragment_round_its_dead_leader_aborted(swa
     """1. Three streaming-diloco peers (H=4, P=2, tau=1: a fragment round every 2 steps) train.
     2. The leader (lowest id) is SIGKILLed, p2pd included. Whatever the moment, the round the
        followers are in or about to join aborts (its join or its commit vote fails).
-    3. Before, that fragment round was skipped until the fragment's next turn. Now it is retried
-       at its apply step, under the next leader, with the same round number and Δ_f.
+    3. That fragment round is retried at its apply step, under the next leader, with the same
+       round number and Δ_f (not skipped until the fragment's next turn).
     Result: each follower has an aborted round whose round number later commits (a retry, not a
     skip); both followers reach --max-steps and end on one φ."""
     common = ["--run-id", "sretry", "--strategy", "streaming-diloco", "--inner-steps", "4", "--fragments", "2",
@@ -353,8 +353,8 @@ def test_streaming_diloco_retries_the_fragment_round_its_dead_leader_aborted(swa
 def test_diloco_quorum_goes_on_without_a_slow_leader_which_then_downloads_the_commit(swarm):
     """1. Three diloco peers with a deadline quorum (--round-grace-s 0.5); the identities are made
        first so that the slow peer (--compute-slowdown 15) is the leader, the lowest id.
-    2. Before, the grace window opened when the leader was ready: every round waited for it.
-       Now it opens at the first contributing join, the two fast peers commit without the leader,
+    2. The grace window opens at the first contributing join (not when the leader is ready, which
+       would make every round wait for it), the two fast peers commit without the leader,
        and the leader, told the round went on without it, cuts its local steps short and
        downloads the committed state from a member.
     Result: the fast peers commit rounds of two while the slow leader is alive, the leader logs
@@ -392,7 +392,7 @@ def test_sync_followers_leave_a_frozen_leader_after_its_record_expires(swarm):
        it accepts nothing and publishes nothing, as if partitioned.
     2. The followers' pushes to it hang; they must give up once its record expired (TTL 4 s), not
        at the push deadline (round_timeout × 2 + 10 s = 20 s), and train on under the next leader.
-    Result: both followers take 5 more steps within 14 s of the freeze (the old bound was ~20 s)."""
+    Result: both followers take 5 more steps within 14 s of the freeze (well under the ~20 s push deadline)."""
     common = ["--run-id", "frozen", "--strategy", "sync", "--min-peers", "3"]
     _, leader, followers = _three_in_rounds(swarm, common)
     os.killpg(leader.proc.pid, signal.SIGSTOP)
@@ -411,8 +411,9 @@ def test_diloco_swarm_keeps_its_progress_when_a_frozen_leader_comes_back(swarm):
     """1. Three diloco peers (H=10) train; the leader (lowest peer id) is frozen with SIGSTOP
        (p2pd included), as if cut off. The two others suspect it and commit rounds of two.
     2. It is thawed many rounds later, still the lowest id, with a stale φ: the others join it.
-    3. Before, it sent them to resync and the swarm went back to its old φ (seen in the netns
-       churn lab: step 301 -> 168). Now their join shows more merged work, so it adopts their φ.
+    3. Their join shows more merged work, so it adopts their φ rather than sending them to
+       resync, which would take the swarm back to its stale φ (in the netns churn lab: step
+       301 -> 168).
     Result: the followers' committed round numbers never go backwards, the thawed leader logs the
     adoption, and all three end with bit-identical weights at --max-steps."""
     common = ["--run-id", "thaw", "--strategy", "diloco", "--inner-steps", "10", "--max-steps", "3000",

@@ -53,10 +53,10 @@ DASHBOARD = GRAFANA / "dashboards" / "swarm-node.json"
 # delete the entry when it lands. Alerts may never use these (an alert on a missing series is
 # silently never firing).
 NOT_YET_EXPORTED = {
-    # the SWARM pipeline strategy (open issue "SWARM pipelines with CheckFree"), operations.md §3 "pipeline"
+    # the SWARM pipeline strategy's series (the dashboard's "Pipeline" row)
     "swarm_pipeline_stage", "swarm_stage_load_ratio", "swarm_stage_peers", "swarm_stage_queue_depth",
     "swarm_stage_rebalances_total",
-    # CUDA memory per device (operations.md §3 "resources"); node/metrics.py does not export it yet
+    # CUDA memory per device (the dashboard's "Resources" row); node/metrics.py does not export it yet
     "swarm_gpu_memory_allocated_bytes", "swarm_gpu_memory_reserved_bytes",
 }
 # Series that other programs produce: Prometheus itself (up, ALERTS) and dcgm-exporter.

@@ -1,7 +1,7 @@
 """swarm strategy under churn with as few peers as stages allow, over real `swarm-node join`
 processes on loopback, and the end of a run with --max-steps.
 
-1. 4 peers for 3 stages (the churn lab's stall, issue 4): two trainers, one server per server
+1. 4 peers for 3 stages (the churn lab's stall case): two trainers, one server per server
    stage. A drained (SIGTERM) stage-2 server leaves no server stage able to spare a peer, so
    the spare trainer (fewer steps) moves and rebuilds stage 2 by CheckFree; then a SIGKILLed
    stage-1 server restarted with --stage auto takes the empty stage 1 (CheckFree from its
@@ -62,7 +62,7 @@ def test_four_peers_three_stages_drain_kill_restart_never_stalls(tmp_path):
         assert float(t1.status()["train_loss"]) < 5.0
 
         # --- t2 is a trainer on loan to stage 2: a new --stage auto peer takes stage 2 (not the
-        #     least-capacity stage), and t2 goes back to training; before, it stayed a server
+        #     least-capacity stage), and t2 goes back to training instead of staying a server
         s3 = sw.add("s3", [], initial=boot)
         s3.wait_info(90)
         deadline = time.monotonic() + 60

@@ -125,8 +125,8 @@ def test_lossy_shard_is_used_exactly_as_the_others_decode_it(name):
 
 
 def test_an_aborted_round_is_retried_as_a_fresh_epoch():
-    """Regression: retries reused the aborted round (old group id, cached 'abort'), so once
-    a round failed it failed forever. A retry must get a new epoch, group id and vote."""
+    """A retry must get a new epoch, group id and vote: reusing the aborted round (its group id,
+    its cached 'abort') would make a round that failed once fail forever."""
     from swarm_node.strategies.rounds import RoundCoordinator
 
     async def go():
@@ -240,14 +240,14 @@ def test_a_leader_behind_a_member_with_more_merged_work_adopts_instead_of_resync
     assert reply.status == JoinStatus.ROUND_STATUS_LEADER_BEHIND and behind == ["b"] and frozen
     reply, behind, frozen = asyncio.run(admit(leader_work=30, member_work=10))
     assert reply.status == JoinStatus.ROUND_STATUS_RESYNC and behind == [] and not frozen
-    reply, behind, _ = asyncio.run(admit(leader_work=10, member_work=10))  # a tie keeps the old rule
+    reply, behind, _ = asyncio.run(admit(leader_work=10, member_work=10))  # a tie: the leader's state wins
     assert reply.status == JoinStatus.ROUND_STATUS_RESYNC and behind == []
 
 
 def test_the_leader_answers_a_join_before_the_members_deadline_runs_out():
-    """The member gives a join grace + timeout. The leader used to wait for its own catch-up
-    (up to timeout) and then for the freeze (grace + timeout), so a slow leader's reply came
-    after the member had given up and suspected it. Now it answers in time (TIMEOUT here)."""
+    """The member gives a join grace + timeout. A leader that waited for its own catch-up
+    (up to timeout) and then for the freeze (grace + timeout) would reply after the member had
+    given up and suspected it, so it answers within the member's deadline (TIMEOUT here)."""
     import time as _time
 
     from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
@@ -272,7 +272,7 @@ def test_in_a_quorum_a_late_leader_does_not_set_the_pace_and_then_downloads_the_
     """The deadline quorum: the grace window opens at the first join, not when the leader is
     ready, so members go on without a slow leader. The leader still coordinates (freeze, votes);
     its own late join waits for the decision and, on commit, is told to resync from a member.
-    Without the quorum the window waits for the leader (its old behaviour): no freeze without it."""
+    Without the quorum the window waits for the leader: no freeze without it."""
     from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
     from swarm_node.strategies.rounds import JoinStatus, RoundCoordinator
 

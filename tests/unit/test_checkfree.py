@@ -1,4 +1,4 @@
-"""CheckFree rule (C-1 of ../shared/reference/checkfree.md): golden values, edge cases, swaps."""
+"""CheckFree rule: golden values, edge cases, swaps."""
 from __future__ import annotations
 
 import pytest

@@ -482,7 +482,7 @@ def test_assembler_zero_tensors():
     _assemble_rejects("malformed", list(tensors_to_chunks([torch.zeros(1)], NONE)), n=0)
 
 
-# ---------------------------------------------------------------- E3M0 (4-bit) and U5
+# ---------------------------------------------------------------- E3M0 (4-bit) and error on Gaussian data
 
 E3M0 = codec.E3M0
 

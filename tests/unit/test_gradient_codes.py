@@ -1,4 +1,4 @@
-"""Gradient codes as pure math (reference tests G-1..G-3): every straggler pattern of size <= s
+"""Gradient codes as pure math: every straggler pattern of size <= s
 decodes to the full gradient sum; the guards refuse ill-conditioned decodes; coded SGD with
 random stragglers equals wait-for-all SGD step for step."""
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
 
 @pytest.mark.parametrize("s", [1, 2])
 def test_frc_decodes_every_pattern_exactly(s):
-    """G-1: n = 6, every set of <= s stragglers; fp32 error <= 1e-6, fp64 <= 1e-12."""
+    """n = 6, every set of <= s stragglers; fp32 error <= 1e-6, fp64 <= 1e-12."""
     n = 6
     code = build_code("frc", n, s)
     assert code.scheme == "frc" and code.redundancy == (s + 1) / n
@@ -69,7 +69,7 @@ def test_frc_refuses_a_missing_group():
 @pytest.mark.parametrize("n", range(4, 11))
 @pytest.mark.parametrize("s", [1, 2, 3])
 def test_cyclic_decodes_every_pattern_in_float64(n, s):
-    """G-2: all C(n, s) patterns, fp64 relative error <= 1e-8 (n need not divide by s+1)."""
+    """All C(n, s) patterns, fp64 relative error <= 1e-8 (n need not divide by s+1)."""
     if s >= n:
         pytest.skip("s < n required")
     code = build_code("cyclic", n, s, seed=0)
@@ -86,7 +86,7 @@ def test_cyclic_decodes_every_pattern_in_float64(n, s):
 
 
 def test_cyclic_asks_for_more_when_ill_conditioned_and_all_replies_shrink_coefficients():
-    """G-2: a decode whose max |a| exceeds the bound is refused (wait for one more reply);
+    """A decode whose max |a| exceeds the bound is refused (wait for one more reply);
     with every reply the minimum-norm coefficients are no larger than with n - s."""
     code = build_code("cyclic", 7, 2, seed=3)
     avail = [0, 1, 2, 3, 4]
@@ -125,7 +125,7 @@ def test_scheme_resolution():
 
 @pytest.mark.parametrize("scheme", ["frc", "cyclic"])
 def test_coded_sgd_equals_wait_for_all(scheme):
-    """G-3: logistic regression, 4 workers, s = 1, one random straggler dropped per step,
+    """Logistic regression, 4 workers, s = 1, one random straggler dropped per step,
     SGD for 100 steps: parameters equal the wait-for-all run to 1e-5 (float64)."""
     n, dim, per_part = 4, 6, 16
     g = torch.Generator().manual_seed(0)

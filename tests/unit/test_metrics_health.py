@@ -1,4 +1,4 @@
-"""NodeMetrics hygiene, the health HTTP server, and log formatting (operations.md O-2, O-3).
+"""NodeMetrics hygiene, the health HTTP server, and log formatting.
 
 Everything runs on real sockets on 127.0.0.1 port 0; no daemon, no hivemind DHT.
 """

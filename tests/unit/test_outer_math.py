@@ -1,5 +1,5 @@
-"""DiLoCo-family tensor math (strategies/lowcomm/outer_math.py): golden values and the unit tests
-U1-U4, U6, U7 of /work/shared/reference/diloco_noloco.md, plus pairing and digests."""
+"""DiLoCo-family tensor math (strategies/lowcomm/outer_math.py): golden values, NoLoCo, Streaming
+DiLoCo, weighted means, save/load, plus pairing and digests."""
 from __future__ import annotations
 
 import copy
@@ -103,7 +103,7 @@ def test_u6_weight_zero_joiner_leaves_the_mean_unchanged():
                  weighted_mean([(deltas[0], 1), (d_join, 0), (deltas[1], 1)]))
 
 
-# ---------------------------------------------------------------- U1: DiLoCo golden values
+# ---------------------------------------------------------------- DiLoCo golden values
 
 
 def test_u1_diloco_golden_values_and_theta_reset():
@@ -155,7 +155,7 @@ def test_outer_optimizer_matches_nesterov_formula_and_copies_its_inputs():
         outer.step([torch.full_like(x, float("nan")) for x in d1])
 
 
-# ---------------------------------------------------------------- U7: save / load
+# ---------------------------------------------------------------- save / load
 
 
 def test_u7_outer_optimizer_save_load_continues_bit_identically():
@@ -207,7 +207,7 @@ def test_u7_load_state_dict_rejects_mismatched_shapes_without_changing_anything(
         assert _same(b.phi, before["phi"]) and b.state_dict()["optimizer"]["state"] == {}
 
 
-# ---------------------------------------------------------------- U2: NoLoCo
+# ---------------------------------------------------------------- NoLoCo
 
 
 @pytest.mark.parametrize("gamma,expected", [(0.7, (0.79, 0.76)), (0.35, (0.8075, 0.7425))])
@@ -283,7 +283,7 @@ def test_u3_noloco_with_the_full_group_is_heavy_ball_diloco_with_zero_spread(n):
     assert replica_spread(paired[-1][1]) > 1e-3
 
 
-# ---------------------------------------------------------------- U3: Streaming == DiLoCo, LocalSGD == DDP
+# ---------------------------------------------------------------- Streaming == DiLoCo, LocalSGD == DDP
 
 
 def _model() -> torch.nn.Module:
@@ -409,7 +409,7 @@ def test_u3_local_sgd_with_h1_and_plain_sgd_is_data_parallel_sgd():
     assert worst > 1e-4
 
 
-# ---------------------------------------------------------------- U4: streaming schedule
+# ---------------------------------------------------------------- streaming schedule
 
 
 def test_u4_fragment_schedule_h12_p4():

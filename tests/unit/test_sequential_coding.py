@@ -1,5 +1,5 @@
-"""Sequential gradient coding (strategies/gradcode/sequential.py): test G-6 of
-/work/shared/reference/gradient_coding.md (§6, §8). Pure and fast, with no network and no torch."""
+"""Sequential gradient coding (strategies/gradcode/sequential.py): the straggler model, the
+schemes' guarantees and loads, the runtime model. Pure and fast, with no network and no torch."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""Benchmark B2 simulator (bench/sim_sync_scaling.py): closed forms, the note's figures, invariants."""
+"""Sync-scaling simulator (bench/sim_sync_scaling.py): closed forms, the expected figures, invariants."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,14 +12,14 @@ _spec = importlib.util.spec_from_file_location("sim_sync_scaling", _PATH)
 sim = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sim)
 
-NET = dict(size_bytes=5e8, bw_bps=1e9, latency_s=0.05)   # the note's 0.5 GB, 1 Gb/s, 50 ms
+NET = dict(size_bytes=5e8, bw_bps=1e9, latency_s=0.05)   # 0.5 GB, 1 Gb/s, 50 ms
 
 
 @pytest.mark.parametrize("n, ring, tree, pair", [(4, 6.3, 16.2, 4.0), (1024, 110.3, 81.0, 4.0)])
 def test_closed_forms_reproduce_the_notes_figures(n, ring, tree, pair):
     assert sim.sync_time_ring(n, **NET) == pytest.approx(ring, abs=0.1)
     assert sim.sync_time_tree(n, **NET) == pytest.approx(tree, abs=0.1)
-    assert sim.sync_time_pair(n, **NET) == pytest.approx(pair, abs=0.1)   # 4.05 exactly; the note rounds
+    assert sim.sync_time_pair(n, **NET) == pytest.approx(pair, abs=0.1)   # 4.05 exactly; the published figure rounds
     assert round(sim.sync_time_pair(n, **NET), 1) == pair
 
 

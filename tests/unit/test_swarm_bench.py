@@ -1,5 +1,5 @@
 """bench/bench_pipeline.py (simulation driven by the real router and rebalancing code):
-the goals of the issue hold on a short run — routing >= 0.95 of optimum with round-robin
+the goals hold on a short run — routing >= 0.95 of optimum with round-robin
 <= 0.6, churn >= 0.8x of no churn with 0 micro-batches lost, rebalancing 5/1/3 -> 3/3/3 in
 <= 3 moves and no move after that."""
 from __future__ import annotations

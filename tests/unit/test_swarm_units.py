@@ -257,8 +257,8 @@ def test_stage_server_answers_and_rejects_bad_payloads_counting_them():
 
 def test_checkfree_retries_an_unreachable_neighbour_then_copies_the_one_that_answered():
     """A lost middle stage is rebuilt from both neighbours when both answer (wavg). When one
-    stays unreachable through every retry, the stage copies the neighbour that answered (it
-    used to fall back to its seeded init, throwing away what the pipeline had learnt)."""
+    stays unreachable through every retry, the stage copies the neighbour that answered (not its
+    seeded init, which would throw away what the pipeline had learnt)."""
     from types import SimpleNamespace
 
     from prometheus_client import CollectorRegistry, Counter

@@ -1,0 +1,36 @@
+"""Settings of the DiLoCo family (diloco, streaming-diloco, noloco)."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from swarm_node.strategies.options import StrategyOptions
+
+
+class DiLoCoOptions(StrategyOptions):
+    SPEC_FIELDS: ClassVar[tuple[str, ...]] = ("inner_steps", "outer_lr", "outer_momentum")
+
+    inner_steps: int = Field(50, ge=1, le=100_000, description="DiLoCo family: local steps between outer rounds (H).")
+    outer_lr: float = Field(0.7, gt=0, le=10, description="DiLoCo family: outer SGD learning rate.")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="DiLoCo family: outer momentum (Nesterov for diloco).")
+    round_grace_s: float | None = Field(None, gt=0, le=3600, description="DiLoCo family: after the first peer joins "
+                                        "a round, how long it waits for the other expected peers before it goes on "
+                                        "with those that joined, the leader included only if it was ready (the "
+                                        "deadline quorum; unset = wait for all up to --round-timeout-s after the "
+                                        "leader is ready).")
+
+
+class StreamingOptions(DiLoCoOptions):
+    SPEC_FIELDS: ClassVar[tuple[str, ...]] = (*DiLoCoOptions.SPEC_FIELDS, "fragments", "overlap_steps", "mix_alpha")
+
+    fragments: int = Field(5, ge=1, le=1024, description="streaming-diloco: fragments synced in turn (P; must divide H).")
+    overlap_steps: int = Field(1, ge=0, description="streaming-diloco: local steps a fragment's exchange overlaps (tau < H/P).")
+    mix_alpha: float = Field(0.5, ge=0, le=1, description="streaming-diloco: merge weight of the local fragment (alpha).")
+
+    def check(self, node: Any) -> None:
+        H, P, tau = self.inner_steps, self.fragments, self.overlap_steps
+        if H % P:
+            raise ValueError(f"streaming-diloco needs --inner-steps ({H}) divisible by --fragments ({P})")
+        if tau >= H // P:
+            raise ValueError(f"streaming-diloco needs --overlap-steps ({tau}) < inner-steps/fragments ({H // P})")
