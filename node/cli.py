@@ -236,5 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"swarm-node: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except LookupError as e:  # the config validates the name; this is a plugin whose target is not a Strategy
+        from swarm_node.strategies.registry import UnknownStrategy
+
+        if not isinstance(e, UnknownStrategy):
+            raise
+        print(f"swarm-node: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130

@@ -1,32 +1,40 @@
 """Node configuration: one validated record built from CLI flags, env vars and a TOML file.
 
 Precedence: CLI flag > environment (`SWARM_NODE_<FIELD>`) > TOML file (`--config`) > default.
-Every field here is a `swarm-node join` flag (`--field-name`), so the three sources never
-drift apart. Validation errors are rendered in plain words by `explain_validation_error`
-and the CLI exits with code 2.
+`NodeConfig` is the node's own settings (`NodeSettings`) plus every installed strategy's
+options (strategies/options.py), merged when this module loads; every field is a `join` flag
+(`--field-name`), so the three sources never drift apart. Validation errors are rendered in
+plain words by `explain_validation_error` and the CLI exits with code 2.
 
-The *run spec* (model, data, strategy and its hyperparameters) is the part of the config
-that must be identical on every peer of a run; `RunSpec` carries it and its hash is
+The *run spec* (model, data, the strategy and the fields it declares) is the part of the
+config that must be identical on every peer of a run; `RunSpec` carries it and its hash is
 published in the DHT (see protocol/records.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource)
+
+from swarm_node.strategies.options import NoOptions, StrategyOptions
+from swarm_node.strategies.registry import option_models
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "SWARM_NODE_"
 DEFAULT_STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "swarm-node"
 
 
-class NodeConfig(BaseSettings):
-    """Everything `swarm-node join` can be told. Field descriptions double as `--help` text."""
+class NodeSettings(BaseSettings):
+    """The node's own settings; `NodeConfig` below adds every installed strategy's options.
+    Field descriptions double as `--help` text."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
@@ -80,81 +88,11 @@ class NodeConfig(BaseSettings):
     lr_warmup_steps: int = Field(0, ge=0, description="Warmup steps of the cosine schedule.")
     seed: int = Field(0, ge=0, description="Seed for model init and data order.")
     round_timeout_s: float = Field(20.0, gt=0, description="Longest wait for the other peers in one synchronization round.")
-    round_grace_s: float | None = Field(None, gt=0, le=3600, description="DiLoCo family: after the first peer joins "
-                                        "a round, how long it waits for the other expected peers before it goes on "
-                                        "with those that joined, the leader included only if it was ready (the "
-                                        "deadline quorum; unset = wait for all up to --round-timeout-s after the "
-                                        "leader is ready).")
     compute_slowdown: float = Field(1.0, ge=1.0, le=100.0, description="Simulate a slower device: after each local "
                                     "step sleep (F-1) x that step's compute time, so this peer computes F times "
                                     "slower without loading the CPU (benchmarks and labs; 1 = off).")
-    inner_steps: int = Field(50, ge=1, le=100_000, description="DiLoCo family: local steps between outer rounds (H).")
-    outer_lr: float = Field(0.7, gt=0, le=10, description="DiLoCo family: outer SGD learning rate.")
-    outer_momentum: float = Field(0.9, ge=0, lt=1, description="DiLoCo family: outer momentum (Nesterov for diloco).")
-    fragments: int = Field(5, ge=1, le=1024, description="streaming-diloco: fragments synced in turn (P; must divide H).")
-    overlap_steps: int = Field(1, ge=0, description="streaming-diloco: local steps a fragment's exchange overlaps (tau < H/P).")
-    mix_alpha: float = Field(0.5, ge=0, le=1, description="streaming-diloco: merge weight of the local fragment (alpha).")
     compression: Literal["none", "fp16", "int8", "e3m0"] = Field(
         "none", description="Wire compression of averaged tensors (accumulation is always fp32).")
-    gc_scheme: Literal["auto", "frc", "cyclic", "none"] = Field(
-        "auto", description="gradcode: fractional repetition (frc, needs (s+1) | n), cyclic (any n), auto (frc "
-        "when it fits, else cyclic) or none (wait for every peer).")
-    gc_stragglers: int = Field(1, ge=0, le=64, description="gradcode: stragglers tolerated per step (s); each peer "
-                               "computes (s+1)/n of the step's data.")
-    stages: int = Field(3, ge=1, le=64, description="swarm: pipeline stages S (--n-layer must be divisible by S).")
-    micro_batches: int = Field(2, ge=1, le=256, description="swarm: micro-batches per trainer step (each stage "
-                               "replica applies one optimizer step per this many backwards).")
-    act_compression: Literal["fp16", "int8", "none"] = Field(
-        "fp16", description="swarm: wire encoding of activations and their gradients (int8 = blockwise absmax).")
-    sapo_tasks: str = Field("add4", description="sapo: comma-separated tasks (add<K>, sub<K>, mul<K>; rg:<dataset> "
-                            "with reasoning-gym installed).", pattern=r"^[A-Za-z0-9_:,.-]{1,256}$")
-    sapo_group_size: int = Field(8, ge=2, le=64, description="sapo: completions per question (G).")
-    sapo_round_s: float = Field(10.0, gt=0.5, le=3600, description="sapo: length of a swarm round (rounds are "
-                                "wall-clock epochs, the same on every peer).")
-    sapo_questions: int = Field(8, ge=1, le=64, description="sapo: questions this peer generates G completions "
-                                "for and publishes each round (Q).")
-    sapo_local_groups: int = Field(4, ge=1, le=64, description="sapo: local groups per update (I <= Q, chosen from "
-                                   "this round's Q by --sapo-local-select).")
-    sapo_local_select: Literal["informative", "first"] = Field(
-        "informative", description="sapo: which I of the Q own groups to train on: drawn from those with non-zero "
-                                   "reward variance (padded with the rest), or the first I.")
-    sapo_external_groups: int = Field(4, ge=0, le=64, description="sapo: external groups per update (J; 0 = silo).")
-    sapo_negative_scale: float = Field(0.0, ge=0, le=1, description="sapo: scale on negative advantages of external "
-                                       "groups (0 = use only their positives; 1 = the paper).")
-    sapo_deadline_frac: float = Field(0.6, gt=0, lt=1, description="sapo: fraction of the round after which this "
-                                      "peer stops waiting for external rollouts and trains.")
-    sapo_max_new_tokens: int = Field(6, ge=1, le=512, description="sapo: generated tokens per completion.")
-    sapo_temperature: float = Field(1.0, gt=0, le=5, description="sapo: sampling temperature.")
-    sapo_ppo_epochs: int = Field(4, ge=1, le=32, description="sapo: optimizer steps per round on the same batch.")
-    sapo_warmstart_steps: int = Field(150, ge=0, le=100_000, description="sapo: supervised steps on the answer "
-                                      "format (random digits) before the first round of a fresh model.")
-    sapo_format_reward: float = Field(0.0, ge=0, le=1, description="sapo: reward for a well-formed wrong answer.")
-    sapo_rounds: int = Field(0, ge=0, description="sapo: stop (drain, exit 0) after this many rounds (0 = forever).")
-    sapo_peer_seed: int = Field(0, ge=0, description="sapo: seed of this peer's question and sampling draws (0 = "
-                                "derived from the peer id). Not part of the run spec.")
-    sapo_hf_model: str | None = Field(None, description="sapo: local path of a Hugging Face causal LM to use as the "
-                                      "policy (needs transformers installed; default: the byte-level GPT).")
-
-    # --- straggler injection (tests and benches; not part of the run spec) --------------
-    straggler_delay_s: float = Field(0.0, ge=0, le=600, description="gradcode: seconds a chosen straggler waits "
-                                     "before contributing (0 = no injection).")
-    straggler_count: int = Field(1, ge=0, le=64, description="gradcode: peers chosen (seeded, the same on every "
-                                 "peer) to straggle in a step.")
-    straggler_prob: float = Field(1.0, ge=0, le=1, description="gradcode: probability that a step has stragglers.")
-    stage: str = Field("auto", pattern=r"^(auto|[0-9]{1,2})$", description="swarm: stage this peer serves "
-                       "(auto = an empty stage if any, else the one with the least capacity).")
-    rebalance_interval_s: float = Field(300.0, ge=0, description="swarm: mean seconds between rebalancing checks "
-                                        "(each at a random time in [0, 2T]; 0 = never move).")
-    stage_average_interval_s: float = Field(5.0, gt=0, description="swarm: seconds between averaging rounds "
-                                            "of a stage's replicas (all-reduce; a mix with one replica if it fails).")
-    checkfree_lr_scale: float = Field(1.1, gt=0, le=10, description="swarm: learning-rate multiplier of a stage "
-                                      "rebuilt by CheckFree.")
-    checkfree_swaps: bool = Field(False, description="swarm: CheckFree+ swap schedule: odd micro-batches run the "
-                                  "bodies of stages 0<->1 and S-2<->S-1 in swapped order (with 3 stages they "
-                                  "alternate), so a lost last stage is rebuilt by copying stage S-2. Part of the "
-                                  "run spec.")
-    swarm_backward_delay_s: float = Field(0.0, ge=0, le=600, description="swarm: seconds a stage server sleeps "
-                                          "inside each backward (fault injection for tests).")
 
     # --- local execution ----------------------------------------------------------------
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
@@ -206,6 +144,19 @@ class NodeConfig(BaseSettings):
                 raise ValueError(f"{addr!r} is not a peer multiaddr like /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo...")
         return v
 
+    @field_validator("strategy")
+    @classmethod
+    def _check_strategy(cls, v: str) -> str:
+        # Checked here, not when the daemon loads it, so CLI, env and TOML give the same plain error
+        # (and `swarm-node check` catches it). available() includes the `swarm_node.strategies`
+        # entry points, so a strategy installed by another package is accepted.
+        from swarm_node.strategies.registry import available
+
+        installed = available()
+        if v not in installed:
+            raise ValueError(f"unknown strategy {v!r} (installed: {', '.join(installed)})")
+        return v
+
     @field_validator("metrics_addr", "control_addr")
     @classmethod
     def _check_hostport(cls, v: str) -> str:
@@ -217,49 +168,19 @@ class NodeConfig(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _check_combination(self) -> "NodeConfig":
+    def _check_combination(self) -> "NodeSettings":
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.lr_schedule == "cosine" and self.max_steps <= self.lr_warmup_steps:
             raise ValueError(f"--lr-schedule cosine decays to 0 at --max-steps, which must be set and exceed "
                              f"--lr-warmup-steps ({self.lr_warmup_steps}); got --max-steps {self.max_steps}")
-        if self.strategy == "sapo":
-            self._check_sapo()
-        if self.strategy == "streaming-diloco":
-            H, P, tau = self.inner_steps, self.fragments, self.overlap_steps
-            if H % P:
-                raise ValueError(f"streaming-diloco needs --inner-steps ({H}) divisible by --fragments ({P})")
-            if tau >= H // P:
-                raise ValueError(f"streaming-diloco needs --overlap-steps ({tau}) < inner-steps/fragments ({H // P})")
-        if self.strategy == "swarm":
-            if self.n_layer % self.stages:
-                raise ValueError(f"swarm needs --n-layer ({self.n_layer}) divisible by --stages ({self.stages})")
-            if self.stage != "auto" and int(self.stage) >= self.stages:
-                raise ValueError(f"--stage {self.stage} out of range for --stages {self.stages}")
+        self.strategy_options().check(self)
         return self
 
-    def _check_sapo(self) -> None:
-        from swarm_node.strategies.sapo import tasks as sapo_tasks  # pure stdlib: cheap, and only for sapo
-
-        if self.sapo_local_groups > self.sapo_questions:
-            raise ValueError(f"sapo needs --sapo-local-groups ({self.sapo_local_groups}) <= --sapo-questions "
-                             f"({self.sapo_questions})")
-        try:
-            names = sapo_tasks.parse_task_list(self.sapo_tasks)
-        except sapo_tasks.TaskError as e:
-            raise ValueError(f"--sapo-tasks: {e}") from None
-        longest = max((sapo_tasks.max_prompt_chars(t) or 0) for t in names)
-        if longest + self.sapo_max_new_tokens + 1 > self.seq_len and not self.sapo_hf_model:
-            raise ValueError(f"sapo needs --seq-len >= {longest + self.sapo_max_new_tokens + 1} for these tasks "
-                             f"(question up to {longest} bytes + --sapo-max-new-tokens + end of answer)")
-        if self.sapo_hf_model:
-            import importlib.util
-
-            if importlib.util.find_spec("transformers") is None:
-                raise ValueError("--sapo-hf-model needs transformers installed (pip install transformers); "
-                                 "without it, leave the flag out to use the byte-level GPT")
-            if not Path(self.sapo_hf_model).is_dir():
-                raise ValueError(f"--sapo-hf-model {self.sapo_hf_model} is not a local model directory")
+    def strategy_options(self) -> StrategyOptions:
+        """The chosen strategy's own settings, as its options model (validated again there)."""
+        model = option_models().get(self.strategy, NoOptions)
+        return model(**{name: getattr(self, name) for name in model.model_fields})
 
     @property
     def ttl_s(self) -> float:
@@ -267,34 +188,20 @@ class NodeConfig(BaseSettings):
 
     def run_spec(self) -> "RunSpec":
         fields = dict(run_id=self.run_id, strategy=self.strategy, data=self.data, data_max_bytes=self.data_max_bytes,
-                       seq_len=self.seq_len, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
-                       batch_size=self.batch_size, lr=self.lr, seed=self.seed, inner_steps=self.inner_steps,
-                       outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, compression=self.compression,
-                       fragments=self.fragments, overlap_steps=self.overlap_steps, mix_alpha=self.mix_alpha,
-                       gc_scheme=self.gc_scheme, gc_stragglers=self.gc_stragglers, stages=self.stages,
-                       micro_batches=self.micro_batches, act_compression=self.act_compression)
+                      seq_len=self.seq_len, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
+                      batch_size=self.batch_size, lr=self.lr, seed=self.seed, compression=self.compression)
         if self.lr_schedule != "constant":  # the horizon is part of the schedule every peer must share
             fields.update(lr_schedule=self.lr_schedule, lr_warmup_steps=self.lr_warmup_steps,
                           lr_total_steps=self.max_steps)
-        if self.checkfree_swaps:  # only when on: runs without it keep their digest
-            fields.update(checkfree_swaps=True)
-        fields.update(self._sapo_spec_fields())
+        fields.update(self.strategy_options().spec_fields(self))
         return RunSpec(**fields)
-
-    def _sapo_spec_fields(self) -> dict[str, Any]:
-        """sapo peers own their policies and may differ in model size: the model-size fields
-        are left out of the spec (0 = per peer), and the fields whose mismatch would break
-        the exchange (G, tasks, the round clock) are put in. Other strategies: unchanged."""
-        if self.strategy != "sapo":
-            return {}
-        return {"n_layer": 0, "n_head": 0, "d_model": 0, "sapo_group_size": self.sapo_group_size,
-                "sapo_round_s": self.sapo_round_s, "sapo_tasks": self.sapo_tasks}
 
 
 class RunSpec(BaseModel):
-    """What every peer of a run must agree on. Its hash is the run's identity in the DHT."""
+    """What every peer of a run must agree on. Its hash is the run's identity in the DHT. Beyond
+    these fields, the strategy adds its own (its options' `spec_fields`), kept as extra fields."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="allow")
 
     run_id: str
     strategy: str
@@ -307,25 +214,10 @@ class RunSpec(BaseModel):
     batch_size: int
     lr: float
     seed: int
-    inner_steps: int = 50
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
     compression: str = "none"
-    fragments: int = 5
-    overlap_steps: int = 1
-    mix_alpha: float = 0.5
-    gc_scheme: str = "auto"
-    gc_stragglers: int = 1
-    stages: int = 3
-    micro_batches: int = 2
-    act_compression: str = "fp16"
     lr_schedule: str = "constant"
     lr_warmup_steps: int = 0
     lr_total_steps: int = 0
-    checkfree_swaps: bool = False  # swarm: every peer must run the same schedule
-    sapo_group_size: int = 0  # 0 = not a sapo run
-    sapo_round_s: float = 0.0
-    sapo_tasks: str = ""
     data_fingerprint: str = ""  # sha256 prefix of the loaded corpus: 'stdlib' differs across Pythons
 
     def canonical(self) -> dict[str, Any]:
@@ -346,6 +238,32 @@ class RunSpec(BaseModel):
         keys = sorted(set(mine) | set(theirs))
         return [f"{k}: ours={mine.get(k)!r} theirs={theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)]
 
+
+def _strategy_fields() -> dict[str, tuple[Any, Any]]:
+    """Every installed strategy's option fields, for the merged `NodeConfig`. A field two
+    strategies share must be declared alike; one that clashes with a node setting or with
+    another strategy's declaration is left out, with a warning (a broken plugin must not
+    break the CLI)."""
+    fields: dict[str, tuple[Any, Any]] = {}
+    shapes: dict[str, tuple[Any, ...]] = {}
+    owners: dict[str, str] = {}
+    for name, model in option_models().items():
+        for field_name, info in model.model_fields.items():
+            shape = (info.annotation, info.default, info.description, repr(info.metadata))
+            if field_name in NodeSettings.model_fields:
+                log.warning("strategy %s: option %r clashes with a node setting; ignored", name, field_name)
+            elif field_name in shapes:
+                if shapes[field_name] != shape:
+                    log.warning("strategy %s declares option %r unlike %s; ignored", name, field_name,
+                                owners[field_name])
+            else:
+                fields[field_name], shapes[field_name], owners[field_name] = (info.annotation, info), shape, name
+    return fields
+
+
+# Everything `swarm-node join` can be told: the node's settings plus every installed strategy's options
+# (flags, SWARM_NODE_* variables, TOML keys and --help are all generated from it).
+NodeConfig = create_model("NodeConfig", __base__=NodeSettings, __module__=__name__, **_strategy_fields())
 
 # The TOML path is chosen at runtime (--config); pydantic-settings reads it via this slot.
 _TOML_FILE: dict[str, Path | None] = {"path": None}
@@ -371,6 +289,7 @@ def load_config(cli_values: dict[str, Any], config_file: Path | None = None) -> 
 
 
 def explain_validation_error(e: ValidationError) -> str:
+    """Plain words, one line per error; a single error is one line in all (what the CLI prints)."""
     lines = ["invalid configuration:"]
     for err in e.errors():
         field = ".".join(str(p) for p in err["loc"]) or "config"
@@ -379,9 +298,12 @@ def explain_validation_error(e: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling; `swarm-node join --help` lists them all)"
         given = err.get("input")
-        shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
+        shown = (f" (got {given!r})" if given is not None and not isinstance(given, dict)
+                 and repr(given) not in msg else "")
         if not err["loc"]:  # a rule across several settings
             lines.append(f"  {msg}")
         else:
             lines.append(f"  {flag} / {ENV_PREFIX}{field.upper()}: {msg}{shown}")
+    if len(lines) == 2:
+        return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+from swarm_node.strategies.options import NoOptions, StrategyOptions
 from swarm_node.strategies.quorum import QuorumRule
 
 # How long a view must stay short of the quorum before the peer stops stepping. A step in that
@@ -70,6 +71,8 @@ class Strategy(abc.ABC):
     # Step-synchronous strategies stop stepping below the run-long quorum (`wait_for_peers`);
     # the others keep their local steps, which their next round merges or resyncs.
     quorum_gated: ClassVar[bool] = False
+    # the strategy's own settings: flags, env vars, TOML keys and run-spec fields (options.py)
+    options: ClassVar[type[StrategyOptions]] = NoOptions
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx

@@ -32,6 +32,7 @@ from swarm_node.strategies.gradcode.round import CodedRound, chosen_stragglers, 
 from swarm_node.strategies.gradcode.codes import build_code
 from swarm_node.strategies.leader import LeaderElection
 from swarm_node.strategies.state_transfer import StateService
+from swarm_node.strategies.gradcode.options import GradcodeOptions
 
 ROUND = "gradcode.round"
 PUSH = "gradcode.push"
@@ -109,6 +110,7 @@ class GradientCodingStrategy(Strategy):
     lowest online id answers its open rounds' waiters NOT_LEADER instead of holding them."""
 
     name = "gradcode"
+    options = GradcodeOptions
     quorum_gated = True
 
     def __init__(self, ctx):

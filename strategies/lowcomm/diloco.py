@@ -29,6 +29,7 @@ from swarm_node.strategies.leader import LeaderElection
 from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer, pseudo_gradient, round_digest
 from swarm_node.strategies.rounds import RoundCoordinator, averaging_layer
 from swarm_node.strategies.state_transfer import StateService, StateTransferError
+from swarm_node.strategies.lowcomm.options import DiLoCoOptions
 
 MAX_ATTEMPTS = 5  # with backoff 0.5, 1, 2, 4 s: membership views converge meanwhile
 COMPRESSIONS = {"none": codec.NONE, "fp16": codec.FLOAT16, "int8": codec.INT8_BLOCKWISE, "e3m0": codec.E3M0}
@@ -61,6 +62,7 @@ def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor
 
 class DiLoCoStrategy(Strategy):
     name = "diloco"
+    options = DiLoCoOptions
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -31,6 +31,7 @@ from swarm_node.strategies.lowcomm.diloco import COMPRESSIONS, load_params
 from swarm_node.strategies.leader import LeaderElection
 from swarm_node.strategies.lowcomm.outer_math import noloco_update, pair_peers, pairing_seed, replica_spread
 from swarm_node.strategies.state_transfer import StateService, StateTransferError
+from swarm_node.strategies.lowcomm.options import DiLoCoOptions
 
 PAIR = "pair.exchange"
 PairStatus = rpb.PairReply.Status
@@ -39,6 +40,7 @@ KEEP_ROUNDS = 4
 
 class NoLoCoStrategy(Strategy):
     name = "noloco"
+    options = DiLoCoOptions
 
     def __init__(self, ctx):
         super().__init__(ctx)

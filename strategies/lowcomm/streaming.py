@@ -27,6 +27,7 @@ from swarm_node.strategies.lowcomm.diloco import DiLoCoStrategy, _work, flatten,
 from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer, fragment_due, fragment_indices, merge, round_digest
 from swarm_node.strategies.rounds import RoundOutcome
 from swarm_node.strategies.state_transfer import StateTransferError
+from swarm_node.strategies.lowcomm.options import StreamingOptions
 
 FRAGMENT_ATTEMPTS = 3  # backoff 0.5 s, 1 s: a dead member's absence is settled by the grace window
 
@@ -44,6 +45,7 @@ class _InFlight:
 
 class StreamingDiLoCoStrategy(DiLoCoStrategy):
     name = "streaming-diloco"
+    options = StreamingOptions
 
     def __init__(self, ctx):
         super().__init__(ctx)

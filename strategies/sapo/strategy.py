@@ -39,6 +39,7 @@ from swarm_node.strategies.sapo.policy import BytePolicy, HFPolicy, hf_available
 from swarm_node.strategies.sapo.records import (REJECT_REASONS, Manifest, RolloutGroup, RolloutRejected, Signer, SignedRollout,
                            decode_gossip_addrs, decode_rollout, encode_gossip_addrs, encode_rollout,
                            gossip_addrs_key, manifest_key, round_of, round_start)
+from swarm_node.strategies.sapo.options import SapoOptions
 
 PULL = "sapo.pull"
 CHANNEL = "rollouts"
@@ -130,6 +131,7 @@ class SapoStrategy(Strategy):
          advantages are zero or the loss/gradients are non-finite."""
 
     name = "sapo"
+    options = SapoOptions
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -37,6 +37,7 @@ from swarm_node.strategies.swarm.router import BACKWARD_COST, NoPeers, StageRout
 from swarm_node.strategies.swarm.stage import StageWorker
 from swarm_node.strategies.swarm.wire import COMPRESSIONS, Op, StageRecord, Status, encode_reply, encode_request, read_reply, \
     read_request, request_part, stage_key
+from swarm_node.strategies.swarm.options import SwarmOptions
 
 METHOD = "swarm.stage"
 EDGE_PREFIX = "edge_copy."  # STATE reply keys of the next stage's head, held by stage S-2
@@ -106,6 +107,7 @@ class SwarmStrategy(Strategy):
       before the next one is weighed), which is what stops stale views from oscillating."""
 
     name = "swarm"
+    options = SwarmOptions
     role = "stage"
 
     def __init__(self, ctx):
@@ -115,7 +117,7 @@ class SwarmStrategy(Strategy):
         self.model_cfg = GPTConfig(seq_len=spec.seq_len, n_layer=spec.n_layer, n_head=spec.n_head,
                                    d_model=spec.d_model)
         self.compression = COMPRESSIONS[cfg.act_compression]
-        self.swaps = bool(spec.checkfree_swaps)  # CheckFree+ swap schedule (run spec: the same on every peer)
+        self.swaps = bool(getattr(spec, "checkfree_swaps", False))  # CheckFree+ swap schedule (run spec: the same on every peer)
         self.cf = CheckFreeConfig(lr_scale=cfg.checkfree_lr_scale, swaps=self.swaps)
         self.sm = SwarmMetrics(ctx.metrics.registry, self.S)
         for outcome in ("ok", "failed"):  # exported at 0 from the start, for dashboards and alerts

@@ -164,16 +164,27 @@ def test_abbreviated_join_flags_are_refused(capsys):
 
 
 def test_spec_fields_at_their_defaults_leave_the_digest_alone():
-    """A spec field added in a later version (at its default) must not split a run between
-    peers of the two versions: the digest covers only non-default fields."""
+    """A node spec field added in a later version (at its default) must not split a run between
+    peers of the two versions: the digest covers only non-default node fields."""
     base = NodeConfig().run_spec()
-    assert "gc_scheme" not in base.canonical() and "inner_steps" not in base.canonical()
+    assert "compression" not in base.canonical() and "inner_steps" not in base.canonical()
     assert {"run_id", "strategy", "lr", "seed"} <= set(base.canonical())
     older = {k: v for k, v in base.canonical().items()}  # what a peer without the field publishes
     assert base.differences(older) == []
-    coded = NodeConfig(gc_scheme="cyclic").run_spec()
-    assert coded.digest() != base.digest()
-    assert coded.differences(base.canonical()) == ["gc_scheme: ours='cyclic' theirs='auto'"]
+    fp16 = NodeConfig(compression="fp16").run_spec()
+    assert fp16.digest() != base.digest()
+    assert fp16.differences(base.canonical()) == ["compression: ours='fp16' theirs='none'"]
+
+
+def test_a_strategy_puts_its_own_fields_in_the_spec_and_only_its_own():
+    """The spec carries the chosen strategy's own fields (its options' SPEC_FIELDS): another
+    strategy's settings never split a run, and a differing field is named."""
+    assert NodeConfig(gc_scheme="cyclic").run_spec().digest() == NodeConfig().run_spec().digest()  # sync
+    coded = NodeConfig(strategy="gradcode", gc_scheme="cyclic").run_spec()
+    plain = NodeConfig(strategy="gradcode").run_spec()
+    assert coded.canonical()["gc_scheme"] == "cyclic" and plain.canonical()["gc_scheme"] == "auto"
+    assert "straggler_delay_s" not in coded.canonical()  # injection is per peer
+    assert coded.differences(plain.canonical()) == ["gc_scheme: ours='cyclic' theirs='auto'"]
 
 
 def test_cosine_lr_schedule_needs_max_steps_and_joins_the_spec():
