@@ -579,7 +579,10 @@ class Node:
             self._snapshot = self._build_snapshot()  # /readyz answers 503 (draining) from now on
         if self.membership is not None:
             try:  # tell peers right away instead of letting our record expire
-                await asyncio.wait_for(self.membership.announce("leaving", ttl_s=max(self.config.announce_interval_s, 2)), 5)
+                # It lives as long as our heartbeat would have: a peer whose reads are slow (its other
+                # DHT neighbours gone) must still see that we left gracefully, or its quorum counts us
+                # as crashed and it stops. A restart under our identity overwrites it (later expiry).
+                await asyncio.wait_for(self.membership.announce("leaving", ttl_s=self.config.ttl_s), 5)
             except Exception:
                 pass
         if self.trainer is not None and self.net is not None:

@@ -1,26 +1,17 @@
 """`sync`: synchronous data parallel — every step, average gradients among the live peers.
 
-The baseline every low-communication method is measured against. One round per step:
-
-  leader  = the smallest peer id among live, *online* sync peers not recently failed
-  follower: push my gradients to the leader in one stream; the reply is the average
-  leader  : collect pushes until every expected peer arrived or `round_timeout_s` after
-            its own contribution, average (weighted by samples), reply to everyone
-
-Invariants:
-- Every peer that applies round t applies the same tensor (the leader's average), so
-  replicas stay bit-identical. A push carries the hash of the parameters it started
-  from; a peer whose hash or step disagrees with the leader is told RESYNC and
-  downloads the leader's state instead of contributing (never a silent fork).
-- A peer that arrives after the round closed still receives its average (it just did
-  not contribute), so lateness costs a contribution, not consistency.
-- If the leader fails mid-round, every follower gets an error, applies nothing and
-  retries the same step with the next leader; they stay identical to one another.
-- A peer dying mid-average delays the round by at most `round_timeout_s`; nothing waits
-  longer. Joiners announce `joining` and are not eligible as leader until their first
-  completed round.
-Known hole: all traffic goes through the leader (n x model size in and out per step),
-fine for the small swarms this baseline is for; the DiLoCo family is the scalable path.
+The baseline the low-communication methods are measured against. One round per step: the
+leader (smallest id among live, *online* sync peers not recently failed) collects pushes until
+every expected peer arrived or `round_timeout_s` after its own contribution, then replies the
+average (weighted by samples) to every follower. Invariants:
+- Every peer that applies round t applies the leader's average: replicas stay bit-identical.
+- A push carries its step and the hash of the parameters it started from; on a mismatch the leader
+  answers RESYNC and the peer downloads its state instead of contributing (never a silent fork).
+  A joiner pushes like anyone: one identical by seed (a fresh swarm) contributes at once.
+- A late push still gets its round's average; if the leader fails, followers apply nothing and
+  retry the step with the next one; a dead or resyncing peer delays a round by at most the timeout.
+- Joiners announce `joining` and may not lead until their first completed round.
+Known hole: all traffic goes through the leader (n x model size per step); DiLoCo is the scalable path.
 """
 from __future__ import annotations
 
@@ -55,6 +46,7 @@ class ReduceRound:
     expected: set[str]
     param_hash: str | None = None
     contributions: dict[str, tuple[list[torch.Tensor], int]] = field(default_factory=dict)
+    excused: set[str] = field(default_factory=set)  # told to resync: not waited for
     leader_ready: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     result: list[torch.Tensor] | None = None
@@ -64,6 +56,15 @@ class ReduceRound:
             return
         self.contributions[peer] = (grads, n)
         if self.expected <= set(self.contributions):
+            self.close()
+
+    def excuse(self, peer: str) -> None:
+        """`peer` will not contribute to this round (it was told to resync): stop waiting for it."""
+        if self.closed.is_set() or peer in self.contributions:
+            return
+        self.excused.add(peer)
+        self.expected.discard(peer)
+        if self.leader_ready.is_set() and self.expected <= set(self.contributions):
             self.close()
 
     def close(self) -> None:
@@ -83,7 +84,6 @@ class SyncStrategy(DataParallelStrategy):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.rounds: dict[int, ReduceRound] = {}
-        self._adopted = False  # a joiner downloads the swarm's replica once, then contributes
         self._last_group: set[str] = set()  # leader: contributors of the round it last committed
         self.election = LeaderElection(ctx, self.name, prefer_progress=True)
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.config.round_timeout_s * 3)
@@ -99,9 +99,6 @@ class SyncStrategy(DataParallelStrategy):
     def leader(self) -> str:
         return self.election.leader()
 
-    def _leader_is_online(self, leader: str) -> bool:
-        return leader in self.election.online_peers()
-
     def _expected(self) -> set[str]:
         return self.election.expected()
 
@@ -116,12 +113,10 @@ class SyncStrategy(DataParallelStrategy):
     async def reduce(self, result: StepResult) -> list[torch.Tensor] | None:
         leader = self.leader()
         t0 = time.perf_counter()
-        if (self.ctx.progress.state == "joining" and not self._adopted and leader != self.ctx.peer_id
-                and self._leader_is_online(leader)):
-            # A joiner adopts the swarm's replica before it contributes anything.
-            await self._resync(leader, "joining a running swarm")
-            self._account("resync", 0, time.perf_counter() - t0, leader)
-            return None
+        # A joiner pushes like any follower: the leader checks its step and parameter hash and answers
+        # RESYNC (we download its state, contributing nothing) unless our replica already is the
+        # swarm's. Downloading unasked cost every peer of a fresh swarm, identical by seed, a transfer,
+        # and the leader the round timeout it waited for them meanwhile.
         if leader == self.ctx.peer_id:
             update, outcome, size = await self._lead(result)
         else:
@@ -140,6 +135,10 @@ class SyncStrategy(DataParallelStrategy):
 
     async def _lead(self, result: StepResult) -> tuple[list[torch.Tensor] | None, str, int]:
         rnd = self._round(result.step)
+        # An early push may have opened this round when our view still lacked peers (a fresh swarm:
+        # a follower past --min-peers before we were): expect whom we see now too, or the round
+        # would close without peers about to push.
+        rnd.expected |= self._expected() - rnd.excused
         rnd.param_hash = await self.ctx.compute(self.ctx.trainer.param_hash)
         rnd.leader_ready.set()
         rnd.add(self.ctx.peer_id, result.grads, result.num_samples)
@@ -238,7 +237,6 @@ class SyncStrategy(DataParallelStrategy):
         step = await self.state.adopt(leader, ctx.metrics, ctx.log)
         if step is None:
             return
-        self._adopted = True
         ctx.progress.step = step
         ctx.log.info("resynchronised to step %d", step)
 
@@ -274,6 +272,7 @@ class SyncStrategy(DataParallelStrategy):
             return
         if first.step < my_step and first.step not in self.rounds or first.step > my_step + 1:
             ctx.metrics.rejected_messages.labels(reason="stale_step").inc()
+            self._excuse(caller)
             yield _reply(Status.SYNC_STATUS_RESYNC, f"step {first.step}, leader at {my_step}")
             return
         rnd = self._round(first.step)
@@ -283,6 +282,7 @@ class SyncStrategy(DataParallelStrategy):
             yield _reply(Status.SYNC_STATUS_TIMEOUT, "leader did not reach this step in time")
             return
         if first.param_hash != rnd.param_hash:
+            self._excuse(caller)
             yield _reply(Status.SYNC_STATUS_RESYNC, "parameter hash differs")
             return
         if first.num_samples > 0:
@@ -298,6 +298,12 @@ class SyncStrategy(DataParallelStrategy):
         for chunk in codec.tensors_to_chunks([g.cpu() for g in rnd.result], codec.NONE, MAX_MESSAGE):
             yield wire.SyncReply(status=Status.SYNC_STATUS_OK, step=rnd.step, num_contributors=len(rnd.contributions),
                                  total_samples=rnd.total_samples, chunk=chunk)
+
+    def _excuse(self, peer: str) -> None:
+        """`peer` was told to resync: it downloads our state instead of contributing, so no open
+        round waits `round_timeout_s` for it (it pushes again, at our step, once it has the state)."""
+        for rnd in self.rounds.values():
+            rnd.excuse(peer)
 
     async def _receive(self, first: wire.SyncPush, rest: AsyncIterator[wire.SyncPush],
                        timeout_s: float) -> list[torch.Tensor] | None:

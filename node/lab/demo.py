@@ -4,7 +4,8 @@ Starts N `swarm-node join` processes on 127.0.0.1 (the first starts the swarm, t
 join through its printed join line), plus, by default, one `solo` node on the same model
 as the baseline. Shows each node's step, loss, throughput and peers every second, stops
 them with SIGTERM when they reach --steps, and prints per-peer loss curves, validation
-loss, bytes sent and round outcomes. Nothing is left running, even on Ctrl-C.
+loss, bytes sent, round outcomes and resyncs (state downloads after a RESYNC: a fresh
+swarm, identical by seed, should show none). Nothing is left running, even on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def _print_summary(nodes: list[NodeProcess], elapsed_s: float) -> None:
 
     print(f"\nsummary after {elapsed_s:.1f}s")
     print(f"{'node':8s} {'strategy':8s} {'steps':>5s} {'train':>7s} {'val':>7s} {'sent':>9s} {'recv':>9s} "
-          f"{'rounds ok/other':>15s}  train loss curve")
+          f"{'rounds ok/other':>15s} {'resyncs':>7s}  train loss curve")
     sync_vals, solo_val = [], None
     for n in nodes:
         try:
@@ -139,11 +140,12 @@ def _print_summary(nodes: list[NodeProcess], elapsed_s: float) -> None:
             continue
         ok = s["rounds"].get("ok", 0)
         other = sum(v for k, v in s["rounds"].items() if k != "ok")
+        resyncs = s["rounds"].get("resync", 0)
         curve = sparkline([h[1] for h in s["history"]])
         val = s.get("val_loss")
         print(f"{n.name:8s} {s['strategy']:8s} {s['step']:5d} {s['train_loss'] or float('nan'):7.3f} "
               f"{val if val is not None else float('nan'):7.3f} {_human_bytes(s['bytes_sent']):>9s} "
-              f"{_human_bytes(s['bytes_received']):>9s} {ok:>8d}/{other:<6d}  {curve}")
+              f"{_human_bytes(s['bytes_received']):>9s} {ok:>8d}/{other:<6d} {resyncs:>7d}  {curve}")
         if s["strategy"] == "solo":
             solo_val = val
         elif val is not None:
