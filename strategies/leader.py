@@ -28,7 +28,6 @@ class LeaderElection:
         self.ctx, self.strategy_name, self.prefer_progress = ctx, strategy_name, prefer_progress
         self.suspects: dict[str, float] = {}  # peer -> monotonic time until which it is skipped
         self.committed_with: set[str] = set()  # members of our last committed round: online, whatever records say
-        self.committed_at = 0.0  # monotonic time of that round: its evidence lasts one record lifetime
 
     def suspect(self, peer: str) -> None:
         if peer != self.ctx.peer_id:
@@ -46,7 +45,6 @@ class LeaderElection:
         """Peers that just committed a round with us are online, even before their records
         say so (records lag by up to one announce interval)."""
         self.committed_with = set(group) - {self.ctx.peer_id}
-        self.committed_at = time.monotonic()
 
     def forget_commits(self) -> None:
         """This peer fell out of step with its group (below the quorum): what it committed before
@@ -55,8 +53,7 @@ class LeaderElection:
         self.committed_with = set()
 
     def online_peers(self) -> list[str]:
-        recent = self.committed_with if time.monotonic() - self.committed_at <= self.ctx.config.ttl_s else set()
-        return [m.peer_id for m in self.peers() if m.record.state == "online" or m.peer_id in recent]
+        return [m.peer_id for m in self.peers() if m.record.state == "online" or m.peer_id in self.committed_with]
 
     def expected(self) -> set[str]:
         return {m.peer_id for m in self.peers()} | {self.ctx.peer_id}
