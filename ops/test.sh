@@ -23,4 +23,4 @@ apt_tools "docker-compose" "docker-compose" "docker-compose.yml validation (conf
 apt_tools "nft ping ip" "nftables iproute2 iputils-ping" "the network-namespace churn lab"
 # Multi-process tests on a shared 2-core box are timing-sensitive: a failed test is run once more, and the
 # rerun is reported (R in the progress line, "rerun" in the summary), never hidden.
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --reruns 1 --reruns-delay 2 -rR "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --reruns 1 --reruns-delay 2 -rR --durations=25 "$@"
