@@ -47,6 +47,7 @@ class ReduceRound:
     param_hash: str | None = None
     contributions: dict[str, tuple[list[torch.Tensor], int]] = field(default_factory=dict)
     excused: set[str] = field(default_factory=set)  # told to resync: not waited for
+    early: set[str] = field(default_factory=set)  # pushed before this leader reached the step
     leader_ready: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     result: list[torch.Tensor] | None = None
@@ -159,6 +160,12 @@ class SyncStrategy(DataParallelStrategy):
             rnd.result = None
             if self.rounds.get(rnd.step) is rnd:
                 del self.rounds[rnd.step]
+            ahead = self.rounds.get(rnd.step + 1)
+            if ahead is not None and ahead.early:
+                # Nobody pushed my step because the others are one past it (I led on a stale replica
+                # after a partition healed): catch up from one of them, then lead their step.
+                await self._resync(min(ahead.early), f"the others are at step {rnd.step + 1}, I am at {rnd.step}")
+                return None, "resync", 0
             return None, "no_peers", len(rnd.contributions)
         self._last_group = set(rnd.contributions)
         return rnd.result, "ok", len(rnd.contributions)
@@ -276,6 +283,8 @@ class SyncStrategy(DataParallelStrategy):
             yield _reply(Status.SYNC_STATUS_RESYNC, f"step {first.step}, leader at {my_step}")
             return
         rnd = self._round(first.step)
+        if not rnd.leader_ready.is_set():
+            rnd.early.add(caller)
         try:
             await asyncio.wait_for(rnd.leader_ready.wait(), timeout * 2)
         except asyncio.TimeoutError:

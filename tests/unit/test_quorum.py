@@ -212,3 +212,25 @@ def test_a_coded_round_decodes_only_with_the_replies_the_quorum_needs():
     assert not guarded.decoded
     guarded.add(1, "h", [t.clone() for t in g])
     assert guarded.decoded
+
+
+def test_a_stale_sync_leader_whose_followers_are_a_step_ahead_catches_up_from_them():
+    """After a heal, the lowest id may lead on a replica one step behind the others: nobody pushes
+    its step (they push the next one, and wait for it to get there). Its round closes below the
+    quorum; seeing early pushes for the next step, it downloads the state of one of those peers
+    instead of retrying a step nobody will join."""
+    from swarm_node.strategies.sync import ReduceRound
+
+    ctx = _ctx(["b", "c"], timeout_s=0.3)
+    s = SyncStrategy(ctx)
+    s.quorum.committed(3, at=time.time() - 10)
+    s.rounds[8] = ReduceRound(step=8, expected={"me", "b", "c"}, early={"c", "b"})
+    caught_up: list[tuple[str, str]] = []
+
+    async def resync(peer: str, why: str) -> None:
+        caught_up.append((peer, why))
+
+    s._resync = resync
+    result = StepResult(step=7, loss=1.0, grads=[torch.ones(3)], num_samples=4, duration_s=0.0)
+    assert asyncio.run(s._lead(result)) == (None, "resync", 0)
+    assert caught_up and caught_up[0][0] == "b" and "step 8" in caught_up[0][1]
