@@ -231,9 +231,9 @@ class RunSpec(BaseModel):
 
     def differences(self, other: dict[str, Any]) -> list[str]:
         """Human-readable list of fields where `other` (a peer's canonical spec) differs; a field
-        missing on either side stands for its default."""
-        defaults = {k: f.get_default(call_default_factory=True) for k, f in type(self).model_fields.items()
-                    if not f.is_required()}
+        missing on either side stands for its default (the strategy's own fields: its options')."""
+        fields = {**option_models().get(self.strategy, NoOptions).model_fields, **type(self).model_fields}
+        defaults = {k: f.get_default(call_default_factory=True) for k, f in fields.items() if not f.is_required()}
         mine, theirs = {**defaults, **self.canonical()}, {**defaults, **other}
         keys = sorted(set(mine) | set(theirs))
         return [f"{k}: ours={mine.get(k)!r} theirs={theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)]
