@@ -29,6 +29,7 @@ from swarm_node.strategies.registry import option_models
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "SWARM_NODE_"
+BUILTIN_MODEL = "builtin"  # equal to train/models.py BUILTIN, which this module must not import (torch)
 DEFAULT_STATE_DIR = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "swarm-node"
 
 
@@ -74,6 +75,10 @@ class NodeSettings(BaseSettings):
 
     # --- run spec (must match across the swarm) ---------------------------------------
     strategy: str = Field("sync", description="Synchronization strategy (see `swarm-node strategies`).")
+    model: str = Field(BUILTIN_MODEL, min_length=1, description="Network to train: 'builtin' (the byte-level GPT "
+                       "sized by --n-layer/--n-head/--d-model), a local Hugging Face causal-LM directory (config.json, "
+                       "safetensors weights, tokenizer; never downloaded), or a Python factory package.module:function "
+                       "(README: Bring your own model). Not supported by swarm and sapo.")
     data: str = Field("stdlib", description="Training text: 'stdlib' (Python's own sources) or a file/directory path.")
     data_max_bytes: int = Field(4 << 20, gt=1024, description="Read at most this many bytes of training text.")
     seq_len: int = Field(64, ge=8, le=4096, description="Tokens (bytes) per training sequence.")
@@ -157,6 +162,19 @@ class NodeSettings(BaseSettings):
             raise ValueError(f"unknown strategy {v!r} (installed: {', '.join(installed)})")
         return v
 
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, v: str) -> str:
+        if v == BUILTIN_MODEL:  # the default stays free of torch and transformers imports
+            return v
+        from swarm_node.train.models import ModelError, check_model_setting
+
+        try:
+            check_model_setting(v)
+        except ModelError as e:
+            raise ValueError(str(e)) from None
+        return v
+
     @field_validator("metrics_addr", "control_addr")
     @classmethod
     def _check_hostport(cls, v: str) -> str:
@@ -169,6 +187,10 @@ class NodeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combination(self) -> "NodeSettings":
+        if self.model != BUILTIN_MODEL:
+            reason = _builtin_model_only(self.strategy)
+            if reason:
+                raise ValueError(f"{self.strategy} needs --model builtin for now ({reason})")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.lr_schedule == "cosine" and self.max_steps <= self.lr_warmup_steps:
@@ -190,6 +212,9 @@ class NodeSettings(BaseSettings):
         fields = dict(run_id=self.run_id, strategy=self.strategy, data=self.data, data_max_bytes=self.data_max_bytes,
                       seq_len=self.seq_len, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
                       batch_size=self.batch_size, lr=self.lr, seed=self.seed, compression=self.compression)
+        if self.model != BUILTIN_MODEL:  # the shape flags size only the built-in GPT (0 = not used); the
+            # daemon adds the loaded model's identity (ModelIdentity) once it has built it
+            fields.update(n_layer=0, n_head=0, d_model=0)
         if self.lr_schedule != "constant":  # the horizon is part of the schedule every peer must share
             fields.update(lr_schedule=self.lr_schedule, lr_warmup_steps=self.lr_warmup_steps,
                           lr_total_steps=self.max_steps)
@@ -219,6 +244,11 @@ class RunSpec(BaseModel):
     lr_warmup_steps: int = 0
     lr_total_steps: int = 0
     data_fingerprint: str = ""  # sha256 prefix of the loaded corpus: 'stdlib' differs across Pythons
+    # A model brought with --model (train/models.py ModelIdentity); empty for the built-in GPT, whose
+    # weights follow from the shape fields and the seed. Never a path: paths differ across machines.
+    arch: str = ""  # class of the network
+    arch_config: str = ""  # digest of its configuration
+    init_weights: str = ""  # hash of its weights before the first step
 
     def canonical(self) -> dict[str, Any]:
         """The spec without fields at their defaults: a field added in a later version leaves
@@ -237,6 +267,14 @@ class RunSpec(BaseModel):
         mine, theirs = {**defaults, **self.canonical()}, {**defaults, **other}
         keys = sorted(set(mine) | set(theirs))
         return [f"{k}: ours={mine.get(k)!r} theirs={theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)]
+
+
+def _builtin_model_only(strategy: str) -> str:
+    """Why `strategy` cannot train a model brought with --model ("" = it can)."""
+    reason = option_models().get(strategy, NoOptions).BUILTIN_MODEL_ONLY
+    if not reason and strategy == "sapo":  # its options model does not declare the rule itself
+        reason = "its policy is the built-in GPT or --sapo-hf-model DIR"
+    return reason
 
 
 def _strategy_fields() -> dict[str, tuple[Any, Any]]:

@@ -34,19 +34,20 @@ import torch
 from swarm_node import __version__
 from swarm_node.config import NodeConfig
 from swarm_node.control import ControlServer
-from swarm_node.train.data import ByteDataset, DataError
+from swarm_node.train.data import DataError
 from swarm_node.train.device import DeviceError, SpareGpuGate, apply_memory_cap, describe_device, make_probe, resolve_device
 from swarm_node.health import Heartbeat, HealthServer, make_live_fn
 from swarm_node.identity import ensure_identity
 from swarm_node.membership import Membership, SpecMismatch
 from swarm_node.metrics import NodeMetrics
-from swarm_node.train.model import GPTConfig
 from swarm_node.discovery import DiscoveryClient
 from swarm_node.network import IsolationWatchdog, NetworkSettings, SwarmNetwork
 from swarm_node.preflight import raise_nofile_limit
 from swarm_node.processes import install_p2pd_reaper, reap_children
 from swarm_node.status import NodeStatus, PeerView, Phase
-from swarm_node.train.trainer import LocalTrainer, TrainConfig, build_trainer
+from swarm_node.train.models import ModelError, load_model
+from swarm_node.train.tokens import load_dataset
+from swarm_node.train.trainer import LocalTrainer, TrainConfig
 from swarm_node.protocol.codec import REJECT_REASONS
 from swarm_node.protocol.records import PeerRecord
 from swarm_node.protocol.transport import Transport
@@ -144,16 +145,26 @@ class Node:
         except DeviceError as e:
             raise NodeExit(EXIT_STARTUP, str(e)) from None
         identity = ensure_identity(cfg.state_dir / "identity.key")
+        # the model first: a brought one (--model) decides how the text is tokenized
         try:
-            dataset = await self.compute(functools.partial(ByteDataset.from_source, cfg.data, max_bytes=cfg.data_max_bytes))
+            model = await self.compute(functools.partial(
+                load_model, cfg.model, seed=cfg.seed, seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                d_model=cfg.d_model))
+        except ModelError as e:
+            raise NodeExit(EXIT_CONFIG, f"--model: {e}") from None
+        try:
+            dataset = await self.compute(functools.partial(
+                load_dataset, cfg.data, max_bytes=cfg.data_max_bytes, tokenizer=model.tokenizer,
+                tokenizer_fingerprint=model.tokenizer_fingerprint, vocab_size=model.vocab_size,
+                cache_dir=cfg.state_dir / "token-cache"))
         except DataError as e:
             raise NodeExit(EXIT_CONFIG, f"training data: {e}") from None
-        self.spec = self.spec.model_copy(update={"data_fingerprint": dataset.fingerprint})
-        model_cfg = GPTConfig(seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model)
+        self.spec = self.spec.model_copy(update={"data_fingerprint": dataset.fingerprint,
+                                                 **model.identity.spec_fields()})
         train_cfg = TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, lr_schedule=cfg.lr_schedule,
                                 warmup_steps=cfg.lr_warmup_steps, total_steps=cfg.max_steps)
         self.trainer = await self.compute(functools.partial(
-            build_trainer, model_cfg, train_cfg, dataset, device=self.device, peer=identity.peer_id))
+            LocalTrainer, model.module, dataset, train_cfg, device=self.device, peer=identity.peer_id))
         self._resume()
         if cfg.spare_gpu and self.device.type == "cuda":
             self.gate = SpareGpuGate(make_probe(), self.device.index or 0)

@@ -19,6 +19,9 @@ class StrategyOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     SPEC_FIELDS: ClassVar[tuple[str, ...]] = ()  # hashed into the run spec (every peer must agree)
+    # Why the strategy trains only the built-in GPT ("" = any --model, through the trainer);
+    # with another --model, config validation refuses it with this reason.
+    BUILTIN_MODEL_ONLY: ClassVar[str] = ""
 
     def check(self, node: Any) -> None:
         """Rules across these options and the node's settings (`node` is the whole config);

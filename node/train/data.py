@@ -27,6 +27,7 @@ DEFAULT_MAX_BYTES = 4 * 1024 * 1024  # 4 MiB: plenty for a small model, loads in
 DEFAULT_VAL_FRACTION = 0.05
 TEXT_SUFFIXES = (".txt", ".md", ".py")  # what a directory source contributes
 STDLIB = "stdlib"
+TOKEN_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)  # bytes, or ids from a tokenizer
 
 
 class DataError(ValueError):
@@ -119,12 +120,13 @@ class ByteDataset:
     """A byte corpus split into a training part and a held-out validation tail.
 
     Batches are `(x, y)` int64 CPU tensors of shape [B, T] with `y` = `x` shifted by one
-    byte; the caller moves them to its device.
+    byte; the caller moves them to its device. Token ids (train/tokens.py) are windowed the
+    same way; `fingerprint` then covers the ids, and so the tokenizer too.
     """
 
     def __init__(self, data: torch.Tensor, val_fraction: float = DEFAULT_VAL_FRACTION) -> None:
-        if data.dtype != torch.uint8 or data.dim() != 1:
-            raise DataError("corpus must be a 1-D uint8 tensor")
+        if data.dtype not in TOKEN_DTYPES or data.dim() != 1:
+            raise DataError("corpus must be a 1-D tensor of bytes (uint8) or token ids (int16/32/64)")
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
         n_val = max(1, int(len(data) * val_fraction))

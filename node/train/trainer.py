@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from swarm_node.train.data import ByteDataset, batch_generator_seed
-from swarm_node.train.model import GPT, GPTConfig, build_model
+from swarm_node.train.model import GPTConfig, build_model
 
 CHECKPOINT_FORMAT = 1
 
@@ -103,14 +103,16 @@ class StepResult:
 class LocalTrainer:
     def __init__(
         self,
-        model: GPT,
+        model: nn.Module,
         dataset: ByteDataset,
         cfg: TrainConfig | None = None,
         *,
         device: torch.device | str = "cpu",
         peer: int | str = 0,
     ) -> None:
-        """`model` is moved to `device`; `peer` keys this peer's batch stream (index or id)."""
+        """`model` is moved to `device`; `peer` keys this peer's batch stream (index or id).
+        `model` is the built-in `GPT` or any module with its convention (train/models.py):
+        `model(idx, targets) -> (logits, loss)` and a frozen dataclass `cfg` with `seq_len`."""
         self.cfg = cfg or TrainConfig()
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -189,8 +191,13 @@ class LocalTrainer:
         x = torch.cat([b[0] for b in batches]).to(self.device, non_blocking=True)
         y = torch.cat([b[1] for b in batches]).to(self.device, non_blocking=True)
         logits, _ = self.model(x)
-        per_token = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), reduction="none")
-        per_part = per_token.view(len(parts), -1).mean(dim=1)  # mean loss of each partition
+        loss_fn = getattr(self.model, "loss_fn", None)  # a factory model's own loss (train/models.py)
+        if loss_fn is None:
+            per_token = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1),
+                                                          reduction="none")
+            per_part = per_token.view(len(parts), -1).mean(dim=1)  # mean loss of each partition
+        else:
+            per_part = torch.stack([loss_fn(lg, t) for lg, t in zip(logits.chunk(len(parts)), y.chunk(len(parts)))])
         weights = torch.tensor([w for _, w in parts], dtype=per_part.dtype, device=per_part.device)
         loss_value = float(per_part.detach().mean())
         if not math.isfinite(loss_value):
@@ -285,7 +292,10 @@ class LocalTrainer:
         """Restore a `state_dict()`; the model config must match this trainer's model."""
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
-        theirs = GPTConfig(**state["model_config"])
+        try:  # a checkpoint of another kind of model (built-in vs brought) does not construct
+            theirs = type(self.model.cfg)(**state["model_config"])
+        except TypeError:
+            theirs = state["model_config"]
         if theirs != self.model.cfg:
             raise ValueError(f"checkpoint model config {theirs} != this model's {self.model.cfg}")
         self.model.load_state_dict(state["model"])
