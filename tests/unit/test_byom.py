@@ -25,27 +25,13 @@ from swarm_node.train.trainer import LocalTrainer, TrainConfig
 pytest.importorskip("transformers")
 
 from swarm_node.strategies.sapo.hf_fixture import CHARS, build_tokenizer, make_tiny_hf_model  # noqa: E402
+from tests.byom_models import make_tiny_llama  # noqa: E402
 
 HERE = "tests.unit.test_byom"
 SEQ_LEN = 16
 # run-spec digests of two default builtin configs, computed before --model existed
 BUILTIN_SYNC_DIGEST = "f46c7346d77f1806"
 BUILTIN_DILOCO_DIGEST = "29f25217a43496ee"
-
-
-def make_tiny_llama(out_dir: Path, *, seed: int = 0) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="module")
