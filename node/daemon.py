@@ -320,7 +320,8 @@ class Node:
         lines = [f"swarm-node {__version__} | peer {peer_id} | run '{cfg.run_id}' | strategy {cfg.strategy}"]
         if self.addresses.join_maddrs:
             lines.append(JOIN_LINE_PREFIX + self.addresses.join_maddrs[0])
-        lines.append(f"device: {describe_device(self.device)} | model: "
+        arch = f"{self.spec.arch}, " if self.spec.arch else ""  # a model brought with --model
+        lines.append(f"device: {describe_device(self.device)} | model: {arch}"
                      f"{sum(p.numel() for p in self.trainer.parameters_list()) / 1e6:.2f}M params")
         if self.addresses.http:
             h = self.addresses.http
