@@ -210,7 +210,8 @@ def test_chunked_encoding_keeps_every_character():
 # ---- run spec -----------------------------------------------------------------------------
 def test_builtin_digest_is_unchanged():
     assert load_config({"strategy": "sync"}).run_spec().digest() == BUILTIN_SYNC_DIGEST
-    assert load_config({"strategy": "diloco"}).run_spec().digest() == BUILTIN_DILOCO_DIGEST
+    diloco = load_config({"strategy": "diloco"}).run_spec()
+    assert diloco.digest() == BUILTIN_DILOCO_DIGEST, diloco.canonical()
     assert "arch" not in load_config({"strategy": "diloco"}).run_spec().canonical()
 
 
