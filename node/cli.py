@@ -22,6 +22,7 @@ from pathlib import Path
 
 from swarm_node import __version__
 from swarm_node.config import DEFAULT_STATE_DIR, ConfigError, NodeConfig, load_config
+from swarm_node.strategies.registry import DEFAULT_STRATEGY
 
 EXIT_CONFIG = 2
 
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run a small local swarm of real node processes and summarise it")
     demo.add_argument("--peers", type=int, default=3)
-    demo.add_argument("--strategy", default="sync")
+    demo.add_argument("--strategy", default=DEFAULT_STRATEGY)
     demo.add_argument("--steps", type=int, default=60)
     demo.add_argument("--run-id", default="demo")
     demo.add_argument("--workdir", type=Path, default=None, help="keep node state here (default: a temp dir)")
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(fn=_cmd_demo)
 
     sim = sub.add_parser("simulate", help="run a churn scenario against a swarm of real nodes and judge it")
-    sim.add_argument("--strategy", default="sync")
+    sim.add_argument("--strategy", default=DEFAULT_STRATEGY)
     sim.add_argument("--peers", type=int, default=4)
     sim.add_argument("--scenario", default="churn", help="a scenario file, or a built-in name (see --list)")
     sim.add_argument("--list", action="store_true", help="list the built-in scenarios of --strategy and exit")

@@ -24,7 +24,7 @@ from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSourc
                                TomlConfigSettingsSource)
 
 from swarm_node.strategies.options import NoOptions, StrategyOptions
-from swarm_node.strategies.registry import option_models
+from swarm_node.strategies.registry import DEFAULT_STRATEGY, option_models
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class NodeSettings(BaseSettings):
                                       "peers before starting a new swarm.")
 
     # --- run spec (must match across the swarm) ---------------------------------------
-    strategy: str = Field("sync", description="Synchronization strategy (see `swarm-node strategies`).")
+    strategy: str = Field(DEFAULT_STRATEGY, description="Synchronization strategy (see `swarm-node strategies`).")
     model: str = Field(BUILTIN_MODEL, min_length=1, description="Network to train: 'builtin' (the byte-level GPT "
                        "sized by --n-layer/--n-head/--d-model), a local Hugging Face causal-LM directory (config.json, "
                        "safetensors weights, tokenizer; never downloaded), or a Python factory package.module:function "
@@ -271,10 +271,7 @@ class RunSpec(BaseModel):
 
 def _builtin_model_only(strategy: str) -> str:
     """Why `strategy` cannot train a model brought with --model ("" = it can)."""
-    reason = option_models().get(strategy, NoOptions).BUILTIN_MODEL_ONLY
-    if not reason and strategy == "sapo":  # its options model does not declare the rule itself
-        reason = "its policy is the built-in GPT or --sapo-hf-model DIR"
-    return reason
+    return option_models().get(strategy, NoOptions).BUILTIN_MODEL_ONLY
 
 
 def _strategy_fields() -> dict[str, tuple[Any, Any]]:

@@ -56,7 +56,7 @@ from swarm_node.strategies.base import Progress, Strategy, StrategyContext
 
 log = logging.getLogger("swarm_node")
 
-EXIT_OK, EXIT_CONFIG, EXIT_STARTUP, EXIT_JOIN, EXIT_INTERRUPTED, EXIT_TEMPFAIL = 0, 2, 3, 4, 130, 75
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP, EXIT_JOIN, EXIT_INTERRUPTED, EXIT_TEMPFAIL = 0, 1, 2, 3, 4, 130, 75
 NODE_REJECT_REASONS = (*REJECT_REASONS, "spec_mismatch", "bad_record", "stale_step", "bad_advert")
 JOIN_LINE_PREFIX = "To join this swarm: swarm-node join --initial-peers "
 TASK_STOP_S = 5.0  # after cancel(), how long run() waits for its tasks before shutting down anyway
@@ -68,6 +68,13 @@ class NodeExit(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
         self.code = code
+
+
+class TrainingLoopEnded(NodeExit):
+    """The strategy's loop ended while nobody asked the node to stop: a bug, never a normal end."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_FAILED, message)
 
 
 @dataclass
@@ -537,8 +544,15 @@ class Node:
             if train.done() and not train.cancelled() and train.exception() is not None:
                 raise train.exception()
             if not self.stop_requested:
-                self.stop_reason = (f"reached the drain step {self.stop_at_step}" if self._at_drain_step()
-                                    else f"reached --max-steps {self.config.max_steps}")
+                step = self.trainer.step if self.trainer is not None else 0
+                if self._at_drain_step():
+                    self.stop_reason = f"reached the drain step {self.stop_at_step}"
+                elif self.config.max_steps and step >= self.config.max_steps:
+                    self.stop_reason = f"reached --max-steps {self.config.max_steps}"
+                else:  # nobody asked it to stop: never report that as a normal end
+                    how = "was cancelled" if train.cancelled() else "returned"
+                    raise TrainingLoopEnded(f"the {self.config.strategy} training loop {how} by itself at step "
+                                            f"{step} (a strategy bug)")
             return EXIT_OK
         finally:
             self.stop_requested = True

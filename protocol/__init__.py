@@ -1,9 +1,12 @@
 """The wire layer: what peers say to each other, and how.
 
   records.py    DHT key layout and the versioned records stored under it
+  messages.py   the protobuf message types, by protocol (the one importer of pb/)
+  clock.py      the swarm's shared clock (DHT time)
   codec.py      torch tensors <-> protobuf tensor messages (chunked, size- and dtype-checked)
   transport.py  protobuf streams between peers over hivemind's P2P; bytes counted per channel
   allreduce.py  weighted butterfly all-reduce of one flat vector among a frozen group
   bulk_tcp.py   the all-reduce's bulk data path on direct TCP sockets
+  averaging/    how peers combine tensors (weighted means)
   pb/           code generated from proto/*.proto (never edited by hand)
 """

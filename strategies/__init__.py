@@ -3,6 +3,7 @@
   base.py            Strategy, StrategyContext, Progress; the peers/quorum wait every loop uses
   registry.py        find strategies by name (built-ins and the `swarm_node.strategies` entry points)
   options.py         StrategyOptions: a strategy's own settings, merged into `swarm-node join`
+  churn_profile.py   ChurnProfile: how the churn lab runs and judges a strategy; generic scenarios
   solo.py sync.py    the baselines; data_parallel.py is their shared step loop
   leader.py          who coordinates a round; quorum.py the run-long quorum of sync and gradcode
   rounds.py          averaging rounds as transactions (freeze, all-reduce, vote, commit)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.options import NoOptions, StrategyOptions
 from swarm_node.strategies.quorum import QuorumRule
 
@@ -73,6 +74,13 @@ class Strategy(abc.ABC):
     quorum_gated: ClassVar[bool] = False
     # the strategy's own settings: flags, env vars, TOML keys and run-spec fields (options.py)
     options: ClassVar[type[StrategyOptions]] = NoOptions
+    # how the churn lab runs and judges it (None: the generic scenarios, no consistency check)
+    churn_profile: ClassVar[ChurnProfile | None] = None
+
+    @classmethod
+    def options_of(cls, config: Any) -> StrategyOptions:
+        """This strategy's own settings, read by name from the node's config."""
+        return cls.options(**{n: getattr(config, n) for n in cls.options.model_fields if hasattr(config, n)})
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx

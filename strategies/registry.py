@@ -13,6 +13,8 @@ from swarm_node.strategies.options import NoOptions, StrategyOptions
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "swarm_node.strategies"
+DEFAULT_STRATEGY = "sync"  # what `join`, `demo` and `simulate` run when told nothing
+BASELINE_STRATEGY = "solo"  # one peer training alone: what the demo compares a swarm against
 BUILTIN = {
     "solo": "swarm_node.strategies.solo:SoloStrategy",
     "sync": "swarm_node.strategies.sync:SyncStrategy",
@@ -29,7 +31,7 @@ BUILTIN = {
 # builds its flags from them. A test checks each against its strategy's `options`.
 _BUILTIN_OPTIONS = {
     "diloco": "swarm_node.strategies.lowcomm.options:DiLoCoOptions",
-    "noloco": "swarm_node.strategies.lowcomm.options:DiLoCoOptions",
+    "noloco": "swarm_node.strategies.lowcomm.options:NoLoCoOptions",
     "streaming-diloco": "swarm_node.strategies.lowcomm.options:StreamingOptions",
     "gradcode": "swarm_node.strategies.gradcode.options:GradcodeOptions",
     "swarm": "swarm_node.strategies.swarm.options:SwarmOptions",

@@ -24,7 +24,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from swarm_node.protocol.allreduce import AllReduceOutcome, ButterflyAllReduce, path_counter
-from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
+from swarm_node.protocol.messages import rounds as rpb
 from swarm_node.protocol.transport import ClosedWithoutAnswer, PeerUnavailable, Transport, drain, first_message
 
 JoinStatus = rpb.RoundJoinReply.Status

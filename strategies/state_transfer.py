@@ -18,7 +18,7 @@ import msgpack
 import torch
 
 from swarm_node.protocol import codec
-from swarm_node.protocol.pb import swarm_node_wire_pb2 as wire
+from swarm_node.protocol.messages import wire
 from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, Transport, drain, first_message
 
 log = logging.getLogger(__name__)

@@ -23,13 +23,14 @@ from typing import AsyncIterator, Iterable
 import torch
 
 from swarm_node.protocol import codec
-from swarm_node.protocol.pb import swarm_node_wire_pb2 as wire
+from swarm_node.protocol.messages import wire
 from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message
 from swarm_node.train.trainer import StepResult
 
+from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.data_parallel import DataParallelStrategy
 from swarm_node.strategies.leader import LeaderElection
-from swarm_node.strategies.lowcomm.outer_math import weighted_mean
+from swarm_node.protocol.averaging.mean import weighted_mean
 from swarm_node.strategies.state_transfer import StateService
 
 PUSH = "sync.push"
@@ -80,6 +81,10 @@ class ReduceRound:
 
 class SyncStrategy(DataParallelStrategy):
     name = "sync"
+    # Replicas stay bit-identical (gradients averaged every step). The lab bounds a run by events: a
+    # cut-off peer waits below the quorum, and once the scenario settled every survivor drains at
+    # one common step, where their param hashes are compared; no step count decides the outcome.
+    churn_profile = ChurnProfile(consistency="param_hash", stop_together=True, cut_off_holds=True)
     quorum_gated = True
 
     def __init__(self, ctx):

@@ -3,7 +3,7 @@
   launcher.py         NodeProcess / Swarm: start, watch and always reap `swarm-node join` processes
   scenario.py         the scenario language (timed events)
   churn.py            ChurnRunner: play a scenario against a swarm and judge it (loopback or netns)
-  churn_scenarios.py  one Profile per strategy: node flags, how a run ends, how survivors must agree
+  churn_scenarios.py  each installed strategy's ChurnProfile (declared on its class)
   netlab.py           network namespaces, veth, bridge, nftables partitions, tbf shaping (root)
   simulate.py         `swarm-node simulate`
   demo.py             `swarm-node demo`

@@ -225,8 +225,8 @@ class RunOptions:
     cut_off_holds: bool = False
     duration_s: float = 0.0  # hard end, seconds after training started (0 = scenario + settle / max-steps)
     settle_s: float = 15.0  # without max-steps: how long to keep running after the last event
-    consistency: str | None = None  # "param_hash" | "phi_hash" | None: see churn_scenarios.Profile
-    loss: str = "val"  # which loss must fall: "val" (held-out), "train", or "reward" must rise (see churn_scenarios.Profile)
+    consistency: str | None = None  # "param_hash" | "phi_hash" | None: see strategies.churn_profile.ChurnProfile
+    loss: str = "val"  # which loss must fall: "val" (held-out), "train", or "reward" must rise (see strategies.churn_profile.ChurnProfile)
     workdir: Path | None = None
     run_id: str = "churn"
     strict: bool = False  # refuse a scenario with events this backend cannot do (else skip them)
@@ -444,8 +444,13 @@ class ChurnRunner:
             if rc is not None:
                 if n.alive:
                     n.alive = False
-                    if n.terminating_since is None and rc != 0:
-                        self.report.problems.append(f"{name} exited on its own with code {rc}")
+                    # exit 0 is expected only at a step the run was told to stop at (--max-steps, or
+                    # the common drain step): a node that just stops training is as broken as a crash
+                    told_to_stop = self.o.max_steps > 0 or self.stop_target is not None
+                    if n.terminating_since is None and (rc != 0 or not told_to_stop):
+                        step = n.status.get("step") if n.status else None
+                        self.report.problems.append(f"{name} exited on its own with code {rc} at t={t:.1f}s "
+                                                    f"(step {step})")
                 if n.terminating_since is not None:
                     took = time.monotonic() - n.terminating_since
                     n.terminating_since = None

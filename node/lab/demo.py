@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarm_node.lab.launcher import LaunchError, NodeProcess, Swarm
+from swarm_node.strategies.registry import BASELINE_STRATEGY, DEFAULT_STRATEGY
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -24,7 +25,7 @@ SPARK = "▁▂▃▄▅▆▇█"
 @dataclass
 class DemoOptions:
     peers: int = 3
-    strategy: str = "sync"
+    strategy: str = DEFAULT_STRATEGY
     steps: int = 60
     run_id: str = "demo"
     workdir: Path | None = None
@@ -94,7 +95,7 @@ def run_demo(opts: DemoOptions) -> int:
             swarm.add(f"peer-{i}", ["--run-id", opts.run_id, "--strategy", opts.strategy,
                                     "--min-peers", str(opts.peers)], initial=join)
         if opts.compare_solo:
-            swarm.add("solo", ["--run-id", f"{opts.run_id}-solo", "--strategy", "solo"])
+            swarm.add(BASELINE_STRATEGY, ["--run-id", f"{opts.run_id}-{BASELINE_STRATEGY}", "--strategy", BASELINE_STRATEGY])
         for n in swarm.nodes:
             n.wait_info()
         print(f"all {len(swarm.nodes)} daemons running after {time.monotonic() - t0:.1f}s", flush=True)
@@ -146,7 +147,7 @@ def _print_summary(nodes: list[NodeProcess], elapsed_s: float) -> None:
         print(f"{n.name:8s} {s['strategy']:8s} {s['step']:5d} {s['train_loss'] or float('nan'):7.3f} "
               f"{val if val is not None else float('nan'):7.3f} {_human_bytes(s['bytes_sent']):>9s} "
               f"{_human_bytes(s['bytes_received']):>9s} {ok:>8d}/{other:<6d} {resyncs:>7d}  {curve}")
-        if s["strategy"] == "solo":
+        if s["strategy"] == BASELINE_STRATEGY:
             solo_val = val
         elif val is not None:
             sync_vals.append(val)

@@ -22,11 +22,13 @@ import sys
 from swarm_node.sidecars.runtime import emit, load_host, run_sidecar, sidecar_parser, until_signal
 
 CONNECT_TIMEOUT_S = 5.0
+MAX_PEERS_PER_COMMAND = 64  # peers dialled in parallel per connect command
+MAX_ADDRS_PER_PEER = 8
 PUBLISH_PACE_S = 0.005  # ~200 msg/s: far below what drains a 1024-deep queue
 MAX_COMMAND_BYTES = 1 << 20
 
 # PROTOCOL with the node, JSON lines:
-#   stdin  {"cmd": "connect", "maddrs": [...]}   dial other peers' sidecars (bounded, 5 s)
+#   stdin  {"cmd": "connect", "maddrs": [...]}   dial every peer named (each in parallel, bounded, 5 s)
 #          {"cmd": "publish", "data": <base64>}   publish one payload on the topic
 #   stdout {"event": "ready", "peer_id", "listen": [maddr/p2p/id], "topic", "t_s"}
 #          {"event": "message", "from": peer id, "data": <base64>, "t_s"}  (never our own)
@@ -66,18 +68,26 @@ async def run(args: argparse.Namespace) -> int:
                     cache_size=4096, seen_ttl=300)
     topic = f"swarm-node/{args.run_id}/rollouts/1"
 
-    async def connect(maddrs: list[str]) -> None:
-        for m in maddrs[:8]:
+    async def connect_peer(addrs: list[str]) -> None:
+        """Dial one peer through its addresses in turn, until one answers (a no-op when connected)."""
+        for m in addrs[:MAX_ADDRS_PER_PEER]:
             try:
                 info = info_from_p2p_addr(multiaddr.Multiaddr(m))
-                if str(info.peer_id) == me:
-                    return
                 with trio.fail_after(CONNECT_TIMEOUT_S):
                     await host.connect(info)
                 emit("connected", peer_id=str(info.peer_id))
                 return
             except Exception as e:  # py-libp2p raises many types for "not now"
                 emit("connect_failed", peer_id=m.rsplit("/p2p/", 1)[-1], detail=f"{type(e).__name__}: {e}"[:200])
+
+    async def connect(maddrs: list[str], nursery) -> None:
+        by_peer: dict[str, list[str]] = {}
+        for m in maddrs:
+            peer = m.rsplit("/p2p/", 1)[-1]
+            if peer != me:
+                by_peer.setdefault(peer, []).append(m)
+        for addrs in list(by_peer.values())[:MAX_PEERS_PER_COMMAND]:
+            nursery.start_soon(connect_peer, addrs)
 
     async def commands(nursery) -> None:
         stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
@@ -96,7 +106,7 @@ async def run(args: argparse.Namespace) -> int:
                 try:
                     cmd = json.loads(line)
                     if cmd.get("cmd") == "connect":
-                        nursery.start_soon(connect, [str(m) for m in cmd["maddrs"]])
+                        await connect([str(m) for m in cmd["maddrs"]], nursery)
                     elif cmd.get("cmd") == "publish":
                         data = base64.b64decode(cmd["data"])
                         if len(data) > args.max_message_bytes:

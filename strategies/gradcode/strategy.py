@@ -23,10 +23,11 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from swarm_node.protocol import codec
-from swarm_node.protocol.pb import swarm_node_gradcode_pb2 as gc_pb
+from swarm_node.protocol.messages import gradcode as gc_pb
 from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message
 from swarm_node.train.trainer import NonFiniteError
 
+from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.base import Strategy
 from swarm_node.strategies.gradcode.round import CodedRound, chosen_stragglers, make_plan
 from swarm_node.strategies.gradcode.codes import build_code
@@ -111,6 +112,9 @@ class GradientCodingStrategy(Strategy):
 
     name = "gradcode"
     options = GradcodeOptions
+    # the aggregator's one decoded tensor per step keeps replicas bit-identical: judged like sync
+    churn_profile = ChurnProfile(node_args=("--gc-stragglers", "1"), consistency="param_hash", stop_together=True,
+                                 cut_off_holds=True)
     quorum_gated = True
 
     def __init__(self, ctx):

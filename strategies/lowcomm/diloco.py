@@ -24,6 +24,7 @@ import torch
 
 from swarm_node.protocol import codec
 
+from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.base import Strategy
 from swarm_node.strategies.leader import LeaderElection
 from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer, pseudo_gradient, round_digest
@@ -63,6 +64,7 @@ def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor
 class DiLoCoStrategy(Strategy):
     name = "diloco"
     options = DiLoCoOptions
+    churn_profile = ChurnProfile(node_args=("--inner-steps", "5"), consistency="phi_hash")
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -70,7 +72,7 @@ class DiLoCoStrategy(Strategy):
         self.H = cfg.inner_steps
         self.params = ctx.trainer.parameters_list()
         self.outer = OuterOptimizer([p.detach() for p in self.params], lr=cfg.outer_lr,
-                                    momentum=cfg.outer_momentum, nesterov=True)
+                                    momentum=self.options_of(cfg).momentum(), nesterov=True)
         self.phi = self.outer.phi
         self.phi_hash = round_digest(self.phi)
         self.round_no = 0

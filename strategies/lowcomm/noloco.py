@@ -23,15 +23,16 @@ from typing import AsyncIterator
 import torch
 
 from swarm_node.protocol import codec
-from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
+from swarm_node.protocol.messages import rounds as rpb
 from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message
 
+from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.base import Strategy
 from swarm_node.strategies.lowcomm.diloco import COMPRESSIONS, load_params
 from swarm_node.strategies.leader import LeaderElection
 from swarm_node.strategies.lowcomm.outer_math import noloco_update, pair_peers, pairing_seed, replica_spread
 from swarm_node.strategies.state_transfer import StateService, StateTransferError
-from swarm_node.strategies.lowcomm.options import DiLoCoOptions
+from swarm_node.strategies.lowcomm.options import NoLoCoOptions
 
 PAIR = "pair.exchange"
 PairStatus = rpb.PairReply.Status
@@ -40,7 +41,8 @@ KEEP_ROUNDS = 4
 
 class NoLoCoStrategy(Strategy):
     name = "noloco"
-    options = DiLoCoOptions
+    options = NoLoCoOptions
+    churn_profile = ChurnProfile(node_args=("--inner-steps", "5"))  # per-peer φ by design
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -57,6 +59,7 @@ class NoLoCoStrategy(Strategy):
         self._mine: dict[int, list[torch.Tensor]] = {}
         self._posted: dict[int, asyncio.Event] = {}
         self._incoming: dict[int, asyncio.Future] = {}
+        self._active_round = -1  # the round our loop is exchanging in
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3,
                                   extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore)
 
@@ -92,6 +95,8 @@ class NoLoCoStrategy(Strategy):
             self._posted[round_no] = asyncio.Event()
             self._incoming[round_no] = asyncio.get_running_loop().create_future()
             for old in sorted(self._posted)[:-KEEP_ROUNDS]:
+                if old == self._active_round:  # partners far ahead must not evict the round we wait in
+                    continue
                 self._posted.pop(old, None)
                 self._mine.pop(old, None)
                 fut = self._incoming.pop(old, None)
@@ -121,6 +126,7 @@ class NoLoCoStrategy(Strategy):
     async def _pair_round(self, round_no: int) -> None:
         ctx, t0 = self.ctx, time.perf_counter()
         theta = [p.detach().float().cpu().clone() for p in self.params]
+        self._active_round = round_no
         self._mine[round_no] = theta
         self._slot(round_no).set()
         partner = self.partner(round_no)
@@ -139,7 +145,7 @@ class NoLoCoStrategy(Strategy):
         except (PeerUnavailable, _Refused, codec.CodecError) as e:
             self._account("error", 1, time.perf_counter() - t0, partner, str(e)[:200])
             return
-        lr, beta = ctx.config.outer_lr, ctx.config.outer_momentum
+        lr, beta = ctx.config.outer_lr, self.options_of(ctx.config).momentum()
         # γ = η: the partner's φ cancels, so our own φ stands in for it in the group
         self.phi, self.momentum = await ctx.compute(lambda: noloco_update(
             self.phi, self.momentum, [self.phi, self.phi], [theta, theirs], lr=lr, gamma=lr, beta=beta))
@@ -194,7 +200,11 @@ class NoLoCoStrategy(Strategy):
         except asyncio.TimeoutError:
             yield rpb.PairReply(status=PairStatus.PAIR_STATUS_TIMEOUT, detail="did not reach the round in time")
             return
-        for chunk in codec.tensors_to_chunks(self._mine[round_no], self.compression, MAX_MESSAGE):
+        mine = self._mine.get(round_no)
+        if mine is None:  # that round was dropped meanwhile (we moved far on)
+            yield rpb.PairReply(status=PairStatus.PAIR_STATUS_TIMEOUT, detail="round no longer held")
+            return
+        for chunk in codec.tensors_to_chunks(mine, self.compression, MAX_MESSAGE):
             yield rpb.PairReply(status=PairStatus.PAIR_STATUS_OK, chunk=chunk)
 
     # ------------------------------------------------------------------ helpers

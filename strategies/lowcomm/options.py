@@ -10,15 +10,31 @@ from swarm_node.strategies.options import StrategyOptions
 
 class DiLoCoOptions(StrategyOptions):
     SPEC_FIELDS: ClassVar[tuple[str, ...]] = ("inner_steps", "outer_lr", "outer_momentum")
+    # the DiLoCo paper's outer optimizer: SGD, lr 0.7, Nesterov momentum 0.9
+    DEFAULT_OUTER_MOMENTUM: ClassVar[float] = 0.9
 
     inner_steps: int = Field(50, ge=1, le=100_000, description="DiLoCo family: local steps between outer rounds (H).")
     outer_lr: float = Field(0.7, gt=0, le=10, description="DiLoCo family: outer SGD learning rate.")
-    outer_momentum: float = Field(0.9, ge=0, lt=1, description="DiLoCo family: outer momentum (Nesterov for diloco).")
+    outer_momentum: float | None = Field(None, ge=0, lt=1, description="DiLoCo family: outer momentum (unset: 0.9 "
+                                         "Nesterov for diloco and streaming-diloco, 0.5 heavy-ball for noloco).")
     round_grace_s: float | None = Field(None, gt=0, le=3600, description="DiLoCo family: after the first peer joins "
                                         "a round, how long it waits for the other expected peers before it goes on "
                                         "with those that joined, the leader included only if it was ready (the "
                                         "deadline quorum; unset = wait for all up to --round-timeout-s after the "
                                         "leader is ready).")
+
+    def momentum(self) -> float:
+        """The outer momentum in effect: the one set, or this strategy's default."""
+        return self.DEFAULT_OUTER_MOMENTUM if self.outer_momentum is None else self.outer_momentum
+
+    def spec_fields(self, node: Any) -> dict[str, Any]:
+        return {**super().spec_fields(node), "outer_momentum": self.momentum()}
+
+
+class NoLoCoOptions(DiLoCoOptions):
+    # Heavy-ball 0.5, NoLoCo's own default: at 0.9 (7x the pseudo-gradient per round) the pairwise
+    # consensus oscillates, and peers apart after a partition diverged (loss 26) in the churn lab.
+    DEFAULT_OUTER_MOMENTUM: ClassVar[float] = 0.5
 
 
 class StreamingOptions(DiLoCoOptions):

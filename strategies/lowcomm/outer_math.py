@@ -25,6 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from swarm_node.protocol.averaging.mean import as_f32 as _f32
+from swarm_node.protocol.averaging.mean import check_scalar as _check_scalar
+from swarm_node.protocol.averaging.mean import check_same_shapes as _check_pair
+from swarm_node.protocol.averaging.mean import weighted_mean
+
 __all__ = [
     "pseudo_gradient",
     "weighted_mean",
@@ -47,26 +52,6 @@ __all__ = [
 # ---------------------------------------------------------------------------- helpers
 
 
-def _f32(t: Tensor) -> Tensor:
-    """fp32 CPU view of `t`'s values (may BE `t` when it already is one: never mutate it)."""
-    return t.detach().to(device="cpu", dtype=torch.float32)
-
-
-def _check_pair(a: Sequence[Tensor], b: Sequence[Tensor], what: str) -> None:
-    if len(a) != len(b):
-        raise ValueError(f"{what}: {len(a)} tensors vs {len(b)}")
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x.shape != y.shape:
-            raise ValueError(f"{what}: tensor {i} has shape {tuple(x.shape)} vs {tuple(y.shape)}")
-
-
-def _check_scalar(name: str, value: float, *, lo: float | None = None, hi: float | None = None) -> float:
-    value = float(value)
-    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name}={value} must be finite and within [{lo}, {hi}]")
-    return value
-
-
 # ---------------------------------------------------------------------------- DiLoCo
 
 
@@ -74,31 +59,6 @@ def pseudo_gradient(phi: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tens
     """Delta = phi - theta per tensor, as new fp32 CPU tensors."""
     _check_pair(phi, theta, "pseudo_gradient(phi, theta)")
     return [_f32(p) - _f32(t) for p, t in zip(phi, theta)]
-
-
-def weighted_mean(payloads: Iterable[tuple[Sequence[Tensor], float]]) -> list[Tensor]:
-    """sum_i w_i * x_i / sum_i w_i, per tensor, accumulated in fp32 in the given order.
-
-    Weights must be finite and >= 0; weight-0 entries are validated (structure) but skipped,
-    so adding one changes no bit of the result. Raises ValueError when there is nothing to
-    average or every weight is 0.
-    """
-    payloads = [(list(tensors), _check_scalar("weight", w, lo=0.0)) for tensors, w in payloads]
-    if not payloads:
-        raise ValueError("weighted_mean of no payloads")
-    ref = payloads[0][0]
-    for tensors, _ in payloads[1:]:
-        _check_pair(ref, tensors, "weighted_mean payloads")
-    total = sum(w for _, w in payloads)  # Python float: exact for sample counts
-    if total <= 0:
-        raise ValueError("weighted_mean: every weight is 0 (nothing to average)")
-    acc = [torch.zeros(t.shape, dtype=torch.float32) for t in ref]
-    for tensors, w in payloads:
-        if w == 0:
-            continue
-        for a, t in zip(acc, tensors):
-            a += _f32(t) if w == 1 else _f32(t) * w  # unfused: product rounded, then sum
-    return [a / total for a in acc]
 
 
 class OuterOptimizer:

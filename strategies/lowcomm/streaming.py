@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.lowcomm.diloco import DiLoCoStrategy, _work, flatten, unflatten
 from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer, fragment_due, fragment_indices, merge, round_digest
 from swarm_node.strategies.rounds import RoundOutcome
@@ -46,6 +47,7 @@ class _InFlight:
 class StreamingDiLoCoStrategy(DiLoCoStrategy):
     name = "streaming-diloco"
     options = StreamingOptions
+    churn_profile = ChurnProfile(node_args=("--inner-steps", "10", "--fragments", "2"), consistency="phi_hash")
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -53,7 +55,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         self.P, self.tau, self.alpha = cfg.fragments, cfg.overlap_steps, cfg.mix_alpha
         self.every = self.H // self.P
         self.frags = [fragment_indices(len(self.params), f, self.P) for f in range(self.P)]
-        self.outers = [OuterOptimizer([self.phi[i] for i in idx], lr=cfg.outer_lr, momentum=cfg.outer_momentum,
+        self.outers = [OuterOptimizer([self.phi[i] for i in idx], lr=cfg.outer_lr, momentum=self.options_of(cfg).momentum(),
                                       nesterov=True) for idx in self.frags]
         self.pending: dict[int, _InFlight] = {}  # apply step -> the fragment round applied there
         self._step_lock = asyncio.Lock()  # a step with its sends/applies, or a snapshot being served

@@ -8,4 +8,5 @@
   gossip.py      node side of rollout gossip (the sidecar is `swarm_node.sidecars.gossip`)
   hf_fixture.py  a tiny HF causal LM built offline, for tests and demos
   options.py     the strategy's settings (tasks, group and round shape, training, the policy)
+  churn_profile.py  its scenarios and flags in the churn lab
 """

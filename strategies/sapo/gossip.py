@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SIDECAR_MODULE = "swarm_node.sidecars.gossip"
 MAX_LINE_BYTES = 1 << 20
+REDIAL_S = 10.0
 
 
 class GossipClient(SidecarClient):
@@ -41,7 +42,7 @@ class GossipClient(SidecarClient):
         self.ready_after_s: float | None = None
         self.connected: set[str] = set()
         self._ready = asyncio.Event()
-        self._dialled: set[str] = set()  # maddrs asked for since the last (re)start
+        self._dialled: dict[str, float] = {}  # maddr -> when it was last asked for (monotonic)
         self.sidecar = SidecarSupervisor(self.command, on_event=self._handle, on_exit=self._forget, log=log,
                                          label="rollout sidecar", task_name="rollout-sidecar", stdin=True,
                                          max_line_bytes=MAX_LINE_BYTES, stop_timeout_s=stop_timeout_s,
@@ -69,10 +70,12 @@ class GossipClient(SidecarClient):
         return self._send({"cmd": "publish", "data": base64.b64encode(data).decode()})
 
     def connect(self, maddrs: list[str]) -> None:
-        """Dial the sidecars at `maddrs` once per sidecar lifetime (re-dialled after a restart)."""
-        new = [m for m in maddrs if m not in self._dialled and m not in self.listen]
-        if new and self._send({"cmd": "connect", "maddrs": new}):
-            self._dialled.update(new)
+        """Dial the sidecars at `maddrs`: new ones now, known ones again every `REDIAL_S` (a dial
+        to a connected peer costs nothing; one whose connection died in a partition comes back)."""
+        now = time.monotonic()
+        due = [m for m in maddrs if m not in self.listen and now - self._dialled.get(m, -REDIAL_S) >= REDIAL_S]
+        if due and self._send({"cmd": "connect", "maddrs": due}):
+            self._dialled.update(dict.fromkeys(due, now))
 
     # ---- events ----------------------------------------------------------------------
     def _forget(self) -> None:

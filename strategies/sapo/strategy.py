@@ -25,11 +25,12 @@ from typing import Any, AsyncIterator
 import msgpack
 import torch
 from google.protobuf.wrappers_pb2 import BytesValue
-from hivemind.utils import get_dht_time
+from swarm_node.protocol.clock import swarm_time
 from prometheus_client import Counter, Gauge, Histogram
 
 from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
 
+from swarm_node.strategies.sapo.churn_profile import SAPO_PROFILE
 from swarm_node.strategies.sapo import tasks as tasks
 from swarm_node.strategies.base import Strategy
 from swarm_node.strategies.sapo.gossip import GossipClient
@@ -132,6 +133,7 @@ class SapoStrategy(Strategy):
 
     name = "sapo"
     options = SapoOptions
+    churn_profile = SAPO_PROFILE
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -201,7 +203,7 @@ class SapoStrategy(Strategy):
 
     # ---- receiving -------------------------------------------------------------------
     def _now_round(self) -> int:
-        return round_of(get_dht_time(), self.round_s)
+        return round_of(swarm_time(), self.round_s)
 
     def _accept(self, blob: bytes, from_peer: str, path: str) -> SignedRollout | None:
         try:
@@ -312,7 +314,7 @@ class SapoStrategy(Strategy):
         while not ctx.should_stop():
             rnd = self._now_round()
             if rnd <= last:  # wait for the next round to begin (bounded by one round)
-                await asyncio.sleep(min(0.5, max(0.01, round_start(last + 1, self.round_s) - get_dht_time())))
+                await asyncio.sleep(min(0.5, max(0.01, round_start(last + 1, self.round_s) - swarm_time())))
                 continue
             if last >= 0 and rnd > last + 1:
                 ctx.log.info("skipped rounds %d..%d (this peer was slower than the round)", last + 1, rnd - 1)
@@ -401,7 +403,7 @@ class SapoStrategy(Strategy):
         # 4. wait for gossip until the deadline, then pull what manifests name and gossip missed
         delivery = None
         if self.J > 0:
-            await asyncio.sleep(max(0.0, deadline_dht - get_dht_time()))
+            await asyncio.sleep(max(0.0, deadline_dht - swarm_time()))
             manifests = await self._read_manifests(rnd)
             named = {(p, gid) for p, mf in manifests.items() for gid in mf.group_ids}
             box = self.inbox[rnd]
@@ -411,7 +413,7 @@ class SapoStrategy(Strategy):
             for p, gid in named:
                 if gid not in box:
                     missing[p].append(gid)
-            budget = max(0.5, end_dht - get_dht_time())
+            budget = max(0.5, end_dht - swarm_time())
             if missing:
                 await asyncio.gather(*(self._pull(p, rnd, ids, budget) for p, ids in missing.items()))
         self.trained_rounds.add(rnd)

@@ -27,6 +27,7 @@ from swarm_node.protocol.allreduce import ButterflyAllReduce
 from swarm_node.protocol.records import RecordError
 from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
 
+from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.base import Strategy
 from swarm_node.strategies.rounds import averaging_layer, group_digest
 from swarm_node.strategies.swarm.checkfree import CheckFreeConfig, NotRecoverable, RecoveryPlan, is_body_key, plan_recovery, rebuild_state, \
@@ -108,6 +109,12 @@ class SwarmStrategy(Strategy):
 
     name = "swarm"
     options = SwarmOptions
+    # 3 stages of one layer; stage-0 peers train, so only the trainers' training loss means
+    # anything, and replicas of a stage differ between gossip rounds. Rebalancing is off so the
+    # churn, not a move, decides who serves what. With 4 peers for 3 stages, after the kill and
+    # the drain a stage stays empty until the restart, which must take it (not become a trainer).
+    churn_profile = ChurnProfile(node_args=("--n-layer", "3", "--stages", "3", "--micro-batches", "2", "--d-model",
+                                            "32", "--rebalance-interval-s", "0"), loss="train")
     role = "stage"
 
     def __init__(self, ctx):
@@ -244,9 +251,9 @@ class SwarmStrategy(Strategy):
                         ttl_s=ttl_s if ttl_s is not None else self.ctx.config.ttl_s, subkey=self.ctx.peer_id)
 
     async def _refresh_views(self, only: int | None = None) -> None:
-        from hivemind.utils import get_dht_time
+        from swarm_node.protocol.clock import swarm_time
 
-        net, now = self.ctx.membership.net, get_dht_time()
+        net, now = self.ctx.membership.net, swarm_time()
         for k in range(self.S) if only is None else [only]:
             found = await net.get(stage_key(self.ctx.spec.run_id, k))
             entries = found.value if found is not None and isinstance(found.value, dict) else {}
@@ -456,7 +463,7 @@ class SwarmStrategy(Strategy):
 
     # ================================================================ background upkeep
     async def _maintenance(self) -> None:
-        from hivemind.utils import get_dht_time
+        from swarm_node.protocol.clock import swarm_time
 
         cfg = self.ctx.config
         while not self.ctx.should_stop():
@@ -465,7 +472,7 @@ class SwarmStrategy(Strategy):
                 await self._announce("online")
                 await self._refresh_views()
                 await self._maybe_recover()
-                epoch = int(get_dht_time() // cfg.stage_average_interval_s)
+                epoch = int(swarm_time() // cfg.stage_average_interval_s)
                 if epoch != self._avg_epoch:
                     # epochs of the DHT clock: every replica of a stage starts the same round within
                     # about one announce interval, without a leader
@@ -860,12 +867,12 @@ def _timed(fn):
 
 
 def _request_type():
-    from swarm_node.protocol.pb import swarm_node_pipeline_pb2 as pl
+    from swarm_node.protocol.messages import pipeline as pl
 
     return pl.StageRequest
 
 
 def _reply_type():
-    from swarm_node.protocol.pb import swarm_node_pipeline_pb2 as pl
+    from swarm_node.protocol.messages import pipeline as pl
 
     return pl.StageReply

@@ -24,7 +24,7 @@ import msgpack
 import torch
 
 from swarm_node.protocol import codec
-from swarm_node.protocol.pb import swarm_node_pipeline_pb2 as pl
+from swarm_node.protocol.messages import pipeline as pl
 from swarm_node.protocol.transport import MAX_MESSAGE
 
 Op = pl.StageRequest.Op

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from swarm_node.lab.churn import ChurnRunner, Fired, RunOptions
-from swarm_node.lab.churn_scenarios import SAPO_CHURN
+from swarm_node.strategies.sapo.churn_profile import SAPO_CHURN
 from swarm_node.lab.scenario import Scenario
 
 pytestmark = pytest.mark.churn

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from swarm_node.lab.churn_scenarios import PROFILES, profile_for
+from swarm_node.lab.churn_scenarios import builtin_profiles, profile_for
 from swarm_node.lab.scenario import Event, Scenario, ScenarioError, at, at_step
 
 pytestmark = pytest.mark.churn
@@ -79,7 +79,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 
 def test_every_builtin_scenario_parses_and_fits_four_peers():
-    for profile in [*PROFILES.values(), profile_for("some-new-strategy")]:
+    for profile in [*builtin_profiles().values(), profile_for("some-new-strategy")]:
         for name, text in profile.scenarios.items():
             Scenario.parse(text, name=name).check_targets(["n0", "n1", "n2", "n3"])
     # sync and gradcode are bounded by events (a common drain step), never by a step count

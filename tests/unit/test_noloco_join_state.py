@@ -44,3 +44,26 @@ def test_donor_without_momentum_and_a_malformed_outer_state():
     assert joiner.momentum is None and all(torch.equal(a, b) for a, b in zip(joiner.phi, donor.phi))
     with pytest.raises(StateTransferError):
         joiner._extra_restore({"noloco": 1, "has_momentum": True}, list(donor.phi))  # momentum missing
+
+
+def test_partners_far_ahead_do_not_cancel_the_round_we_wait_in():
+    """A slow peer waits in round 2 while faster partners push rounds 3, 4, ...: the held rounds
+    are capped, but the one our loop waits in stays (its cancelled future once ended the
+    training loop as if asked to stop)."""
+    import asyncio
+
+    from swarm_node.strategies.lowcomm.noloco import KEEP_ROUNDS
+
+    s = _strategy(1)
+
+    async def main() -> None:
+        s._active_round = 2
+        s._mine[2] = list(s.phi)
+        s._slot(2).set()
+        for r in range(3, 3 + KEEP_ROUNDS + 3):
+            s._slot(r)
+        assert 2 in s._incoming and not s._incoming[2].cancelled()
+        assert len(s._posted) <= KEEP_ROUNDS + 1
+        assert 3 not in s._posted  # older rounds than the kept ones still go
+
+    asyncio.run(main())

@@ -1,0 +1,39 @@
+"""SAPO in the churn lab: wall-clock scenarios and the node flags of a fast, measurable run."""
+from __future__ import annotations
+
+from swarm_node.strategies.churn_profile import ChurnProfile
+
+# SAPO: steps are GRPO rounds (one per --sapo-round-s, after the warm-start steps), so events are in
+# wall-clock seconds, placed after the first rounds (a sidecar takes up to ~13 s to start on a loaded
+# box, and the reward before the churn must be measured). The partition (12 s) lasts 3 rounds.
+SAPO_CHURN = """\
+at 24s kill n1
+at 30s term n2
+at 36s restart n1
+at 44s partition n3
+at 56s heal n3
+"""
+
+SAPO_PARTITION = """\
+at 24s partition n2
+at 40s heal n2
+"""
+
+SAPO_KILL = """\
+at 24s kill n1
+at 30s restart n1
+"""
+
+# Near the fast configuration of tests/live/test_sapo_live.py (4 s rounds, 20 warm-start steps, a format reward
+# so that a tiny policy's reward moves within a minute), with 6 questions x 8 completions, 4 local + 4
+# external groups and 2 PPO epochs (2 steps a round): 48 completions a round make the mean reward less
+# noisy, and cost little (6 new tokens on a 1-layer model; a round's time is the gossip deadline).
+# In-process (4 peers, add4, 3 seeds) the mean reward per completion went 0.09-0.105 over rounds 1-6 ->
+# 0.21-0.22 over rounds 15-21; with 1 epoch the rise was 0.14-0.20 and, live, once only 0.096 -> 0.102.
+SAPO_ARGS = ("--sapo-round-s", "4", "--sapo-group-size", "8", "--sapo-questions", "6", "--sapo-local-groups", "4",
+             "--sapo-external-groups", "4", "--sapo-warmstart-steps", "20", "--sapo-format-reward", "0.1",
+             "--sapo-ppo-epochs", "2")
+
+# peers share rollouts, not weights, so replicas differ by design and progress is reward
+SAPO_PROFILE = ChurnProfile(node_args=SAPO_ARGS, loss="reward",
+                            scenarios={"churn": SAPO_CHURN, "partition": SAPO_PARTITION, "kill": SAPO_KILL})

@@ -1,0 +1,104 @@
+"""Import boundaries between the daemon, the wire layer and the strategies, read from the ASTs.
+
+- Strategies never import hivemind or the generated protobuf modules (`protocol/pb`): they reach
+  the network through `protocol` (messages, clock, transport, codec, records).
+- A strategy never imports another strategy's modules: a family package (lowcomm, swarm, sapo,
+  gradcode) imports only itself and the shared modules at the top of `strategies/`; only the
+  registry names every strategy.
+- `node/` never names a strategy: it imports only the strategy interface (base, options,
+  registry) and holds no string equal to a built-in strategy's name outside docstrings.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PKG = "swarm_node"
+FAMILIES = ("lowcomm", "swarm", "sapo", "gradcode")
+SHARED = ("base", "churn_profile", "data_parallel", "leader", "options", "quorum", "rounds", "state_transfer")
+NODE_MAY_IMPORT = ("base", "churn_profile", "options", "registry")
+
+
+def _modules(top: str) -> list[Path]:
+    return sorted(p for p in (ROOT / top).rglob("*.py") if "pb" not in p.relative_to(ROOT).parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted module) of every import in the file, relative imports resolved."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = [PKG, *path.relative_to(ROOT).with_suffix("").parts[:-1]]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            out.append((node.lineno, mod))
+            out += [(node.lineno, f"{mod}.{a.name}") for a in node.names]  # `from x import module`
+    return out
+
+
+def _where(path: Path, line: int, what: str) -> str:
+    return f"{path.relative_to(ROOT)}:{line}: {what}"
+
+
+def _strategy_part(dotted: str) -> str | None:
+    """The first name under swarm_node.strategies (a family or a shared module), if any."""
+    parts = dotted.split(".")
+    return parts[2] if parts[:2] == [PKG, "strategies"] and len(parts) > 2 else None
+
+
+def test_strategies_reach_the_network_only_through_protocol():
+    bad = [_where(p, line, mod) for p in _modules("strategies") for line, mod in _imports(p)
+           if mod.split(".")[0] == "hivemind" or mod.startswith(f"{PKG}.protocol.pb")]
+    assert not bad, "strategies import hivemind or generated code directly:\n" + "\n".join(bad)
+
+
+def test_strategies_do_not_import_each_others_modules():
+    bad = []
+    for p in _modules("strategies"):
+        rel = p.relative_to(ROOT / "strategies").with_suffix("").parts
+        if rel == ("registry",):
+            continue
+        own = rel[0] if len(rel) > 1 else None  # the family this module belongs to
+        for line, mod in _imports(p):
+            part = _strategy_part(mod)
+            if part is not None and part not in SHARED and part != own:
+                bad.append(_where(p, line, mod))
+    assert not bad, "a strategy imports another strategy's modules:\n" + "\n".join(sorted(set(bad)))
+
+
+def _builtin_names() -> set[str]:
+    from swarm_node.strategies.registry import BUILTIN
+
+    return set(BUILTIN)
+
+
+def _docstring_nodes(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                ids.add(id(first.value))
+    return ids
+
+
+def test_node_never_names_a_strategy():
+    names = _builtin_names()
+    assert {"sync", "diloco", "sapo"} <= names  # the check below means something
+    bad = []
+    for p in _modules("node"):
+        for line, mod in _imports(p):
+            part = _strategy_part(mod)
+            if part is not None and part not in NODE_MAY_IMPORT:
+                bad.append(_where(p, line, f"imports {mod}"))
+        tree = ast.parse(p.read_text())
+        docs = _docstring_nodes(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs \
+                    and node.value in names:
+                bad.append(_where(p, node.lineno, f"names the strategy {node.value!r}"))
+    assert not bad, "node/ names a strategy:\n" + "\n".join(bad)
