@@ -4,26 +4,25 @@ A node's mDNS sidecar (node/sidecars/mdns.py) serves this record over a py-libp2
 sidecar's libp2p key *is* the node's identity key, so the secure channel proves the speaker;
 the record is also signed by that key, so (run id, join multiaddrs) stays bound to the peer id
 when cached or relayed. Wire form: msgpack `[VERSION, run_id, peer_id, [maddr, ...], signature]`;
-the signature covers `SIGNING_DOMAIN + msgpack([VERSION, run_id, peer_id, maddrs])`.
+the signature covers `msgpack([VERSION, run_id, peer_id, maddrs])` in `Context.DISCOVERY_ADVERT`.
 
 Invariants (checked by `decode_advert`; each failure is an `AdvertRejected` with a bounded reason):
 - at most `MAX_ADVERT_BYTES` encoded (enforced at encode time too); exact types (1..`MAX_MADDRS`
   str of at most `MAX_MADDR_CHARS`; a bool or float never passes for anything else);
 - run id equals ours (`wrong_run`), peer id equals the authenticated remote (`peer_mismatch`),
   every multiaddr is `/ip4|ip6|dns*/.../tcp/N/p2p/<that peer id>`; the signature verifies
-  under the remote's public key (`bad_signature`).
-Pure: no libp2p import (its `crypto.pb` clashes with hivemind's); signing and verifying are injected.
+  under the remote's public key, which must be that peer id's key (`bad_signature`).
+Pure: no libp2p import (its `crypto.pb` clashes with hivemind's); keys come from protocol.signing.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable
-
 import msgpack
 
+from swarm_node.protocol.signing import Context, PublicKey, Signer, verify
+
 VERSION = 1
-SIGNING_DOMAIN = b"swarm-node/discovery-advert/v1\x00"
 MAX_ADVERT_BYTES = 4096
 MAX_MADDRS = 8
 MAX_MADDR_CHARS = 256
@@ -31,9 +30,6 @@ MAX_SIGNATURE_BYTES = 1024  # RSA-4096 is 512 bytes; Ed25519 is 64
 REJECT_REASONS = ("malformed", "too_large", "bad_version", "wrong_run", "peer_mismatch", "bad_maddr",
                   "bad_signature")
 _ADDR_PROTOCOLS = ("ip4", "ip6", "dns", "dns4", "dns6")
-
-Signer = Callable[[bytes], bytes]
-Verifier = Callable[[bytes, bytes], bool]  # (data, signature) -> valid
 
 
 class AdvertRejected(ValueError):
@@ -53,13 +49,13 @@ class Advert:
 
 
 def _signed_part(run_id: str, peer_id: str, maddrs: list[str] | tuple[str, ...]) -> bytes:
-    return SIGNING_DOMAIN + msgpack.packb([VERSION, run_id, peer_id, list(maddrs)], use_bin_type=True)
+    return msgpack.packb([VERSION, run_id, peer_id, list(maddrs)], use_bin_type=True)
 
 
-def encode_advert(advert: Advert, sign: Signer) -> bytes:
+def encode_advert(advert: Advert, signer: Signer) -> bytes:
     """Sign and serialise; raises ValueError if the record itself breaks an invariant."""
     check_maddrs(advert.maddrs, advert.peer_id)
-    signature = sign(_signed_part(advert.run_id, advert.peer_id, advert.maddrs))
+    signature = signer.sign(Context.DISCOVERY_ADVERT, _signed_part(advert.run_id, advert.peer_id, advert.maddrs))
     blob = msgpack.packb([VERSION, advert.run_id, advert.peer_id, list(advert.maddrs), signature],
                          use_bin_type=True)
     if len(blob) > MAX_ADVERT_BYTES:
@@ -82,8 +78,10 @@ def check_maddrs(maddrs: object, peer_id: str) -> None:
             raise AdvertRejected("bad_maddr", f"{m[:80]!r} is not /ip4|ip6|dns/HOST/tcp/PORT{suffix[:12]}...")
 
 
-def decode_advert(blob: bytes, *, expected_run_id: str, remote_peer_id: str, verify: Verifier) -> Advert:
-    """Validate a received record strictly; raise AdvertRejected with the first failed check."""
+def decode_advert(blob: bytes, *, expected_run_id: str, remote_peer_id: str,
+                  remote_key: PublicKey | bytes | None) -> Advert:
+    """Validate a received record strictly; raise AdvertRejected with the first failed check.
+    `remote_key` is the key the secure channel authenticated (None: only an Ed25519 id's inlined key)."""
     if len(blob) > MAX_ADVERT_BYTES:
         raise AdvertRejected("too_large", f"{len(blob)} bytes > {MAX_ADVERT_BYTES}")
     try:
@@ -105,12 +103,10 @@ def decode_advert(blob: bytes, *, expected_run_id: str, remote_peer_id: str, ver
     if peer_id != remote_peer_id:
         raise AdvertRejected("peer_mismatch", f"record names {peer_id[:60]}, the channel is {remote_peer_id}")
     check_maddrs(maddrs, peer_id)
-    try:
-        ok = verify(_signed_part(run_id, peer_id, maddrs), signature)
-    except Exception:
-        ok = False
-    if not ok:
-        raise AdvertRejected("bad_signature", f"signature does not verify under {peer_id}'s key")
+    verdict = verify(Context.DISCOVERY_ADVERT, _signed_part(run_id, peer_id, maddrs), signature, signer=peer_id,
+                     key=remote_key)
+    if not verdict.ok:
+        raise AdvertRejected("bad_signature", f"signature does not verify under {peer_id}'s key ({verdict.value})")
     return Advert(run_id, peer_id, tuple(maddrs))
 
 

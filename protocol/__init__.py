@@ -1,6 +1,7 @@
 """The wire layer: what peers say to each other, and how.
 
   records.py    DHT key layout and the versioned records stored under it
+  signing.py    identity keys, peer ids, signing contexts; sign and verify every signed record
   messages.py   the protobuf message types, by protocol (the one importer of pb/)
   clock.py      the swarm's shared clock (DHT time)
   codec.py      torch tensors <-> protobuf tensor messages (chunked, size- and dtype-checked)

@@ -20,6 +20,7 @@ import sys
 
 from swarm_node.discovery_record import (MAX_ADVERT_BYTES, Advert, AdvertRejected, decode_advert, encode_advert,
                                service_fingerprint)
+from swarm_node.protocol.signing import Signer
 from swarm_node.sidecars.runtime import emit, load_host, run_sidecar, sidecar_parser, until_signal
 
 PROTOCOL_ID = "/swarm-node/discovery/1.0.0"
@@ -46,7 +47,7 @@ def listen_plan(maddrs: list[str]) -> tuple[str, list[str]]:
     return "0.0.0.0", [ip for ip in ips if not ip.startswith("127.")]
 
 
-def faulty_record(fault: str, good: Advert, sign) -> bytes:
+def faulty_record(fault: str, good: Advert, signer: Signer) -> bytes:
     """A record that an honest browser must reject with reason `fault` (oversize: too_large)."""
     import msgpack
 
@@ -55,13 +56,13 @@ def faulty_record(fault: str, good: Advert, sign) -> bytes:
     if fault == "oversize":
         return b"\x00" * (MAX_ADVERT_BYTES + 100)
     if fault == "wrong_run":
-        return encode_advert(Advert(good.run_id + "-other", good.peer_id, good.maddrs), sign)
+        return encode_advert(Advert(good.run_id + "-other", good.peer_id, good.maddrs), signer)
     if fault == "peer_mismatch":
         other = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
         maddrs = tuple(m.rsplit("/p2p/", 1)[0] + "/p2p/" + other for m in good.maddrs)
-        return encode_advert(Advert(good.run_id, other, maddrs), sign)
+        return encode_advert(Advert(good.run_id, other, maddrs), signer)
     if fault == "bad_signature":
-        fields = msgpack.unpackb(encode_advert(good, sign), raw=False)
+        fields = msgpack.unpackb(encode_advert(good, signer), raw=False)
         fields[4] = bytes([fields[4][0] ^ 0xFF]) + fields[4][1:]
         return msgpack.packb(fields, use_bin_type=True)
     raise ValueError(fault)
@@ -89,14 +90,18 @@ async def run(args: argparse.Namespace) -> int:
     from libp2p.discovery.mdns.mdns import MDNSDiscovery
     from libp2p.peer.id import ID
 
-    host, private = load_host(args.identity)
+    host, _ = load_host(args.identity)
     me = str(host.get_id())
+    signer = Signer.from_identity_file(args.identity)  # the same key as the host's: sign as the node
+    if signer.peer_id != me:
+        emit("error", detail=f"{args.identity} signs as {signer.peer_id}, py-libp2p derived {me}")
+        return 2
     for m in args.maddr:
         if not m.endswith(f"/p2p/{me}"):
             emit("error", detail=f"--maddr {m} does not end with this identity's peer id {me}")
             return 2
     advert = Advert(args.run_id, me, tuple(args.maddr))
-    record = faulty_record(args.fault, advert, private.sign) if args.fault else encode_advert(advert, private.sign)
+    record = faulty_record(args.fault, advert, signer) if args.fault else encode_advert(advert, signer)
     protocol = TProtocol(PROTOCOL_ID)
 
     async def serve(stream) -> None:
@@ -137,16 +142,12 @@ async def run(args: argparse.Namespace) -> int:
         else:
             emit("unreachable", peer_id=pid, detail=last)
             return
-        pubkey = host.get_peerstore().pubkey(ID.from_base58(remote))
-
-        def verify(data: bytes, signature: bytes) -> bool:
-            # a Qm/12D3 id is (the hash of) its key: any key that maps to the id is the key
-            return str(ID.from_pubkey(pubkey)) == remote and pubkey.verify(data, signature)
-
+        # the key the secure channel authenticated; decode_advert checks it maps to the remote's id
+        remote_key = host.get_peerstore().pubkey(ID.from_base58(remote)).serialize()
         try:
             if remote != pid:
                 raise AdvertRejected("peer_mismatch", f"mDNS named {pid}, the channel is {remote}")
-            got = decode_advert(blob, expected_run_id=args.run_id, remote_peer_id=remote, verify=verify)
+            got = decode_advert(blob, expected_run_id=args.run_id, remote_peer_id=remote, remote_key=remote_key)
         except AdvertRejected as e:
             emit("rejected", reason=e.reason, peer_id=pid, detail=e.detail[:200])
             return

@@ -7,12 +7,12 @@ from the triple and score with their own verifier (strategies/sapo/tasks.py).
 
 Wire form (msgpack, versioned): `[VERSION, body, public_key, signature]`; `body` is the msgpack
 of `[run_id, round, sender, task, seed, index, question, completions, meta]`, `public_key` the
-sender's libp2p `PublicKey` protobuf, `signature` its identity key's signature over `body` (RSA
-PKCS#1 v1.5/SHA-256 as libp2p signs, or Ed25519). The group id is sha256(body)[:16] hex, so a
+sender's libp2p `PublicKey` protobuf, `signature` its identity key's signature over `body` in
+the `Context.SAPO_ROLLOUT` context (protocol/signing.py). The group id is sha256(body)[:16] hex, so a
 manifest names exactly one content; `decode_rollout` lists what a valid record guarantees.
 The round is the swarm's wall-clock epoch `floor(dht_time / round_s)` (`round_of`), the same
 on every peer whose clock agrees within the DHT's tolerance; never a local counter.
-Pure (msgpack, hashlib, cryptography): no network, no torch, no libp2p.
+Pure (msgpack, hashlib, protocol.signing): no network, no torch, no libp2p.
 """
 from __future__ import annotations
 
@@ -20,14 +20,11 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-import base58
 import msgpack
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+
+from swarm_node.protocol.signing import Context, Signer, Verdict, verify
 
 VERSION = 1
 MAX_ROLLOUT_BYTES = 64 * 1024  # one group; far below gossipsub's and the transport's caps
@@ -37,7 +34,6 @@ MAX_META_ITEMS = 8
 MAX_GROUP_IDS = 64  # per manifest
 MAX_MANIFEST_BYTES = 4096
 REJECT_REASONS = ("bad_types", "wrong_group_size", "oversize", "forged_signature", "stale_round")
-KEY_RSA, KEY_ED25519 = 0, 1  # libp2p crypto.pb KeyType values
 GROUP_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -68,107 +64,6 @@ def gossip_addrs_key(run_id: str) -> str:
 
 def gossip_topic(run_id: str) -> str:
     return f"swarm-node/{run_id}/rollouts/{VERSION}"
-
-
-# ---- identity: libp2p key protobufs, peer ids, signatures ------------------------------
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while pos < len(buf) and shift < 64:
-        b = buf[pos]
-        value |= (b & 0x7F) << shift
-        pos += 1
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-    raise ValueError("truncated varint")
-
-
-def encode_key_proto(key_type: int, data: bytes) -> bytes:
-    """libp2p crypto.pb {PublicKey,PrivateKey}: field 1 KeyType (varint), field 2 Data (bytes)."""
-    return b"\x08" + _varint(key_type) + b"\x12" + _varint(len(data)) + data
-
-
-def decode_key_proto(blob: bytes) -> tuple[int, bytes]:
-    """Inverse of `encode_key_proto` (only the two fields libp2p defines; anything else is an error)."""
-    key_type, data, pos = None, None, 0
-    while pos < len(blob):
-        tag, pos = _read_varint(blob, pos)
-        if tag == 0x08:
-            key_type, pos = _read_varint(blob, pos)
-        elif tag == 0x12:
-            n, pos = _read_varint(blob, pos)
-            if pos + n > len(blob):
-                raise ValueError("truncated key data")
-            data, pos = blob[pos:pos + n], pos + n
-        else:
-            raise ValueError(f"unexpected field tag {tag} in a key protobuf")
-    if key_type is None or data is None:
-        raise ValueError("key protobuf lacks its type or data")
-    return key_type, data
-
-
-def peer_id_of(public_key_proto: bytes) -> str:
-    """The libp2p peer id of a serialized public key: identity multihash when the key is at
-    most 42 bytes (Ed25519), else sha2-256 multihash (RSA: the `Qm...` ids hivemind uses)."""
-    if len(public_key_proto) <= 42:
-        mh = b"\x00" + _varint(len(public_key_proto)) + public_key_proto
-    else:
-        mh = b"\x12\x20" + hashlib.sha256(public_key_proto).digest()
-    return base58.b58encode(mh).decode()
-
-
-@dataclass(frozen=True)
-class Signer:
-    """This node's signing identity, loaded from its identity.key."""
-
-    peer_id: str
-    public_key: bytes  # libp2p PublicKey protobuf
-    sign: Callable[[bytes], bytes] = field(repr=False)
-
-    @classmethod
-    def from_identity_file(cls, path: Path) -> "Signer":
-        key_type, data = decode_key_proto(Path(path).read_bytes())
-        if key_type == KEY_RSA:
-            priv = serialization.load_der_private_key(data, password=None)
-            if not isinstance(priv, rsa.RSAPrivateKey):
-                raise ValueError(f"{path}: RSA key type but not an RSA key")
-            pub_der = priv.public_key().public_bytes(serialization.Encoding.DER,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo)
-            sign = lambda msg: priv.sign(msg, padding.PKCS1v15(), hashes.SHA256())  # noqa: E731
-        elif key_type == KEY_ED25519:
-            priv = ed25519.Ed25519PrivateKey.from_private_bytes(data[:32])
-            pub_der = priv.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-            sign = priv.sign
-        else:
-            raise ValueError(f"{path}: unsupported key type {key_type} (RSA and Ed25519 are)")
-        pub = encode_key_proto(key_type, pub_der)
-        return cls(peer_id=peer_id_of(pub), public_key=pub, sign=sign)
-
-
-def verify_signature(public_key_proto: bytes, data: bytes, signature: bytes) -> bool:
-    try:
-        key_type, key_data = decode_key_proto(public_key_proto)
-        if key_type == KEY_RSA:
-            pub = serialization.load_der_public_key(key_data)
-            if not isinstance(pub, rsa.RSAPublicKey):
-                return False
-            pub.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
-        elif key_type == KEY_ED25519:
-            ed25519.Ed25519PublicKey.from_public_bytes(key_data).verify(signature, data)
-        else:
-            return False
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
 
 
 # ---- rollout groups ----------------------------------------------------------------
@@ -204,7 +99,8 @@ def encode_rollout(group: RolloutGroup, signer: Signer) -> SignedRollout:
     if group.sender != signer.peer_id:
         raise ValueError("a peer signs only its own rollouts")
     body = group.body()
-    wire = msgpack.packb([VERSION, body, signer.public_key, signer.sign(body)], use_bin_type=True)
+    wire = msgpack.packb([VERSION, body, signer.public_key.proto, signer.sign(Context.SAPO_ROLLOUT, body)],
+                         use_bin_type=True)
     if len(wire) > MAX_ROLLOUT_BYTES:
         raise ValueError(f"rollout of {len(wire)} bytes exceeds {MAX_ROLLOUT_BYTES}")
     return SignedRollout(group, group_id_of(body), wire)
@@ -265,12 +161,13 @@ def decode_rollout(blob: Any, *, run_id: str, group_size: int, current_round: in
         raise RolloutRejected("wrong_group_size", f"{len(completions)} completions, the run uses G={group_size}")
     if not current_round - max_round_lag <= rnd <= current_round + 1:
         raise RolloutRejected("stale_round", f"round {rnd}, current {current_round} (lag {max_round_lag})")
-    if peer_id_of(pub) != sender:
-        raise RolloutRejected("forged_signature", f"key does not belong to the claimed sender {sender[:16]}")
     if from_peer is not None and from_peer != sender:
         raise RolloutRejected("forged_signature", f"{from_peer[:16]} handed us a rollout claiming {sender[:16]}")
-    if not verify_signature(pub, body, sig):
-        raise RolloutRejected("forged_signature", "signature does not verify")
+    verdict = verify(Context.SAPO_ROLLOUT, body, sig, signer=sender, key=pub)
+    if verdict is Verdict.WRONG_SIGNER:
+        raise RolloutRejected("forged_signature", f"key does not belong to the claimed sender {sender[:16]}")
+    if not verdict.ok:
+        raise RolloutRejected("forged_signature", f"signature does not verify ({verdict.value})")
     group = RolloutGroup(r_id, rnd, sender, task, seed, index, question, tuple(completions), meta)
     return SignedRollout(group, group_id_of(body), blob)
 

@@ -28,6 +28,7 @@ from google.protobuf.wrappers_pb2 import BytesValue
 from swarm_node.protocol.clock import swarm_time
 from prometheus_client import Counter, Gauge, Histogram
 
+from swarm_node.protocol.signing import Signer
 from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
 
 from swarm_node.strategies.sapo.churn_profile import SAPO_PROFILE
@@ -37,7 +38,7 @@ from swarm_node.strategies.sapo.gossip import GossipClient
 from swarm_node.strategies.sapo.math import (ScoredGroup, all_zero, build_training_set, finite_grads, grpo_loss,
                         training_advantages)
 from swarm_node.strategies.sapo.policy import BytePolicy, HFPolicy, hf_available
-from swarm_node.strategies.sapo.records import (REJECT_REASONS, Manifest, RolloutGroup, RolloutRejected, Signer, SignedRollout,
+from swarm_node.strategies.sapo.records import (REJECT_REASONS, Manifest, RolloutGroup, RolloutRejected, SignedRollout,
                            decode_gossip_addrs, decode_rollout, encode_gossip_addrs, encode_rollout,
                            gossip_addrs_key, manifest_key, round_of, round_start)
 from swarm_node.strategies.sapo.options import SapoOptions

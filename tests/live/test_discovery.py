@@ -7,8 +7,6 @@ the session import): every sidecar runs as its own process, as in the node.
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import re
@@ -27,22 +25,16 @@ import pytest
 from swarm_node.discovery_record import (MAX_ADVERT_BYTES, MAX_MADDRS, Advert, AdvertRejected, decode_advert,
                                          encode_advert, service_fingerprint)
 from swarm_node.lab.launcher import LAUNCHED_PIDS, NodeProcess
+from swarm_node.protocol.signing import KeyType, Signer, encode_key_proto
 from swarm_node.sidecars.mdns import listen_plan
 from swarm_node.processes import is_running_process
 
 from tests.conftest import FAST_NODE_ARGS
 
-PEER = "QmPPGzFiTvEYGSS6V46e4VLGtfNsGF3p8tXPBb9UkTpgZb"
+SIGNER = Signer.from_private_key_proto(encode_key_proto(KeyType.ED25519, bytes(range(32))))
+STRANGER = Signer.from_private_key_proto(encode_key_proto(KeyType.ED25519, bytes(range(1, 33))))
+PEER = SIGNER.peer_id
 OTHER = "QmXHm9AAjmjdvzHRsT5D7TzBcxX8No2GBjPYDGkEq6V2k1"
-KEY = b"test-key"
-
-
-def _sign(data: bytes) -> bytes:
-    return hmac.new(KEY, data, hashlib.sha256).digest()
-
-
-def _verify(data: bytes, sig: bytes) -> bool:
-    return hmac.compare_digest(_sign(data), sig)
 
 
 def _good(**over) -> Advert:
@@ -52,7 +44,7 @@ def _good(**over) -> Advert:
 
 
 def _decode(blob: bytes, run_id: str = "run-a", remote: str = PEER) -> Advert:
-    return decode_advert(blob, expected_run_id=run_id, remote_peer_id=remote, verify=_verify)
+    return decode_advert(blob, expected_run_id=run_id, remote_peer_id=remote, remote_key=SIGNER.public_key.proto)
 
 
 def _reason(blob: bytes, **kw) -> str:
@@ -64,12 +56,12 @@ def _reason(blob: bytes, **kw) -> str:
 # ---------------------------------------------------------------- record: unit tests
 def test_advert_round_trip():
     ad = _good(maddrs=(f"/ip4/10.0.0.5/tcp/31337/p2p/{PEER}", f"/ip6/fd00::2/tcp/31337/p2p/{PEER}"))
-    assert _decode(encode_advert(ad, _sign)) == ad
+    assert _decode(encode_advert(ad, SIGNER)) == ad
 
 
 def test_advert_rejections_name_their_reason():
     """Each invalid record is rejected with its own bounded reason, never accepted."""
-    good = encode_advert(_good(), _sign)
+    good = encode_advert(_good(), SIGNER)
     version, run_id, peer_id, maddrs, sig = msgpack.unpackb(good, raw=False)
     pack = lambda *f: msgpack.packb(list(f), use_bin_type=True)  # noqa: E731
 
@@ -88,8 +80,15 @@ def test_advert_rejections_name_their_reason():
     assert _reason(pack(version, run_id, peer_id, maddrs, flipped)) == "bad_signature"
     # the signature covers the addresses: swapping one in breaks it
     assert _reason(pack(version, run_id, peer_id, [f"/ip4/6.6.6.6/tcp/1/p2p/{PEER}"], sig)) == "bad_signature"
-    with pytest.raises(AdvertRejected, match="bad_signature"):  # a verifier that raises rejects
-        decode_advert(good, expected_run_id="run-a", remote_peer_id=PEER, verify=lambda d, s: 1 / 0)
+    # the channel's key must be the named peer's key, and must be a key at all
+    for key in (STRANGER.public_key.proto, b"\x08\x07\x12\x01x", b"garbage"):
+        with pytest.raises(AdvertRejected, match="bad_signature"):
+            decode_advert(good, expected_run_id="run-a", remote_peer_id=PEER, remote_key=key)
+    # no key from the channel: an Ed25519 peer id carries its own
+    assert decode_advert(good, expected_run_id="run-a", remote_peer_id=PEER, remote_key=None).peer_id == PEER
+    # signed by the stranger for our peer id: the signature is real, the signer is not PEER
+    forged = encode_advert(_good(), Signer(PEER, STRANGER.public_key, STRANGER._sign_raw))
+    assert _reason(forged) == "bad_signature"
 
 
 @pytest.mark.parametrize("maddrs", [
@@ -108,12 +107,12 @@ def test_advert_bad_maddrs_rejected(maddrs):
     assert _reason(blob) == "bad_maddr"
     if isinstance(maddrs, list) and all(isinstance(m, str) for m in maddrs):
         with pytest.raises(AdvertRejected):
-            encode_advert(_good(maddrs=tuple(maddrs)), _sign)
+            encode_advert(_good(maddrs=tuple(maddrs)), SIGNER)
 
 
 def test_advert_size_cap_enforced_at_encode():
     with pytest.raises(ValueError, match="more than"):
-        encode_advert(_good(), lambda data: b"s" * (MAX_ADVERT_BYTES + 1))
+        encode_advert(_good(), Signer(PEER, SIGNER.public_key, lambda data: b"s" * (MAX_ADVERT_BYTES + 1)))
 
 
 def test_service_fingerprint_and_listen_plan():

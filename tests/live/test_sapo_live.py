@@ -19,10 +19,10 @@ import pytest
 from hivemind.utils import get_dht_time
 
 from swarm_node.identity import ensure_identity
+from swarm_node.protocol.signing import Context, Signer
 from swarm_node.strategies.sapo import tasks as tasks
 from swarm_node.strategies.sapo.gossip import GossipClient
-from swarm_node.strategies.sapo.records import (MAX_ROLLOUT_BYTES, RolloutGroup, Signer, encode_rollout,
-                                                round_of)
+from swarm_node.strategies.sapo.records import MAX_ROLLOUT_BYTES, RolloutGroup, encode_rollout, round_of
 
 from tests.conftest import scrape_metrics
 
@@ -85,7 +85,8 @@ def rogue_publish(tmp_path: Path, target_maddr: str, victim_id: str) -> None:
                     b"\x93not a rollout",  # bad_types
                     encode_rollout(group(now, completions=("1",) * (G - 1)), signer).wire,  # wrong_group_size
                     encode_rollout(group(now - 5), signer).wire,  # stale_round
-                    msgpack.packb([1, body, signer.public_key, signer.sign(body)]),  # forged_signature
+                    # forged_signature: the victim's body under the rogue's key
+                    msgpack.packb([1, body, signer.public_key.proto, signer.sign(Context.SAPO_ROLLOUT, body)]),
                     b"\x00" * (MAX_ROLLOUT_BYTES + 10),  # oversize
                 ]
                 for b in blobs:

@@ -13,6 +13,7 @@ import torch
 
 from swarm_node.config import NodeConfig
 from swarm_node.identity import ensure_identity
+from swarm_node.protocol.signing import Context, Signer
 from swarm_node.train.model import GPTConfig, build_model
 from swarm_node.strategies.sapo import tasks as tasks
 from swarm_node.strategies.sapo.math import (ScoredGroup, all_zero, build_training_set, finite_grads,
@@ -20,7 +21,7 @@ from swarm_node.strategies.sapo.math import (ScoredGroup, all_zero, build_traini
                                              training_advantages)
 from swarm_node.strategies.sapo.policy import BytePolicy
 from swarm_node.strategies.sapo.records import (MAX_ROLLOUT_BYTES, VERSION, Manifest, RolloutGroup, RolloutRejected,
-                                                Signer, decode_gossip_addrs, decode_rollout, encode_gossip_addrs,
+                                                decode_gossip_addrs, decode_rollout, encode_gossip_addrs,
                                                 encode_rollout, manifest_key, round_of)
 
 
@@ -96,7 +97,8 @@ def test_every_rejection_reason(signers):
     for i, bad in ((1, True), (7, [1, 2, 3, 4])):
         f = list(body)
         f[i] = bad
-        _reject(msgpack.packb([VERSION, msgpack.packb(f), s.public_key, s.sign(msgpack.packb(f))]), "bad_types")
+        _reject(msgpack.packb([VERSION, msgpack.packb(f), s.public_key.proto,
+                               s.sign(Context.SAPO_ROLLOUT, msgpack.packb(f))]), "bad_types")
     _reject(encode_rollout(_group(s, run_id="other"), s).wire, "bad_types")
     _reject(good.wire, "bad_types", known_task=lambda t: False)
     # wrong_group_size
@@ -113,7 +115,8 @@ def test_every_rejection_reason(signers):
     f[7] = ["4", "4", "4", "4"]
     _reject(msgpack.packb([VERSION, msgpack.packb(f), outer[2], outer[3]]), "forged_signature")
     spoof = msgpack.packb(list(body))  # body claims s, signed and keyed by `other`
-    _reject(msgpack.packb([VERSION, spoof, other.public_key, other.sign(spoof)]), "forged_signature")
+    _reject(msgpack.packb([VERSION, spoof, other.public_key.proto, other.sign(Context.SAPO_ROLLOUT, spoof)]),
+            "forged_signature")
     _reject(good.wire, "forged_signature", from_peer=other.peer_id)
     with pytest.raises(ValueError, match="only its own"):
         encode_rollout(_group(s, sender=other.peer_id), s)
