@@ -79,8 +79,20 @@ class NodeSettings(BaseSettings):
                        "sized by --n-layer/--n-head/--d-model), a local Hugging Face causal-LM directory (config.json, "
                        "safetensors weights, tokenizer; never downloaded), or a Python factory package.module:function "
                        "(README: Bring your own model). Not supported by swarm and sapo.")
-    data: str = Field("stdlib", description="Training text: 'stdlib' (Python's own sources) or a file/directory path.")
-    data_max_bytes: int = Field(4 << 20, gt=1024, description="Read at most this many bytes of training text.")
+    data: str = Field("stdlib", description="Training data: 'stdlib' (Python's own sources), a text file, a .jsonl "
+                      "file, a .parquet/.arrow file (needs the parquet extra), pre-tokenized .bin/.npy token shards "
+                      "(memory-mapped), or a directory of them (README: Bring your own data).")
+    data_max_bytes: int = Field(4 << 20, gt=1024, description="Read at most this many bytes of training text "
+                                "(token shards are mapped whole).")
+    text_field: str = Field("text", min_length=1, description="Field (jsonl) or column (parquet/arrow) holding "
+                            "each record's text.")
+    token_dtype: Literal["auto", "uint8", "uint16", "uint32", "int32"] = Field(
+        "auto", description="Id type of .bin token shards (auto = from a sidecar <name>.json like "
+                            '{"dtype": "uint16"}; .npy files carry their own).')
+    data_shards: int = Field(64, ge=1, le=1 << 20, description="Each step's training windows are split into this "
+                             "many disjoint data shards; a peer trains on shard hash(peer id) mod N, or --data-rank.")
+    data_rank: int | None = Field(None, ge=0, description="Pin this peer's data shard (0..--data-shards - 1) "
+                                  "instead of hashing its peer id: give a fixed fleet distinct ranks.")
     seq_len: int = Field(64, ge=8, le=4096, description="Tokens (bytes) per training sequence.")
     n_layer: int = Field(2, ge=1, le=48, description="Transformer layers.")
     n_head: int = Field(4, ge=1, le=64, description="Attention heads.")
@@ -191,6 +203,8 @@ class NodeSettings(BaseSettings):
             reason = _builtin_model_only(self.strategy)
             if reason:
                 raise ValueError(f"{self.strategy} needs --model builtin for now ({reason})")
+        if self.data_rank is not None and self.data_rank >= self.data_shards:
+            raise ValueError(f"--data-rank {self.data_rank} must be below --data-shards ({self.data_shards})")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.lr_schedule == "cosine" and self.max_steps <= self.lr_warmup_steps:
@@ -211,7 +225,8 @@ class NodeSettings(BaseSettings):
     def run_spec(self) -> "RunSpec":
         fields = dict(run_id=self.run_id, strategy=self.strategy, data=self.data, data_max_bytes=self.data_max_bytes,
                       seq_len=self.seq_len, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
-                      batch_size=self.batch_size, lr=self.lr, seed=self.seed, compression=self.compression)
+                      batch_size=self.batch_size, lr=self.lr, seed=self.seed, compression=self.compression,
+                      data_shards=self.data_shards)
         if self.model != BUILTIN_MODEL:  # the shape flags size only the built-in GPT (0 = not used); the
             # daemon adds the loaded model's identity (ModelIdentity) once it has built it
             fields.update(n_layer=0, n_head=0, d_model=0)
@@ -244,6 +259,7 @@ class RunSpec(BaseModel):
     lr_warmup_steps: int = 0
     lr_total_steps: int = 0
     data_fingerprint: str = ""  # sha256 prefix of the loaded corpus: 'stdlib' differs across Pythons
+    data_shards: int = 64  # how each step's windows are split (train/sampler.py): peers must agree
     # A model brought with --model (train/models.py ModelIdentity); empty for the built-in GPT, whose
     # weights follow from the shape fields and the seed. Never a path: paths differ across machines.
     arch: str = ""  # class of the network

@@ -163,13 +163,15 @@ class Node:
             dataset = await self.compute(functools.partial(
                 load_dataset, cfg.data, max_bytes=cfg.data_max_bytes, tokenizer=model.tokenizer,
                 tokenizer_fingerprint=model.tokenizer_fingerprint, vocab_size=model.vocab_size,
-                cache_dir=cfg.state_dir / "token-cache"))
+                cache_dir=cfg.state_dir / "token-cache", text_field=cfg.text_field, token_dtype=cfg.token_dtype,
+                split_seed=cfg.seed, seq_len=cfg.seq_len))
         except DataError as e:
             raise NodeExit(EXIT_CONFIG, f"training data: {e}") from None
         self.spec = self.spec.model_copy(update={"data_fingerprint": dataset.fingerprint,
                                                  **model.identity.spec_fields()})
         train_cfg = TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, lr_schedule=cfg.lr_schedule,
-                                warmup_steps=cfg.lr_warmup_steps, total_steps=cfg.max_steps)
+                                warmup_steps=cfg.lr_warmup_steps, total_steps=cfg.max_steps,
+                                data_shards=cfg.data_shards, data_rank=cfg.data_rank)
         self.trainer = await self.compute(functools.partial(
             LocalTrainer, model.module, dataset, train_cfg, device=self.device, peer=identity.peer_id))
         self._resume()

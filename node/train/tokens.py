@@ -1,7 +1,7 @@
 """Training text as token ids, for a model that brings its own tokenizer (`--model`).
 
 `load_dataset` is what the daemon calls: bytes for a model without a tokenizer (the built-in
-GPT), token ids otherwise, both as a `ByteDataset` (it windows any 1-D integer tensor).
+GPT), token ids otherwise, both as a `ByteDataset`; pre-tokenized shards are mapped as they are.
 
   * The text is the same capped bytes `data.load_corpus` reads, decoded as UTF-8 (a character
     cut by the cap becomes U+FFFD), split at line ends into chunks, each encoded without
@@ -10,7 +10,7 @@ GPT), token ids otherwise, both as a `ByteDataset` (it windows any 1-D integer t
     does not depend on the tokenizer's size.
   * The ids are cached per process and, when the tokenizer has a fingerprint, on disk under
     `cache_dir`, keyed by (tokenizer fingerprint, corpus hash); a damaged file is re-tokenized.
-  * An id outside [0, vocab_size) is a `DataError`: tokenizer and model do not belong together.
+  * An id outside [0, vocab_size) is a `DataError`: tokenizer (or shards) and model do not match.
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
-from swarm_node.train.data import DEFAULT_MAX_BYTES, ByteDataset, DataError, load_corpus
+from swarm_node.train import shards
+from swarm_node.train.data import (DEFAULT_MAX_BYTES, DEFAULT_TEXT_FIELD, DEFAULT_VAL_FRACTION, STDLIB, ByteDataset,
+                                   DataError, load_corpus)
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +36,30 @@ _memory: dict[str, torch.Tensor] = {}
 
 
 def load_dataset(source: str, *, max_bytes: int | None = DEFAULT_MAX_BYTES, tokenizer: Any | None = None,
-                 tokenizer_fingerprint: str = "", vocab_size: int = 256,
-                 cache_dir: Path | None = None) -> ByteDataset:
-    """The training data for a model scoring `vocab_size` ids; raises `DataError`."""
-    if tokenizer is None:
-        data = load_corpus(source, max_bytes)
+                 tokenizer_fingerprint: str = "", vocab_size: int = 256, cache_dir: Path | None = None,
+                 text_field: str = DEFAULT_TEXT_FIELD, token_dtype: str = "auto", split_seed: int = 0,
+                 seq_len: int | None = None) -> ByteDataset:
+    """The training data for a model scoring `vocab_size` ids; raises `DataError`.
+
+    Token shards (.bin/.npy, or a directory of them) are memory-mapped and ignore `max_bytes`
+    and the tokenizer; text is read, capped and tokenized. With `seq_len`, data too short for
+    one training and one held-out window is refused here, before any peer traffic."""
+    path = Path(source).expanduser()
+    if source != STDLIB and path.exists() and shards.is_shard_source(path):
+        maps = shards.open_shards(path, token_dtype)
+        found = shards.scan(maps, shards.shard_files(path), vocab_size)
+        dataset = ByteDataset(maps, DEFAULT_VAL_FRACTION, split_seed=split_seed, fingerprint=found.fingerprint)
     else:
-        data = load_tokens(source, max_bytes=max_bytes, tokenizer=tokenizer,
-                           tokenizer_fingerprint=tokenizer_fingerprint, cache_dir=cache_dir)
-    check_vocab(data, vocab_size)
-    return ByteDataset(data)
+        if tokenizer is None:
+            data = load_corpus(source, max_bytes, text_field)
+        else:
+            data = load_tokens(source, max_bytes=max_bytes, tokenizer=tokenizer, text_field=text_field,
+                               tokenizer_fingerprint=tokenizer_fingerprint, cache_dir=cache_dir)
+        check_vocab(data, vocab_size)
+        dataset = ByteDataset(data, split_seed=split_seed)
+    if seq_len is not None:
+        dataset.plan(seq_len)
+    return dataset
 
 
 def check_vocab(data: torch.Tensor, vocab_size: int) -> None:
@@ -57,9 +73,9 @@ def check_vocab(data: torch.Tensor, vocab_size: int) -> None:
 
 
 def load_tokens(source: str, *, max_bytes: int | None, tokenizer: Any, tokenizer_fingerprint: str = "",
-                cache_dir: Path | None = None) -> torch.Tensor:
+                cache_dir: Path | None = None, text_field: str = DEFAULT_TEXT_FIELD) -> torch.Tensor:
     """Token ids of the corpus as a 1-D int32 CPU tensor (shared; do not mutate it)."""
-    raw = load_corpus(source, max_bytes)
+    raw = load_corpus(source, max_bytes, text_field)
     corpus_hash = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
     tok_key = tokenizer_fingerprint or f"object-{id(tokenizer)}"  # no fingerprint: this process only
     key = hashlib.sha256(f"{CACHE_FORMAT}|{tok_key}|{corpus_hash}".encode()).hexdigest()[:24]

@@ -7,8 +7,9 @@ then calls `apply_gradients(grads)`, which is the only place parameters change.
 
 Invariants:
   * Everything runs synchronously on the caller's (single compute) thread.
-  * The batch for `(run seed, peer, step)` is fixed (see `data.batch_generator_seed`), so a
-    retried or resumed step sees the same data.
+  * The batch of a step is this peer's data shard of it (train/sampler.py): a function of
+    (run seed, shard, step), so a retried or resumed step sees the same data, and peers on
+    different shards see disjoint windows. The shard is `data_rank`, else a hash of `peer`.
   * A non-finite loss or gradient raises before any parameter or optimizer state changes.
   * `trainer.step` counts applied optimizer steps; checkpoints restore it exactly, so
     "save at N, load, continue" is bit-identical to never having stopped (same device and
@@ -30,6 +31,7 @@ from torch import nn
 
 from swarm_node.train.data import ByteDataset, batch_generator_seed
 from swarm_node.train.model import GPTConfig, build_model
+from swarm_node.train.sampler import rank_of
 
 CHECKPOINT_FORMAT = 1
 
@@ -51,11 +53,17 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     total_steps: int = 0
+    # Data shards a step's training windows are split into (train/sampler.py). Peers on different
+    # shards draw disjoint windows; a peer's shard is `data_rank`, or a hash of its peer id.
+    data_shards: int = 64
+    data_rank: int | None = None  # per peer, not shared: pins this peer's shard (0..data_shards-1)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]  # lists from JSON/TOML
         if self.lr <= 0 or self.batch_size <= 0:
             raise ValueError("lr and batch_size must be positive")
+        if self.data_shards <= 0 or (self.data_rank is not None and not 0 <= self.data_rank < self.data_shards):
+            raise ValueError(f"data_rank must be in [0, data_shards={self.data_shards}), got {self.data_rank}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"unknown lr schedule {self.lr_schedule!r} (constant or cosine)")
         if self.lr_schedule == "cosine" and self.total_steps <= self.warmup_steps:
@@ -118,6 +126,7 @@ class LocalTrainer:
         self.model = model.to(self.device)
         self.dataset = dataset
         self.peer = peer
+        self.data_rank = self.cfg.data_rank if self.cfg.data_rank is not None else rank_of(peer, self.cfg.data_shards)
         self.seq_len = model.cfg.seq_len
         self.step = 0  # optimizer steps applied so far
         self.last_grad_norm: float | None = None  # pre-clip norm of the last applied step
@@ -129,7 +138,8 @@ class LocalTrainer:
             eps=self.cfg.eps,
             weight_decay=self.cfg.weight_decay,
         )
-        self._gen = torch.Generator(device="cpu")  # batch sampling; reseeded every step
+        # No longer draws batches (the sampler does); kept so checkpoints keep their format.
+        self._gen = torch.Generator(device="cpu")
         self._gen.manual_seed(batch_generator_seed(self.cfg.seed, peer, 0))
 
     # ------------------------------------------------------------------ training
@@ -147,8 +157,8 @@ class LocalTrainer:
         t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        self._gen.manual_seed(batch_generator_seed(self.cfg.seed, self.peer, step))
-        x, y = self.dataset.train_batch(self.cfg.batch_size, self.seq_len, self._gen)
+        x, y = self.dataset.step_batch(self.cfg.batch_size, self.seq_len, seed=self.cfg.seed, step=step,
+                                       rank=self.data_rank, ranks=self.cfg.data_shards)
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         _, loss = self.model(x, y)
@@ -173,10 +183,10 @@ class LocalTrainer:
 
     def partition_batch(self, step: int, partition: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Partition `partition` of the swarm's global batch for `step`: the same on every
-        peer (keyed by the partition, not the peer), so any replica can compute it."""
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(batch_generator_seed(self.cfg.seed, f"partition:{partition}", step))
-        return self.dataset.train_batch(self.cfg.batch_size, self.seq_len, gen)
+        peer (keyed by the partition, not the peer), so any replica can compute it. It is data
+        shard `partition` of the step, so up to `data_shards` partitions are disjoint."""
+        return self.dataset.step_batch(self.cfg.batch_size, self.seq_len, seed=self.cfg.seed, step=step,
+                                       rank=partition % self.cfg.data_shards, ranks=self.cfg.data_shards)
 
     def compute_coded_gradients(self, step: int, parts: list[tuple[int, float]]) -> StepResult:
         """sum_j w_j * grad(mean loss of partition j) for (j, w_j) in `parts`, in ONE backward

@@ -90,9 +90,9 @@ def test_stdlib_corpus_is_capped_cached_and_split(stdlib: ByteDataset) -> None:
     assert 1_000_000 < len(corpus) <= 4 * 1024 * 1024
     assert load_corpus("stdlib") is corpus  # cached per process
     assert len(load_corpus("stdlib", max_bytes=1000)) == 1000
-    assert len(stdlib.train) + len(stdlib.val) == len(stdlib.data)
-    assert len(stdlib.val) == int(len(stdlib.data) * 0.05)
-    assert torch.equal(stdlib.val, stdlib.data[-len(stdlib.val) :])  # held-out tail
+    plan = stdlib.plan(32)
+    assert plan.n_train + plan.n_val == plan.n_windows == len(stdlib.data) // 33
+    assert plan.n_val == int(plan.n_windows * 0.05)
     assert len(stdlib.fingerprint) == 16
 
 
@@ -106,24 +106,24 @@ def test_train_batches_are_shifted_windows_from_train_split(stdlib: ByteDataset)
     assert torch.equal(x, x2) and not torch.equal(x, x3)
 
 
-def test_training_never_samples_validation_bytes() -> None:
-    data = torch.arange(100, dtype=torch.uint8)
-    ds = ByteDataset(data, val_fraction=0.2)  # train = 0..79, val = 80..99
+def test_training_never_samples_validation_windows() -> None:
+    data = torch.arange(99, dtype=torch.uint8)
+    ds = ByteDataset(data, val_fraction=0.2)  # 11 windows of 9 bytes, 2 held out
+    val_starts = {int(x[0, 0]) for x, _ in ds.val_batches(1, 8, 2)}
+    assert len(val_starts) == 2 and all(s % 9 == 0 for s in val_starts)
     x, y = ds.train_batch(500, 8, _gen(0))
-    assert int(y.max()) <= 79 and int(x.min()) >= 0
-    vx, vy = next(ds.val_batches(4, 8, 1))
-    assert int(vx.min()) >= 80
+    train_starts = {int(s) for s in x[:, 0]}
+    assert train_starts.isdisjoint(val_starts) and len(train_starts) == 9
+    assert torch.equal(y[:, -1], x[:, 0] + 8)  # whole windows: inputs plus the last target
 
 
-def test_val_batches_are_fixed_and_evenly_spread(stdlib: ByteDataset) -> None:
+def test_val_batches_are_fixed(stdlib: ByteDataset) -> None:
     a = list(stdlib.val_batches(4, 32, 3))
     b = list(stdlib.val_batches(4, 32, 3))
     assert len(a) == 3
     for (xa, ya), (xb, yb) in zip(a, b):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    first, last = a[0][0][0], a[-1][1][-1]
-    assert torch.equal(first, stdlib.val[:32].long())  # first window starts at 0
-    assert torch.equal(last, stdlib.val[-32:].long())  # last window ends at the end
+        assert torch.equal(xa[:, 1:], ya[:, :-1])
 
 
 def test_batch_seeds_differ_by_peer_and_step_and_are_stable(stdlib: ByteDataset) -> None:
@@ -158,6 +158,6 @@ def test_bad_sources_raise_data_error(tmp_path: Path) -> None:
     (tmp_path / "nothing").mkdir()
     with pytest.raises(DataError, match="no "):
         load_corpus(str(tmp_path / "nothing"))
-    tiny = ByteDataset(torch.zeros(40, dtype=torch.uint8), val_fraction=0.1)
-    with pytest.raises(DataError, match="validation split"):
+    tiny = ByteDataset(torch.zeros(17, dtype=torch.uint8), val_fraction=0.1)
+    with pytest.raises(DataError, match="too few for one training and one held-out window"):
         next(tiny.val_batches(1, 8, 1))
