@@ -2,8 +2,11 @@
 
   model.py    the built-in byte-level GPT (GPTConfig, GPT)
   models.py   --model: the built-in GPT, a local Hugging Face causal LM, or a factory, behind one interface
-  data.py     byte corpora and batch sampling (ByteDataset)
-  tokens.py   training text as token ids for a model with its own tokenizer (cached)
+  data.py     corpora (text, record files) and their windows (ByteDataset)
+  sources.py  text out of .jsonl / .parquet / .arrow records
+  shards.py   pre-tokenized .bin / .npy token shards, memory-mapped and checked
+  sampler.py  which windows a data shard trains on at a step, and which are held out
+  tokens.py   training data as token ids for a model with its own tokenizer (cached)
   trainer.py  LocalTrainer: gradients, optimizer steps, evaluation, checkpoints, param hash
   device.py   device choice, memory caps, spare-GPU mode
 """
