@@ -7,9 +7,8 @@ then calls `apply_gradients(grads)`, which is the only place parameters change.
 
 Invariants:
   * Everything runs synchronously on the caller's (single compute) thread.
-  * The batch of a step is this peer's data shard of it (train/sampler.py): a function of
-    (run seed, shard, step), so a retried or resumed step sees the same data, and peers on
-    different shards see disjoint windows. The shard is `data_rank`, else a hash of `peer`.
+  * A step's batch is this peer's data shard of it (train/sampler.py; `data_rank`, else a hash
+    of `peer`): fixed by (run seed, shard, step), so a retried or resumed step sees the same data.
   * A non-finite loss or gradient raises before any parameter or optimizer state changes.
   * `trainer.step` counts applied optimizer steps; checkpoints restore it exactly, so
     "save at N, load, continue" is bit-identical to never having stopped (same device and
