@@ -375,6 +375,12 @@ class ChunkAssembler:
     last chunk arrives. After any CodecError the assembler rejects everything.
     """
 
+    @classmethod
+    def for_shapes(cls, shapes: list[tuple[int, ...]], *, allow_non_finite: bool = False) -> "ChunkAssembler":
+        """An assembler that accepts exactly these shapes and no more elements than they hold."""
+        numel = sum(math.prod(s) for s in shapes)
+        return cls(len(shapes), max_numel_total=numel, expected_shapes=list(shapes), allow_non_finite=allow_non_finite)
+
     def __init__(
         self,
         num_tensors: int,

@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Callable, Iterable, TypeVar
 
+import torch
 from google.protobuf.message import Message
 from hivemind.p2p import P2P, P2PContext, PeerID
+
+from swarm_node.protocol import codec
 
 M = TypeVar("M", bound=Message)
 MAX_MESSAGE = 1 << 20  # chunk size for tensor streams; far below p2pd's framing limits
@@ -131,6 +134,24 @@ async def drain(requests: AsyncIterator, timeout_s: float, max_messages: int = 1
     for _ in range(max_messages):
         if await first_message(requests, timeout_s) is None:
             return
+
+
+async def receive_tensor_list(first: Message, rest: AsyncIterator[Message], timeout_s: float,
+                              shapes: list[tuple[int, ...]]) -> list[torch.Tensor] | None:
+    """The tensor list a peer streams as chunks (`first.chunk`, then each later message's
+    `.chunk`), checked against `shapes`; None if the sender stopped before the end. Raises
+    `codec.CodecError` for anything malformed (the caller counts and answers it)."""
+    declared = getattr(first, "num_tensors", len(shapes))
+    if declared != len(shapes):
+        raise codec.CodecError("bad_shape", f"{declared} tensors, model has {len(shapes)}")
+    assembler = codec.ChunkAssembler.for_shapes(shapes)
+    assembler.add(first.chunk)
+    while not assembler.complete:
+        msg = await first_message(rest, timeout_s)
+        if msg is None:
+            return None
+        assembler.add(msg.chunk)
+    return assembler.result()
 
 
 async def first_message(requests: AsyncIterator[M], timeout_s: float) -> M | None:

@@ -24,7 +24,7 @@ import torch
 
 from swarm_node.protocol import codec
 from swarm_node.protocol.messages import wire
-from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message
+from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message, receive_tensor_list
 from swarm_node.train.trainer import StepResult
 
 from swarm_node.strategies.churn_profile import ChurnProfile
@@ -185,8 +185,7 @@ class SyncStrategy(DataParallelStrategy):
                 yield wire.SyncPush(run_id=ctx.spec.run_id, step=result.step, param_hash=param_hash,
                                     num_samples=result.num_samples, num_tensors=len(grads_cpu), chunk=chunk)
 
-        assembler = codec.ChunkAssembler(len(self._shapes), max_numel_total=self._numel,
-                                         expected_shapes=self._shapes)
+        assembler = codec.ChunkAssembler.for_shapes(self._shapes)
         status, detail, contributors = None, "", 0
 
         async def exchange() -> None:
@@ -265,7 +264,7 @@ class SyncStrategy(DataParallelStrategy):
         # Read the whole push before answering anything: closing the stream while the
         # follower still writes would surface there as a broken pipe, not as our answer.
         try:
-            grads = await self._receive(first, requests, timeout)
+            grads = await receive_tensor_list(first, requests, timeout, self._shapes)
         except codec.CodecError as e:
             ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
             ctx.log.warning("rejected gradients from %s: %s", caller[-8:], e)
@@ -318,19 +317,6 @@ class SyncStrategy(DataParallelStrategy):
         round waits `round_timeout_s` for it (it pushes again, at our step, once it has the state)."""
         for rnd in self.rounds.values():
             rnd.excuse(peer)
-
-    async def _receive(self, first: wire.SyncPush, rest: AsyncIterator[wire.SyncPush],
-                       timeout_s: float) -> list[torch.Tensor] | None:
-        if first.num_tensors != len(self._shapes):
-            raise codec.CodecError("bad_shape", f"{first.num_tensors} tensors, model has {len(self._shapes)}")
-        assembler = codec.ChunkAssembler(len(self._shapes), max_numel_total=self._numel, expected_shapes=self._shapes)
-        assembler.add(first.chunk)
-        while not assembler.complete:
-            msg = await first_message(rest, timeout_s)
-            if msg is None:
-                return None  # follower vanished mid-push: it simply does not contribute
-            assembler.add(msg.chunk)
-        return assembler.result()
 
 
 def _reply(status: int, detail: str, *, leader_hint: str = "") -> wire.SyncReply:

@@ -24,7 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from swarm_node.protocol import codec
 from swarm_node.protocol.messages import gradcode as gc_pb
-from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message
+from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message, receive_tensor_list
 from swarm_node.train.trainer import NonFiniteError
 
 from swarm_node.strategies.churn_profile import ChurnProfile
@@ -587,17 +587,9 @@ class GradientCodingStrategy(Strategy):
         if first is None:
             return
         try:
-            if first.num_tensors != len(self._shapes):
-                raise codec.CodecError("bad_shape", f"{first.num_tensors} tensors, model has {len(self._shapes)}")
-            assembler = codec.ChunkAssembler(len(self._shapes), max_numel_total=self._numel,
-                                             expected_shapes=self._shapes)
-            assembler.add(first.chunk)
-            while not assembler.complete:
-                msg = await first_message(requests, timeout)
-                if msg is None:
-                    return  # the worker vanished mid-push: it is a straggler
-                assembler.add(msg.chunk)
-            grads = assembler.result()
+            grads = await receive_tensor_list(first, requests, timeout, self._shapes)
+            if grads is None:
+                return  # the worker vanished mid-push: it is a straggler
         except codec.CodecError as e:
             ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
             ctx.log.warning("rejected coded gradient from %s: %s", caller[-8:], e)
@@ -637,7 +629,7 @@ class _ResultReader:
         if msg.num_tensors != len(self._shapes):
             raise codec.CodecError("bad_shape", f"{msg.num_tensors} tensors, model has {len(self._shapes)}")
         self.decoded_from = list(msg.decoded_from)
-        assembler = codec.ChunkAssembler(len(self._shapes), max_numel_total=self._numel, expected_shapes=self._shapes)
+        assembler = codec.ChunkAssembler.for_shapes(self._shapes)
         assembler.add(msg.chunk)
         while not assembler.complete:
             msg = await self._next()

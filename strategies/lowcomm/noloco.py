@@ -24,7 +24,7 @@ import torch
 
 from swarm_node.protocol import codec
 from swarm_node.protocol.messages import rounds as rpb
-from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message
+from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message, receive_tensor_list
 
 from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.base import Strategy
@@ -158,7 +158,7 @@ class NoLoCoStrategy(Strategy):
             for chunk in codec.tensors_to_chunks(theta, self.compression, MAX_MESSAGE):
                 yield rpb.PairPush(run_id=self.ctx.spec.run_id, round=round_no, num_tensors=len(theta), chunk=chunk)
 
-        assembler = codec.ChunkAssembler(len(self.shapes), max_numel_total=self.numel, expected_shapes=self.shapes)
+        assembler = codec.ChunkAssembler.for_shapes(self.shapes)
         async for reply in self.ctx.transport.call(partner, PAIR, pushes(), rpb.PairReply,
                                                    timeout_s=self.ctx.config.round_timeout_s * 2 + 5,
                                                    channel="averaging"):
@@ -172,15 +172,10 @@ class NoLoCoStrategy(Strategy):
         first = await first_message(requests, timeout)
         if first is None:
             return
-        assembler = codec.ChunkAssembler(len(self.shapes), max_numel_total=self.numel, expected_shapes=self.shapes)
         try:
-            assembler.add(first.chunk)
-            while not assembler.complete:
-                msg = await first_message(requests, timeout)
-                if msg is None:
-                    return
-                assembler.add(msg.chunk)
-            theirs = assembler.result()
+            theirs = await receive_tensor_list(first, requests, timeout, self.shapes)
+            if theirs is None:
+                return
         except codec.CodecError as e:
             ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
             await drain(requests, timeout)
