@@ -205,6 +205,7 @@ class Node:
             membership=self.membership, metrics=self.metrics, trainer=self.trainer, compute=self.compute,
             progress=self.progress, should_stop=self._should_stop, on_step=self._on_step,
             log=logging.getLogger(f"swarm_node.strategy.{cfg.strategy}")))
+        self._restore_strategy_state()
         await self.strategy.start()
         self.metrics.info.info({"version": __version__, "strategy": cfg.strategy, "role": self.strategy.role,
                                 "device_type": self.device.type})
@@ -236,6 +237,28 @@ class Node:
         self.progress.step = self.resumed_from
         self.metrics.recoveries.labels(kind="resume", outcome="ok").inc()
         log.info("resumed from %s at step %d", ckpt, self.resumed_from)
+
+    async def _save_checkpoint(self) -> None:
+        """The trainer's state and the strategy's, together, on the compute thread (where the
+        strategy changes its state too, so the two are consistent)."""
+        def save() -> None:
+            state = self.strategy.checkpoint_state() if self.strategy is not None else None
+            tagged = {"name": self.config.strategy, "state": state} if state is not None else None
+            self.trainer.save_checkpoint(self.config.state_dir / "checkpoint.pt", tagged)
+
+        await self.compute(save)
+
+    def _restore_strategy_state(self) -> None:
+        saved = self.trainer.resumed_strategy_state
+        if not saved or saved.get("name") != self.config.strategy:
+            return
+        try:
+            self.strategy.restore_checkpoint_state(saved["state"])
+            log.info("resumed the %s state from the checkpoint", self.config.strategy)
+        except Exception as e:  # a corrupt or foreign entry: the strategy starts its own state afresh
+            log.warning("could not restore the %s state from the checkpoint (%s); starting it afresh",
+                        self.config.strategy, e)
+            self.metrics.recoveries.labels(kind="resume", outcome="failed").inc()
 
     async def _join(self) -> None:
         cfg = self.config
@@ -428,7 +451,7 @@ class Node:
         if step % cfg.eval_every == 0:
             await self._evaluate()
         if step % cfg.checkpoint_every == 0:
-            await self.compute(self.trainer.save_checkpoint, cfg.state_dir / "checkpoint.pt")
+            await self._save_checkpoint()
         if self.gate is not None:
             await self._spare_gpu_pause()
 
@@ -623,7 +646,7 @@ class Node:
                 log.warning("could not write the run summary: %s", e)
         if self.trainer is not None:
             try:
-                await self.compute(self.trainer.save_checkpoint, self.config.state_dir / "checkpoint.pt")
+                await self._save_checkpoint()
                 log.info("checkpoint saved at step %d", self.trainer.step)
             except Exception as e:
                 log.warning("could not save the checkpoint: %s", e)

@@ -77,6 +77,15 @@ class Strategy(abc.ABC):
     # how the churn lab runs and judges it (None: the generic scenarios, no consistency check)
     churn_profile: ClassVar[ChurnProfile | None] = None
 
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        """What this strategy must keep across a full stop (tensors, numbers, strings, lists and
+        dicts of them), saved with the trainer's checkpoint; None = nothing of its own. Called
+        on the compute thread."""
+        return None
+
+    def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Take back what `checkpoint_state` saved, before `start()`; raise if it does not fit."""
+
     @classmethod
     def options_of(cls, config: Any) -> StrategyOptions:
         """This strategy's own settings, read by name from the node's config."""

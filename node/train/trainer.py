@@ -128,6 +128,8 @@ class LocalTrainer:
         self.data_rank = self.cfg.data_rank if self.cfg.data_rank is not None else rank_of(peer, self.cfg.data_shards)
         self.seq_len = model.cfg.seq_len
         self.step = 0  # optimizer steps applied so far
+        # what the strategy saved with the last checkpoint loaded: {"name": strategy, "state": {...}}
+        self.resumed_strategy_state: dict[str, Any] | None = None
         self.last_grad_norm: float | None = None  # pre-clip norm of the last applied step
         self._params: list[nn.Parameter] = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(
@@ -285,9 +287,10 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue identically: step, model, optimizer, batch generator."""
-        return {
+    def state_dict(self, strategy_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything needed to continue identically: step, model, optimizer, batch generator,
+        and the strategy's own state (outer weights, momentum, round) when it has one."""
+        state = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
             "model_config": asdict(self.model.cfg),
@@ -296,6 +299,9 @@ class LocalTrainer:
             "optimizer": self.optimizer.state_dict(),
             "batch_generator": self._gen.get_state(),
         }
+        if strategy_state is not None:
+            state["strategy"] = strategy_state
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict()`; the model config must match this trainer's model."""
@@ -311,15 +317,16 @@ class LocalTrainer:
         self.optimizer.load_state_dict(state["optimizer"])  # moves state to the params' device
         self._gen.set_state(state["batch_generator"])
         self.step = int(state["step"])
+        self.resumed_strategy_state = state.get("strategy")
 
-    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+    def save_checkpoint(self, path: str | os.PathLike[str], strategy_state: dict[str, Any] | None = None) -> None:
         """Write `state_dict()` atomically: a crash leaves the old file or the new, never half."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
+                torch.save(self.state_dict(strategy_state), f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
