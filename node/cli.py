@@ -145,6 +145,20 @@ def _cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from swarm_node.train.export import ExportError, export_model
+    from swarm_node.train.models import ModelError
+
+    try:
+        res = export_model(Path(args.state_dir), Path(args.out), weights=args.weights)
+    except (ExportError, ModelError) as e:
+        print(f"swarm-node export: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    what = "the weights the swarm agreed on" if res.weights == "agreed" else "this node's local weights"
+    print(f"exported {what} at step {res.step} to {res.out} ({'Hugging Face directory' if res.kind == 'hf' else 'safetensors + config.json'})")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from swarm_node.lab.demo import DemoOptions, run_demo
 
@@ -200,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     ident = sub.add_parser("identity", help="show (creating if needed) the node's peer id")
     ident.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
     ident.set_defaults(fn=_cmd_identity)
+
+    exp = sub.add_parser("export", help="write the trained model as files other tools load (HF directory or safetensors)")
+    exp.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR))
+    exp.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    exp.add_argument("--weights", choices=("auto", "theta"), default="auto",
+                     help="auto: the weights the swarm agreed on where the strategy keeps them (φ), else local; "
+                          "theta: this node's local weights")
+    exp.set_defaults(fn=_cmd_export)
 
     demo = sub.add_parser("demo", help="run a small local swarm of real node processes and summarise it")
     demo.add_argument("--peers", type=int, default=3)

@@ -80,7 +80,8 @@ class Strategy(abc.ABC):
     def checkpoint_state(self) -> dict[str, Any] | None:
         """What this strategy must keep across a full stop (tensors, numbers, strings, lists and
         dicts of them), saved with the trainer's checkpoint; None = nothing of its own. Called
-        on the compute thread."""
+        on the compute thread. Key `agreed_weights`, if given: the weights the swarm agreed on
+        (such as φ), in parameter order, which `swarm-node export` publishes instead of θ."""
         return None
 
     def restore_checkpoint_state(self, state: dict[str, Any]) -> None:

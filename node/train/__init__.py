@@ -8,5 +8,7 @@
   sampler.py  which windows a data shard trains on at a step, and which are held out
   tokens.py   training data as token ids for a model with its own tokenizer (cached)
   trainer.py  LocalTrainer: gradients, optimizer steps, evaluation, checkpoints, param hash
+  precision.py  autocast dtypes (fp32, bf16, fp16) and the fp16 loss scale
   device.py   device choice, memory caps, spare-GPU mode
+  export.py   `swarm-node export`: the trained model as a Hugging Face directory or safetensors
 """

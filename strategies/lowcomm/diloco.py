@@ -110,7 +110,16 @@ class DiLoCoStrategy(Strategy):
         tensors = list(self.phi) + (momentum if has_momentum else [])
         return {"round": self.round_no, "has_momentum": has_momentum, "work": self.work}, tensors
 
-    def _extra_restore(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+    def checkpoint_state(self) -> dict | None:
+        """φ, outer momentum, round and merged work: a full stop resumes the outer trajectory."""
+        meta, tensors = self._extra_snapshot()
+        return {"meta": meta, "tensors": list(tensors), "agreed_weights": list(self.phi)}
+
+    def restore_checkpoint_state(self, state: dict) -> None:
+        # θ is the checkpoint's own (its local steps since φ), so it is not reset to φ
+        self._extra_restore(dict(state["meta"]), list(state["tensors"]), reset_theta=False)
+
+    def _extra_restore(self, meta: dict, tensors: list[torch.Tensor], reset_theta: bool = True) -> None:
         n = len(self.phi)
         has_momentum = meta.get("has_momentum") is True
         if not isinstance(meta.get("round"), int) or len(tensors) != n * (2 if has_momentum else 1):
@@ -125,7 +134,8 @@ class DiLoCoStrategy(Strategy):
         self.phi_hash = round_digest(self.phi)
         self.round_no = meta["round"]
         self.work = _work(meta)
-        self._reset_theta()
+        if reset_theta:
+            self._reset_theta()
 
     def _behind(self, member: str) -> None:
         if self._adopt_from is None:
@@ -167,7 +177,9 @@ class DiLoCoStrategy(Strategy):
     async def _inner_phase(self) -> None:
         ctx = self.ctx
         self._overtaken = False
-        for _ in range(self.H):
+        # H steps from a round's start; fewer after a resume in mid-phase, so the next round
+        # still begins at a multiple of H
+        for _ in range(self.H - ctx.trainer.step % self.H):
             if ctx.should_stop() or (ctx.config.max_steps and ctx.trainer.step >= ctx.config.max_steps):
                 return
             if self._overtaken:  # a slow leader's round went on without it: its join now resyncs it

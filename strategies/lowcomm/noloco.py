@@ -74,6 +74,14 @@ class NoLoCoStrategy(Strategy):
         has = self.momentum is not None
         return {"noloco": 1, "has_momentum": has}, list(self.phi) + (list(self.momentum) if has else [])
 
+    def checkpoint_state(self) -> dict | None:
+        """φ_i and δ_i: a full stop resumes this peer's own outer trajectory."""
+        meta, tensors = self._extra_snapshot()
+        return {"meta": meta, "tensors": list(tensors), "agreed_weights": list(self.phi)}
+
+    def restore_checkpoint_state(self, state: dict) -> None:
+        self._extra_restore(dict(state["meta"]), list(state["tensors"]))
+
     def _extra_restore(self, meta: dict, tensors: list[torch.Tensor]) -> None:
         n = len(self.params)
         if meta.get("noloco") != 1:  # a donor without outer state (older version): φ ← its θ
@@ -116,7 +124,7 @@ class NoLoCoStrategy(Strategy):
         while not ctx.should_stop() and (ctx.config.max_steps == 0 or ctx.trainer.step < ctx.config.max_steps):
             if not await self.wait_for_peers():
                 break
-            for _ in range(self.H):
+            for _ in range(self.H - ctx.trainer.step % self.H):  # fewer after a resume in mid-round
                 if ctx.should_stop() or (ctx.config.max_steps and ctx.trainer.step >= ctx.config.max_steps):
                     break
                 await self.local_step()

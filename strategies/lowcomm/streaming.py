@@ -95,7 +95,11 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         finally:
             self._step_lock.release()
 
-    def _extra_restore(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+    def checkpoint_state(self) -> dict | None:
+        # with a fragment round in flight φ lacks its commit: no outer state rather than a torn one
+        return None if self.pending else super().checkpoint_state()
+
+    def _extra_restore(self, meta: dict, tensors: list[torch.Tensor], reset_theta: bool = True) -> None:
         n, has = len(self.phi), meta.get("has_momentum")
         if not isinstance(meta.get("round"), int) or not isinstance(has, list) or len(has) != self.P:
             raise StateTransferError("streaming outer state does not match this configuration")
@@ -116,7 +120,8 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         self.round_no = meta["round"]
         self.work = _work(meta)
         self.pending.clear()
-        self._reset_theta()
+        if reset_theta:
+            self._reset_theta()
 
     # ------------------------------------------------------------------ the loop
     async def run(self) -> None:
