@@ -97,7 +97,10 @@ class NodeSettings(BaseSettings):
     n_layer: int = Field(2, ge=1, le=48, description="Transformer layers.")
     n_head: int = Field(4, ge=1, le=64, description="Attention heads.")
     d_model: int = Field(128, ge=8, le=8192, description="Model width.")
-    batch_size: int = Field(16, ge=1, le=4096, description="Sequences per local step.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Sequences per micro-batch (per local step unless "
+                            "--grad-accum > 1).")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches of --batch-size per local step, "
+                            "averaged (effective batch = their product; part of the run spec).")
     lr: float = Field(3e-3, gt=0, le=10, description="Learning rate of the local optimizer (AdamW).")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="Local learning-rate schedule: constant, or cosine (linear warmup over "
@@ -113,6 +116,9 @@ class NodeSettings(BaseSettings):
 
     # --- local execution ----------------------------------------------------------------
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Forward-pass dtype (autocast); weights, optimizer state and exchanged gradients "
+                            "stay fp32, so peers may differ. fp16 adds a dynamic loss scale.")
     memory_fraction: float | None = Field(None, gt=0, le=1, description="Cap on the fraction of GPU memory used.")
     spare_gpu: bool = Field(False, description="Pause training while other processes use the GPU.")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default).")
@@ -203,6 +209,15 @@ class NodeSettings(BaseSettings):
             reason = _builtin_model_only(self.strategy)
             if reason:
                 raise ValueError(f"{self.strategy} needs --model builtin for now ({reason})")
+        # A strategy tied to the built-in GPT runs its own forward and backward (pipeline stages, a
+        # policy), not the trainer's step, so these two would be silently ignored: refused instead.
+        # Known hole: a proxy; a strategy could be both tied to the GPT and train through the trainer.
+        reason = _builtin_model_only(self.strategy)
+        if reason and (self.precision != "fp32" or self.grad_accum > 1):
+            raise ValueError(f"--precision and --grad-accum do not apply to {self.strategy}, which trains "
+                             f"outside the trainer's step ({reason})")
+        if self.precision != "fp32":
+            _check_precision(self.precision, self.device)
         if self.data_rank is not None and self.data_rank >= self.data_shards:
             raise ValueError(f"--data-rank {self.data_rank} must be below --data-shards ({self.data_shards})")
         if self.d_model % self.n_head:
@@ -226,7 +241,7 @@ class NodeSettings(BaseSettings):
         fields = dict(run_id=self.run_id, strategy=self.strategy, data=self.data, data_max_bytes=self.data_max_bytes,
                       seq_len=self.seq_len, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
                       batch_size=self.batch_size, lr=self.lr, seed=self.seed, compression=self.compression,
-                      data_shards=self.data_shards)
+                      data_shards=self.data_shards, grad_accum=self.grad_accum)
         if self.model != BUILTIN_MODEL:  # the shape flags size only the built-in GPT (0 = not used); the
             # daemon adds the loaded model's identity (ModelIdentity) once it has built it
             fields.update(n_layer=0, n_head=0, d_model=0)
@@ -260,6 +275,9 @@ class RunSpec(BaseModel):
     lr_total_steps: int = 0
     data_fingerprint: str = ""  # sha256 prefix of the loaded corpus: 'stdlib' differs across Pythons
     data_shards: int = 64  # how each step's windows are split (train/sampler.py): peers must agree
+    # micro-batches per step: with batch_size it sets the windows each shard draws and the effective
+    # batch. (--precision is per peer and not here: exchanged gradients are fp32 whatever it is.)
+    grad_accum: int = 1
     # A model brought with --model (train/models.py ModelIdentity); empty for the built-in GPT, whose
     # weights follow from the shape fields and the seed. Never a path: paths differ across machines.
     arch: str = ""  # class of the network
@@ -283,6 +301,24 @@ class RunSpec(BaseModel):
         mine, theirs = {**defaults, **self.canonical()}, {**defaults, **other}
         keys = sorted(set(mine) | set(theirs))
         return [f"{k}: ours={mine.get(k)!r} theirs={theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)]
+
+
+def _check_precision(precision: str, device: str) -> None:
+    """Refuse a precision the CPU's torch cannot autocast. Imports torch, so only called off fp32;
+    a GPU is probed by the trainer instead, so that loading a config never initialises CUDA."""
+    spec = device.strip().lower()
+    if spec == "auto":
+        import torch
+
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec != "cpu":
+        return
+    from swarm_node.train.precision import PrecisionError, check_precision
+
+    try:
+        check_precision(precision, "cpu")
+    except PrecisionError as e:
+        raise ValueError(str(e)) from None
 
 
 def _builtin_model_only(strategy: str) -> str:

@@ -35,7 +35,8 @@ from swarm_node import __version__
 from swarm_node.config import NodeConfig
 from swarm_node.control import ControlServer
 from swarm_node.train.data import DataError
-from swarm_node.train.device import DeviceError, SpareGpuGate, apply_memory_cap, describe_device, make_probe, resolve_device
+from swarm_node.train.device import (DeviceError, SpareGpuGate, apply_memory_cap, describe_device, device_memory_bytes,
+                                     make_probe, resolve_device)
 from swarm_node.health import Heartbeat, HealthServer, make_live_fn
 from swarm_node.identity import ensure_identity
 from swarm_node.membership import Membership, SpecMismatch
@@ -171,7 +172,8 @@ class Node:
                                                  **model.identity.spec_fields()})
         train_cfg = TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, lr_schedule=cfg.lr_schedule,
                                 warmup_steps=cfg.lr_warmup_steps, total_steps=cfg.max_steps,
-                                data_shards=cfg.data_shards, data_rank=cfg.data_rank)
+                                data_shards=cfg.data_shards, data_rank=cfg.data_rank, precision=cfg.precision,
+                                grad_accum=cfg.grad_accum)
         self.trainer = await self.compute(functools.partial(
             LocalTrainer, model.module, dataset, train_cfg, device=self.device, peer=identity.peer_id))
         self._resume()
@@ -529,6 +531,8 @@ class Node:
                 self._snapshot = self._build_snapshot()
             except Exception:
                 log.exception("could not build the status snapshot")
+            if self.device is not None:
+                self.metrics.device_memory.set(device_memory_bytes(self.device))
             now = time.monotonic()
             if now - last_print >= self.config.status_interval_s:
                 last_print = now

@@ -117,6 +117,8 @@ class NodeMetrics:
         self.train_loss = Gauge("swarm_train_loss", "Latest local training loss.", registry=r)
         self.val_loss = Gauge("swarm_validation_loss", "Latest validation loss.", registry=r)
         self.samples_per_second = Gauge("swarm_local_samples_per_second", "Recent local training throughput.", registry=r)
+        self.device_memory = Gauge("swarm_device_memory_bytes", "Memory held for training: bytes allocated on the "
+                                   "CUDA device, or the process's resident set size on the CPU.", registry=r)
 
         # hygiene and recovery
         self.rejected_messages = Counter(

@@ -87,6 +87,16 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
+def device_memory_bytes(device: torch.device) -> int:
+    """Memory this process holds for training: tensors allocated on a CUDA device (not the
+    allocator's cache), else the process's resident set size. Never initialises CUDA."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device)) if torch.cuda.is_initialized() else 0
+    import psutil  # a dependency of swarm-node; imported here as only this gauge needs it
+
+    return int(psutil.Process().memory_info().rss)
+
+
 # --------------------------------------------------------------------------- spare-GPU mode
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from swarm_node.train.data import ByteDataset, batch_generator_seed
 from swarm_node.train.model import GPTConfig, build_model
+from swarm_node.train.precision import LossScale, autocast, autocast_dtype, check_precision
 from swarm_node.train.sampler import rank_of
 
 CHECKPOINT_FORMAT = 1
@@ -56,6 +57,12 @@ class TrainConfig:
     # shards draw disjoint windows; a peer's shard is `data_rank`, or a hash of its peer id.
     data_shards: int = 64
     data_rank: int | None = None  # per peer, not shared: pins this peer's shard (0..data_shards-1)
+    # Per peer: the dtype of the forward pass (train/precision.py). Weights, optimizer state and the
+    # gradients handed to strategies stay fp32, so peers of one run may differ here.
+    precision: str = "fp32"
+    # Micro-batches of `batch_size` per step, averaged: the effective batch is their product, which
+    # decides the data each shard draws, so it is shared like `batch_size`.
+    grad_accum: int = 1
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]  # lists from JSON/TOML
@@ -63,6 +70,9 @@ class TrainConfig:
             raise ValueError("lr and batch_size must be positive")
         if self.data_shards <= 0 or (self.data_rank is not None and not 0 <= self.data_rank < self.data_shards):
             raise ValueError(f"data_rank must be in [0, data_shards={self.data_shards}), got {self.data_rank}")
+        if self.grad_accum <= 0:
+            raise ValueError(f"grad_accum must be positive, got {self.grad_accum}")
+        autocast_dtype(self.precision)  # raises PrecisionError for an unknown name
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"unknown lr schedule {self.lr_schedule!r} (constant or cosine)")
         if self.lr_schedule == "cosine" and self.total_steps <= self.warmup_steps:
@@ -103,7 +113,7 @@ class StepResult:
     step: int
     loss: float
     grads: list[torch.Tensor]  # detached, fp32, on the trainer's device
-    num_samples: int  # sequences in the batch
+    num_samples: int  # sequences in the batch (all micro-batches)
     duration_s: float  # batch + forward + backward, device-synchronised
 
 
@@ -127,6 +137,10 @@ class LocalTrainer:
         self.peer = peer
         self.data_rank = self.cfg.data_rank if self.cfg.data_rank is not None else rank_of(peer, self.cfg.data_shards)
         self.seq_len = model.cfg.seq_len
+        check_precision(self.cfg.precision, self.device.type)
+        self.amp_dtype = autocast_dtype(self.cfg.precision)
+        # fp16 only: bf16 has fp32's exponent range, so its gradients neither underflow nor need scaling
+        self.loss_scale: LossScale | None = LossScale() if self.cfg.precision == "fp16" else None
         self.step = 0  # optimizer steps applied so far
         # what the strategy saved with the last checkpoint loaded: {"name": strategy, "state": {...}}
         self.resumed_strategy_state: dict[str, Any] | None = None
@@ -153,30 +167,64 @@ class LocalTrainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _autocast(self):
+        return autocast(self.device.type, self.amp_dtype)
+
+    def _take_grads(self) -> list[torch.Tensor]:
+        """The accumulated `.grad`s as fp32, unscaled; clears them (the tensors returned are the only owners)."""
+        inv = 1.0 / self.loss_scale.scale if self.loss_scale is not None else 1.0
+        grads = []
+        for p in self._params:
+            g = p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+            grads.append(g * inv if inv != 1.0 else g)
+        self.optimizer.zero_grad(set_to_none=True)
+        return grads
+
+    def _check_scaled(self, step: int, grads: list[torch.Tensor]) -> None:
+        """fp16: a non-finite gradient is an overflow of the loss scale; shrink it and raise
+        `NonFiniteGradients` so the strategy skips (and retries) the step, as for any NaN/inf."""
+        if self.loss_scale is None:
+            return
+        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        self.loss_scale.update(math.isfinite(norm))
+        if not math.isfinite(norm):
+            raise NonFiniteGradients(step, norm)
+
     def compute_gradients(self, step: int) -> StepResult:
-        """Forward + backward on this peer's batch for `step`; parameters are not changed."""
+        """Forward + backward on this peer's batch for `step`; parameters are not changed.
+
+        With `grad_accum` N the step's batch is one draw of N x `batch_size` windows (so shards
+        stay disjoint and the data is that of a batch N times larger), run as N micro-batches;
+        `grads` and `loss` are their means, and device memory is that of one micro-batch."""
         t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        x, y = self.dataset.step_batch(self.cfg.batch_size, self.seq_len, seed=self.cfg.seed, step=step,
+        n = self.cfg.grad_accum
+        x, y = self.dataset.step_batch(self.cfg.batch_size * n, self.seq_len, seed=self.cfg.seed, step=step,
                                        rank=self.data_rank, ranks=self.cfg.data_shards)
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
-        _, loss = self.model(x, y)
-        assert loss is not None
-        loss_value = loss.item()  # syncs; we need it on the host anyway
-        if not math.isfinite(loss_value):
-            raise NonFiniteLoss(step, loss_value)  # before backward: no grads, no changes
-        loss.backward()
-        grads = [
-            p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-            for p in self._params
-        ]
-        self.optimizer.zero_grad(set_to_none=True)  # the returned tensors are now the only owners
+        # the mean over N equal micro-batches is the mean over the whole batch; the fp16 scale rides along
+        factor = (self.loss_scale.scale if self.loss_scale is not None else 1.0) / n
+        loss_sum = 0.0
+        try:
+            for xk, yk in zip(x.chunk(n), y.chunk(n)):
+                xk = xk.to(self.device, non_blocking=True)
+                yk = yk.to(self.device, non_blocking=True)
+                with self._autocast():
+                    _, loss = self.model(xk, yk)
+                assert loss is not None
+                loss_value = loss.item()  # syncs; we need it on the host anyway
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLoss(step, loss_value)  # before its backward; no parameter changed
+                (loss * factor if factor != 1.0 else loss).backward()
+                loss_sum += loss_value
+            grads = self._take_grads()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._check_scaled(step, grads)
         self._sync()
         return StepResult(
             step=step,
-            loss=loss_value,
+            loss=loss_sum / n,
             grads=grads,
             num_samples=x.shape[0],
             duration_s=time.perf_counter() - t0,
@@ -186,44 +234,57 @@ class LocalTrainer:
         """Partition `partition` of the swarm's global batch for `step`: the same on every
         peer (keyed by the partition, not the peer), so any replica can compute it. It is data
         shard `partition` of the step, so up to `data_shards` partitions are disjoint."""
-        return self.dataset.step_batch(self.cfg.batch_size, self.seq_len, seed=self.cfg.seed, step=step,
-                                       rank=partition % self.cfg.data_shards, ranks=self.cfg.data_shards)
+        return self.dataset.step_batch(self.cfg.batch_size * self.cfg.grad_accum, self.seq_len, seed=self.cfg.seed,
+                                       step=step, rank=partition % self.cfg.data_shards, ranks=self.cfg.data_shards)
 
     def compute_coded_gradients(self, step: int, parts: list[tuple[int, float]]) -> StepResult:
-        """sum_j w_j * grad(mean loss of partition j) for (j, w_j) in `parts`, in ONE backward
-        over the concatenated partitions (exact by linearity); parameters are not changed.
+        """sum_j w_j * grad(mean loss of partition j) for (j, w_j) in `parts`, one backward over
+        the concatenated partitions (exact by linearity) per micro-batch: with `grad_accum` N,
+        micro-batch k holds the k-th N-th of every partition; parameters are not changed.
         `loss` is the unweighted mean over the partitions; `num_samples` counts them all."""
         if not parts:
             raise ValueError("no partitions to compute")
         t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        n = self.cfg.grad_accum
         batches = [self.partition_batch(step, j) for j, _ in parts]
-        x = torch.cat([b[0] for b in batches]).to(self.device, non_blocking=True)
-        y = torch.cat([b[1] for b in batches]).to(self.device, non_blocking=True)
-        logits, _ = self.model(x)
+        weights = torch.tensor([w for _, w in parts], dtype=torch.float32, device=self.device)
+        factor = (self.loss_scale.scale if self.loss_scale is not None else 1.0) / n
+        loss_sum, num_samples = 0.0, 0
         loss_fn = getattr(self.model, "loss_fn", None)  # a factory model's own loss (train/models.py)
-        if loss_fn is None:
-            per_token = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1),
-                                                          reduction="none")
-            per_part = per_token.view(len(parts), -1).mean(dim=1)  # mean loss of each partition
+        try:
+            for k in range(n):
+                x = torch.cat([b[0].chunk(n)[k] for b in batches]).to(self.device, non_blocking=True)
+                y = torch.cat([b[1].chunk(n)[k] for b in batches]).to(self.device, non_blocking=True)
+                num_samples += x.shape[0]
+                with self._autocast():
+                    logits, _ = self.model(x)
+                    if loss_fn is None:
+                        per_token = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1),
+                                                                      reduction="none")
+                        per_part = per_token.view(len(parts), -1).mean(dim=1)  # mean loss of each partition
+                    else:
+                        per_part = torch.stack([loss_fn(lg, t)
+                                                for lg, t in zip(logits.chunk(len(parts)), y.chunk(len(parts)))])
+                per_part = per_part.float()
+                loss_value = float(per_part.detach().mean())
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLoss(step, loss_value)
+                coded = (per_part * weights).sum()
+                (coded * factor if factor != 1.0 else coded).backward()
+                loss_sum += loss_value
+            grads = self._take_grads()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.loss_scale is not None:
+            self._check_scaled(step, grads)
         else:
-            per_part = torch.stack([loss_fn(lg, t) for lg, t in zip(logits.chunk(len(parts)), y.chunk(len(parts)))])
-        weights = torch.tensor([w for _, w in parts], dtype=per_part.dtype, device=per_part.device)
-        loss_value = float(per_part.detach().mean())
-        if not math.isfinite(loss_value):
-            raise NonFiniteLoss(step, loss_value)
-        (per_part * weights).sum().backward()
-        grads = [
-            p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-            for p in self._params
-        ]
-        self.optimizer.zero_grad(set_to_none=True)
-        norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
-        if not math.isfinite(norm):
-            raise NonFiniteGradients(step, norm)
+            norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+            if not math.isfinite(norm):
+                raise NonFiniteGradients(step, norm)
         self._sync()
-        return StepResult(step=step, loss=loss_value, grads=grads, num_samples=x.shape[0],
+        return StepResult(step=step, loss=loss_sum / n, grads=grads, num_samples=num_samples,
                           duration_s=time.perf_counter() - t0)
 
     def apply_gradients(self, grads: list[torch.Tensor]) -> None:
@@ -265,7 +326,8 @@ class LocalTrainer:
         try:
             total, n = 0.0, 0
             for x, y in self.dataset.val_batches(self.cfg.batch_size, self.seq_len, max_batches):
-                _, loss = self.model(x.to(self.device), y.to(self.device))
+                with self._autocast():
+                    _, loss = self.model(x.to(self.device), y.to(self.device))
                 assert loss is not None
                 total += loss.item()
                 n += 1
@@ -301,6 +363,8 @@ class LocalTrainer:
         }
         if strategy_state is not None:
             state["strategy"] = strategy_state
+        if self.loss_scale is not None:  # fp16 only, so other checkpoints keep their exact contents
+            state["loss_scale"] = self.loss_scale.state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -317,6 +381,8 @@ class LocalTrainer:
         self.optimizer.load_state_dict(state["optimizer"])  # moves state to the params' device
         self._gen.set_state(state["batch_generator"])
         self.step = int(state["step"])
+        if self.loss_scale is not None and "loss_scale" in state:
+            self.loss_scale.load(state["loss_scale"])
         self.resumed_strategy_state = state.get("strategy")
 
     def save_checkpoint(self, path: str | os.PathLike[str], strategy_state: dict[str, Any] | None = None) -> None:
