@@ -209,13 +209,10 @@ class NodeSettings(BaseSettings):
             reason = _builtin_model_only(self.strategy)
             if reason:
                 raise ValueError(f"{self.strategy} needs --model builtin for now ({reason})")
-        # A strategy tied to the built-in GPT runs its own forward and backward (pipeline stages, a
-        # policy), not the trainer's step, so these two would be silently ignored: refused instead.
-        # Known hole: a proxy; a strategy could be both tied to the GPT and train through the trainer.
-        reason = _builtin_model_only(self.strategy)
+        # a strategy with its own forward and backward would silently ignore these two: refused
+        reason = option_models().get(self.strategy, NoOptions).OWN_TRAINING_STEP
         if reason and (self.precision != "fp32" or self.grad_accum > 1):
-            raise ValueError(f"--precision and --grad-accum do not apply to {self.strategy}, which trains "
-                             f"outside the trainer's step ({reason})")
+            raise ValueError(f"--precision and --grad-accum do not apply to {self.strategy}: {reason}")
         if self.precision != "fp32":
             _check_precision(self.precision, self.device)
         if self.data_rank is not None and self.data_rank >= self.data_shards:

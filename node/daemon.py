@@ -46,6 +46,7 @@ from swarm_node.network import IsolationWatchdog, NetworkSettings, SwarmNetwork
 from swarm_node.preflight import raise_nofile_limit
 from swarm_node.processes import install_p2pd_reaper, reap_children
 from swarm_node.status import NodeStatus, PeerView, Phase
+from swarm_node.train.export import write_run_record
 from swarm_node.train.models import ModelError, load_model
 from swarm_node.train.tokens import load_dataset
 from swarm_node.train.trainer import LocalTrainer, TrainConfig
@@ -153,6 +154,7 @@ class Node:
         except DeviceError as e:
             raise NodeExit(EXIT_STARTUP, str(e)) from None
         identity = ensure_identity(cfg.state_dir / "identity.key")
+        write_run_record(cfg.state_dir, cfg)  # what `swarm-node export` rebuilds the model from
         # the model first: a brought one (--model) decides how the text is tokenized
         try:
             model = await self.compute(functools.partial(

@@ -22,6 +22,9 @@ class StrategyOptions(BaseModel):
     # Why the strategy trains only the built-in GPT ("" = any --model, through the trainer);
     # with another --model, config validation refuses it with this reason.
     BUILTIN_MODEL_ONLY: ClassVar[str] = ""
+    # Why the strategy runs its own forward and backward instead of the trainer's step ("" = it
+    # trains through the trainer): --precision and --grad-accum are refused with this reason.
+    OWN_TRAINING_STEP: ClassVar[str] = ""
 
     def check(self, node: Any) -> None:
         """Rules across these options and the node's settings (`node` is the whole config);

@@ -12,6 +12,7 @@ from swarm_node.strategies.options import StrategyOptions
 class SapoOptions(StrategyOptions):
     SPEC_FIELDS: ClassVar[tuple[str, ...]] = ("sapo_group_size", "sapo_round_s", "sapo_tasks")
     BUILTIN_MODEL_ONLY: ClassVar[str] = "its policy is the built-in GPT or --sapo-hf-model DIR"
+    OWN_TRAINING_STEP: ClassVar[str] = "its policy trains by its own GRPO step"
 
     sapo_tasks: str = Field("add4", description="sapo: comma-separated tasks (add<K>, sub<K>, mul<K>; rg:<dataset> "
                             "with reasoning-gym installed).", pattern=r"^[A-Za-z0-9_:,.-]{1,256}$")

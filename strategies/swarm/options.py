@@ -11,6 +11,7 @@ from swarm_node.strategies.options import StrategyOptions
 class SwarmOptions(StrategyOptions):
     SPEC_FIELDS: ClassVar[tuple[str, ...]] = ("stages", "micro_batches", "act_compression")
     BUILTIN_MODEL_ONLY: ClassVar[str] = "it splits the built-in GPT into pipeline stages"
+    OWN_TRAINING_STEP: ClassVar[str] = "its pipeline stages run their own forward and backward"
 
     stages: int = Field(3, ge=1, le=64, description="swarm: pipeline stages S (--n-layer must be divisible by S).")
     micro_batches: int = Field(2, ge=1, le=256, description="swarm: micro-batches per trainer step (each stage "
