@@ -8,9 +8,9 @@ Shown:
   ClosedWithoutAnswer. A handler's exception reaches the caller.
 - `ButterflyAllReduce` over libp2p streams among 4 peers (a weight-0 joiner among them):
   every peer holds the weighted mean, bit for bit the same on each.
-- `RoundCoordinator` with 3 peers: a round commits one result on all of them. A member or the
-  leader killed during the all-reduce makes every survivor abort with nothing applied. The
-  round is then retried without the dead peer, under the lowest surviving id, and commits.
+- `RoundCoordinator` with 3 peers: a round commits one result everywhere. A member or the
+  leader killed mid all-reduce makes every survivor abort, and the retry without it commits.
+  A member cut off from the leader aborts while the other two commit, then it is sent to resync.
 """
 from __future__ import annotations
 
@@ -257,7 +257,10 @@ def test_butterfly_allreduce_over_p2p_streams_gives_every_peer_the_weighted_mean
 
 
 # ---------------------------------------------------------------------- round transactions
-ROUND_TIMEOUT_S = 0.5
+ROUND_TIMEOUT_S = 0.6
+# below the leader's answer deadline for a join (grace + timeout - 1 s, at least 0.5 s): a
+# window as long as that deadline would freeze the group only after every join had timed out
+GRACE_S = 0.3
 
 
 def _ctx(t: FakeTransport) -> SimpleNamespace:
@@ -266,16 +269,19 @@ def _ctx(t: FakeTransport) -> SimpleNamespace:
                            metrics=NodeMetrics("diloco"))
 
 
-async def _coordinators(net: InMemoryNetwork, names: str, alive: set[str]) -> dict[str, RoundCoordinator]:
+async def _coordinators(net: InMemoryNetwork, names: str, alive: set[str],
+                        state: dict[str, tuple[int, str]] | None = None) -> dict[str, RoundCoordinator]:
     """One RoundCoordinator per peer, as diloco wires it. The leader is the lowest id in
-    `alive`; every peer there is expected. All peers are at round 7 with the same φ hash."""
+    `alive`; every peer there is expected. Each peer's (round, φ hash) is `state[peer]`,
+    by default round 7 with one φ hash for all."""
     out = {}
     for name in names:
         t = net.transport(name)
         rc = RoundCoordinator(
-            t, "run", timeout_s=ROUND_TIMEOUT_S, grace_s=ROUND_TIMEOUT_S,
+            t, "run", timeout_s=ROUND_TIMEOUT_S, grace_s=GRACE_S,
             allreduce=averaging_layer(_ctx(t), timeout_s=ROUND_TIMEOUT_S),
-            leader_fn=lambda: min(alive), expected_fn=lambda: set(alive), state_fn=lambda: (7, "phi-7"))
+            leader_fn=lambda: min(alive), expected_fn=lambda: set(alive),
+            state_fn=(lambda: (7, "phi-7")) if state is None else (lambda p=t.peer_id: state[p]))
         await rc.start()
         out[t.peer_id] = rc
     return out
@@ -290,8 +296,9 @@ def _mean(parts: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
 
 
 async def _round(net: InMemoryNetwork, rcs: dict[str, RoundCoordinator], ids: list[str],
-                 vecs: dict[str, tuple[float, torch.Tensor]]) -> dict[str, RoundOutcome | None]:
-    tasks = {p: net.spawn(p, rcs[p].run_round(7, "phi-7", *vecs[p])) for p in ids}
+                 vecs: dict[str, tuple[float, torch.Tensor]], round_no: int = 7,
+                 phi_hash: str = "phi-7") -> dict[str, RoundOutcome | None]:
+    tasks = {p: net.spawn(p, rcs[p].run_round(round_no, phi_hash, *vecs[p])) for p in ids}
     done = await asyncio.gather(*tasks.values(), return_exceptions=True)
     return {p: None if isinstance(d, asyncio.CancelledError) else d for p, d in zip(tasks, done)}
 
@@ -359,3 +366,36 @@ def test_a_peer_killed_during_the_allreduce_aborts_the_round_everywhere_then_the
         assert out.status == "committed" and out.group == survivors and out.leader == survivors[0], out.detail
         assert out.result_hash == retry[survivors[0]].result_hash
         torch.testing.assert_close(out.result, want)
+
+
+def test_a_member_cut_off_from_the_leader_aborts_the_others_commit_and_it_resyncs_after_healing():
+    """1. Three peers at round 7; the link between the leader and member b is cut.
+    2. b's join cannot reach the leader: it aborts after its join deadline (grace + timeout).
+       The leader freezes the group without b once the grace window ends, and the others commit.
+    3. The link heals; the two move to round 8; b joins round 7 again.
+    Result: a round of two commits the pair's weighted mean, and b is told to resync from the
+    leader up to round 8 (never a round on its stale state)."""
+
+    async def go():
+        net = InMemoryNetwork(max_message_bytes=WIRE_CAP)
+        ids = sorted(net.transport(n).peer_id for n in "abc")
+        leader, cut, other = ids
+        state = {p: (7, "phi-7") for p in ids}
+        rcs = await _coordinators(net, "abc", set(ids), state)
+        net.partition(leader, cut)
+        vecs = _vectors(ids)
+        first = await _round(net, rcs, ids, vecs)
+        net.heal(leader, cut)
+        state[leader] = state[other] = (8, "phi-8")
+        late = await rcs[cut].run_round(7, "phi-7", *vecs[cut])
+        await net.close()
+        return ids, vecs, first, late
+
+    (leader, cut, other), vecs, first, late = run(go())
+    assert first[cut].status == "aborted" and "leader unreachable" in first[cut].detail
+    want = _mean([vecs[leader], vecs[other]])
+    for p in (leader, other):
+        assert first[p].status == "committed" and first[p].group == [leader, other], first[p].detail
+        torch.testing.assert_close(first[p].result, want)
+    assert first[leader].result_hash == first[other].result_hash
+    assert late.status == "resync" and late.leader == leader and late.round_no == 8, late
