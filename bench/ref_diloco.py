@@ -26,7 +26,7 @@ import torch
 from swarm_node.train.data import ByteDataset
 from swarm_node.train.model import GPTConfig
 from swarm_node.train.trainer import LocalTrainer, TrainConfig, build_trainer
-from swarm_node.strategies.lowcomm.outer_math import (OuterOptimizer, fragment_due, fragment_indices, merge, noloco_update,
+from swarm_node.strategies.lowcomm.outer_math import (OuterOptimizer, fragment_due, layer_fragments, merge, noloco_update,
                                               pair_peers, pseudo_gradient, weighted_mean)
 
 
@@ -105,8 +105,7 @@ def run(cfg: Config, args: argparse.Namespace, dataset: ByteDataset) -> float:
                     reps.load(i, phi)
         return reps.val()
     if cfg.kind == "streaming":
-        num = len(phi0)
-        frags = [fragment_indices(num, f, cfg.P) for f in range(cfg.P)]
+        frags = layer_fragments(reps.trainers[0].parameter_names(), [p.numel() for p in phi0], cfg.P)
         phi = [p.clone() for p in phi0]
         outers = [OuterOptimizer([phi[j] for j in idx], lr=args.outer_lr, momentum=cfg.momentum, nesterov=True)
                   for idx in frags]

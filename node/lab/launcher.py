@@ -95,10 +95,10 @@ class NodeProcess:
         return self._info
 
     def join_maddr(self) -> str:
-        m = JOIN_LINE.search(self.log_text())
-        if not m:
+        found = JOIN_LINE.findall(self.log_text())  # the log is appended across restarts: the last run's
+        if not found:
             raise LaunchError(f"{self.name} printed no join line")
-        return m.group(1)
+        return found[-1]
 
     def http(self, path: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
         url = f"http://{self.info['http']}{path}"

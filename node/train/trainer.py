@@ -163,6 +163,10 @@ class LocalTrainer:
         """Parameters in the fixed order used by grads, hashes and strategies."""
         return list(self._params)
 
+    def parameter_names(self) -> list[str]:
+        """The dotted names of `parameters_list()`, in the same order (a tied tensor once)."""
+        return [name for name, _ in self.model.named_parameters()]
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

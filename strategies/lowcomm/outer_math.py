@@ -39,8 +39,7 @@ __all__ = [
     "replica_spread",
     "pairing_seed",
     "pair_peers",
-    "fragment_of",
-    "fragment_indices",
+    "layer_fragments",
     "validate_streaming",
     "fragment_due",
     "fragment_apply_due",
@@ -250,19 +249,93 @@ def _check_positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def fragment_of(param_index: int, num_fragments: int) -> int:
-    """Strided fragments: tensor (or layer) index l belongs to fragment l mod P."""
+def layer_of(name: str) -> int | None:
+    """The block index in a parameter's dotted name ("blocks.3.attn.qkv.weight" -> 3,
+    "model.layers.12.mlp.up_proj.weight" -> 12), or None outside the repeated blocks."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _units(names: Sequence[str], key) -> list[list[int]]:
+    """Runs of consecutive tensors with one `key(name)`."""
+    units: list[list[int]] = []
+    last: object = object()
+    for i, name in enumerate(names):
+        k = key(name)
+        if units and k == last:
+            units[-1].append(i)
+        else:
+            units.append([i])
+            last = k
+    return units
+
+
+def _block_key(name: str) -> object:
+    layer = layer_of(name)
+    return ("block", layer) if layer is not None else ("outside", name)
+
+
+def _module_key(name: str) -> object:
+    return name.rsplit(".", 1)[0]  # a module's weight and bias stay together
+
+
+def _balanced_cuts(sizes: Sequence[int], parts: int) -> list[int]:
+    """Start indices of `parts` contiguous, non-empty groups whose largest deviation from an
+    equal share is as small as possible (exact, by dynamic programming over the cut points)."""
+    n = len(sizes)
+    prefix = [0]
+    for x in sizes:
+        prefix.append(prefix[-1] + x)
+    target = prefix[-1] / parts
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(parts + 1)]  # cost[k][j]: first j units in k groups
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    cost[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for j in range(k, n - (parts - k) + 1):
+            for i in range(j - 1, k - 2, -1):
+                group = prefix[j] - prefix[i]
+                c = max(cost[k - 1][i], abs(group - target))
+                if c < cost[k][j]:
+                    cost[k][j], cut[k][j] = c, i
+                if group > 3 * target:  # longer groups only deviate more
+                    break
+    starts, j = [], n
+    for k in range(parts, 0, -1):
+        j = cut[k][j]
+        starts.append(j)
+    return starts[::-1]
+
+
+def layer_fragments(names: Sequence[str], numels: Sequence[int], num_fragments: int,
+                    tolerance: float = 0.2) -> list[list[int]]:
+    """Streaming DiLoCo's P fragments: contiguous groups of whole blocks (embeddings join the
+    first, the final norm and head the last), each about 1/P of the parameters, so a layer syncs
+    at once and each exchange moves about 1/P of the model. Where whole blocks cannot come
+    within `tolerance` of 1/P (fewer blocks than P, or a count P does not divide), groups are
+    cut between modules (a weight and its bias stay together), then between tensors.
+    Returns, per fragment, its tensor indices in order; every tensor is in exactly one."""
     _check_positive_int("num_fragments", num_fragments)
-    if isinstance(param_index, bool) or not isinstance(param_index, int) or param_index < 0:
-        raise ValueError(f"param_index must be an int >= 0, got {param_index!r}")
-    return param_index % num_fragments
-
-
-def fragment_indices(num_params: int, fragment: int, num_fragments: int) -> list[int]:
-    """The tensor indices of `fragment` among `num_params` tensors, ascending."""
-    if not 0 <= fragment < num_fragments:
-        raise ValueError(f"fragment {fragment} not in [0, {num_fragments})")
-    return [i for i in range(num_params) if fragment_of(i, num_fragments) == fragment]
+    if len(names) != len(numels):
+        raise ValueError(f"{len(names)} names for {len(numels)} tensors")
+    if num_fragments > len(names):
+        raise ValueError(f"{num_fragments} fragments for a model of {len(names)} tensors")
+    target = sum(numels) / num_fragments
+    best: tuple[float, list[list[int]]] | None = None
+    for units in (_units(names, _block_key), _units(names, _module_key), [[i] for i in range(len(names))]):
+        if len(units) < num_fragments:
+            continue
+        bounds = [*_balanced_cuts([sum(numels[i] for i in u) for u in units], num_fragments), len(units)]
+        frags = [[i for u in units[bounds[f]:bounds[f + 1]] for i in u] for f in range(num_fragments)]
+        worst = max(abs(sum(numels[i] for i in f) / target - 1) for f in frags)
+        if worst <= tolerance:
+            return frags
+        if best is None or worst < best[0]:
+            best = (worst, frags)
+    assert best is not None  # the tensor level always has enough units
+    return best[1]
 
 
 def validate_streaming(H: int, P: int, tau: int) -> None:

@@ -1,7 +1,7 @@
-"""`streaming-diloco`: DiLoCo whose parameters sync in P staggered fragments, overlapped
-with training.
+"""`streaming-diloco`: DiLoCo whose parameters sync in P staggered fragments (contiguous groups
+of whole layers, ~1/P of the parameters each), overlapped with training.
 
-Parameter i belongs to fragment i mod P (strided). Fragment f is sent after every inner
+Fragment f is sent after every inner
 step t with t ≡ (f+1)·H/P (mod H): its pseudo-gradient Δ_f = φ_f − θ_f goes into a round
 (the same freeze / butterfly all-reduce / commit transaction as `diloco`) that runs on the
 event loop while the next τ inner steps run on the compute thread. At step t+τ the
@@ -25,7 +25,7 @@ import torch
 
 from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.lowcomm.diloco import DiLoCoStrategy, _work, flatten, unflatten
-from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer, fragment_due, fragment_indices, merge, round_digest
+from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer, fragment_due, layer_fragments, merge, round_digest
 from swarm_node.strategies.rounds import RoundOutcome
 from swarm_node.strategies.state_transfer import StateTransferError
 from swarm_node.strategies.lowcomm.options import StreamingOptions
@@ -54,7 +54,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         cfg = ctx.config
         self.P, self.tau, self.alpha = cfg.fragments, cfg.overlap_steps, cfg.mix_alpha
         self.every = self.H // self.P
-        self.frags = [fragment_indices(len(self.params), f, self.P) for f in range(self.P)]
+        self.frags = layer_fragments(ctx.trainer.parameter_names(), [p.numel() for p in self.params], self.P)
         self.outers = [OuterOptimizer([self.phi[i] for i in idx], lr=cfg.outer_lr, momentum=self.options_of(cfg).momentum(),
                                       nesterov=True) for idx in self.frags]
         self.pending: dict[int, _InFlight] = {}  # apply step -> the fragment round applied there

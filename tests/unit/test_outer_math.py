@@ -12,8 +12,8 @@ from swarm_node.strategies.lowcomm.outer_math import (
     OuterOptimizer,
     fragment_apply_due,
     fragment_due,
-    fragment_indices,
-    fragment_of,
+    layer_fragments,
+    layer_of,
     heavy_ball_step,
     merge,
     noloco_update,
@@ -334,8 +334,8 @@ def _run_streaming(H: int, P: int, tau: int, alpha: float, steps: int, peers: in
     base = _model()
     models = [copy.deepcopy(base) for _ in range(peers)]
     inner = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
-    n = len(list(base.parameters()))
-    frag = [fragment_indices(n, f, P) for f in range(P)]
+    named = list(base.named_parameters())
+    frag = layer_fragments([k for k, _ in named], [v.numel() for _, v in named], P)
     outers = [OuterOptimizer([list(base.parameters())[i] for i in frag[f]]) for f in range(P)]
     phis = [o.phi for o in outers]
     in_flight: dict[int, list[list[torch.Tensor]]] = {}
@@ -430,15 +430,28 @@ def test_u4_every_fragment_syncs_exactly_once_per_h_steps(H, P):
         assert seen[-1] == P - 1  # the last fragment closes the round
 
 
-def test_u4_strided_fragments():
-    assert [fragment_of(i, 4) for i in range(10)] == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
-    assert fragment_indices(10, 1, 4) == [1, 5, 9]
-    assert sorted(sum((fragment_indices(10, f, 3) for f in range(3)), [])) == list(range(10))
-    for bad in ((-1, 4), (1, 0), (1, -2), (True, 2)):
+def test_u4_layer_fragments_are_contiguous_balanced_and_cover_every_tensor():
+    from swarm_node.train.model import GPTConfig, build_model
+
+    # at the default width (at d_model 64 with as many layers as fragments, the embedding alone is
+    # a third of a share and the best contiguous split is 20-26 % off)
+    for n_layer, P in ((5, 5), (6, 3), (8, 5), (12, 5), (7, 2), (4, 4)):
+        named = list(build_model(GPTConfig(n_layer=n_layer), 0).named_parameters())
+        names, numels = [k for k, _ in named], [v.numel() for _, v in named]
+        frags = layer_fragments(names, numels, P)
+        assert [i for f in frags for i in f] == list(range(len(names)))  # contiguous, each tensor once
+        shares = [sum(numels[i] for i in f) * P / sum(numels) for f in frags]
+        assert all(0.8 <= s <= 1.2 for s in shares), (n_layer, P, shares)  # about 1/P each
+        for f, g in zip(frags, frags[1:]):  # a weight and its bias always travel together
+            assert names[f[-1]].rsplit(".", 1)[0] != names[g[0]].rsplit(".", 1)[0], (names[f[-1]], names[g[0]])
+    # whole layers where they balance: 6 blocks in 3 fragments of 2 blocks each
+    named = list(build_model(GPTConfig(n_layer=6), 0).named_parameters())
+    frags = layer_fragments([k for k, _ in named], [v.numel() for _, v in named], 3)
+    layers = [sorted({layer_of(named[i][0]) for i in f} - {None}) for f in frags]
+    assert layers == [[0, 1], [2, 3], [4, 5]]
+    for bad in ((["a"], [1, 2], 1), (["a", "b"], [1, 1], 3), (["a"], [1], 0)):
         with pytest.raises(ValueError):
-            fragment_of(*bad)
-    with pytest.raises(ValueError):
-        fragment_indices(10, 4, 4)
+            layer_fragments(*bad)
 
 
 @pytest.mark.parametrize("H,P,tau,match", [
@@ -558,3 +571,24 @@ def test_replica_spread():
     assert replica_spread([a, b]) == pytest.approx(0.5, abs=1e-6)  # std of {x, x+1}
     with pytest.raises(ValueError):
         replica_spread([])
+
+
+def test_u4_layer_fragments_of_hugging_face_models():
+    """GPT-2 (transformer.h.N) and Llama (model.layers.N) name their blocks differently; both are
+    cut between whole layers when they balance."""
+    transformers = pytest.importorskip("transformers")
+    models = {
+        "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=6, n_embd=128, n_head=4, vocab_size=300,
+                                                                     n_positions=64)),
+        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=64)),
+    }
+    for name, model in models.items():
+        named = list(model.named_parameters())
+        names, numels = [k for k, _ in named], [v.numel() for _, v in named]
+        for P in (2, 3, 5):
+            frags = layer_fragments(names, numels, P)
+            assert [i for f in frags for i in f] == list(range(len(names)))
+            shares = [sum(numels[i] for i in f) * P / sum(numels) for f in frags]
+            assert all(0.8 <= s <= 1.2 for s in shares), (name, P, shares)
