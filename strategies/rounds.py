@@ -90,6 +90,12 @@ class _LeaderRound:
             if self.on_freeze is not None:
                 self.on_freeze(len(self.expected - set(self.joined)))
 
+    def abandon(self, run_id: str) -> None:
+        """Freeze with nobody in the group: no one, the leader included, commits this round."""
+        if not self.frozen.is_set():
+            self.joined.clear()
+            self.freeze(run_id)
+
     def vote(self, peer: str, complete: bool, result_hash: str) -> None:
         if peer in self.group:
             self.votes[peer] = (complete, result_hash)
@@ -234,9 +240,12 @@ class RoundCoordinator:
         # never sees makes it suspect a leader that is merely slow
         answer_by = loop.time() + max(0.5, self.grace_s + self.timeout_s - 1.0)
         my_round, my_hash = self.state_fn()
-        if join.round > my_round:
-            # a member can finish its local steps before the leader applied the previous
-            # round: give the leader a moment to catch up instead of sending it to resync
+        decided = self._rounds.get(my_round)
+        if join.round > my_round and decided is not None and decided.decision:
+            # a member can finish its local steps before the leader applied the round it just
+            # committed: give the leader a moment to catch up instead of sending it to resync
+            # (ahead of a round the leader did not commit, the member comes from elsewhere, and
+            # waiting would only let this round freeze without it)
             deadline = min(loop.time() + self.timeout_s, answer_by)
             while join.round > my_round and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
@@ -245,8 +254,8 @@ class RoundCoordinator:
             if self.on_behind is not None and join.work > self.work_fn():
                 self.on_behind(caller)
                 stale = self._rounds.get(my_round)
-                if stale is not None:
-                    stale.freeze(self.run_id)  # my own join returns now, not after the grace window
+                if stale is not None:  # my own join returns now, and commits nothing: I adopt instead
+                    stale.abandon(self.run_id)
                 return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_LEADER_BEHIND, round=my_round,
                                           detail=f"leader at round {my_round} with work {self.work_fn()}, member "
                                                  f"at {join.round} with {join.work}: the leader adopts its state")

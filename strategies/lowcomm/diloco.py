@@ -219,6 +219,8 @@ class DiLoCoStrategy(Strategy):
                 return
             self._aborted(out, duration)
             ctx.log.warning("round %d attempt %d/%d aborted: %s", self.round_no, attempt, MAX_ATTEMPTS, out.detail)
+            if self._adopt_from is not None:
+                return  # a member holds more work: the loop adopts its state (θ ← its φ) before anything else
             if ctx.should_stop():
                 break
             await asyncio.sleep(0.5 * 2 ** (attempt - 1))

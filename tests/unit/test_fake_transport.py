@@ -399,3 +399,41 @@ def test_a_member_cut_off_from_the_leader_aborts_the_others_commit_and_it_resync
         torch.testing.assert_close(first[p].result, want)
     assert first[leader].result_hash == first[other].result_hash
     assert late.status == "resync" and late.leader == leader and late.round_no == 8, late
+
+
+def test_a_leader_behind_a_member_with_more_work_commits_nothing_and_hands_over():
+    """1. Two peers after a split: the leader (lowest id) at round 7 with 5 member-rounds of work,
+       the member at round 9 with 9 (its side merged more).
+    2. Both run their round.
+    Result: the member is told the leader is behind (aborted, to retry), the leader's callback
+    names the member to adopt from, and the leader's own join commits nothing: no local-only
+    outer step on the stale side."""
+
+    async def go():
+        net = InMemoryNetwork(max_message_bytes=WIRE_CAP)
+        ids = sorted(net.transport(n).peer_id for n in "ab")
+        leader, member = ids
+        state = {leader: (7, "stale"), member: (9, "fresh")}
+        work = {leader: 5, member: 9}
+        behind: list[str] = []
+        rcs = {}
+        for name in "ab":
+            t = net.transport(name)
+            rc = RoundCoordinator(
+                t, "run", timeout_s=ROUND_TIMEOUT_S, grace_s=GRACE_S,
+                allreduce=averaging_layer(_ctx(t), timeout_s=ROUND_TIMEOUT_S),
+                leader_fn=lambda: leader, expected_fn=lambda: set(ids),
+                state_fn=lambda p=t.peer_id: state[p], work_fn=lambda p=t.peer_id: work[p],
+                on_behind=behind.append)
+            await rc.start()
+            rcs[t.peer_id] = rc
+        vecs = _vectors(ids)
+        tasks = {p: net.spawn(p, rcs[p].run_round(state[p][0], state[p][1], *vecs[p])) for p in ids}
+        outs = dict(zip(tasks, await asyncio.gather(*tasks.values())))
+        await net.close()
+        return leader, member, behind, outs
+
+    leader, member, behind, outs = run(go())
+    assert behind == [member]
+    assert outs[member].status == "aborted" and "LEADER_BEHIND" in outs[member].detail
+    assert outs[leader].status != "committed", outs[leader]
