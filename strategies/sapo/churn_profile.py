@@ -6,23 +6,12 @@ from swarm_node.strategies.churn_profile import ChurnProfile
 # SAPO: steps are GRPO rounds (one per --sapo-round-s, after the warm-start steps), so events are in
 # wall-clock seconds, placed after the first rounds (a sidecar takes up to ~13 s to start on a loaded
 # box, and the reward before the churn must be measured). The partition (12 s) lasts 3 rounds.
-SAPO_CHURN = """\
-at 24s kill n1
-at 30s term n2
-at 36s restart n1
-at 44s partition n3
-at 56s heal n3
-"""
-
-SAPO_PARTITION = """\
-at 24s partition n2
-at 40s heal n2
-"""
-
-SAPO_KILL = """\
-at 24s kill n1
-at 30s restart n1
-"""
+SAPO_SCENARIOS = {
+    "churn": "at 24s kill n1\nat 30s term n2\nat 36s restart n1\nat 44s partition n3\nat 56s heal n3\n",
+    "partition": "at 24s partition n2\nat 40s heal n2\n",
+    "kill": "at 24s kill n1\nat 30s restart n1\n",
+}
+SAPO_CHURN = SAPO_SCENARIOS["churn"]
 
 # Near the fast configuration of tests/live/test_sapo_live.py (4 s rounds, 20 warm-start steps, a format reward
 # so that a tiny policy's reward moves within a minute), with 6 questions x 8 completions, 4 local + 4
@@ -36,4 +25,4 @@ SAPO_ARGS = ("--sapo-round-s", "4", "--sapo-group-size", "8", "--sapo-questions"
 
 # peers share rollouts, not weights, so replicas differ by design and progress is reward
 SAPO_PROFILE = ChurnProfile(node_args=SAPO_ARGS, loss="reward",
-                            scenarios={"churn": SAPO_CHURN, "partition": SAPO_PARTITION, "kill": SAPO_KILL})
+                            scenarios=dict(SAPO_SCENARIOS))

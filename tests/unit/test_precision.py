@@ -5,7 +5,6 @@ import math
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,24 +13,10 @@ from swarm_node.config import ConfigError, load_config
 from swarm_node.metrics import NodeMetrics
 from swarm_node.train.data import ByteDataset
 from swarm_node.train.device import device_memory_bytes
-from swarm_node.train.model import GPTConfig
 from swarm_node.train.precision import LossScale, PrecisionError, can_autocast, check_precision
 from swarm_node.train.trainer import LocalTrainer, NonFiniteGradients, TrainConfig, build_trainer
 
-TINY = GPTConfig(seq_len=32, n_layer=1, n_head=2, d_model=32)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ds() -> ByteDataset:
-    return ByteDataset.from_source("stdlib")
+from tests.unit.trainer_fixtures import TINY, ds, one_thread  # noqa: F401  (fixtures)
 
 
 def make(ds: ByteDataset, device: str = "cpu", **kw: object) -> LocalTrainer:

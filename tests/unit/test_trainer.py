@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,22 +17,7 @@ from swarm_node.train.trainer import (
     build_trainer,
 )
 
-TINY = GPTConfig(seq_len=32, n_layer=1, n_head=2, d_model=32)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # The daemon trains on a single compute thread; check everything works (and is
-    # reproducible) that way.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ds() -> ByteDataset:
-    return ByteDataset.from_source("stdlib")
+from tests.unit.trainer_fixtures import TINY, ds, one_thread  # noqa: F401  (fixtures)
 
 
 def make(ds: ByteDataset, peer: int | str = 0, **kw: object) -> LocalTrainer:
