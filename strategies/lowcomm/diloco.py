@@ -53,6 +53,13 @@ def _work(meta: dict) -> int:
     return w if isinstance(w, int) and w >= 0 else 0
 
 
+def merged_work(group: list[str]) -> int:
+    """What a committed round adds to `work`: its member count, or 0 for a round of one, so
+    that a peer cut off alone, however many rounds it runs, never outweighs a side that kept
+    averaging (after the heal the larger side's φ is kept)."""
+    return len(group) if len(group) > 1 else 0
+
+
 def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     out, start = [], 0
     for t in like:
@@ -78,7 +85,7 @@ class DiLoCoStrategy(Strategy):
         self.round_no = 0
         self.weight = 1.0
         # member-rounds merged into φ (+ group size per commit; taken over on adoption): after a
-        # split, the side whose φ holds more work keeps it (see rounds.py)
+        # split, the side whose φ holds more work keeps it (see rounds.py); rounds of one count 0
         self.work = 0
         self._adopt_from: str | None = None  # set on the leader when a member's φ holds more work
         self._overtaken = False  # set on a late leader once its round committed without it
@@ -206,7 +213,7 @@ class DiLoCoStrategy(Strategy):
             if out.status == "committed":
                 before = self.phi_hash
                 await ctx.compute(self._apply, out.result)
-                self.work += len(out.group)
+                self.work += merged_work(out.group)
                 self.election.mark_committed(out.group)
                 self._account("ok", len(out.group), duration, out)
                 ctx.log.info("round %d committed by %d peers in %.2fs: phi %s -> %s (delta %s, weight %g)",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm_node.strategies.churn_profile import ChurnProfile
-from swarm_node.strategies.lowcomm.diloco import DiLoCoStrategy, _work, flatten, unflatten
+from swarm_node.strategies.lowcomm.diloco import DiLoCoStrategy, merged_work, _work, flatten, unflatten
 from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer, fragment_due, layer_fragments, merge, round_digest
 from swarm_node.strategies.rounds import RoundOutcome
 from swarm_node.strategies.state_transfer import StateTransferError
@@ -196,7 +196,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         duration = time.perf_counter() - t0
         if out.status == "committed":
             await self.ctx.compute(self._apply_fragment, f, out.result)
-            self.work += len(out.group)
+            self.work += merged_work(out.group)
             self.election.mark_committed(out.group)
             self._account("ok", len(out.group), duration, out)
             self.ctx.log.debug("fragment %d round %d committed (attempt %d): phi %s (delta %s)", f, flight.round_no,
