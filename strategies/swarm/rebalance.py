@@ -32,6 +32,17 @@ def choose_start_stage(counts: Sequence[int], capacities: Sequence[float], on_lo
     return min(pool, key=lambda k: ((capacities[k] if known else counts[k]), counts[k], k))
 
 
+def recovery_targets(empty: Sequence[int], my_stage: int, ever_seen: Sequence[bool], empty_reads: Sequence[int],
+                     patience_reads: float) -> list[int]:
+    """The empty server stages the designated mover may move into. A trainer (stage 0) fills
+    any: without every stage nothing trains. A server peer fills a stage that was served and
+    lost, or one empty for `patience_reads` reads in a row: longer than any arriving peer takes
+    to announce, so peers that joined together and all picked one stage spread out."""
+    if my_stage == 0:
+        return list(empty)
+    return [k for k in empty if ever_seen[k] or empty_reads[k] >= patience_reads]
+
+
 def designated_mover(peers_by_stage: Mapping[int, Sequence[str]],
                      trainer_steps: Mapping[str, int] | None = None) -> str | None:
     """The peer that moves to rebuild a lost stage: the lowest id of the most-populated

@@ -33,7 +33,7 @@ from swarm_node.strategies.rounds import averaging_layer, group_digest
 from swarm_node.strategies.swarm.checkfree import CheckFreeConfig, NotRecoverable, RecoveryPlan, is_body_key, plan_recovery, rebuild_state, \
     stage_route, swapped_pairs
 from swarm_node.strategies.swarm.metrics import SwarmMetrics
-from swarm_node.strategies.swarm.rebalance import choose_start_stage, designated_mover, rebalance_target
+from swarm_node.strategies.swarm.rebalance import choose_start_stage, designated_mover, rebalance_target, recovery_targets
 from swarm_node.strategies.swarm.router import BACKWARD_COST, NoPeers, StageRouter
 from swarm_node.strategies.swarm.stage import StageWorker
 from swarm_node.strategies.swarm.wire import COMPRESSIONS, Op, StageRecord, Status, encode_reply, encode_request, read_reply, \
@@ -493,9 +493,10 @@ class SwarmStrategy(Strategy):
 
     async def _maybe_recover(self) -> None:
         # empty = no live peer in two reads in a row (one missed DHT read is not a loss); lost =
-        # empty after having been served. A server peer moves only into a lost stage (at start-up
-        # stages are empty because peers are still arriving); a spare trainer fills any empty
-        # server stage, since without one nothing trains at all.
+        # empty after having been served. A server peer moves into a lost stage, or into one that
+        # stayed empty for longer than any arriving peer takes to announce (peers that joined
+        # together may all have picked the same stage); a spare trainer fills any empty server
+        # stage, since without one nothing trains at all.
         empty = [k for k in range(1, self.S) if self.empty_reads[k] >= 2]
         if not empty or self._pending_move is not None:
             return
@@ -504,7 +505,9 @@ class SwarmStrategy(Strategy):
         if designated_mover(peers, trainer_steps) != self.ctx.peer_id:
             return
         me = self.worker.index
-        targets = empty if me == 0 else [k for k in empty if self.ever_seen[k]]
+        cfg = self.ctx.config
+        patience = (cfg.ttl_s + 2 * cfg.announce_interval_s) / cfg.announce_interval_s  # reads
+        targets = recovery_targets(empty, me, self.ever_seen, self.empty_reads, patience)
         if not targets:
             return
         k = targets[0]

@@ -11,7 +11,7 @@ import torch
 from swarm_node.train.model import GPTConfig, build_model
 from swarm_node.protocol import codec
 from swarm_node.protocol.records import RecordError
-from swarm_node.strategies.swarm.rebalance import choose_start_stage, designated_mover, rebalance_target
+from swarm_node.strategies.swarm.rebalance import choose_start_stage, designated_mover, rebalance_target, recovery_targets
 from swarm_node.strategies.swarm.router import NoPeers, StageRouter, round_robin
 from swarm_node.strategies.swarm.stage import StageWorker
 from swarm_node.strategies.swarm.wire import Op, StageRecord, encode_request, read_request
@@ -313,3 +313,14 @@ def test_checkfree_retries_an_unreachable_neighbour_then_copies_the_one_that_ans
     assert methods == {"copy": 1} and tries == sw.RECOVERY_FETCH_ATTEMPTS
     body = {k: v for k, v in lost.module.state_dict().items() if k.startswith("blocks.")}
     assert all(torch.equal(v, donor.module.state_dict()[k]) for k, v in body.items())  # the copy, not the init
+
+
+def test_a_stage_nobody_ever_served_is_filled_once_every_arriving_peer_had_time_to_announce():
+    """Three peers joined together and all picked stage 1: stage 2 was never served. A server
+    peer waits for late announcements (patience), then the designated mover fills it; a lost
+    stage (served before) is filled at once; a trainer fills any empty stage."""
+    never, lost = [False, True, False], [False, True, True]
+    assert recovery_targets([2], 1, never, [0, 0, 2], patience_reads=6) == []  # peers may still be arriving
+    assert recovery_targets([2], 1, never, [0, 0, 6], patience_reads=6) == [2]  # nobody came: spread out
+    assert recovery_targets([2], 1, lost, [0, 0, 2], patience_reads=6) == [2]  # served, then lost
+    assert recovery_targets([1, 2], 0, never, [0, 2, 2], patience_reads=6) == [1, 2]  # a trainer fills any
