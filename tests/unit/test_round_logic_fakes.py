@@ -20,6 +20,7 @@ import time
 from types import SimpleNamespace
 from typing import Callable
 
+import pytest
 import torch
 
 from swarm_node.config import NodeConfig
@@ -37,6 +38,16 @@ TINY = GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=16)
 DATA = ByteDataset(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8))
 RUN_ID = "run"
 FAST = dict(allreduce_transport="p2p", round_timeout_s=1.0, record_ttl_s=0.6)  # ttl: how long a suspect is skipped
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread, as the live nodes run (--threads 1): on a loaded box a thread pool
+    per step makes a peer's steps, and so everyone's rounds, stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class _Record:
@@ -182,14 +193,14 @@ def test_diloco_swarm_keeps_its_progress_when_a_frozen_leader_comes_back():
         frozen_at = peers[leader].round_no
         start = max(peers[f].round_no for f in followers)
         await wait_until(lambda: all(sum(r["group_size"] == 2 and r["round"] >= start for r in oks(peers[f])) >= 4
-                                     for f in followers), 5, "rounds of two without the leader")
+                                     for f in followers), 10, "rounds of two without the leader")
         thawed_at = max(peers[f].round_no for f in followers)
         swarm.thaw(leader)
-        await asyncio.wait_for(asyncio.gather(*tasks.values()), 6)
+        await asyncio.wait_for(asyncio.gather(*tasks.values()), 10)
         await net.close()
         return swarm, leader, followers, frozen_at, thawed_at
 
-    swarm, leader, followers, frozen_at, thawed_at = run(go(), 15)
+    swarm, leader, followers, frozen_at, thawed_at = run(go(), 25)
     peers = swarm.peers
     assert thawed_at >= frozen_at + 4  # the followers really went on while it was frozen
     for f in followers:
@@ -248,3 +259,45 @@ def test_diloco_quorum_goes_on_without_a_slow_leader_which_then_downloads_the_co
     assert len({peers[f].ctx.trainer.param_hash() for f in fast}) == 1
     assert len({peers[f].phi_hash for f in fast}) == 1
     assert all(peers[f].ctx.trainer.step == max_steps for f in fast)
+
+
+# ---------------------------------------------------------------------- streaming: dead leader
+def test_streaming_diloco_retries_the_fragment_round_its_dead_leader_aborted():
+    """1. Three streaming-diloco peers (H=4, P=2, τ=1: a fragment round every 2 steps) commit
+       rounds of three.
+    2. The leader (lowest id) is killed (handlers, streams and tasks gone) as the first member
+       dials it its commit vote: the fragment round in flight aborts on both members.
+    3. The round is retried at its apply step, under the next leader.
+    Result: each member has an aborted round whose round number later commits, in a group of
+    the two survivors led by the lowest surviving id (a retry, not a skip); both reach
+    max_steps and end on one φ."""
+    max_steps = 24
+
+    async def go():
+        net = InMemoryNetwork()
+        swarm = Swarm(net)
+        for name in "abc":
+            swarm.add(name, StreamingDiLoCoStrategy, "streaming-diloco", inner_steps=4, fragments=2,
+                      overlap_steps=1, mix_alpha=0.5, max_steps=max_steps, **FAST)
+        leader, *members = swarm.ids()
+        peers = swarm.peers
+        tasks = await swarm.run()
+        await wait_until(lambda: all(sum(r["group_size"] == 3 for r in oks(peers[m])) >= 2 for m in members), 4,
+                         "fragment rounds of three")
+        net.on_stream("round.commit", lambda caller, callee: swarm.kill(callee), callee=leader)
+        await asyncio.wait_for(asyncio.gather(*(tasks[m] for m in members)), 8)
+        await net.close()
+        return swarm, leader, members, tasks[leader]
+
+    swarm, leader, members, leader_task = run(go(), 12)
+    peers = swarm.peers
+    assert leader_task.cancelled()  # the kill really happened
+    for m in members:
+        h = peers[m].round_history
+        retried = [r["round"] for i, r in enumerate(h) if r["outcome"] == "error" and any(
+            later["outcome"] == "ok" and later["round"] == r["round"] and later["group_size"] == 2
+            and later["peer"] == members[0] for later in h[i + 1:])]
+        assert retried, history(peers[m])
+        assert not any(r["outcome"] == "resync" for r in h), history(peers[m])
+    assert len({peers[m].phi_hash for m in members}) == 1
+    assert all(peers[m].ctx.trainer.step == max_steps for m in members)
