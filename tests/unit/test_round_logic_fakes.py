@@ -81,6 +81,9 @@ class Swarm:
         self.peers: dict[str, Strategy] = {}  # peer id -> strategy
         self.names: dict[str, str] = {}  # peer id -> name
         self.gone: set[str] = set()
+        # True: a record shows once its peer is past its start-up download (as when the live test
+        # starts the others after the first, which waits for --min-peers meanwhile)
+        self.online_only = False
         self.logs: dict[str, list[str]] = {}
         self.gates: dict[str, asyncio.Event] = {}  # cleared: the peer's compute thread is stopped
         # peer -> async hook(fn) run at its compute calls until it returns True (a fault at a step)
@@ -115,7 +118,8 @@ class Swarm:
         me = t.peer_id
         membership = SimpleNamespace(
             others=lambda: [SimpleNamespace(peer_id=p, record=_Record(s)) for p, s in self.peers.items()
-                            if p != me and p not in self.gone and not self.net.is_cut(me, p)],
+                            if p != me and p not in self.gone and not self.net.is_cut(me, p)
+                            and (not self.online_only or s.ctx.progress.state == "online")],
             now=time.monotonic, left_since=lambda since, strategy=None: 0)
         ctx = SimpleNamespace(config=NodeConfig(strategy=strategy, **cfg), spec=SimpleNamespace(run_id=RUN_ID, seq_len=16),
                               peer_id=me, transport=t, membership=membership, metrics=NodeMetrics(strategy),
@@ -311,3 +315,42 @@ def test_streaming_diloco_retries_the_fragment_round_its_dead_leader_aborted():
         assert not any(r["outcome"] == "resync" for r in h), history(peers[m])
     assert len({peers[m].phi_hash for m in members}) == 1
     assert all(peers[m].ctx.trainer.step == max_steps for m in members)
+
+
+# ---------------------------------------------------------------------- noloco: pairs and the odd one
+def test_noloco_three_peers_pair_up_and_the_odd_one_skips():
+    """1. Three noloco peers (H=5) train 50 steps: 10 pair rounds. Each pairs the sorted live
+       peers by the round's seed (the real LeaderElection over the fake records), so each
+       round has one pair and one odd peer.
+    Result: every peer accounts for all 10 rounds; in every round exactly two peers exchanged,
+    each naming the other, and the third skipped as the odd one out; the replicas end with
+    three different weights (NoLoCo has no global commit)."""
+    H, max_steps, rounds = 5, 50, 10
+
+    async def go():
+        net = InMemoryNetwork()
+        swarm = Swarm(net)
+        swarm.online_only = True
+        for name in "abc":
+            swarm.add(name, NoLoCoStrategy, "noloco", inner_steps=H, max_steps=max_steps, min_peers=3, **FAST)
+        tasks = await swarm.run()
+        await asyncio.wait_for(asyncio.gather(*tasks.values()), 8)
+        await net.close()
+        return swarm
+
+    swarm = run(go(), 12)
+    peers = swarm.peers
+    for p, s in peers.items():
+        assert len(s.round_history) == rounds, (swarm.names[p], history(s))
+        assert [r["round"] for r in s.round_history] == list(range(1, rounds + 1)), history(s)
+        assert s.ctx.trainer.step == max_steps
+    for k in range(1, rounds + 1):
+        this = {p: next(r for r in s.round_history if r["round"] == k) for p, s in peers.items()}
+        paired = sorted(p for p, r in this.items() if r["outcome"] == "ok")
+        assert len(paired) == 2, {swarm.names[p]: (r["outcome"], r["peer"][-8:]) for p, r in this.items()}
+        a, b = paired
+        assert this[a]["peer"] == b and this[b]["peer"] == a
+        (odd,) = set(peers) - set(paired)
+        assert this[odd]["outcome"] == "no_peers" and this[odd]["peer"] == ""
+    assert len({s.ctx.trainer.param_hash() for s in peers.values()}) == 3  # NoLoCo replicas are not identical
+    assert len({tuple(r["peer"] for r in s.round_history) for s in peers.values()}) > 1  # partners vary
