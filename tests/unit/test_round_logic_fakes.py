@@ -1,6 +1,7 @@
-"""The live round-logic scenarios of tests/live/test_node_live.py, in one event loop: real
-DiLoCo / Streaming DiLoCo strategies (their RoundCoordinator, LeaderElection and StateService)
-over `InMemoryNetwork`, a tiny model, the compute thread as a plain call.
+"""The live round-logic scenarios of tests/live/test_node_live.py, in one event loop: the real
+DiLoCo, Streaming DiLoCo and NoLoCo strategies (RoundCoordinator, LeaderElection, StateService)
+over `InMemoryNetwork` with a tiny model. Stand-ins: peer records (`Swarm`), and the compute
+thread as a plain call (a gate on it models SIGSTOP).
 
 Shown, each mirroring the live test of the same name:
 - diloco_swarm_keeps_its_progress_when_a_frozen_leader_comes_back: the followers of a frozen
