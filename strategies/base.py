@@ -161,7 +161,11 @@ class Strategy(abc.ABC):
         # peers, fresher than records (whose stores and reads stall while part of the DHT is cut off).
         if ms.now() - self.quorum.committed_at <= self.ctx.config.ttl_s:
             have = max(have, self.quorum.last_group)
-        return have, self.quorum.needed(ms.left_since(self.quorum.committed_at, self.name))
+        # A draining peer announces LEAVING first and then finishes its round, so its leave can be
+        # seen just before the commit that still counted it: leaves up to one record lifetime
+        # before the commit count too.
+        left = ms.left_since(self.quorum.committed_at - self.ctx.config.ttl_s, self.name)
+        return have, self.quorum.needed(left)
 
     def note_committed(self, group_size: int) -> None:
         """A round this peer applied committed with `group_size` contributors: the group the

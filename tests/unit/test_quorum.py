@@ -234,3 +234,18 @@ def test_a_stale_sync_leader_whose_followers_are_a_step_ahead_catches_up_from_th
     result = StepResult(step=7, loss=1.0, grads=[torch.ones(3)], num_samples=4, duration_s=0.0)
     assert asyncio.run(s._lead(result)) == (None, "resync", 0)
     assert caught_up and caught_up[0][0] == "b" and "step 8" in caught_up[0][1]
+
+
+def test_a_drained_peer_seen_leaving_just_before_the_commit_that_counted_it_lowers_the_bar():
+    """Two peers commit; the other is drained: it announces LEAVING, then finishes that round,
+    so its leave is seen a moment BEFORE the commit that still counted it. The one left must
+    go on alone (a quorum of 1), not wait for a peer that said it is gone."""
+    ctx = _ctx([])
+    left_at = time.time()
+    ctx.membership.left_since = lambda since, strategy=None: 1 if left_at >= since else 0
+    s = _Gated(ctx)
+    s.quorum.committed(2, at=left_at + 0.2)
+    have, need = s.quorum_counts()
+    assert need == 1, (have, need)
+    s.quorum.committed(2, at=left_at + 60)  # a leave long before the last commit is not this group's
+    assert s.quorum_counts()[1] == 2
