@@ -14,19 +14,35 @@ a peer keeps its shard when the membership changes (two peers may share one; see
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
 FEISTEL_ROUNDS = 4  # Luby-Rackoff: four rounds of a good round function look random enough for a shuffle
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)  # splitmix64 finalizer constants
-_MIX2 = np.uint64(0x94D049BB133111EB)
+MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64 finalizer constants
+_MIX1, _MIX2 = np.uint64(MIX1), np.uint64(MIX2)
+U64 = (1 << 64) - 1
+SMALL_BATCH = 64
 
 
 def _key(*parts: object) -> int:
     digest = hashlib.sha256("|".join(str(p) for p in ("swarm-sampler", *parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little")
+
+
+@functools.lru_cache(maxsize=4096)
+def _round_keys(key: int) -> tuple[int, ...]:
+    return tuple(_key(key, r) for r in range(FEISTEL_ROUNDS))
+
+
+def _mix_int(x: int, key: int) -> int:
+    """`_mix` on one Python int (uint64 arithmetic made explicit with the mask)."""
+    z = (x ^ key) & U64
+    z = ((z ^ (z >> 30)) * MIX1) & U64
+    z = ((z ^ (z >> 27)) * MIX2) & U64
+    return z ^ (z >> 31)
 
 
 def _mix(x: np.ndarray, key: int) -> np.ndarray:
@@ -52,7 +68,10 @@ class Permutation:
         bits = max(2, (self.n - 1).bit_length())
         half = np.uint64((bits + 1) // 2)
         mask = np.uint64((1 << int(half)) - 1)
-        keys = [_key(self.key, r) for r in range(FEISTEL_ROUNDS)]
+        keys = _round_keys(self.key)
+        if x.size <= SMALL_BATCH:  # a step's batch: plain ints beat numpy's per-call overhead
+            return np.array([self._one(int(v), int(half), int(mask), keys) for v in x.reshape(-1)],
+                            dtype=np.int64).reshape(x.shape)
 
         def rounds(v: np.ndarray) -> np.ndarray:
             left, right = v >> half, v & mask
@@ -66,6 +85,16 @@ class Permutation:
             out[outside] = rounds(out[outside])
             outside = out >= np.uint64(self.n)
         return out.astype(np.int64)
+
+    def _one(self, v: int, half: int, mask: int, keys: tuple[int, ...]) -> int:
+        """The same bijection as the vectorised path, for one index, in Python ints."""
+        while True:
+            left, right = v >> half, v & mask
+            for k in keys:
+                left, right = right, left ^ (_mix_int(right, k) & mask)
+            v = (left << half) | right
+            if v < self.n:
+                return v
 
 
 @dataclass(frozen=True)

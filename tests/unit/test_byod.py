@@ -344,3 +344,15 @@ def test_data_shards_enter_the_run_spec_only_when_changed():
     other = load_config({"strategy": "sync", "data_shards": 8}).run_spec()
     assert other.digest() != base.digest()
     assert load_config({"strategy": "sync", "data_rank": 3}).run_spec().digest() == base.digest()
+
+
+def test_the_small_batch_path_of_the_permutation_is_the_same_bijection():
+    """A step's batch goes through plain ints, larger arrays through numpy: one function."""
+    from swarm_node.train.sampler import SMALL_BATCH, Permutation
+
+    for n in (2, 3, 17, 1000, 65_537, 1_000_003):
+        p = Permutation(n, 12345)
+        idx = np.arange(min(n, 5 * SMALL_BATCH))
+        whole = p(idx)  # numpy
+        pieces = np.concatenate([p(idx[i:i + SMALL_BATCH]) for i in range(0, len(idx), SMALL_BATCH)])
+        assert (whole == pieces).all(), n
