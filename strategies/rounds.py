@@ -91,10 +91,15 @@ class _LeaderRound:
                 self.on_freeze(len(self.expected - set(self.joined)))
 
     def abandon(self, run_id: str) -> None:
-        """Freeze with nobody in the group: no one, the leader included, commits this round."""
+        """Freeze with nobody in the group: no one, the leader included, commits this round.
+        It is decided (aborted) at once, so the next join of this round number, after the
+        leader adopted the member's state, opens a fresh epoch instead of finding it frozen."""
         if not self.frozen.is_set():
             self.joined.clear()
             self.freeze(run_id)
+        if self.decision is None and not self.group:
+            self.decision = False
+            self.decided.set()
 
     def vote(self, peer: str, complete: bool, result_hash: str) -> None:
         if peer in self.group:

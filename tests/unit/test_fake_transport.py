@@ -402,18 +402,22 @@ def test_a_member_cut_off_from_the_leader_aborts_the_others_commit_and_it_resync
 
 
 def test_a_leader_behind_a_member_with_more_work_commits_nothing_and_hands_over():
-    """1. Two peers after a split: the leader (lowest id) at round 7 with 5 member-rounds of work,
-       the member at round 9 with 9 (its side merged more).
+    """1. Two peers after a split, both at round 7: the leader (lowest id) holds a state with 5
+       member-rounds of work, the member a different state with 9 (its side merged more).
     2. Both run their round.
     Result: the member is told the leader is behind (aborted, to retry), the leader's callback
     names the member to adopt from, and the leader's own join commits nothing: no local-only
-    outer step on the stale side."""
+    outer step on the stale side.
+    3. The leader adopts the member's state (same round number), and both run round 7 again.
+    Result: it commits on both. The handed-over round is over, not pending: a round left
+    frozen with an empty group and no verdict turned every later join of that round number
+    away ("joined after the group froze") until the peers stopped."""
 
     async def go():
         net = InMemoryNetwork(max_message_bytes=WIRE_CAP)
         ids = sorted(net.transport(n).peer_id for n in "ab")
         leader, member = ids
-        state = {leader: (7, "stale"), member: (9, "fresh")}
+        state = {leader: (7, "stale"), member: (7, "fresh")}
         work = {leader: 5, member: 9}
         behind: list[str] = []
         rcs = {}
@@ -430,10 +434,16 @@ def test_a_leader_behind_a_member_with_more_work_commits_nothing_and_hands_over(
         vecs = _vectors(ids)
         tasks = {p: net.spawn(p, rcs[p].run_round(state[p][0], state[p][1], *vecs[p])) for p in ids}
         outs = dict(zip(tasks, await asyncio.gather(*tasks.values())))
+        state[leader], work[leader] = state[member], work[member]  # the adoption
+        tasks = {p: net.spawn(p, rcs[p].run_round(state[p][0], state[p][1], *vecs[p])) for p in ids}
+        again = dict(zip(tasks, await asyncio.gather(*tasks.values())))
         await net.close()
-        return leader, member, behind, outs
+        return leader, member, behind, outs, again
 
-    leader, member, behind, outs = run(go())
+    leader, member, behind, outs, again = run(go())
     assert behind == [member]
     assert outs[member].status == "aborted" and "LEADER_BEHIND" in outs[member].detail
     assert outs[leader].status != "committed", outs[leader]
+    for p in (leader, member):
+        assert again[p].status == "committed", again[p].detail
+    assert again[leader].result_hash == again[member].result_hash
