@@ -115,7 +115,7 @@ def _instrument(stats: _Stats) -> None:
     from hivemind.p2p import P2P
     from hivemind.proto.p2pd_pb2 import RPCError
 
-    from swarm_node.protocol import allreduce as ar
+    from swarm_node.protocol.averaging import butterfly as ar
     from swarm_node.protocol import bulk_tcp, codec
 
     orig_finite = bulk_tcp.check_finite
@@ -220,7 +220,7 @@ async def _worker_main(rank: int, cfg: dict, cmd_q, res_q) -> None:
     from multiaddr import Multiaddr
 
     from swarm_node.protocol import codec
-    from swarm_node.protocol.allreduce import ButterflyAllReduce, shard_bounds
+    from swarm_node.protocol.averaging.butterfly import ButterflyAllReduce, shard_bounds
     from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
     from swarm_node.protocol.transport import MAX_MESSAGE, Transport
 

@@ -6,8 +6,8 @@
   clock.py      the swarm's shared clock (DHT time)
   codec.py      torch tensors <-> protobuf tensor messages (chunked, size- and dtype-checked)
   transport.py  protobuf streams between peers over hivemind's P2P; bytes counted per channel
-  allreduce.py  weighted butterfly all-reduce of one flat vector among a frozen group
   bulk_tcp.py   the all-reduce's bulk data path on direct TCP sockets
-  averaging/    how peers combine tensors (weighted means)
+  averaging/    how peers combine tensors: butterfly all-reduce, round transactions, state
+                transfer, weighted means, the deadlines of every exchange
   pb/           code generated from proto/*.proto (never edited by hand)
 """

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 # the gather overlap on one full-duplex connection. The REPLY is therefore sent before the
 # outcome is known; only the TRAILER says whether the payload counts (OK and every member
 # counted), so a reader must not use the payload before the trailer.
-# Nothing here knows about rounds or what the weights mean: protocol/allreduce.py does.
+# Nothing here knows about rounds or what the weights mean: protocol/averaging/butterfly.py does.
 MAGIC = b"SNB1"
 TOKEN_BYTES = 32
 PROOF_BYTES = TOKEN_BYTES // 2

@@ -16,6 +16,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+from enum import Enum
 from typing import AsyncIterator, Callable, Iterable, TypeVar
 
 import torch
@@ -30,14 +31,33 @@ MAX_MESSAGE = 1 << 20  # chunk size for tensor streams; far below p2pd's framing
 Handler = Callable[[AsyncIterator[Message], str], AsyncIterator[Message]]
 
 
+class Unavailable(str, Enum):
+    """Why a peer is not taking part now."""
+    DEADLINE = "deadline"  # it did not answer (or finish answering) in time
+    FAILED = "failed"  # the dial failed, its handler raised, or it sent something unusable
+    CLOSED = "closed"  # its stream ended before the first reply
+    GONE = "gone"  # it left the membership view while we waited on it
+
+
 class PeerUnavailable(Exception):
-    """A peer could not be reached, failed, or missed the deadline."""
+    """A peer could not be reached, failed, or missed the deadline; `reason` says which."""
+
+    def __init__(self, message: str, reason: Unavailable = Unavailable.FAILED):
+        super().__init__(message)
+        self.reason = reason
+
+    @property
+    def timed_out(self) -> bool:
+        return self.reason is Unavailable.DEADLINE
 
 
 class ClosedWithoutAnswer(PeerUnavailable):
     """The peer's stream ended before its first reply. Seen now and then on live streams
     (about one round RPC in 15-50 on a loaded box) while both sides are healthy, so an
     idempotent request may simply be sent again."""
+
+    def __init__(self, message: str):
+        super().__init__(message, Unavailable.CLOSED)
 
 
 class Transport:
@@ -103,7 +123,8 @@ class Transport:
                 received += 1
                 yield reply
         except asyncio.TimeoutError:
-            raise PeerUnavailable(f"{peer_id[-8:]} missed the {timeout_s:.1f}s deadline for {method}") from None
+            raise PeerUnavailable(f"{peer_id[-8:]} missed the {timeout_s:.1f}s deadline for {method}",
+                                  Unavailable.DEADLINE) from None
         except asyncio.CancelledError:
             raise
         except PeerUnavailable:

@@ -6,8 +6,6 @@
   churn_profile.py   ChurnProfile: how the churn lab runs and judges a strategy; generic scenarios
   solo.py sync.py    the baselines; data_parallel.py is their shared step loop
   leader.py          who coordinates a round; quorum.py the run-long quorum of sync and gradcode
-  rounds.py          averaging rounds as transactions (freeze, all-reduce, vote, commit)
-  state_transfer.py  hand a replica to a joiner or a peer that drifted
 Subpackages, one per family:
   lowcomm/   diloco, streaming-diloco, noloco and their outer-loop math
   swarm/     SWARM pipeline parallelism with CheckFree stage recovery

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+from swarm_node.protocol.averaging.deadlines import Deadlines
 from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.options import NoOptions, StrategyOptions
 from swarm_node.strategies.quorum import QuorumRule
@@ -65,6 +66,11 @@ class StrategyContext:
     on_step: Callable[[], "asyncio.Future[None] | Any"]  # node hook: eval, checkpoint, heartbeat
     log: logging.Logger
 
+    @property
+    def deadlines(self) -> Deadlines:
+        """Every wait of an exchange, derived from `round_timeout_s`."""
+        return Deadlines(self.config.round_timeout_s)
+
 
 class Strategy(abc.ABC):
     name: ClassVar[str]
@@ -76,6 +82,15 @@ class Strategy(abc.ABC):
     options: ClassVar[type[StrategyOptions]] = NoOptions
     # how the churn lab runs and judges it (None: the generic scenarios, no consistency check)
     churn_profile: ClassVar[ChurnProfile | None] = None
+
+    # True: the node's held-out loss comes from `evaluate()`, not from the local model (which
+    # is not what this strategy trains, e.g. a pipeline whose stages live on other peers)
+    evaluates_itself: ClassVar[bool] = False
+
+    async def evaluate(self) -> float | None:
+        """Held-out loss of what this strategy trains, when `evaluates_itself`; None: nothing
+        to report now (the node keeps its last value)."""
+        return None
 
     def checkpoint_state(self) -> dict[str, Any] | None:
         """What this strategy must keep across a full stop (tensors, numbers, strings, lists and

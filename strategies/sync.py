@@ -24,14 +24,15 @@ import torch
 
 from swarm_node.protocol import codec
 from swarm_node.protocol.messages import wire
-from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message, receive_tensor_list
+from swarm_node.protocol.transport import (MAX_MESSAGE, PeerUnavailable, Unavailable, drain, first_message,
+                                           receive_tensor_list)
 from swarm_node.train.trainer import StepResult
 
 from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.data_parallel import DataParallelStrategy
 from swarm_node.strategies.leader import LeaderElection
 from swarm_node.protocol.averaging.mean import weighted_mean
-from swarm_node.strategies.state_transfer import StateService
+from swarm_node.protocol.averaging.state_transfer import StateService
 
 PUSH = "sync.push"
 Status = wire.SyncReply.Status
@@ -92,7 +93,7 @@ class SyncStrategy(DataParallelStrategy):
         self.rounds: dict[int, ReduceRound] = {}
         self._last_group: set[str] = set()  # leader: contributors of the round it last committed
         self.election = LeaderElection(ctx, self.name, prefer_progress=True)
-        self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.config.round_timeout_s * 3)
+        self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.deadlines.state_download)
         params = ctx.trainer.parameters_list()
         self._shapes = [tuple(p.shape) for p in params]
         self._numel = sum(p.numel() for p in params)
@@ -149,7 +150,7 @@ class SyncStrategy(DataParallelStrategy):
         rnd.leader_ready.set()
         rnd.add(self.ctx.peer_id, result.grads, result.num_samples)
         try:
-            await asyncio.wait_for(rnd.closed.wait(), self.ctx.config.round_timeout_s)
+            await asyncio.wait_for(rnd.closed.wait(), self.ctx.deadlines.gather)
         except asyncio.TimeoutError:
             missing = sorted(rnd.expected - set(rnd.contributions))
             self.ctx.metrics.stragglers.inc(len(missing))
@@ -191,7 +192,7 @@ class SyncStrategy(DataParallelStrategy):
         async def exchange() -> None:
             nonlocal status, detail, contributors
             async for reply in ctx.transport.call(leader, PUSH, pushes(), wire.SyncReply,
-                                                  timeout_s=ctx.config.round_timeout_s * 2 + 10, channel="averaging"):
+                                                  timeout_s=ctx.deadlines.star_reply, channel="averaging"):
                 status, detail = reply.status, reply.detail
                 if status != Status.SYNC_STATUS_OK:
                     return
@@ -203,7 +204,7 @@ class SyncStrategy(DataParallelStrategy):
         except PeerUnavailable as e:
             ctx.log.warning("round %d: leader unavailable (%s); retrying the step without it", result.step, e)
             self.election.suspect(leader)
-            return None, "timeout" if "deadline" in str(e) else "error", 0
+            return None, "timeout" if e.timed_out else "error", 0
         except codec.CodecError as e:
             ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
             ctx.log.warning("round %d: leader's average rejected: %s", result.step, e)
@@ -236,7 +237,7 @@ class SyncStrategy(DataParallelStrategy):
                 elif gone_since is None:
                     gone_since = time.monotonic()
                 elif time.monotonic() - gone_since >= LEADER_GONE_S:
-                    raise PeerUnavailable(f"{leader[-8:]} left the membership view mid-round")
+                    raise PeerUnavailable(f"{leader[-8:]} left the membership view mid-round", Unavailable.GONE)
         finally:
             if not task.done():
                 task.cancel()
@@ -257,7 +258,7 @@ class SyncStrategy(DataParallelStrategy):
     # ------------------------------------------------------------ leader side RPC
     async def _rpc_push(self, requests: AsyncIterator[wire.SyncPush], caller: str) -> AsyncIterator[wire.SyncReply]:
         ctx = self.ctx
-        timeout = ctx.config.round_timeout_s
+        timeout = ctx.deadlines.request
         first = await first_message(requests, timeout)
         if first is None:
             return

@@ -1,4 +1,8 @@
 """The averaging layer: how peers combine tensors.
 
-  mean.py   weighted means of tensor lists (fp32, order-deterministic)
+  butterfly.py       weighted butterfly all-reduce of one flat vector among a frozen group
+  transaction.py     a round as a transaction: join, freeze a group, all-reduce, vote, commit
+  state_transfer.py  hand a replica (weights, optimizer, strategy state) to a peer that needs it
+  mean.py            weighted means of tensor lists (fp32, order-deterministic)
+  deadlines.py       every wait of an exchange, derived from `round_timeout_s`
 """

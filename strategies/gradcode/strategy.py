@@ -32,7 +32,7 @@ from swarm_node.strategies.base import Strategy
 from swarm_node.strategies.gradcode.round import CodedRound, chosen_stragglers, make_plan
 from swarm_node.strategies.gradcode.codes import build_code
 from swarm_node.strategies.leader import LeaderElection
-from swarm_node.strategies.state_transfer import StateService
+from swarm_node.protocol.averaging.state_transfer import StateService
 from swarm_node.strategies.gradcode.options import GradcodeOptions
 
 ROUND = "gradcode.round"
@@ -122,7 +122,7 @@ class GradientCodingStrategy(Strategy):
         cfg = ctx.config
         self.scheme, self.s, self.code_seed = cfg.gc_scheme, cfg.gc_stragglers, cfg.seed
         self.election = LeaderElection(ctx, self.name, prefer_progress=True)
-        self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3)
+        self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.deadlines.state_download)
         self.rounds: dict[int, CodedRound] = {}
         self.attempts: dict[int, int] = {}
         params = ctx.trainer.parameters_list()
@@ -171,7 +171,7 @@ class GradientCodingStrategy(Strategy):
         if not decoded:
             return
         last = max(decoded, key=lambda r: r.step)
-        deadline = time.monotonic() + min(self.ctx.config.round_timeout_s, self.ctx.config.shutdown_grace_s)
+        deadline = time.monotonic() + min(self.ctx.deadlines.gather, self.ctx.config.shutdown_grace_s)
 
         def waiting() -> set[str]:  # live peers (plan members or not) that still lack the last step
             live = {m.peer_id for m in self.election.peers() if m.record.state != "leaving"}
@@ -195,7 +195,7 @@ class GradientCodingStrategy(Strategy):
         request = gc_pb.CodedRoundRequest(run_id=ctx.spec.run_id, step=step, param_hash=my_hash)
         replies = (self._serve_round(request, me) if leader == me else
                    ctx.transport.call(leader, ROUND, [request], gc_pb.CodedRoundReply,
-                                      timeout_s=ctx.config.round_timeout_s * 2 + 10, channel="averaging"))
+                                      timeout_s=ctx.deadlines.star_reply, channel="averaging"))
         reader = _ResultReader(replies, self._shapes, self._numel)
         computed, planned = None, False
         try:
@@ -212,7 +212,7 @@ class GradientCodingStrategy(Strategy):
             ctx.log.warning("step %d: aggregator %s unavailable (%s); retrying", step, leader[-8:], e)
             if not isinstance(e, StreamEnded):
                 self.election.suspect(leader)
-            self._account("timeout" if "deadline" in str(e) else "error", 0, time.perf_counter() - t0, leader)
+            self._account("timeout" if e.timed_out else "error", 0, time.perf_counter() - t0, leader)
             return False
         except codec.CodecError as e:
             ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
@@ -310,7 +310,7 @@ class GradientCodingStrategy(Strategy):
             status, detail = P.PUSH_REJECTED, "no reply"
             try:
                 async for reply in ctx.transport.call(leader, PUSH, pushes(), gc_pb.CodedPushReply,
-                                                      timeout_s=ctx.config.round_timeout_s + 10, channel="averaging"):
+                                                      timeout_s=ctx.deadlines.coded_partial, channel="averaging"):
                     status, detail = reply.status, reply.detail
                     break
             except PeerUnavailable as e:
@@ -388,7 +388,7 @@ class GradientCodingStrategy(Strategy):
         attempt = self.attempts.get(step, 0) + 1
         self.attempts[step] = attempt
         plan = make_plan(step, attempt, self._members(), self.scheme, self.s, self.code_seed)
-        rnd = self.rounds[step] = CodedRound(plan, self.ctx.config.round_timeout_s,
+        rnd = self.rounds[step] = CodedRound(plan, self.ctx.deadlines.gather,
                                              min_replies=self.quorum_counts()[1])
         for old in [k for k in self.rounds if k < max(self.rounds) - RESULTS_KEPT]:
             self._forget(self.rounds.pop(old))
@@ -426,7 +426,7 @@ class GradientCodingStrategy(Strategy):
         if leader != ctx.peer_id:
             yield gc_pb.CodedRoundReply(status=R.CODED_NOT_LEADER, leader_hint=leader, detail=leader)
             return
-        if not await self._quorum(ctx.config.round_timeout_s):
+        if not await self._quorum(ctx.deadlines.gather):
             yield gc_pb.CodedRoundReply(status=R.CODED_FAILED, detail="the aggregator is still waiting for peers")
             return
         if caller != ctx.peer_id:
@@ -572,7 +572,7 @@ class GradientCodingStrategy(Strategy):
     # ---------------------------------------------------------------- RPC handlers
     async def _rpc_round(self, requests: AsyncIterator[gc_pb.CodedRoundRequest],
                          caller: str) -> AsyncIterator[gc_pb.CodedRoundReply]:
-        timeout = self.ctx.config.round_timeout_s
+        timeout = self.ctx.deadlines.request
         req = await first_message(requests, timeout)
         if req is None:
             return
@@ -582,7 +582,7 @@ class GradientCodingStrategy(Strategy):
 
     async def _rpc_push(self, requests: AsyncIterator[gc_pb.CodedPush], caller: str) -> AsyncIterator[gc_pb.CodedPushReply]:
         ctx = self.ctx
-        timeout = ctx.config.round_timeout_s
+        timeout = ctx.deadlines.request
         first = await first_message(requests, timeout)
         if first is None:
             return

@@ -5,7 +5,7 @@ Round r, on every member:
   join round r with hash(φ)  ·  butterfly all-reduce of Δ (weighted)  ·  vote  ·  on commit:
   φ ← OuterSGD(φ, Δ̄) (lr 0.7, Nesterov 0.9)  ·  θ ← φ  ·  r ← r + 1
 
-Invariants (see rounds.py for the transaction):
+Invariants (see protocol/averaging/transaction.py):
 - φ and the outer momentum change only on a committed round, identically on every member, so
   hash(φ) agrees across the swarm; a member whose hash or round differs is told to resync and
   downloads φ, momentum, round and the inner state from the leader.
@@ -28,8 +28,8 @@ from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.base import Strategy
 from swarm_node.strategies.leader import LeaderElection
 from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer, pseudo_gradient, round_digest
-from swarm_node.strategies.rounds import RoundCoordinator, averaging_layer
-from swarm_node.strategies.state_transfer import StateService, StateTransferError
+from swarm_node.protocol.averaging.transaction import RoundCoordinator, RoundStatus, averaging_layer
+from swarm_node.protocol.averaging.state_transfer import StateService, StateTransferError
 from swarm_node.strategies.lowcomm.options import DiLoCoOptions
 
 MAX_ATTEMPTS = 5  # with backoff 0.5, 1, 2, 4 s: membership views converge meanwhile
@@ -85,7 +85,7 @@ class DiLoCoStrategy(Strategy):
         self.round_no = 0
         self.weight = 1.0
         # member-rounds merged into φ (+ group size per commit; taken over on adoption): after a
-        # split, the side whose φ holds more work keeps it (see rounds.py); rounds of one count 0
+        # split, the side whose φ holds more work keeps it (see the transaction's `_admit`); rounds of one count 0
         self.work = 0
         self._adopt_from: str | None = None  # set on the leader when a member's φ holds more work
         self._overtaken = False  # set on a late leader once its round committed without it
@@ -97,7 +97,7 @@ class DiLoCoStrategy(Strategy):
             state_fn=lambda: (self.round_no, self.phi_hash), on_stragglers=ctx.metrics.stragglers.inc,
             work_fn=lambda: self.work, on_behind=self._behind, open_on_first_join=cfg.round_grace_s is not None,
             on_left_out=self._left_out)
-        self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3,
+        self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.deadlines.state_download,
                                   extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore,
                                   snapshot_guard=self._snapshot_guard)
 
@@ -207,10 +207,10 @@ class DiLoCoStrategy(Strategy):
             out = await self.rounds.run_round(self.round_no, self.phi_hash, self.weight, delta, leader=hint)
             hint = None
             duration = time.perf_counter() - t0
-            if out.status == "not_leader" and out.leader in self.election.expected():
+            if out.status is RoundStatus.NOT_LEADER and out.leader in self.election.expected():
                 hint = out.leader  # ask the peer it named, once, without waiting
                 continue
-            if out.status == "committed":
+            if out.status is RoundStatus.COMMITTED:
                 before = self.phi_hash
                 await ctx.compute(self._apply, out.result)
                 self.work += merged_work(out.group)
@@ -220,7 +220,7 @@ class DiLoCoStrategy(Strategy):
                              self.round_no - 1, len(out.group), duration, before, self.phi_hash,
                              out.result_hash, self.weight)
                 return
-            if out.status == "resync":
+            if out.status is RoundStatus.RESYNC:
                 self._account("resync", 0, duration, out)
                 await self._adopt(out.leader, out.detail, min_round=out.round_no)
                 return
@@ -264,7 +264,7 @@ class DiLoCoStrategy(Strategy):
     def _aborted(self, out, duration_s: float) -> None:
         """Count an aborted round; a leader that was unreachable or lost is skipped for a while."""
         self._account("error", len(out.group), duration_s, out)
-        if "unreachable" in out.detail or "lost" in out.detail:
+        if out.cause.leader_at_fault:
             self.election.suspect(out.leader)
 
     def _account(self, outcome: str, size: int, duration_s: float, out) -> None:

@@ -31,7 +31,7 @@ from swarm_node.strategies.base import Strategy
 from swarm_node.strategies.lowcomm.diloco import COMPRESSIONS, load_params
 from swarm_node.strategies.leader import LeaderElection
 from swarm_node.strategies.lowcomm.outer_math import noloco_update, pair_peers, pairing_seed, replica_spread
-from swarm_node.strategies.state_transfer import StateService, StateTransferError
+from swarm_node.protocol.averaging.state_transfer import StateService, StateTransferError
 from swarm_node.strategies.lowcomm.options import NoLoCoOptions
 
 PAIR = "pair.exchange"
@@ -60,7 +60,7 @@ class NoLoCoStrategy(Strategy):
         self._posted: dict[int, asyncio.Event] = {}
         self._incoming: dict[int, asyncio.Future] = {}
         self._active_round = -1  # the round our loop is exchanging in
-        self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=cfg.round_timeout_s * 3,
+        self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.deadlines.state_download,
                                   extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore)
 
     async def start(self) -> None:
@@ -146,7 +146,7 @@ class NoLoCoStrategy(Strategy):
                 theirs = await self._initiate(partner, round_no, theta)
             else:
                 theirs = await asyncio.wait_for(asyncio.shield(self._incoming[round_no]),
-                                                ctx.config.round_timeout_s)
+                                                ctx.deadlines.gather)
         except asyncio.TimeoutError:
             self._account("timeout", 1, time.perf_counter() - t0, partner, "partner did not arrive in time")
             return
@@ -168,7 +168,7 @@ class NoLoCoStrategy(Strategy):
 
         assembler = codec.ChunkAssembler.for_shapes(self.shapes)
         async for reply in self.ctx.transport.call(partner, PAIR, pushes(), rpb.PairReply,
-                                                   timeout_s=self.ctx.config.round_timeout_s * 2 + 5,
+                                                   timeout_s=self.ctx.deadlines.exchange,
                                                    channel="averaging"):
             if reply.status != PairStatus.PAIR_STATUS_OK:
                 raise _Refused(f"{partner[-8:]}: {PairStatus.Name(reply.status)} {reply.detail}")
@@ -176,7 +176,7 @@ class NoLoCoStrategy(Strategy):
         return assembler.result()
 
     async def _rpc_pair(self, requests: AsyncIterator[rpb.PairPush], caller: str) -> AsyncIterator[rpb.PairReply]:
-        ctx, timeout = self.ctx, self.ctx.config.round_timeout_s
+        ctx, timeout = self.ctx, self.ctx.deadlines.request
         first = await first_message(requests, timeout)
         if first is None:
             return

@@ -26,8 +26,8 @@ import torch
 from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.lowcomm.diloco import DiLoCoStrategy, merged_work, _work, flatten, unflatten
 from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer, fragment_due, layer_fragments, merge, round_digest
-from swarm_node.strategies.rounds import RoundOutcome
-from swarm_node.strategies.state_transfer import StateTransferError
+from swarm_node.protocol.averaging.transaction import RoundOutcome, RoundStatus
+from swarm_node.protocol.averaging.state_transfer import StateTransferError
 from swarm_node.strategies.lowcomm.options import StreamingOptions
 
 FRAGMENT_ATTEMPTS = 3  # backoff 0.5 s, 1 s: a dead member's absence is settled by the grace window
@@ -81,7 +81,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         loop holds `_step_lock` for a step and its sends/applies; since τ < H/P there is a gap
         between steps with nothing in flight, so the wait is short. It is bounded anyway: a
         stale snapshot only costs the adopter one more resync."""
-        deadline = time.monotonic() + 2 * self.ctx.config.round_timeout_s
+        deadline = time.monotonic() + self.ctx.deadlines.in_flight_round
         while True:
             await self._step_lock.acquire()
             if not self.pending or time.monotonic() >= deadline:
@@ -169,7 +169,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
 
     async def _round(self, round_no: int, phi_hash: str, weight: float, delta: torch.Tensor) -> RoundOutcome:
         out = await self.rounds.run_round(round_no, phi_hash, weight, delta)
-        if out.status == "not_leader" and out.leader in self.election.expected():
+        if out.status is RoundStatus.NOT_LEADER and out.leader in self.election.expected():
             # our view of the leader is off (e.g. we suspected it after one lost reply): ask the
             # peer it named, once, as diloco does; skipping instead would train on alone, fast
             out = await self.rounds.run_round(round_no, phi_hash, weight, delta, leader=out.leader)
@@ -194,7 +194,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         f, t0 = flight.fragment, time.perf_counter()
         out: RoundOutcome = await flight.task
         duration = time.perf_counter() - t0
-        if out.status == "committed":
+        if out.status is RoundStatus.COMMITTED:
             await self.ctx.compute(self._apply_fragment, f, out.result)
             self.work += merged_work(out.group)
             self.election.mark_committed(out.group)
@@ -202,7 +202,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
             self.ctx.log.debug("fragment %d round %d committed (attempt %d): phi %s (delta %s)", f, flight.round_no,
                                attempt, self.phi_hash, out.result_hash)
             return True
-        if out.status == "resync":
+        if out.status is RoundStatus.RESYNC:
             self._account("resync", 0, duration, out)
             for other in self.pending.values():
                 other.task.cancel()  # this attempt's task is done already

@@ -61,7 +61,7 @@ async def _member_main(rank: int, cmd_q, res_q) -> None:
     from multiaddr import Multiaddr
 
     from swarm_node.protocol import bulk_tcp
-    from swarm_node.protocol.allreduce import OFFER_METHOD, ButterflyAllReduce
+    from swarm_node.protocol.averaging.butterfly import OFFER_METHOD, ButterflyAllReduce
     from swarm_node.protocol.pb import swarm_node_bulk_pb2 as bpb
     from swarm_node.protocol.transport import Transport
 

@@ -6,9 +6,9 @@ import asyncio
 import pytest
 import torch
 
-from swarm_node.protocol.allreduce import _Reduction, shard_bounds
+from swarm_node.protocol.averaging.butterfly import _Reduction, shard_bounds
 from swarm_node.strategies.lowcomm.diloco import flatten, unflatten
-from swarm_node.strategies.rounds import _LeaderRound, group_digest
+from swarm_node.protocol.averaging.transaction import _LeaderRound, group_digest
 
 
 @pytest.mark.parametrize("numel,parts", [(10, 3), (3, 5), (0, 2), (1000, 1), (7, 7)])
@@ -109,7 +109,7 @@ def test_lossy_shard_is_used_exactly_as_the_others_decode_it(name):
     """A reducer must keep the compressed-then-decoded mean of its own shard (what the other
     members receive), or members hold different vectors and a lossy round never commits."""
     from swarm_node.protocol import codec
-    from swarm_node.protocol.allreduce import ButterflyAllReduce
+    from swarm_node.protocol.averaging.butterfly import ButterflyAllReduce
     from swarm_node.strategies.lowcomm.diloco import COMPRESSIONS
 
     ar = ButterflyAllReduce(transport=None, timeout_s=1, compression=COMPRESSIONS[name])
@@ -127,7 +127,7 @@ def test_lossy_shard_is_used_exactly_as_the_others_decode_it(name):
 def test_an_aborted_round_is_retried_as_a_fresh_epoch():
     """A retry must get a new epoch, group id and vote: reusing the aborted round (its group id,
     its cached 'abort') would make a round that failed once fail forever."""
-    from swarm_node.strategies.rounds import RoundCoordinator
+    from swarm_node.protocol.averaging.transaction import RoundCoordinator
 
     async def go():
         class T:  # the minimum of Transport the leader-side bookkeeping touches
@@ -157,7 +157,7 @@ def test_an_aborted_round_is_retried_as_a_fresh_epoch():
 def test_members_left_out_of_a_frozen_group_are_counted_as_stragglers():
     """The deadline quorum: the leader freezes without expected members that missed the grace
     window, and counts them; a round everyone joined counts nothing."""
-    from swarm_node.strategies.rounds import RoundCoordinator
+    from swarm_node.protocol.averaging.transaction import RoundCoordinator
 
     counted: list[int] = []
 
@@ -181,7 +181,7 @@ def test_a_round_rpc_whose_stream_closed_without_a_reply_is_sent_once_more():
     live p2p streams while both sides are fine) is retried once; a second silent close, or a
     missed deadline, is still an error."""
     from swarm_node.protocol.transport import ClosedWithoutAnswer, PeerUnavailable
-    from swarm_node.strategies.rounds import RoundCoordinator
+    from swarm_node.protocol.averaging.transaction import RoundCoordinator
 
     class T:
         peer_id = "a"
@@ -219,7 +219,7 @@ def test_a_leader_behind_a_member_with_more_merged_work_adopts_instead_of_resync
     otherwise the leader is told to adopt (on_behind), its own pending round is frozen so it
     does not wait out the grace window, and the member hears LEADER_BEHIND (retry)."""
     from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
-    from swarm_node.strategies.rounds import JoinStatus, RoundCoordinator
+    from swarm_node.protocol.averaging.transaction import JoinStatus, RoundCoordinator
 
     class T:
         peer_id = "a"
@@ -251,7 +251,7 @@ def test_the_leader_answers_a_join_before_the_members_deadline_runs_out():
     import time as _time
 
     from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
-    from swarm_node.strategies.rounds import JoinStatus, RoundCoordinator
+    from swarm_node.protocol.averaging.transaction import JoinStatus, RoundCoordinator
 
     class T:
         peer_id = "a"
@@ -274,7 +274,7 @@ def test_in_a_quorum_a_late_leader_does_not_set_the_pace_and_then_downloads_the_
     its own late join waits for the decision and, on commit, is told to resync from a member.
     Without the quorum the window waits for the leader: no freeze without it."""
     from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
-    from swarm_node.strategies.rounds import JoinStatus, RoundCoordinator
+    from swarm_node.protocol.averaging.transaction import JoinStatus, RoundCoordinator
 
     class T:
         peer_id = "a"

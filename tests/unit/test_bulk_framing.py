@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from swarm_node.protocol import bulk_tcp, codec
-from swarm_node.protocol.allreduce import ButterflyAllReduce, _Reduction
+from swarm_node.protocol.averaging.butterfly import ButterflyAllReduce, _Reduction
 from swarm_node.protocol.bulk_tcp import BulkError
 
 

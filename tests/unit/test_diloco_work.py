@@ -10,7 +10,7 @@ import asyncio
 import torch
 
 from swarm_node.strategies.lowcomm.diloco import DiLoCoStrategy, merged_work
-from swarm_node.strategies.rounds import RoundOutcome
+from swarm_node.protocol.averaging.transaction import RoundOutcome
 from tests.unit.test_strategy_checkpoint import _ctx
 
 

@@ -25,11 +25,11 @@ import torch
 from swarm_node.config import NodeConfig
 from swarm_node.metrics import NodeMetrics
 from swarm_node.protocol import codec
-from swarm_node.protocol.allreduce import ButterflyAllReduce
+from swarm_node.protocol.averaging.butterfly import ButterflyAllReduce
 from swarm_node.protocol.messages import wire
 from swarm_node.protocol.transport import (MAX_MESSAGE, ClosedWithoutAnswer, PeerUnavailable, first_message,
                                            receive_tensor_list)
-from swarm_node.strategies.rounds import RoundCoordinator, RoundOutcome, averaging_layer, tensor_digest
+from swarm_node.protocol.averaging.transaction import RoundCoordinator, RoundOutcome, averaging_layer, tensor_digest
 from tests.fakes.transport import FakeTransport, InMemoryNetwork
 
 WIRE_CAP = MAX_MESSAGE + 256  # a chunk plus its wrapper's fields: larger means chunking is broken

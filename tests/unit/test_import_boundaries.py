@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PKG = "swarm_node"
 FAMILIES = ("lowcomm", "swarm", "sapo", "gradcode")
-SHARED = ("base", "churn_profile", "data_parallel", "leader", "options", "quorum", "rounds", "state_transfer")
+SHARED = ("base", "churn_profile", "data_parallel", "leader", "options", "quorum")
 NODE_MAY_IMPORT = ("base", "churn_profile", "options", "registry")
 
 

@@ -1,9 +1,10 @@
-"""The live round-logic scenarios of tests/live/test_node_live.py, in one event loop: the real
-DiLoCo, Streaming DiLoCo and NoLoCo strategies (RoundCoordinator, LeaderElection, StateService)
-over `InMemoryNetwork` with a tiny model. Stand-ins: peer records (`Swarm`), and the compute
-thread as a plain call (a gate on it models SIGSTOP).
+"""Round-logic scenarios in one event loop: the real DiLoCo, Streaming DiLoCo and NoLoCo
+strategies (RoundCoordinator, LeaderElection, StateService) over `InMemoryNetwork` with a tiny
+model. Stand-ins: peer records (`Swarm`), and the compute thread as a plain call (a gate on it
+models SIGSTOP). The first three replace live tests; over real daemons the same paths run in the
+namespace churn scenarios (kills; a partitioned peer back with a stale φ) and test_node_live.py.
 
-Shown, each mirroring the live test of the same name:
+Shown:
 - diloco_swarm_keeps_its_progress_when_a_frozen_leader_comes_back: the followers of a frozen
   leader commit rounds of two; thawed, it adopts their φ (work rule), never the reverse.
 - diloco_quorum_goes_on_without_a_slow_leader_which_then_downloads_the_commit: rounds commit
@@ -24,6 +25,7 @@ from typing import Callable
 import pytest
 import torch
 
+from swarm_node.protocol.averaging.deadlines import Deadlines
 from swarm_node.config import NodeConfig
 from swarm_node.metrics import NodeMetrics
 from swarm_node.strategies.base import Progress, Strategy
@@ -126,6 +128,7 @@ class Swarm:
                               peer_id=me, transport=t, membership=membership, metrics=NodeMetrics(strategy),
                               trainer=build_trainer(TINY, TrainConfig(batch_size=2, seed=0), DATA, peer=len(self.peers)),
                               compute=compute, progress=Progress(), should_stop=lambda: False, on_step=on_step, log=log)
+        ctx.deadlines = Deadlines(ctx.config.round_timeout_s)
         s = cls(ctx)
         self.peers[me], self.names[me], self.logs[me], self.gates[me] = s, name, lines, gate
         return s

@@ -9,13 +9,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from swarm_node.protocol.averaging.deadlines import Deadlines
 from swarm_node.config import NodeConfig
 from swarm_node.metrics import NodeMetrics
 from swarm_node.strategies.base import Progress
 from swarm_node.strategies.lowcomm.diloco import DiLoCoStrategy
 from swarm_node.strategies.lowcomm.noloco import NoLoCoStrategy
 from swarm_node.strategies.lowcomm.outer_math import round_digest
-from swarm_node.strategies.state_transfer import StateTransferError
+from swarm_node.protocol.averaging.state_transfer import StateTransferError
 from swarm_node.train.data import ByteDataset
 from swarm_node.train.model import GPTConfig
 from swarm_node.train.trainer import TrainConfig, build_trainer
@@ -33,7 +34,8 @@ def _ctx(strategy: str, **cfg):
     return SimpleNamespace(config=NodeConfig(strategy=strategy, **cfg), spec=SimpleNamespace(run_id="r"),
                            trainer=trainer, transport=None, compute=compute, peer_id="me",
                            metrics=NodeMetrics(strategy), progress=Progress(), should_stop=lambda: False,
-                           log=logging.getLogger("test"), membership=None)
+                           log=logging.getLogger("test"), membership=None,
+                           deadlines=Deadlines(NodeConfig().round_timeout_s))
 
 
 def _save_and_reload(strategy, cls, tmp_path, name: str, **cfg):

@@ -11,13 +11,14 @@ from types import SimpleNamespace
 
 import torch
 
+from swarm_node.protocol.averaging.deadlines import Deadlines
 from swarm_node.config import NodeConfig
 from swarm_node.train.data import ByteDataset
 from swarm_node.metrics import NodeMetrics
 from swarm_node.train.model import GPTConfig
 from swarm_node.strategies.lowcomm import streaming as streaming_diloco
 from swarm_node.strategies.base import Progress
-from swarm_node.strategies.rounds import RoundOutcome
+from swarm_node.protocol.averaging.transaction import RoundOutcome
 from swarm_node.strategies.lowcomm.streaming import StreamingDiLoCoStrategy
 from swarm_node.train.trainer import TrainConfig, build_trainer
 
@@ -45,7 +46,8 @@ def _strategy(outcomes: list[RoundOutcome]) -> tuple[StreamingDiLoCoStrategy, Sc
 
     ctx = SimpleNamespace(config=cfg, spec=SimpleNamespace(run_id="r"), trainer=trainer, transport=None,
                           compute=compute, peer_id="me", metrics=NodeMetrics("streaming-diloco"), progress=Progress(),
-                          should_stop=lambda: False, log=logging.getLogger("test"), membership=None)
+                          should_stop=lambda: False, log=logging.getLogger("test"), membership=None,
+                          deadlines=Deadlines(cfg.round_timeout_s))
     s = StreamingDiLoCoStrategy(ctx)
     s.rounds = ScriptedRounds(outcomes)
     with torch.no_grad():  # as if inner steps ran: θ differs from φ

@@ -9,7 +9,7 @@ import torch
 from swarm_node.train.data import ByteDataset
 from swarm_node.train.model import GPTConfig
 from swarm_node.strategies import registry
-from swarm_node.strategies.state_transfer import StateTransferError, restore, snapshot
+from swarm_node.protocol.averaging.state_transfer import StateTransferError, restore, snapshot
 from swarm_node.strategies.leader import pick_leader
 from swarm_node.strategies.sync import ReduceRound, weighted_mean
 from swarm_node.train.trainer import TrainConfig, build_trainer

@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import AsyncIterator, Callable
 
 import torch
 
-from swarm_node.protocol.allreduce import AllReduceOutcome, ButterflyAllReduce, path_counter
+from swarm_node.protocol.averaging.butterfly import AllReduceOutcome, ButterflyAllReduce, path_counter
+from swarm_node.protocol.averaging.deadlines import Deadlines
 from swarm_node.protocol.messages import rounds as rpb
 from swarm_node.protocol.transport import ClosedWithoutAnswer, PeerUnavailable, Transport, drain, first_message
 
@@ -52,9 +54,31 @@ def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(t.reshape(-1).numpy()).cast("B")).hexdigest()[:16]
 
 
+class RoundStatus(str, Enum):
+    COMMITTED = "committed"  # every member of the frozen group agreed on `result`
+    ABORTED = "aborted"  # nothing applies; `cause` says why
+    RESYNC = "resync"  # our state is behind: download it from `leader` (round `round_no`)
+    NOT_LEADER = "not_leader"  # the peer we asked is not the leader; `leader` is its hint
+
+
+class AbortCause(str, Enum):
+    NONE = ""
+    LEADER_UNREACHABLE = "leader_unreachable"  # the join never got an answer from the leader
+    LEADER_LOST = "leader_lost"  # the leader vanished between our join and its decision
+    REFUSED = "refused"  # the leader answered the join with something other than OK
+    LEFT_OUT = "left_out"  # the group froze without us
+    INCOMPLETE = "incomplete"  # the all-reduce missed a member's part
+    DISAGREED = "disagreed"  # members voted different results
+
+    @property
+    def leader_at_fault(self) -> bool:
+        """The leader could not be reached: worth suspecting it for a while."""
+        return self in (AbortCause.LEADER_UNREACHABLE, AbortCause.LEADER_LOST)
+
+
 @dataclass
 class RoundOutcome:
-    status: str  # committed | aborted | resync | not_leader (leader = the hinted one)
+    status: RoundStatus  # (a str enum: compares equal to its value)
     result: torch.Tensor | None = None
     group: list[str] = field(default_factory=list)
     detail: str = ""
@@ -62,6 +86,10 @@ class RoundOutcome:
     allreduce: AllReduceOutcome | None = None
     round_no: int = -1  # for resync: the round the downloaded state must have reached
     result_hash: str = ""  # tensor_digest of result, as voted
+    cause: AbortCause = AbortCause.NONE
+
+    def __post_init__(self) -> None:
+        self.status, self.cause = RoundStatus(self.status), AbortCause(self.cause)
 
 
 @dataclass
@@ -136,6 +164,7 @@ class RoundCoordinator:
         # frozen group (fast peers are not held hostage) and counted here
         self.on_stragglers = on_stragglers
         self.timeout_s, self.grace_s = timeout_s, grace_s
+        self.deadlines = Deadlines(timeout_s)
         self.allreduce, self.leader_fn, self.expected_fn, self.state_fn = allreduce, leader_fn, expected_fn, state_fn
         self._rounds: dict[int, _LeaderRound] = {}
         # work_fn: member-rounds merged into this peer's shared state; on_behind(peer): called
@@ -160,18 +189,21 @@ class RoundCoordinator:
             else:
                 reply = await self._call_one(leader, JOIN, join, rpb.RoundJoinReply, self.grace_s + self.timeout_s)
         except PeerUnavailable as e:
-            return RoundOutcome("aborted", detail=f"leader unreachable: {e}", leader=leader)
+            return RoundOutcome(RoundStatus.ABORTED, detail=f"leader unreachable: {e}", leader=leader,
+                                cause=AbortCause.LEADER_UNREACHABLE)
         if reply.status == JoinStatus.ROUND_STATUS_RESYNC:
             # the hint names whom to download from when it is not the leader (a leader left out)
-            return RoundOutcome("resync", detail=reply.detail, leader=reply.leader_hint or leader, round_no=reply.round)
+            return RoundOutcome(RoundStatus.RESYNC, detail=reply.detail, leader=reply.leader_hint or leader, round_no=reply.round)
         if reply.status == JoinStatus.ROUND_STATUS_NOT_LEADER and reply.leader_hint:
-            return RoundOutcome("not_leader", detail=f"{leader[-8:]} points to {reply.leader_hint[-8:]}",
+            return RoundOutcome(RoundStatus.NOT_LEADER, detail=f"{leader[-8:]} points to {reply.leader_hint[-8:]}",
                                 leader=reply.leader_hint)
         if reply.status != JoinStatus.ROUND_STATUS_OK:
-            return RoundOutcome("aborted", detail=f"{JoinStatus.Name(reply.status)} {reply.detail}", leader=leader)
+            return RoundOutcome(RoundStatus.ABORTED, detail=f"{JoinStatus.Name(reply.status)} {reply.detail}", leader=leader,
+                                cause=AbortCause.REFUSED)
         group = list(reply.group)
         if me not in group:
-            return RoundOutcome("aborted", detail="left out of the frozen group", group=group, leader=leader)
+            return RoundOutcome(RoundStatus.ABORTED, detail="left out of the frozen group", group=group, leader=leader,
+                                cause=AbortCause.LEFT_OUT)
         ar = await self.allreduce.run(reply.group_id, group, vector, weight)
         # off the event loop: hashing 100 MB there stalls every handler of this peer (sha256
         # releases the GIL)
@@ -181,16 +213,19 @@ class RoundCoordinator:
             if leader == me:
                 commit = await self._lead_vote(me, vote)
             else:
-                decision = await self._call_one(leader, VOTE, vote, rpb.CommitDecision, self.timeout_s * 2 + 5)
+                decision = await self._call_one(leader, VOTE, vote, rpb.CommitDecision,
+                                                  self.deadlines.exchange)
                 commit = decision.commit
         except PeerUnavailable as e:
-            return RoundOutcome("aborted", detail=f"leader lost during commit: {e}", group=group, leader=leader,
-                                allreduce=ar)
+            return RoundOutcome(RoundStatus.ABORTED, detail=f"leader lost during commit: {e}", group=group,
+                                leader=leader, allreduce=ar, cause=AbortCause.LEADER_LOST)
         if commit and ar.result is not None:
-            return RoundOutcome("committed", ar.result, group, leader=leader, allreduce=ar, result_hash=result_hash)
+            return RoundOutcome(RoundStatus.COMMITTED, ar.result, group, leader=leader, allreduce=ar,
+                                result_hash=result_hash)
+        cause = AbortCause.INCOMPLETE if not ar.complete else AbortCause.DISAGREED
         why = "incomplete all-reduce" if not ar.complete else "members disagreed"
-        return RoundOutcome("aborted", detail=f"{why}; missing {[p[-8:] for p in ar.failed]}", group=group,
-                            leader=leader, allreduce=ar)
+        return RoundOutcome(RoundStatus.ABORTED, detail=f"{why}; missing {[p[-8:] for p in ar.failed]}", group=group,
+                            leader=leader, allreduce=ar, cause=cause)
 
     async def _call_one(self, peer: str, method: str, msg, reply_type, timeout_s: float):
         """One request, one reply. Join and vote are idempotent at the leader (a second join of
@@ -316,7 +351,7 @@ class RoundCoordinator:
         it downloads the state from a member (RESYNC with that member as the hint), and an
         abort means the round will be retried as a new epoch, with the leader in it."""
         try:
-            await asyncio.wait_for(rnd.decided.wait(), self.timeout_s * 2 + 1)
+            await asyncio.wait_for(rnd.decided.wait(), self.deadlines.left_out_leader)
         except asyncio.TimeoutError:
             pass
         if rnd.decision:
@@ -340,7 +375,7 @@ class RoundCoordinator:
             return rpb.CommitDecision(commit=False, detail="unknown round")
         rnd.vote(caller, vote.complete, vote.result_hash)
         try:
-            await asyncio.wait_for(rnd.voted.wait(), self.timeout_s * 2)
+            await asyncio.wait_for(rnd.voted.wait(), self.deadlines.shard_parts)
         except asyncio.TimeoutError:
             pass
         first = rnd.decision is None

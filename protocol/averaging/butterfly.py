@@ -6,12 +6,12 @@ streams its shard j to group[j] (its own shard stays local); the reducer average
 each contributor: about 2·(N−1)/N of the vector per peer, spread over all links.
 
 Contract:
-- The group and its `group_id` come from a coordinator (strategies/rounds.py); a push stamped
+- The group and its `group_id` come from a coordinator (transaction.py); a push stamped
   with another group id, a wrong shard index or a wrong size is rejected and counted.
 - A reducer waits for all members until `timeout_s`, then closes with who arrived. `complete`
   is true only if every shard came back with every member counted: a partial average is
   reported, never hidden (hivemind's averager silently fills missing parts with local values).
-- Nothing here commits anything: the caller decides (see rounds.py's commit vote).
+- Nothing here commits anything: the caller decides (see transaction.py's commit vote).
 - Data paths (p2p, tcp, auto) are chosen per (member, reducer) pair; see `ButterflyAllReduce`.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import AsyncIterator
 import torch
 
 from swarm_node.protocol import bulk_tcp, codec
+from swarm_node.protocol.averaging.deadlines import Deadlines
 from swarm_node.protocol.pb import swarm_node_bulk_pb2 as bpb
 from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
 from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, Transport, drain, first_message
@@ -247,6 +248,7 @@ class ButterflyAllReduce:
         if transport_mode not in TRANSPORT_MODES:
             raise ValueError(f"transport_mode must be one of {TRANSPORT_MODES}, got {transport_mode!r}")
         self.transport, self.timeout_s, self.compression = transport, timeout_s, compression
+        self.deadlines = Deadlines(timeout_s)
         self.max_numel = max_numel
         self.on_reject = on_reject or (lambda reason: None)
         self.on_path = on_path or (lambda path: None)
@@ -330,7 +332,7 @@ class ButterflyAllReduce:
         self._groups[group_id] = mine
         self._event(group_id).set()
         mine.add_local(me, vector[lo:hi], weight)
-        deadline = asyncio.get_running_loop().time() + self.timeout_s * 2 + 5
+        deadline = asyncio.get_running_loop().time() + self.deadlines.exchange
         paths = ["local"] * len(group)
         timings: list[dict[str, float]] = []  # per TCP exchange: where its time went
 
@@ -509,7 +511,7 @@ class ButterflyAllReduce:
             self.on_reject("malformed")
             yield bpb.BulkOfferReply(status=OfferStatus.BULK_STATUS_REJECTED, detail="not a member / wrong shard")
             return
-        token = self.bulk.issue((first.group_id, caller), ttl_s=self.timeout_s * 2 + 5)
+        token = self.bulk.issue((first.group_id, caller), ttl_s=self.deadlines.exchange)
         yield bpb.BulkOfferReply(status=OfferStatus.BULK_STATUS_OK, hosts=self.bulk.hosts, port=self.bulk.port,
                                  token=token)
 
@@ -518,7 +520,7 @@ class ButterflyAllReduce:
         segment for raw fp32), stream the mean back as it becomes final, then the trailer."""
         loop = asyncio.get_running_loop()
         group_id, caller = session
-        deadline = loop.time() + self.timeout_s * 2 + 5
+        deadline = loop.time() + self.deadlines.exchange
         red = self._groups.get(group_id)
 
         async def refuse(status: int, detail: str) -> None:
@@ -561,7 +563,7 @@ class ButterflyAllReduce:
             red.add(caller, x, weight, reserved=True)
             del x
             try:
-                await asyncio.wait_for(red.closed.wait(), self.timeout_s * 2)
+                await asyncio.wait_for(red.closed.wait(), self.deadlines.shard_parts)
             except asyncio.TimeoutError:
                 await refuse(bulk_tcp.TIMEOUT, "shard never closed")
                 return
@@ -640,7 +642,7 @@ class ButterflyAllReduce:
         n, status, detail = 0, None, ""
         try:
             async for reply in self.transport.call(peer, METHOD, messages(), rpb.ShardReply, channel="averaging",
-                                                   timeout_s=self.timeout_s * 2 + 5 if timeout_s is None else timeout_s):
+                                                   timeout_s=self.deadlines.exchange if timeout_s is None else timeout_s):
                 status, detail, n = reply.status, reply.detail, reply.num_contributors
                 if status != ShardStatus.SHARD_STATUS_OK:
                     break
@@ -691,7 +693,7 @@ class ButterflyAllReduce:
         try:
             red.add(caller, assembler.result()[0], float(first.weight))
             try:
-                await asyncio.wait_for(red.closed.wait(), self.timeout_s * 2)
+                await asyncio.wait_for(red.closed.wait(), self.deadlines.shard_parts)
             except asyncio.TimeoutError:
                 yield rpb.ShardReply(status=ShardStatus.SHARD_STATUS_TIMEOUT, detail="shard never closed")
                 return
