@@ -166,7 +166,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if extra[:1] == ["--"]:  # argparse keeps the separator in a REMAINDER argument
         extra = extra[1:]
     return run_demo(DemoOptions(peers=args.peers, strategy=args.strategy, steps=args.steps, run_id=args.run_id,
-                                workdir=args.workdir, compare_solo=args.compare_solo, extra=extra))
+                                workdir=args.workdir, compare_solo=args.compare_solo, model=args.model,
+                                data=args.data, extra=extra))
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--strategy", default=DEFAULT_STRATEGY)
     demo.add_argument("--steps", type=int, default=60)
     demo.add_argument("--run-id", default="demo")
+    demo.add_argument("--model", default="builtin",
+                      help="every peer's model: builtin, a local Hugging Face directory, or package.module:function")
+    demo.add_argument("--data", type=Path, default=None, help="every peer's training text or token shards")
     demo.add_argument("--workdir", type=Path, default=None, help="keep node state here (default: a temp dir)")
     demo.add_argument("--compare-solo", action=argparse.BooleanOptionalAction, default=True,
                       help="also train one solo node for the same steps and compare validation loss")

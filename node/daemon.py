@@ -459,8 +459,14 @@ class Node:
         if self.gate is not None:
             await self._spare_gpu_pause()
 
-    async def _evaluate(self) -> float:
-        self.progress.val_loss = await self.compute(self.trainer.evaluate)
+    async def _evaluate(self) -> float | None:
+        if self.strategy is not None and self.strategy.evaluates_itself:
+            val = await self.strategy.evaluate()
+            if val is None:  # nothing to measure now (a stage server, or the pipeline is incomplete)
+                return self.progress.val_loss
+            self.progress.val_loss = val
+        else:
+            self.progress.val_loss = await self.compute(self.trainer.evaluate)
         self.metrics.val_loss.set(self.progress.val_loss)
         self._val_step = self.trainer.step
         self._val_hash = await self.compute(self.trainer.param_hash)
@@ -646,7 +652,10 @@ class Node:
             try:
                 # re-evaluate if the weights moved since (e.g. DiLoCo's final outer step)
                 if self._val_step != self.trainer.step or self._val_hash != self.trainer.param_hash():
-                    await asyncio.wait_for(self._evaluate(), 30)
+                    try:
+                        await asyncio.wait_for(self._evaluate(), 30)
+                    except asyncio.TimeoutError:
+                        log.warning("the final evaluation took over 30 s: the summary keeps the last one")
                 self._write_summary()
             except Exception as e:
                 log.warning("could not write the run summary: %s", e)

@@ -30,7 +30,23 @@ class DemoOptions:
     run_id: str = "demo"
     workdir: Path | None = None
     compare_solo: bool = True
+    model: str = "builtin"  # as `join --model`: builtin, a Hugging Face directory, or package.module:function
+    data: Path | None = None  # as `join --data` (default: the node's built-in corpus)
     extra: list[str] = field(default_factory=list)
+
+    def node_args(self) -> list[str]:
+        return (["--model", self.model] if self.model != "builtin" else []) + (
+            ["--data", str(self.data)] if self.data is not None else [])
+
+    def problem(self) -> str | None:
+        """A setting that cannot work, named before any daemon starts."""
+        if self.peers < 1:
+            return "--peers must be at least 1"
+        if self.model != "builtin" and ":" not in self.model and not Path(self.model).is_dir():
+            return f"--model {self.model}: no such directory (a Hugging Face model directory, or package.module:function)"
+        if self.data is not None and not self.data.exists():
+            return f"--data {self.data}: no such file or directory"
+        return None
 
 
 def sparkline(values: list[float], width: int = 40) -> str:
@@ -73,17 +89,18 @@ def _progress_line(nodes: list[NodeProcess], steps: int) -> str:
 
 
 def run_demo(opts: DemoOptions) -> int:
-    if opts.peers < 1:
-        print("swarm-node demo: --peers must be at least 1", file=sys.stderr)
+    if (problem := opts.problem()) is not None:
+        print(f"swarm-node demo: {problem}", file=sys.stderr)
         return 2
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="swarm-node-demo-"))
     keep = opts.workdir is not None
     common = ["--host", "127.0.0.1", "--metrics-addr", "127.0.0.1:0", "--threads", "1",
               "--announce-interval-s", "2", "--status-interval-s", "30", "--max-steps", str(opts.steps),
-              "--eval-every", str(max(1, opts.steps // 6)), "--log-level", "WARNING", *opts.extra]
+              "--eval-every", str(max(1, opts.steps // 6)), "--log-level", "WARNING", *opts.node_args(),
+              *opts.extra]
     swarm = Swarm(workdir, common)
     t0 = time.monotonic()
-    print(f"starting {opts.peers} swarm-node daemons ({opts.strategy}) on 127.0.0.1"
+    print(f"starting {opts.peers} swarm-node daemons ({opts.strategy}, model {opts.model}) on 127.0.0.1"
           + (" and 1 solo baseline" if opts.compare_solo else "") + f"; state in {workdir}", flush=True)
     try:
         first = swarm.add("peer-1", ["--run-id", opts.run_id, "--strategy", opts.strategy,

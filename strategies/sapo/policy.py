@@ -151,6 +151,22 @@ class HFPolicy:
     def describe(self) -> str:
         return f"hf:{self.path.rstrip('/').rsplit('/', 1)[-1][:40]}"
 
+    def state(self) -> dict:
+        """Weights, optimizer and step count: what a restarted peer needs to go on training."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "steps": self.steps}
+
+    def load_state(self, state: dict) -> None:
+        """Take back `state()`; raises (changing nothing) when the weights do not fit this model."""
+        mine = self.model.state_dict()
+        theirs = state["model"]
+        bad = sorted(k for k in mine if k not in theirs or tuple(theirs[k].shape) != tuple(mine[k].shape))
+        if bad or set(theirs) - set(mine):
+            raise ValueError(f"the saved HF policy does not fit this model (first differing tensor: "
+                             f"{(bad or sorted(set(theirs) - set(mine)))[0]})")
+        self.model.load_state_dict(theirs)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])
+
     def _prompt_ids(self, prompt: str) -> list[int]:
         ids = self.tok(prompt)["input_ids"]  # with the model's special tokens (e.g. BOS), as it was trained
         if not ids:

@@ -196,6 +196,22 @@ class SapoStrategy(Strategy):
     def status(self) -> dict[str, Any]:
         return dict(self.ctx.progress.last_round)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        # a byte policy is the trainer's model, saved with the trainer; an HF policy is not
+        state: dict[str, Any] = {"rounds_done": self.rounds_done, "cumulative_reward": self.cumulative_reward}
+        if isinstance(self.policy, HFPolicy):
+            state["hf_policy"] = self.policy.state()
+        return state
+
+    def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        saved_hf = state.get("hf_policy")
+        if (saved_hf is not None) != isinstance(self.policy, HFPolicy):
+            raise ValueError("the checkpoint's policy kind (HF or byte) differs from this run's")
+        if saved_hf is not None:
+            self.policy.load_state(saved_hf)
+        self.rounds_done = int(state.get("rounds_done", 0))
+        self.cumulative_reward = float(state.get("cumulative_reward", 0.0))
+
     def summary(self) -> dict[str, Any]:
         return {"rounds": self.rounds_done, "cumulative_reward": self.cumulative_reward, "totals": dict(self.totals),
                 "policy": self.policy.describe(), "policy_steps": self._policy_steps(),
@@ -306,7 +322,7 @@ class SapoStrategy(Strategy):
         ctx, cfg = self.ctx, self.ctx.config
         if not await self.wait_for_peers():
             return
-        if ctx.trainer.step == 0 and cfg.sapo_warmstart_steps:
+        if self._policy_steps() == 0 and cfg.sapo_warmstart_steps:  # not again after a resume
             await ctx.compute(self._warm_start, cfg.sapo_warmstart_steps)
         if self.gossip is not None and not await self.gossip.wait_ready(30.0):
             ctx.log.warning("rollout sidecar not up after 30s: sharing by pull only until it is")

@@ -20,16 +20,17 @@ from functools import partial
 from typing import AsyncIterator
 
 import torch
+import torch.nn.functional as F
 
 from swarm_node.train.model import GPTConfig
 from swarm_node.protocol import codec
-from swarm_node.protocol.allreduce import ButterflyAllReduce
+from swarm_node.protocol.averaging.butterfly import ButterflyAllReduce
 from swarm_node.protocol.records import RecordError
 from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
 
 from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.base import Strategy
-from swarm_node.strategies.rounds import averaging_layer, group_digest
+from swarm_node.protocol.averaging.transaction import averaging_layer, group_digest
 from swarm_node.strategies.swarm.checkfree import CheckFreeConfig, NotRecoverable, RecoveryPlan, is_body_key, plan_recovery, rebuild_state, \
     stage_route, swapped_pairs
 from swarm_node.strategies.swarm.metrics import SwarmMetrics
@@ -44,6 +45,7 @@ METHOD = "swarm.stage"
 EDGE_PREFIX = "edge_copy."  # STATE reply keys of the next stage's head, held by stage S-2
 MAX_QUEUE = 64
 MICROBATCH_DEADLINE_S = 120.0
+EVAL_BATCHES = 8  # held-out batches per evaluation, as the local trainer uses
 RECOVERY_FETCH_ATTEMPTS = 3  # reads of a lost stage's neighbours, an announce interval apart
 HYSTERESIS = 0.20  # upper end of the usual 0.05-0.25: CPU timings on a shared box are noisy
 SERVE_EMA_ALPHA = 0.05
@@ -75,7 +77,7 @@ class SwarmStrategy(Strategy):
       stage stays empty that long, and that is counted.
     * Replica sync: replicas of a stage apply their own optimizer steps (one per
       --micro-batches backwards) and every --stage-average-interval-s (a DHT-clock epoch)
-      average their weights with the shared butterfly all-reduce (protocol/allreduce.py), the
+      average their weights with the shared butterfly all-reduce (protocol/averaging/butterfly.py), the
       group being the stage's online replicas in this peer's view; a round left incomplete by
       differing views falls back to a 50/50 mix with one random replica (pull gossip).
       Between rounds replicas differ; a cross-replica backward is exact only between identical
@@ -159,6 +161,47 @@ class SwarmStrategy(Strategy):
         self.allreduce: ButterflyAllReduce | None = None  # made in start(): it needs the transport
         self._avg_epoch = -1
         self._avg_task: asyncio.Task | None = None
+        self._saved: _SavedStage | None = None  # the stage this peer served before a full stop
+
+    # ================================================================ evaluation
+    evaluates_itself = True
+
+    async def evaluate(self) -> float | None:
+        """A trainer's held-out loss through the pipeline (stage 0 here, the others on their
+        servers, whole stages); None on a stage server, or when a stage could not be reached."""
+        w, spec = self.worker, self.ctx.spec
+        if w is None or w.index != 0 or not self.serving:
+            return None
+        total, n = 0.0, 0
+        try:
+            for x, y in self.ctx.trainer.dataset.val_batches(spec.batch_size, spec.seq_len, EVAL_BATCHES):
+                h = await self.ctx.compute(w.forward, x, "full")
+                for k in range(1, self.S):
+                    h = (await self._call(k, Op.STAGE_FORWARD, [h], f"eval.{uuid.uuid4().hex[:6]}"))[1][0]
+                total += float(F.cross_entropy(h.float().reshape(-1, h.shape[-1]), y.reshape(-1)))
+                n += 1
+        except (NoPeers, asyncio.TimeoutError, _Moving) as e:
+            self.ctx.log.info("held-out loss through the pipeline not measured: %s", e)
+            return None
+        return total / n if n else None
+
+    # ================================================================ checkpoint
+    def checkpoint_state(self) -> dict | None:
+        w = self.worker
+        if w is None:
+            return None
+        keys, tensors = w.state()
+        return {"stage": w.index, "stage_keys": keys, "stage_tensors": tensors, "stage_step": w.step,
+                "stage_optimizer": w.optimizer.state_dict(), "lr_scale": w.lr_scale, "trainer_steps": self.steps}
+
+    def restore_checkpoint_state(self, state: dict) -> None:
+        k = int(state["stage"])
+        keys, tensors = list(state["stage_keys"]), list(state["stage_tensors"])
+        if not 0 <= k < self.S or len(keys) != len(tensors):
+            raise ValueError(f"saved stage {k} does not fit a {self.S}-stage pipeline")
+        self._saved = _SavedStage(k, dict(zip(keys, tensors)), int(state["stage_step"]), state.get("stage_optimizer"),
+                                  float(state.get("lr_scale", 1.0)))
+        self.steps = int(state.get("trainer_steps", 0))
 
     # ================================================================ lifecycle
     async def start(self) -> None:
@@ -309,6 +352,8 @@ class SwarmStrategy(Strategy):
         want = self.ctx.config.stage
         if want != "auto":
             return int(want)
+        if self._saved is not None and not self.views[self._saved.index].online():
+            return self._saved.index  # nobody serves what we served before the stop: it is ours
         counts = [len(v.online()) for v in self.views]
         caps = [sum(r.throughput for r, _ in v.online().values()) for v in self.views]
         on_loan = [k for k in range(1, self.S)
@@ -338,6 +383,9 @@ class SwarmStrategy(Strategy):
         done = False
         if replicas:
             done = await self._download_replica(k, replicas)
+        saved, self._saved = self._saved, None  # only the first stage taken after a restart
+        if not done and saved is not None and saved.index == k:
+            done = await self._load_saved(saved)
         neighbours_trained = any(r.step > 0 for j in (k - 1, k + 1) if 0 <= j < self.S
                                  for r, _ in self.views[j].online().values())
         if not done and not replicas and neighbours_trained and reason != "start-fresh":
@@ -349,6 +397,24 @@ class SwarmStrategy(Strategy):
         self.serving = True
         await self._announce("online")
         ctx.log.info("serving stage %d (%s)", k, reason)
+
+    async def _load_saved(self, saved: _SavedStage) -> bool:
+        """Serve the stage from the checkpoint: weights, optimizer moments and step."""
+        def load() -> None:
+            keys, shapes = self.worker.expected_state()
+            if list(saved.tensors) != keys or [tuple(t.shape) for t in saved.tensors.values()] != shapes:
+                raise ValueError("its tensors differ from this stage's")
+            self.worker.load_state(saved.tensors, step=saved.step, fresh_optimizer=True, lr_scale=saved.lr_scale)
+            if saved.optimizer is not None:
+                self.worker.optimizer.load_state_dict(saved.optimizer)
+
+        try:
+            await self.ctx.compute(load)
+        except Exception as e:  # another model or pipeline shape: rebuild the stage as if new
+            self.ctx.log.warning("the checkpoint's stage %d does not fit (%s): not resumed", saved.index, e)
+            return False
+        self.ctx.log.info("resumed stage %d at its step %d from the checkpoint", saved.index, saved.step)
+        return True
 
     async def _download_replica(self, k: int, replicas: list[str]) -> bool:
         t0 = time.perf_counter()
@@ -373,10 +439,10 @@ class SwarmStrategy(Strategy):
         """(stage k's state dict, its last grad norm, its step, the edge copy it holds) or None."""
         req = encode_request(self.ctx.spec.run_id, Op.STAGE_STATE, k, "state", [], codec.NONE)
         try:
-            replies = self.ctx.transport.call(pid, METHOD, req, _reply_type(), timeout_s=self.ctx.config.round_timeout_s,
+            replies = self.ctx.transport.call(pid, METHOD, req, _reply_type(), timeout_s=self.ctx.deadlines.request,
                                               channel="state")
             first, tensors = await read_reply(replies, max_numel=self.max_numel, max_tensors=4096,
-                                              timeout_s=self.ctx.config.round_timeout_s)
+                                              timeout_s=self.ctx.deadlines.request)
         except (PeerUnavailable, codec.CodecError, asyncio.TimeoutError) as e:
             self.ctx.log.info("state of stage %d from %s failed: %s", k, pid[-8:], e)
             return None
@@ -707,7 +773,8 @@ class SwarmStrategy(Strategy):
         cfg = self.ctx.config
         router, opname = self.routers[k], ("forward" if op == Op.STAGE_FORWARD else "backward")
         size = tensors[0].shape[0] * (BACKWARD_COST if op == Op.STAGE_BACKWARD else 1.0)
-        timeout = cfg.round_timeout_s * (2.5 if op == Op.STAGE_BACKWARD else 1.0) + cfg.swarm_backward_delay_s
+        deadlines = self.ctx.deadlines
+        timeout = (deadlines.backward if op == Op.STAGE_BACKWARD else deadlines.request) + cfg.swarm_backward_delay_s
         deadline = time.monotonic() + MICROBATCH_DEADLINE_S
         attempt = 0
         while True:
@@ -730,7 +797,7 @@ class SwarmStrategy(Strategy):
                                                   channel="activations")
                 first, out = await read_reply(replies, max_numel=self.max_numel, max_tensors=1, timeout_s=timeout)
             except PeerUnavailable as e:
-                timed_out = "deadline" in str(e)
+                timed_out = e.timed_out
                 self.sm.rpcs.labels(stage=str(k), op=opname, outcome="timeout" if timed_out else "error").inc()
                 if timed_out:
                     router.report_timeout(pid)
@@ -768,7 +835,7 @@ class SwarmStrategy(Strategy):
     # ================================================================ server
     async def _rpc(self, requests: AsyncIterator, caller: str) -> AsyncIterator:
         cfg = self.ctx.config
-        first = await first_message(requests, cfg.round_timeout_s)
+        first = await first_message(requests, self.ctx.deadlines.request)
         if first is None:
             return
         w = self.worker
@@ -780,7 +847,7 @@ class SwarmStrategy(Strategy):
         if first.op == Op.STAGE_STATE:
             try:  # the shared header checks: run id, no tensors, no part
                 await read_request(first, requests, run_id=self.ctx.spec.run_id, max_numel=self.max_numel,
-                                   timeout_s=cfg.round_timeout_s)
+                                   timeout_s=self.ctx.deadlines.request)
             except codec.CodecError as e:
                 self._reject(e.reason)
                 await drain(requests, 2.0)
@@ -805,7 +872,7 @@ class SwarmStrategy(Strategy):
         opname = "forward" if first.op == Op.STAGE_FORWARD else "backward"
         try:
             tensors = await read_request(first, requests, run_id=self.ctx.spec.run_id, max_numel=self.max_numel,
-                                         timeout_s=cfg.round_timeout_s)
+                                         timeout_s=self.ctx.deadlines.request)
             part = request_part(first)
             if part == "head" and not w.is_last:
                 raise codec.CodecError("malformed", f"stage {w.index} has no head part")
@@ -857,6 +924,15 @@ class SwarmStrategy(Strategy):
 
     def _reject(self, reason: str) -> None:
         self.ctx.metrics.rejected_messages.labels(reason=reason).inc()
+
+
+@dataclass
+class _SavedStage:
+    index: int
+    tensors: dict[str, torch.Tensor]
+    step: int
+    optimizer: dict | None
+    lr_scale: float
 
 
 class _Moving(Exception):

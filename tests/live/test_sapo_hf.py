@@ -9,14 +9,16 @@ random weights): nothing comes from a hub. Checked:
   update through the strategy's own `_update` moves the weights for non-zero advantages and
   leaves them bitwise unchanged for all-zero ones; non-finite gradients change nothing;
 - config: a non-directory or a directory without config.json is a clear error;
+- resume: the HF policy's weights, optimizer and step count go through a checkpoint file;
 - live: two real `swarm-node join --strategy sapo` peers on loopback, one HF, one byte GPT,
-  each training on the other's rollouts.
+  each training on the other's rollouts; the HF peer then restarts from its state dir.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import random
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -185,6 +187,40 @@ def test_non_finite_gradients_change_nothing(model_dir: Path):
     assert p.apply(-(logp * mask).sum() / mask.sum()) is True and p.steps == 1
 
 
+def test_policy_state_survives_a_checkpoint_file_and_a_misfit_changes_nothing(model_dir: Path, tmp_path: Path):
+    """A resumed SAPO peer goes on from its HF policy's weights, optimizer moments and step
+    count, read back from a checkpoint file as the node loads it (weights_only)."""
+    p = policy(model_dir)
+    for _ in range(2):
+        logp, mask = p.token_logprobs(["1+1="], ["2"])
+        assert p.apply(-(logp * mask).sum() / mask.sum())
+    torch.save({"strategy": {"hf_policy": p.state()}}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)["strategy"]["hf_policy"]
+    q = policy(model_dir)
+    q.load_state(saved)
+    assert q.steps == 2 and all(torch.equal(a, b) for a, b in zip(params(p), params(q)))
+    for r in (p, q):  # the same next step from the same moments
+        logp, mask = r.token_logprobs(["2+2="], ["4"])
+        assert r.apply(-(logp * mask).sum() / mask.sum())
+    assert all(torch.equal(a, b) for a, b in zip(params(p), params(q)))
+
+    fresh = policy(model_dir)
+    before = params(fresh)
+    misfit = {**saved, "model": {k: (v[:1] if k.endswith("wte.weight") else v) for k, v in saved["model"].items()}}
+    with pytest.raises(ValueError, match="does not fit"):
+        fresh.load_state(misfit)
+    assert all(torch.equal(a, b) for a, b in zip(before, params(fresh))) and fresh.steps == 0
+
+
+def test_sapo_refuses_a_checkpoint_of_the_other_policy_kind(model_dir: Path):
+    stub = SimpleNamespace(policy=policy(model_dir), rounds_done=0, cumulative_reward=0.0)
+    with pytest.raises(ValueError, match="policy kind"):
+        SapoStrategy.restore_checkpoint_state(stub, {"rounds_done": 3})
+    SapoStrategy.restore_checkpoint_state(stub, {"rounds_done": 3, "cumulative_reward": 1.5,
+                                                 "hf_policy": stub.policy.state()})
+    assert stub.rounds_done == 3 and stub.cumulative_reward == 1.5
+
+
 def test_format_warm_start_teaches_digits_then_save_and_reload(model_dir: Path, tmp_path: Path):
     p = policy(model_dir)
     rng = random.Random(0)
@@ -244,3 +280,16 @@ def test_hf_peer_and_byte_peer_share_rollouts(swarm, tmp_path: Path, model_dir: 
     saved = hf.state_dir / "hf_policy"  # the trained HF policy is kept, loadable as a model dir
     assert (saved / "config.json").is_file()
     policy(saved)
+
+    # a full stop: the HF peer comes back from its state dir with its policy, optimizer and steps
+    # (a fresh start would warm-start again from the original weights, to exactly 20 steps)
+    before = stats["hf"]["policy_steps"]
+    again = swarm.add("hf", [*SAPO_ARGS, "--sapo-hf-model", str(model_dir)])
+    again.wait_info(120)
+    deadline = time.monotonic() + 60
+    while "resumed the sapo state from the checkpoint" not in again.log_text():
+        assert time.monotonic() < deadline and again.proc.poll() is None, again.log_text()[-3000:]
+        time.sleep(0.5)
+    assert again.terminate(60) == 0, again.log_text()[-3000:]
+    after = json.loads((again.state_dir / "summary.json").read_text())["strategy_stats"]
+    assert after["policy_steps"] >= before > 20, (before, after["policy_steps"])

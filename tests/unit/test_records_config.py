@@ -207,3 +207,23 @@ def test_slowdown_and_round_grace_are_per_peer_settings_with_bounds():
         NodeConfig(compute_slowdown=0.5)  # < 1 would be a speed-up it cannot deliver
     with pytest.raises(ValueError, match="round_grace_s"):
         NodeConfig(round_grace_s=0)
+
+
+def test_demo_model_and_data_reach_every_node_and_bad_ones_stop_it_before_any_daemon(monkeypatch, tmp_path, capsys):
+    import swarm_node.lab.demo as demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda opts: seen.setdefault("opts", opts) and 0)
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("hello\n")
+    assert cli_main(["demo", "--model", str(tmp_path), "--data", str(corpus)]) == 0
+    assert seen["opts"].node_args() == ["--model", str(tmp_path), "--data", str(corpus)]
+    assert demo.DemoOptions().node_args() == []  # builtin on the built-in corpus: nothing added
+    monkeypatch.undo()
+    started = []
+    monkeypatch.setattr(demo.Swarm, "add", lambda *a, **k: started.append(a))
+    assert cli_main(["demo", "--model", str(tmp_path / "nope")]) == 2
+    assert cli_main(["demo", "--data", str(tmp_path / "missing.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "no such directory" in err and "missing.txt: no such file" in err
+    assert started == []

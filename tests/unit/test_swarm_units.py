@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from swarm_node.protocol.averaging.deadlines import Deadlines
 from swarm_node.train.model import GPTConfig, build_model
 from swarm_node.protocol import codec
 from swarm_node.protocol.records import RecordError
@@ -206,7 +207,8 @@ def _server(stage: int = 1):
         return fn(*a)
 
     ctx = SimpleNamespace(config=cfg, spec=cfg.run_spec(), peer_id="me", metrics=NodeMetrics("swarm"),
-                          compute=compute, progress=Progress(), log=logging.getLogger("t"), should_stop=lambda: False)
+                          compute=compute, progress=Progress(), log=logging.getLogger("t"), should_stop=lambda: False,
+                          deadlines=Deadlines(cfg.round_timeout_s))
     s = SwarmStrategy(ctx)
     s.worker = StageWorker(GPTConfig(n_layer=3, d_model=32, n_head=4, seq_len=16), 0, stage, 3, lr=1e-3)
     s.serving = True
@@ -324,3 +326,88 @@ def test_a_stage_nobody_ever_served_is_filled_once_every_arriving_peer_had_time_
     assert recovery_targets([2], 1, never, [0, 0, 6], patience_reads=6) == [2]  # nobody came: spread out
     assert recovery_targets([2], 1, lost, [0, 0, 2], patience_reads=6) == [2]  # served, then lost
     assert recovery_targets([1, 2], 0, never, [0, 2, 2], patience_reads=6) == [1, 2]  # a trainer fills any
+
+
+def test_a_stage_server_back_from_a_full_stop_serves_its_stage_from_the_checkpoint(tmp_path):
+    """1. A stage-1 server takes one backward step (weights, Adam moments and step move).
+    2. Its checkpoint state goes through a file, loaded as the node loads it (weights_only).
+    3. A fresh strategy restores it and starts with nobody serving any stage.
+    Result: it picks stage 1 again and serves it with the saved weights, moments and step, and the
+    trainer step counter it had; a checkpoint of another pipeline shape is refused at restore,
+    and one whose tensors do not fit leaves the stage as a fresh one (a warning, no crash)."""
+    s, ctx = _server(1)
+    run = ctx.spec.run_id
+    h = torch.randn(2, 16, 32)
+    _serve(s, encode_request(run, Op.STAGE_BACKWARD, 1, "m", [h, torch.randn(2, 16, 32)], codec.NONE))
+    s.steps = 7
+    torch.save({"strategy": s.checkpoint_state()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)["strategy"]
+
+    async def restart(state):
+        t, _ = _server(1)
+        t.worker, t.serving = None, False
+
+        async def no_announce(*a, **k):
+            return None
+        t._announce = no_announce
+        t.restore_checkpoint_state(state)
+        k = await t._choose_stage()
+        await t._take_stage(k, reason="start")
+        return t, k
+
+    t, k = asyncio.run(restart(saved))
+    assert k == 1 and t.worker.index == 1 and t.worker.step == s.worker.step == 1 and t.steps == 7
+    for a, b in zip(s.worker.module.state_dict().values(), t.worker.module.state_dict().values()):
+        assert torch.equal(a, b)
+    mine, theirs = s.worker.optimizer.state_dict()["state"], t.worker.optimizer.state_dict()["state"]
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[i]["exp_avg"], theirs[i]["exp_avg"]) for i in mine)
+
+    with pytest.raises(ValueError, match="does not fit"):
+        _server(1)[0].restore_checkpoint_state({**saved, "stage": 5})
+    misfit = {**saved, "stage_tensors": [x[..., :1] if x.dim() > 1 else x for x in saved["stage_tensors"]]}
+    t, k = asyncio.run(restart(misfit))
+    assert k == 1 and t.worker.step == 0  # served from the seed, as a new stage
+
+
+def test_a_trainer_measures_held_out_loss_through_the_pipeline_and_a_server_does_not():
+    """A 3-stage pipeline: the trainer runs stage 0 and calls stages 1 and 2 (forward, whole
+    stages). Result: its held-out loss is the cross-entropy of the composed stages on the held-out
+    windows, not the local model's; a stage server reports nothing (None), and so does a trainer
+    whose next stage cannot be reached."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from swarm_node.strategies.swarm.router import NoPeers
+    from swarm_node.train.data import ByteDataset
+
+    s, ctx = _server(0)
+    data = ByteDataset(torch.randint(0, 256, (8192,), generator=torch.Generator().manual_seed(1), dtype=torch.uint8))
+    ctx.trainer = SimpleNamespace(dataset=data)
+    cfg = GPTConfig(n_layer=3, d_model=32, n_head=4, seq_len=16)
+    others = {k: StageWorker(cfg, 0, k, 3, lr=1e-3) for k in (1, 2)}
+    for w in others.values():  # trained a little, so they differ from what the seed builds
+        with torch.no_grad():
+            for p in w.module.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    calls = []
+
+    async def call(k, op, tensors, mb_id, part="full"):
+        calls.append((k, op, part))
+        return None, [others[k].forward(tensors[0], part)]
+    s._call = call
+
+    got = asyncio.run(s.evaluate())
+    want = []
+    for x, y in data.val_batches(ctx.spec.batch_size, ctx.spec.seq_len, 8):
+        logits = others[2].forward(others[1].forward(s.worker.forward(x)))
+        want.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))))
+    assert got == pytest.approx(sum(want) / len(want), rel=1e-6)
+    assert calls[:2] == [(1, Op.STAGE_FORWARD, "full"), (2, Op.STAGE_FORWARD, "full")] and len(calls) == 16
+
+    async def unreachable(*a, **k):
+        raise NoPeers("stage 1 has no peers")
+    s._call = unreachable
+    assert asyncio.run(s.evaluate()) is None
+    server, _ = _server(1)
+    assert asyncio.run(server.evaluate()) is None
