@@ -28,9 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_strategies import _utilization  # noqa: E402
+from bench_strategies import _utilization, run_peers  # noqa: E402
 
-from swarm_node.lab.launcher import Swarm  # noqa: E402
 from swarm_node.train.data import load_corpus  # noqa: E402
 
 CORPUS_BYTES = 2_000_000
@@ -85,22 +84,6 @@ def build_llama(shape: LlamaShape, out_dir: Path, seed: int = 0) -> int:
         model = LlamaForCausalLM(cfg)
     model.save_pretrained(out_dir)
     return sum(p.numel() for p in model.parameters())
-
-
-def run_peers(workdir: Path, name: str, common: list[str], peers: int, solo: bool) -> list[dict]:
-    """Run `peers` processes to --max-steps (each alone when `solo`); their summary.json files."""
-    with Swarm(workdir, common) as sw:
-        first = sw.add("p0", ["--run-id", f"{name}-0" if solo else name, "--min-peers", "1" if solo else str(peers)])
-        first.wait_info()
-        for i in range(1, peers):
-            if solo:
-                sw.add(f"p{i}", ["--run-id", f"{name}-{i}"])
-            else:
-                sw.add(f"p{i}", ["--run-id", name, "--min-peers", str(peers)], initial=first.join_maddr())
-        for n in sw.nodes:
-            if n.proc.wait(3600) != 0:
-                raise RuntimeError(f"{name}/{n.name} failed:\n{n.log_text()[-2000:]}")
-        return [json.loads((n.state_dir / "summary.json").read_text()) for n in sw.nodes]
 
 
 def tokens_per_s(summary: dict, tokens_per_step: int) -> float:

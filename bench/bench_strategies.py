@@ -49,9 +49,9 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 
-def run_config(workdir: Path, name: str, args: list[str], peers: int, steps: int, opt: list[str]) -> dict:
-    common = [*BASE, *opt, *args, "--max-steps", str(steps), "--eval-every", str(steps)]
-    solo = "solo" in args
+def run_peers(workdir: Path, name: str, common: list[str], peers: int, solo: bool) -> list[dict]:
+    """Run `peers` `swarm-node join` processes to --max-steps (each alone when `solo`) and
+    return their summary.json files."""
     with Swarm(workdir, common) as sw:
         first = sw.add("p0", ["--run-id", f"{name}-0" if solo else name, "--min-peers", "1" if solo else str(peers)])
         first.wait_info()
@@ -61,13 +61,18 @@ def run_config(workdir: Path, name: str, args: list[str], peers: int, steps: int
             else:
                 sw.add(f"p{i}", ["--run-id", name, "--min-peers", str(peers)], initial=first.join_maddr())
         for n in sw.nodes:
-            if n.proc.wait(1800) != 0:
+            if n.proc.wait(3600) != 0:
                 raise RuntimeError(f"{name}/{n.name} failed:\n{n.log_text()[-2000:]}")
-        sums = [json.loads((n.state_dir / "summary.json").read_text()) for n in sw.nodes]
-        # averaging channel only: DHT heartbeats and state downloads are not the method's cost
-        return {"val": sum(s["val_loss"] for s in sums) / len(sums), "vals": [s["val_loss"] for s in sums],
-                "rounds": sums[0]["rounds"], "utilization": sum(_utilization(s) for s in sums) / len(sums),
-                "bytes_sent": [s["bytes_sent_by_channel"].get("averaging", 0) for s in sums]}
+        return [json.loads((n.state_dir / "summary.json").read_text()) for n in sw.nodes]
+
+
+def run_config(workdir: Path, name: str, args: list[str], peers: int, steps: int, opt: list[str]) -> dict:
+    common = [*BASE, *opt, *args, "--max-steps", str(steps), "--eval-every", str(steps)]
+    sums = run_peers(workdir, name, common, peers, solo="solo" in args)
+    # averaging channel only: DHT heartbeats and state downloads are not the method's cost
+    return {"val": sum(s["val_loss"] for s in sums) / len(sums), "vals": [s["val_loss"] for s in sums],
+            "rounds": sums[0]["rounds"], "utilization": sum(_utilization(s) for s in sums) / len(sums),
+            "bytes_sent": [s["bytes_sent_by_channel"].get("averaging", 0) for s in sums]}
 
 
 def main() -> int:
