@@ -36,7 +36,7 @@ from swarm_node.config import NodeConfig
 from swarm_node.control import ControlServer
 from swarm_node.train.data import DataError
 from swarm_node.train.device import (DeviceError, SpareGpuGate, apply_memory_cap, describe_device, device_memory_bytes,
-                                     make_probe, resolve_device)
+                                     gpu_readings, make_probe, resolve_device)
 from swarm_node.health import Heartbeat, HealthServer, make_live_fn
 from swarm_node.identity import ensure_identity
 from swarm_node.membership import Membership, SpecMismatch
@@ -541,11 +541,22 @@ class Node:
                 log.exception("could not build the status snapshot")
             if self.device is not None:
                 self.metrics.device_memory.set(device_memory_bytes(self.device))
+                self._export_gpu_readings()
             now = time.monotonic()
             if now - last_print >= self.config.status_interval_s:
                 last_print = now
                 self._print_status()
             await asyncio.sleep(0.5)
+
+    def _export_gpu_readings(self) -> None:
+        readings = gpu_readings(self.device)
+        if readings is None:
+            return
+        allocated, reserved, util = readings
+        self.metrics.gpu_allocated.set(allocated)
+        self.metrics.gpu_reserved.set(reserved)
+        if util is not None:
+            self.metrics.gpu_utilization.labels(device=str(self.device)).set(util)
 
     def _print_status(self) -> None:
         s = self._snapshot

@@ -119,6 +119,14 @@ class NodeMetrics:
         self.samples_per_second = Gauge("swarm_local_samples_per_second", "Recent local training throughput.", registry=r)
         self.device_memory = Gauge("swarm_device_memory_bytes", "Memory held for training: bytes allocated on the "
                                    "CUDA device, or the process's resident set size on the CPU.", registry=r)
+        # 0 on a node without a GPU: it holds nothing there
+        self.gpu_allocated = Gauge("swarm_gpu_memory_allocated_bytes", "Bytes of tensors allocated on the CUDA "
+                                   "device.", registry=r)
+        self.gpu_reserved = Gauge("swarm_gpu_memory_reserved_bytes", "Bytes the CUDA caching allocator holds.",
+                                  registry=r)
+        self.gpu_utilization = Gauge("swarm_gpu_utilization_ratio", "Share of the last sample period the GPU was "
+                                     "busy, as the driver reports it (NVML); absent where it cannot.", ["device"],
+                                     registry=r)
 
         # hygiene and recovery
         self.rejected_messages = Counter(

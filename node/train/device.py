@@ -97,6 +97,20 @@ def device_memory_bytes(device: torch.device) -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def gpu_readings(device: torch.device) -> tuple[int, int, float | None] | None:
+    """(allocated bytes, reserved bytes, utilization 0..1 or None) of a CUDA device this process
+    already uses; None for a CPU device or before CUDA is initialised. Utilization needs NVML
+    (the nvidia-ml-py package) and is None without it."""
+    if device.type != "cuda" or not torch.cuda.is_initialized():
+        return None
+    util: float | None
+    try:
+        util = torch.cuda.utilization(device) / 100.0
+    except Exception:  # no NVML, or a driver that does not report it
+        util = None
+    return int(torch.cuda.memory_allocated(device)), int(torch.cuda.memory_reserved(device)), util
+
+
 # --------------------------------------------------------------------------- spare-GPU mode
 
 

@@ -52,18 +52,14 @@ DASHBOARD = GRAFANA / "dashboards" / "swarm-node.json"
 # Metrics the dashboard shows before anything exports them. Each line says what will export it;
 # delete the entry when it lands. Alerts may never use these (an alert on a missing series is
 # silently never firing).
-NOT_YET_EXPORTED = {
-    # the SWARM pipeline strategy's series (the dashboard's "Pipeline" row)
-    "swarm_pipeline_stage", "swarm_stage_load_ratio", "swarm_stage_peers", "swarm_stage_queue_depth",
-    "swarm_stage_rebalances_total",
-    # CUDA memory per device (the dashboard's "Resources" row); node/metrics.py does not export it yet
-    "swarm_gpu_memory_allocated_bytes", "swarm_gpu_memory_reserved_bytes",
-}
+NOT_YET_EXPORTED: set[str] = set()
 # Series that other programs produce: Prometheus itself (up, ALERTS) and dcgm-exporter.
 FROM_OTHER_EXPORTERS = {"up", "ALERTS", "DCGM_FI_DEV_GPU_UTIL"}
 # Strategies that register series of their own in the node's registry: "module:Class", where
 # Class(registry) registers them. The test instantiates each, so the names come from the code.
-STRATEGY_METRIC_CLASSES = {"gradcode": "swarm_node.strategies.gradcode.strategy:GradcodeMetrics"}
+STRATEGY_METRIC_CLASSES = {"gradcode": "swarm_node.strategies.gradcode.strategy:GradcodeMetrics",
+                           "swarm": "swarm_node.strategies.swarm.metrics:SwarmMetrics"}
+STRATEGY_METRIC_ARGS = {"swarm": (3,)}  # after the registry: a 3-stage pipeline
 # Dashboard names of a strategy whose module is not there yet (allowed only until it lands; once
 # importable, its class above must really export them).
 PENDING_STRATEGY_METRICS = {"gradcode": {"swarm_stragglers", "swarm_straggler_events_total",
@@ -160,7 +156,7 @@ def strategy_metric_names() -> set[str]:
         cls = getattr(module, cls_name, None)
         assert cls is not None, f"{target} is gone: update STRATEGY_METRIC_CLASSES"
         m = NodeMetrics(strategy)
-        cls(m.registry)
+        cls(m.registry, *STRATEGY_METRIC_ARGS.get(strategy, ()))
         names |= exported_names(m.exposition().decode())
     return names
 

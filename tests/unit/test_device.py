@@ -188,3 +188,29 @@ def test_gate_fails_open_when_probe_breaks() -> None:
     gate = SpareGpuGate(Broken(), 0, poll_interval_s=1.0)
     assert not gate.should_pause()
     assert gate.wait_until_free(threading.Event()) == 0.0
+
+
+def test_gpu_readings_are_none_on_cpu_and_survive_a_driver_without_utilization(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert dev.gpu_readings(torch.device("cpu")) is None
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert dev.gpu_readings(cuda) is None  # never initialises CUDA itself
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 3 << 20)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 8 << 20)
+
+    def no_nvml(d):
+        raise ModuleNotFoundError("pynvml")
+    monkeypatch.setattr(torch.cuda, "utilization", no_nvml)
+    assert dev.gpu_readings(cuda) == (3 << 20, 8 << 20, None)
+    monkeypatch.setattr(torch.cuda, "utilization", lambda d: 42)
+    assert dev.gpu_readings(cuda) == (3 << 20, 8 << 20, 0.42)
+
+
+@pytest.mark.gpu
+def test_gpu_readings_on_a_real_gpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    x = torch.ones(1 << 20, device="cuda")
+    allocated, reserved, util = dev.gpu_readings(x.device)
+    assert allocated >= x.numel() * 4 and reserved >= allocated and (util is None or 0.0 <= util <= 1.0)
