@@ -51,7 +51,7 @@ from swarm_node.train.models import ModelError, load_model
 from swarm_node.train.tokens import load_dataset
 from swarm_node.train.trainer import LocalTrainer, TrainConfig
 from swarm_node.protocol.codec import REJECT_REASONS
-from swarm_node.protocol.records import PeerRecord
+from swarm_node.protocol.records import PeerRecord, RecordStore
 from swarm_node.protocol.transport import Transport
 from swarm_node.strategies import registry
 from swarm_node.strategies.base import Progress, Strategy, StrategyContext
@@ -208,7 +208,9 @@ class Node:
             config=cfg, spec=self.spec, peer_id=identity.peer_id, transport=self.transport,
             membership=self.membership, metrics=self.metrics, trainer=self.trainer, compute=self.compute,
             progress=self.progress, should_stop=self._should_stop, on_step=self._on_step,
-            log=logging.getLogger(f"swarm_node.strategy.{cfg.strategy}")))
+            log=logging.getLogger(f"swarm_node.strategy.{cfg.strategy}"),
+            records=RecordStore(self.net, identity.peer_id,
+                                lambda: self.metrics.rejected_messages.labels(reason="bad_record").inc())))
         self._restore_strategy_state()
         await self.strategy.start()
         self.metrics.info.info({"version": __version__, "strategy": cfg.strategy, "role": self.strategy.role,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Generic, TypeVar
 
 import msgpack
 
@@ -29,6 +29,48 @@ PEER_STATES = ("joining", "online", "leaving")
 
 class RecordError(ValueError):
     """A record from the DHT failed validation; the message says which field and why."""
+
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[R]):
+    record: R
+    expires_at: float  # DHT time
+
+
+class RecordStore:
+    """What strategies see of the DHT: records kept per peer under one key (the subkey is the
+    writer's peer id, the only trusted statement of who wrote it). A peer publishes its own and
+    reads everyone's, decoded by the caller's `decode(value, subkey)`; a value that does not
+    decode is counted (`on_reject`) and dropped, never raised. A failed read reads as empty."""
+
+    def __init__(self, net: Any, peer_id: str, on_reject: Callable[[], None]):
+        self._net, self.peer_id, self._on_reject = net, peer_id, on_reject
+
+    async def publish(self, key: str, value: bytes, ttl_s: float) -> bool:
+        return await self._net.store(key, value, ttl_s=ttl_s, subkey=self.peer_id)
+
+    async def read(self, key: str, decode: Callable[[Any, str], R], *, skip_own: bool = False,
+                   now: float | None = None) -> dict[str, Entry[R]]:
+        """Every peer's decoded record under `key`; expired ones dropped when `now` is given."""
+        found = await self._net.get(key)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        out: dict[str, Entry[R]] = {}
+        for subkey, item in entries.items():
+            if type(subkey) is not str:  # not written by a peer id: nobody we could trust
+                self._on_reject()
+                continue
+            if skip_own and subkey == self.peer_id:
+                continue
+            if now is not None and item.expiration_time <= now:
+                continue
+            try:
+                out[subkey] = Entry(decode(item.value, subkey), item.expiration_time)
+            except Exception:  # whatever a malformed or hostile value makes the decoder raise
+                self._on_reject()
+        return out
 
 
 def peers_key(run_id: str) -> str:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # runtime imports would make strategies depend on the whole n
     from swarm_node.membership import Membership
     from swarm_node.metrics import NodeMetrics
     from swarm_node.train.trainer import LocalTrainer
+    from swarm_node.protocol.records import RecordStore
     from swarm_node.protocol.transport import Transport
 
 
@@ -65,6 +66,7 @@ class StrategyContext:
     should_stop: Callable[[], bool]
     on_step: Callable[[], "asyncio.Future[None] | Any"]  # node hook: eval, checkpoint, heartbeat
     log: logging.Logger
+    records: "RecordStore | None" = None  # per-peer DHT records (None where a test runs without a DHT)
 
     @property
     def deadlines(self) -> Deadlines:

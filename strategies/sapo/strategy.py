@@ -284,38 +284,23 @@ class SapoStrategy(Strategy):
 
     # ---- DHT -------------------------------------------------------------------------
     async def _exchange_addresses(self) -> None:
-        net, run = self.ctx.membership.net, self.ctx.spec.run_id
+        records, run = self.ctx.records, self.ctx.spec.run_id
         if self.gossip is None or not self.gossip.listen:
             return
-        await net.store(gossip_addrs_key(run), encode_gossip_addrs(self.ctx.peer_id, self.gossip.listen),
-                        ttl_s=max(4 * self.round_s, 60), subkey=self.ctx.peer_id)
-        found = await net.get(gossip_addrs_key(run))
-        entries = found.value if found is not None and isinstance(found.value, dict) else {}
-        maddrs: list[str] = []
-        for subkey, item in entries.items():
-            if subkey == self.ctx.peer_id:
-                continue
-            try:
-                maddrs += decode_gossip_addrs(item.value, subkey=subkey)
-            except Exception:
-                self.ctx.metrics.rejected_messages.labels(reason="bad_record").inc()
+        await records.publish(gossip_addrs_key(run), encode_gossip_addrs(self.ctx.peer_id, self.gossip.listen),
+                              ttl_s=max(4 * self.round_s, 60))
+        found = await records.read(gossip_addrs_key(run), lambda v, s: decode_gossip_addrs(v, subkey=s),
+                                   skip_own=True)
+        maddrs = [m for e in found.values() for m in e.record]
         if maddrs:
             self.gossip.connect(maddrs)
 
     async def _read_manifests(self, rnd: int) -> dict[str, Manifest]:
         t0 = time.perf_counter()
-        found = await self.ctx.membership.net.get(manifest_key(self.ctx.spec.run_id, rnd))
+        found = await self.ctx.records.read(manifest_key(self.ctx.spec.run_id, rnd),
+                                            lambda v, s: Manifest.from_wire(v, subkey=s, round_=rnd), skip_own=True)
         self.m.dht_get_duration.observe(time.perf_counter() - t0)
-        entries = found.value if found is not None and isinstance(found.value, dict) else {}
-        out: dict[str, Manifest] = {}
-        for subkey, item in entries.items():
-            if subkey == self.ctx.peer_id or type(subkey) is not str:
-                continue
-            try:
-                out[subkey] = Manifest.from_wire(item.value, subkey=subkey, round_=rnd)
-            except Exception:
-                self.ctx.metrics.rejected_messages.labels(reason="bad_record").inc()
-        return out
+        return {peer: e.record for peer, e in found.items()}
 
     # ---- the round -------------------------------------------------------------------
     async def run(self) -> None:
@@ -414,8 +399,8 @@ class SapoStrategy(Strategy):
                 self._round_bytes += len(sr.wire)
         self.m.published.inc(len(mine))
         self.totals["published"] += len(mine)
-        await ctx.membership.net.store(manifest_key(ctx.spec.run_id, rnd), Manifest(ctx.peer_id, rnd, tuple(mine)).to_wire(),
-                                       ttl_s=3 * self.round_s, subkey=ctx.peer_id)
+        await ctx.records.publish(manifest_key(ctx.spec.run_id, rnd), Manifest(ctx.peer_id, rnd, tuple(mine)).to_wire(),
+                                  ttl_s=3 * self.round_s)
 
         # 4. wait for gossip until the deadline, then pull what manifests name and gossip missed
         delivery = None

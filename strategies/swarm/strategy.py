@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from swarm_node.train.model import GPTConfig
 from swarm_node.protocol import codec
 from swarm_node.protocol.averaging.butterfly import ButterflyAllReduce
-from swarm_node.protocol.records import RecordError
 from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
 
 from swarm_node.strategies.churn_profile import ChurnProfile
@@ -289,28 +288,18 @@ class SwarmStrategy(Strategy):
     async def _announce(self, state: str = "online", ttl_s: float | None = None) -> None:
         if self.worker is None:
             return
-        net = self.ctx.membership.net
-        await net.store(stage_key(self.ctx.spec.run_id, self.worker.index), self._record(state).to_wire(),
-                        ttl_s=ttl_s if ttl_s is not None else self.ctx.config.ttl_s, subkey=self.ctx.peer_id)
+        await self.ctx.records.publish(stage_key(self.ctx.spec.run_id, self.worker.index),
+                                       self._record(state).to_wire(),
+                                       ttl_s=ttl_s if ttl_s is not None else self.ctx.config.ttl_s)
 
     async def _refresh_views(self, only: int | None = None) -> None:
         from swarm_node.protocol.clock import swarm_time
 
-        net, now = self.ctx.membership.net, swarm_time()
+        now = swarm_time()
+        decode = partial(_decode_stage_record, num_stages=self.S)
         for k in range(self.S) if only is None else [only]:
-            found = await net.get(stage_key(self.ctx.spec.run_id, k))
-            entries = found.value if found is not None and isinstance(found.value, dict) else {}
-            peers = {}
-            for subkey, item in entries.items():
-                try:
-                    rec = StageRecord.from_wire(item.value, subkey=subkey if isinstance(subkey, str) else "",
-                                                num_stages=self.S)
-                except RecordError:
-                    self.ctx.metrics.rejected_messages.labels(reason="bad_record").inc()
-                    continue
-                if rec.stage != k or item.expiration_time <= now:
-                    continue
-                peers[rec.peer_id] = (rec, item.expiration_time)
+            entries = await self.ctx.records.read(stage_key(self.ctx.spec.run_id, k), decode, now=now)
+            peers = {e.record.peer_id: (e.record, e.expires_at) for e in entries.values() if e.record.stage == k}
             if self.worker is not None and self.worker.index == k and self.serving:
                 peers[self.ctx.peer_id] = (self._record("online"), now + self.ctx.config.ttl_s)
             self.views[k] = StageView(peers)
@@ -924,6 +913,10 @@ class SwarmStrategy(Strategy):
 
     def _reject(self, reason: str) -> None:
         self.ctx.metrics.rejected_messages.labels(reason=reason).inc()
+
+
+def _decode_stage_record(value, subkey: str, *, num_stages: int) -> StageRecord:
+    return StageRecord.from_wire(value, subkey=subkey, num_stages=num_stages)
 
 
 @dataclass

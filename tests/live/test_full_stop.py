@@ -3,6 +3,7 @@
 diloco: the checkpoint carries the outer state (φ, momentum, round, merged work), so the swarm
 goes on at the round it stopped at, with the φ it had, instead of starting the outer loop again
 at round 0 with φ ← θ (which set the step back to H at the first commit).
+noloco: φ and the momentum, so a pair goes on from the outer weights it had.
 swarm: each peer's checkpoint carries the stage it served (weights, Adam moments, step) and the
 trainer's step counter; with nobody else serving, each takes its stage back from it.
 """
@@ -121,3 +122,38 @@ def test_a_swarm_pipeline_resumes_its_stages_and_trainer_step_after_a_full_stop(
             assert n.terminate(60) == 0, n.log_text()[-2000:]
         history = _summary(trainer2)["history"]
         assert history[0][0] > before["trainer"], (history[:3], before)
+
+
+def test_a_noloco_pair_resumes_its_step_and_outer_weights_after_a_full_stop(swarm):
+    """1. Two noloco peers (H=5) pair up for at least six rounds, then both get SIGTERM.
+    2. Both restart from their state dirs.
+    Result: each resumes its noloco state (φ, momentum) from the checkpoint, its step goes on
+    from where it stopped, its first pair round after the restart is past the rounds before the
+    stop, and its first held-out loss is within 0.05 of the last one before the stop."""
+    common = ["--run-id", "nolocostop", "--strategy", "noloco", "--inner-steps", str(H), "--min-peers", "2",
+              "--checkpoint-every", "5", "--eval-every", "5"]
+    a = swarm.add("a", common)
+    a.wait_info()
+    b = swarm.add("b", common, initial=a.join_maddr())
+    for n in (a, b):
+        n.wait_for(lambda s: s["last_round"].get("outcome") == "ok" and s["last_round"].get("round", 0) >= 6,
+                   120, "six pair rounds")
+    for n in (a, b):
+        n.proc.send_signal(signal.SIGTERM)
+    for n in (a, b):
+        assert n.proc.wait(60) == 0, n.log_text()[-2000:]
+    before = {n.name: _summary(n) for n in (a, b)}
+
+    a2 = swarm.add("a", common)
+    a2.wait_info()
+    b2 = swarm.add("b", common, initial=a2.join_maddr())
+    for n in (a2, b2):
+        n.wait_for(lambda s: s["last_round"].get("outcome") == "ok", 120, "a pair round after the restart")
+        assert "resumed the noloco state from the checkpoint" in n.log_text(), n.log_text()[-3000:]
+    for n in (a2, b2):
+        n.terminate(30)
+    for name, s in {n.name: _summary(n) for n in (a2, b2)}.items():
+        assert s["history"][0][0] > before[name]["step"], (name, s["history"][0][0], before[name]["step"])
+        assert _ok_rounds(s)[0]["round"] >= _ok_rounds(before[name])[-1]["round"], name
+        v_before, v_after = _vals(before[name])[-1][1], _vals(s)[0][1]
+        assert v_after <= v_before + 0.05, (name, v_before, v_after)

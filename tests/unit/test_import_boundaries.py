@@ -1,7 +1,8 @@
 """Import boundaries between the daemon, the wire layer and the strategies, read from the ASTs.
 
 - Strategies never import hivemind or the generated protobuf modules (`protocol/pb`): they reach
-  the network through `protocol` (messages, clock, transport, codec, records).
+  the network through `protocol` (messages, clock, transport, codec, records), and the DHT
+  only through the context's record store (never `membership.net`).
 - A strategy never imports another strategy's modules: a family package (lowcomm, swarm, sapo,
   gradcode) imports only itself and the shared modules at the top of `strategies/`; only the
   registry names every strategy.
@@ -54,6 +55,16 @@ def test_strategies_reach_the_network_only_through_protocol():
     bad = [_where(p, line, mod) for p in _modules("strategies") for line, mod in _imports(p)
            if mod.split(".")[0] == "hivemind" or mod.startswith(f"{PKG}.protocol.pb")]
     assert not bad, "strategies import hivemind or generated code directly:\n" + "\n".join(bad)
+
+
+def test_strategies_reach_the_dht_only_through_the_record_store():
+    bad = []
+    for p in _modules("strategies"):
+        for node in ast.walk(ast.parse(p.read_text(), filename=str(p))):
+            if isinstance(node, ast.Attribute) and node.attr == "net" and isinstance(node.value, ast.Attribute) \
+                    and node.value.attr == "membership":
+                bad.append(_where(p, node.lineno, "membership.net"))
+    assert not bad, "strategies touch the raw DHT:\n" + "\n".join(bad)
 
 
 def test_strategies_do_not_import_each_others_modules():

@@ -227,3 +227,43 @@ def test_demo_model_and_data_reach_every_node_and_bad_ones_stop_it_before_any_da
     err = capsys.readouterr().err
     assert "--model" in err and "no such directory" in err and "missing.txt: no such file" in err
     assert started == []
+
+
+def test_record_store_publishes_under_our_id_and_reads_what_decodes_counting_the_rest():
+    """The strategies' view of the DHT: our record goes under our peer id; a read decodes each
+    peer's value, drops expired ones and (optionally) our own, and counts every value that does
+    not decode, or that sits under a subkey no peer id could be, without raising."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from swarm_node.protocol.records import RecordStore
+
+    class Net:
+        def __init__(self):
+            self.stored, self.value = [], None
+
+        async def store(self, key, value, ttl_s, subkey=None):
+            self.stored.append((key, value, ttl_s, subkey))
+            return True
+
+        async def get(self, key):
+            return self.value
+
+    def item(value, exp):
+        return SimpleNamespace(value=value, expiration_time=exp)
+
+    def decode(value, subkey):
+        if not isinstance(value, int):
+            raise TypeError("not an int")
+        return (subkey, value)
+
+    net, rejected = Net(), []
+    store = RecordStore(net, "me", lambda: rejected.append(1))
+    assert asyncio.run(store.publish("k", b"v", 5.0)) and net.stored == [("k", b"v", 5.0, "me")]
+    net.value = SimpleNamespace(value={"me": item(1, 100.0), "a": item(2, 100.0), "old": item(3, 9.0),
+                                       "bad": item("x", 100.0), 7: item(4, 100.0)})
+    got = asyncio.run(store.read("k", decode, now=10.0))
+    assert {p: e.record for p, e in got.items()} == {"me": ("me", 1), "a": ("a", 2)} and len(rejected) == 2
+    assert set(asyncio.run(store.read("k", decode, skip_own=True))) == {"a", "old"}
+    net.value = None  # a failed read
+    assert asyncio.run(store.read("k", decode)) == {}
