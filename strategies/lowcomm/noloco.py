@@ -60,6 +60,7 @@ class NoLoCoStrategy(Strategy):
         self._posted: dict[int, asyncio.Event] = {}
         self._incoming: dict[int, asyncio.Future] = {}
         self._active_round = -1  # the round our loop is exchanging in
+        self._resumed = False  # restored from this peer's own checkpoint
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.deadlines.state_download,
                                   extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore)
 
@@ -81,6 +82,7 @@ class NoLoCoStrategy(Strategy):
 
     def restore_checkpoint_state(self, state: dict) -> None:
         self._extra_restore(dict(state["meta"]), list(state["tensors"]))
+        self._resumed = True
 
     def _extra_restore(self, meta: dict, tensors: list[torch.Tensor]) -> None:
         n = len(self.params)
@@ -115,7 +117,9 @@ class NoLoCoStrategy(Strategy):
     # ------------------------------------------------------------------ the loop
     async def run(self) -> None:
         ctx = self.ctx
-        if self.election.online_peers():  # a joiner starts from a live peer's weights
+        # a joiner starts from a live peer's weights; a peer back from its own checkpoint goes on
+        # with its own θ, φ and δ (the pair rounds pull the replicas together again)
+        if self.election.online_peers() and not self._resumed:
             try:
                 await self.state.download(self.election.leader())  # θ_j, φ_j and δ_j (see _extra_restore)
             except Exception as e:

@@ -78,6 +78,8 @@ def test_noloco_resumes_its_own_phi_and_momentum(tmp_path):
     fresh = _save_and_reload(s, NoLoCoStrategy, tmp_path, "noloco")
     assert all(torch.equal(a, b) for a, b in zip(fresh.phi, s.phi))
     assert all(torch.equal(a, b) for a, b in zip(fresh.momentum, s.momentum))
+    # back from its own checkpoint, it does not replace that state by a live peer's at start
+    assert fresh._resumed and not s._resumed
 
 
 def test_a_checkpoint_of_another_strategy_is_not_restored_into_this_one(tmp_path):
