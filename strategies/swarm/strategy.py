@@ -374,7 +374,12 @@ class SwarmStrategy(Strategy):
             done = await self._download_replica(k, replicas)
         saved, self._saved = self._saved, None  # only the first stage taken after a restart
         if not done and saved is not None and saved.index == k:
-            done = await self._load_saved(saved)
+            ahead = [r.step for j in (k - 1, k + 1) if 0 <= j < self.S for r, _ in self.views[j].online().values()]
+            if saved_stage_is_stale(saved.step, ahead):
+                ctx.log.info("the checkpoint's stage %d (step %d) is behind its neighbours (step %d): not resumed",
+                             k, saved.step, max(ahead))
+            else:
+                done = await self._load_saved(saved)
         neighbours_trained = any(r.step > 0 for j in (k - 1, k + 1) if 0 <= j < self.S
                                  for r, _ in self.views[j].online().values())
         if not done and not replicas and neighbours_trained and reason != "start-fresh":
@@ -913,6 +918,14 @@ class SwarmStrategy(Strategy):
 
     def _reject(self, reason: str) -> None:
         self.ctx.metrics.rejected_messages.labels(reason=reason).inc()
+
+
+def saved_stage_is_stale(saved_step: int, neighbour_steps: list[int]) -> bool:
+    """A checkpointed stage is worth serving after a full stop, when its neighbours come back
+    from checkpoints of the same moment. After a crash the swarm may have trained on (an old
+    checkpoint, neighbours far ahead): then rebuilding the stage from them is the better start."""
+    ahead = max(neighbour_steps, default=0)
+    return saved_step + max(5, 0.1 * ahead) < ahead
 
 
 def _decode_stage_record(value, subkey: str, *, num_stages: int) -> StageRecord:

@@ -411,3 +411,13 @@ def test_a_trainer_measures_held_out_loss_through_the_pipeline_and_a_server_does
     assert asyncio.run(s.evaluate()) is None
     server, _ = _server(1)
     assert asyncio.run(server.evaluate()) is None
+
+
+def test_a_checkpointed_stage_far_behind_its_neighbours_is_rebuilt_instead():
+    from swarm_node.strategies.swarm.strategy import saved_stage_is_stale
+
+    assert not saved_stage_is_stale(40, [])  # a full stop: nobody back yet
+    assert not saved_stage_is_stale(40, [41, 44])  # neighbours back from the same moment
+    assert not saved_stage_is_stale(400, [430])  # within 10 %
+    assert saved_stage_is_stale(0, [300])  # a crash with an old checkpoint: CheckFree from them
+    assert saved_stage_is_stale(100, [300])
