@@ -374,8 +374,9 @@ class SwarmStrategy(Strategy):
             done = await self._download_replica(k, replicas)
         saved, self._saved = self._saved, None  # only the first stage taken after a restart
         if not done and saved is not None and saved.index == k:
+            # stage 0's steps count one trainer's, its neighbours' every trainer's: not comparable
             ahead = [r.step for j in (k - 1, k + 1) if 0 <= j < self.S for r, _ in self.views[j].online().values()]
-            if saved_stage_is_stale(saved.step, ahead):
+            if k > 0 and saved_stage_is_stale(saved.step, ahead):
                 ctx.log.info("the checkpoint's stage %d (step %d) is behind its neighbours (step %d): not resumed",
                              k, saved.step, max(ahead))
             else:
