@@ -316,6 +316,14 @@ class LocalTrainer:
         self.last_grad_norm = norm
         self.step += 1
 
+    def align_step(self, step: int) -> None:
+        """Set the step counter to the swarm's count for this replica: the one way to move it
+        besides applying gradients. A DiLoCo joiner takes the swarm's round × H; a pipeline peer
+        counts its stage's or its trainer's steps. The learning-rate schedule follows it."""
+        if step < 0:
+            raise ValueError(f"a step counter cannot be negative, got {step}")
+        self.step = int(step)
+
     def train_step(self, step: int | None = None) -> StepResult:
         """Convenience for solo training: compute and apply this peer's own gradients."""
         result = self.compute_gradients(self.step if step is None else step)

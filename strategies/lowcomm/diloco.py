@@ -238,7 +238,7 @@ class DiLoCoStrategy(Strategy):
         self.phi = self.outer.step(unflatten(mean_delta, self.phi))
         self.phi_hash = round_digest(self.phi)
         self.round_no += 1
-        self.ctx.trainer.step = self.round_no * self.H  # a joiner lines up with the swarm's step count
+        self.ctx.trainer.align_step(self.round_no * self.H)  # a joiner lines up with the swarm's step count
         self._reset_theta()
         if self.weight == 0:
             self.ctx.log.info("first round done: contributing from now on")

@@ -254,7 +254,7 @@ class SwarmStrategy(Strategy):
                 await asyncio.sleep(0.2)
                 if self.worker.step != last_step:  # a server's step is its stage replica's
                     last_step = self.worker.step
-                    ctx.trainer.step = self.worker.step
+                    ctx.trainer.align_step(self.worker.step)
                     ctx.progress.step = self.worker.step
                     ctx.metrics.local_step.set(self.worker.step)
                     await ctx.on_step()
@@ -697,7 +697,7 @@ class SwarmStrategy(Strategy):
                 await asyncio.sleep(0.5)
             return
         self.steps += 1
-        ctx.trainer.step = self.steps
+        ctx.trainer.align_step(self.steps)
         self.record_step(ctx.spec.batch_size * len(losses), sum(losses) / len(losses), time.perf_counter() - t0)
         self.sm.stage_step.labels(stage="0").set(self.worker.step)
         await ctx.on_step()

@@ -6,6 +6,7 @@
 - A strategy never imports another strategy's modules: a family package (lowcomm, swarm, sapo,
   gradcode) imports only itself and the shared modules at the top of `strategies/`; only the
   registry names every strategy.
+- Only the trainer assigns its step counter; others call `align_step`.
 - `node/` never names a strategy: it imports only the strategy interface (base, options,
   registry) and holds no string equal to a built-in strategy's name outside docstrings.
 """
@@ -65,6 +66,23 @@ def test_strategies_reach_the_dht_only_through_the_record_store():
                     and node.value.attr == "membership":
                 bad.append(_where(p, node.lineno, "membership.net"))
     assert not bad, "strategies touch the raw DHT:\n" + "\n".join(bad)
+
+
+def test_only_the_trainer_assigns_its_step_counter():
+    """Strategies and the daemon move it through `align_step` (or by applying gradients)."""
+    bad = []
+    for p in [*_modules("strategies"), *_modules("node")]:
+        if p == ROOT / "node" / "train" / "trainer.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text(), filename=str(p))):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in targets:
+                if isinstance(t, ast.Attribute) and t.attr == "step" and (
+                        (isinstance(t.value, ast.Attribute) and t.value.attr == "trainer")
+                        or (isinstance(t.value, ast.Name) and t.value.id == "trainer")):
+                    bad.append(_where(p, node.lineno, "assigns trainer.step"))
+    assert not bad, "only the trainer moves its step counter:\n" + "\n".join(bad)
 
 
 def test_strategies_do_not_import_each_others_modules():
