@@ -117,9 +117,8 @@ class NoLoCoStrategy(Strategy):
     # ------------------------------------------------------------------ the loop
     async def run(self) -> None:
         ctx = self.ctx
-        # a joiner starts from a live peer's weights; a peer back from its own checkpoint goes on
-        # with its own θ, φ and δ (the pair rounds pull the replicas together again)
-        if self.election.online_peers() and not self._resumed:
+        peer_steps = [m.record.step for m in self.election.peers()]
+        if self.election.online_peers() and joins_from_a_peer(self._resumed, ctx.trainer.step, peer_steps, self.H):
             try:
                 await self.state.download(self.election.leader())  # θ_j, φ_j and δ_j (see _extra_restore)
             except Exception as e:
@@ -220,6 +219,14 @@ class NoLoCoStrategy(Strategy):
             self.ctx.log.info("pair round skipped (%s): %s", outcome, detail)
         self.record_round(outcome, size, duration_s, round=self.ctx.trainer.step // self.H, partner=partner or "",
                           detail=detail)
+
+
+def joins_from_a_peer(resumed: bool, my_step: int, peer_steps: list[int], inner_steps: int) -> bool:
+    """Whether a peer starting among online peers takes a live peer's weights. A new peer does.
+    A peer back from its own checkpoint goes on with its own θ, φ and δ after a full stop (the
+    pair rounds pull the replicas together), unless the swarm trained a round or more past it
+    (a crash with an older checkpoint): its rounds would then pair with no one."""
+    return not resumed or max(peer_steps, default=0) >= my_step + inner_steps
 
 
 class _Refused(Exception):

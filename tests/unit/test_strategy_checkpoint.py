@@ -90,3 +90,12 @@ def test_a_checkpoint_of_another_strategy_is_not_restored_into_this_one(tmp_path
     d = DiLoCoStrategy(_ctx("diloco"))
     with pytest.raises(StateTransferError):
         d.restore_checkpoint_state({"meta": {"round": 1, "has_momentum": True}, "tensors": state["tensors"][:1]})
+
+
+def test_a_noloco_peer_back_from_its_checkpoint_joins_from_a_peer_only_when_the_swarm_moved_on():
+    from swarm_node.strategies.lowcomm.noloco import joins_from_a_peer
+
+    assert joins_from_a_peer(False, 0, [40], 5)  # a new peer
+    assert not joins_from_a_peer(True, 47, [45, 47], 5)  # a full stop: everyone back from the same moment
+    assert not joins_from_a_peer(True, 47, [], 5)
+    assert joins_from_a_peer(True, 20, [47], 5)  # a crash: the swarm is rounds ahead
