@@ -37,6 +37,7 @@ from swarm_node.strategies.lowcomm.options import NoLoCoOptions
 PAIR = "pair.exchange"
 PairStatus = rpb.PairReply.Status
 KEEP_ROUNDS = 4
+PUSH_POLL_S = 0.1  # how often a peer waiting for its partner checks whether the partner moved past
 
 
 class NoLoCoStrategy(Strategy):
@@ -61,6 +62,7 @@ class NoLoCoStrategy(Strategy):
         self._incoming: dict[int, asyncio.Future] = {}
         self._active_round = -1  # the round our loop is exchanging in
         self._resumed = False  # restored from this peer's own checkpoint
+        self._pushed_by: dict[str, int] = {}  # the latest round each peer pushed to us as our partner
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.deadlines.state_download,
                                   extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore)
 
@@ -148,10 +150,12 @@ class NoLoCoStrategy(Strategy):
             if ctx.peer_id < partner:
                 theirs = await self._initiate(partner, round_no, theta)
             else:
-                theirs = await asyncio.wait_for(asyncio.shield(self._incoming[round_no]),
-                                                ctx.deadlines.gather)
+                theirs = await self._await_push(partner, round_no)
         except asyncio.TimeoutError:
             self._account("timeout", 1, time.perf_counter() - t0, partner, "partner did not arrive in time")
+            return
+        except _PartnerAhead as e:  # it will not come back for this round: catch up instead of waiting
+            self._account("timeout", 1, time.perf_counter() - t0, partner, str(e))
             return
         except (PeerUnavailable, _Refused, codec.CodecError) as e:
             self._account("error", 1, time.perf_counter() - t0, partner, str(e)[:200])
@@ -163,6 +167,25 @@ class NoLoCoStrategy(Strategy):
         await ctx.compute(load_params, self.params, self.phi)
         spread = replica_spread([theta, theirs])
         self._account("ok", 2, time.perf_counter() - t0, partner, f"pair spread {spread:.4g}")
+
+    async def _await_push(self, partner: str, round_no: int) -> list[torch.Tensor]:
+        """The partner's θ for this round, within `gather`. If the partner already pushed a later
+        round it is past this one: raise at once, so this peer catches up. Waiting out every round
+        instead kept two peers a fixed number of rounds apart for good, each waiting in its own."""
+        fut = self._incoming[round_no]
+        deadline = time.monotonic() + self.ctx.deadlines.gather
+        while not fut.done():
+            ahead = self._pushed_by.get(partner, -1)
+            if ahead > round_no:
+                raise _PartnerAhead(f"partner already at round {ahead}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise asyncio.TimeoutError
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), min(PUSH_POLL_S, left))
+            except asyncio.TimeoutError:
+                pass
+        return fut.result()
 
     async def _initiate(self, partner: str, round_no: int, theta: list[torch.Tensor]) -> list[torch.Tensor]:
         def pushes():
@@ -197,6 +220,7 @@ class NoLoCoStrategy(Strategy):
         if first.run_id != ctx.spec.run_id or self.partner(round_no) != caller or round_no < 0:
             yield rpb.PairReply(status=PairStatus.PAIR_STATUS_REFUSED, detail="not my partner for this round")
             return
+        self._pushed_by[caller] = max(self._pushed_by.get(caller, -1), round_no)
         posted = self._slot(round_no)
         fut = self._incoming[round_no]
         if not fut.done():
@@ -230,4 +254,8 @@ def joins_from_a_peer(resumed: bool, my_step: int, peer_steps: list[int], inner_
 
 
 class _Refused(Exception):
+    pass
+
+
+class _PartnerAhead(Exception):
     pass

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from swarm_node.protocol.averaging.deadlines import Deadlines
 from swarm_node.config import NodeConfig
 from swarm_node.lab.launcher import Swarm
 from swarm_node.train.model import GPTConfig
@@ -208,7 +209,7 @@ def test_unknown_part_is_a_counted_rejection():
     stub = SimpleNamespace(
         worker=w, serving=True, queue=0, max_numel=10**6, edge_copy=None,
         ctx=SimpleNamespace(config=SimpleNamespace(round_timeout_s=1.0, swarm_backward_delay_s=0.0),
-                            spec=SimpleNamespace(run_id="run")),
+                            spec=SimpleNamespace(run_id="run"), deadlines=Deadlines(1.0)),
         sm=SimpleNamespace(served=SimpleNamespace(labels=lambda **kw: SimpleNamespace(
             inc=lambda: served.append((kw["op"], kw["outcome"]))))),
         _reject=rejected.append)

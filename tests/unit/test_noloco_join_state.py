@@ -68,3 +68,34 @@ def test_partners_far_ahead_do_not_cancel_the_round_we_wait_in():
         assert 3 not in s._posted  # older rounds than the kept ones still go
 
     asyncio.run(main())
+
+
+def test_a_peer_behind_its_partner_stops_waiting_for_a_push_that_will_not_come():
+    """A responder waits for its partner's θ of round r. Once that partner pushed a later round,
+    it is past r: the wait ends at once (so this peer catches up) instead of after the whole
+    window, which kept two peers a fixed number of rounds apart forever."""
+    import asyncio
+    import time
+
+    from swarm_node.strategies.lowcomm.noloco import _PartnerAhead
+
+    async def go():
+        s = _strategy(1)
+        s.ctx.deadlines = Deadlines(0.5)
+        s._slot(3)
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):  # nothing from the partner: the whole window
+            await s._await_push("p", 3)
+        waited = time.monotonic() - t0
+        s._pushed_by["p"] = 5
+        t0 = time.monotonic()
+        with pytest.raises(_PartnerAhead, match="round 5"):
+            await s._await_push("p", 3)
+        ahead = time.monotonic() - t0
+        s._slot(6)
+        s._incoming[6].set_result(["theta"])
+        assert await s._await_push("p", 6) == ["theta"]
+        return waited, ahead
+
+    waited, ahead = asyncio.run(go())
+    assert waited >= 0.45 and ahead < 0.2, (waited, ahead)
