@@ -48,6 +48,13 @@ class LlamaShape:
     seq_len: int
 
 
+LOSS_CONFIGS: dict[str, list[str]] = {
+    "solo": ["--strategy", "solo"],
+    "sync": ["--strategy", "sync"],
+    "diloco-h10": ["--strategy", "diloco", "--inner-steps", "10"],
+    # plain averaging every 10 steps (outer lr 1, no momentum): the control for the outer optimizer
+    "diloco-h10-avg": ["--strategy", "diloco", "--inner-steps", "10", "--outer-lr", "1.0", "--outer-momentum", "0"],
+}
 LOSS_MODEL = LlamaShape(vocab=4096, hidden=160, layers=4, heads=4, intermediate=432, seq_len=128)
 THROUGHPUT_MODEL = LlamaShape(vocab=4096, hidden=512, layers=6, heads=8, intermediate=1376, seq_len=128)
 
@@ -100,10 +107,9 @@ def part_loss(tmp: Path, args) -> dict:
     print(f"loss: Llama {numel / 1e6:.2f}M parameters (vocab {LOSS_MODEL.vocab}, {LOSS_MODEL.layers} layers, "
           f"width {LOSS_MODEL.hidden}), {args.peers} peers x {args.steps} steps, batch 8 x {LOSS_MODEL.seq_len} "
           "tokens", flush=True)
-    configs = {"solo": ["--strategy", "solo"], "sync": ["--strategy", "sync"],
-               "diloco-h10": ["--strategy", "diloco", "--inner-steps", "10"]}
     results = {}
-    for name, extra in configs.items():
+    for name in args.configs:
+        extra = LOSS_CONFIGS[name]
         t0 = time.monotonic()
         sums = run_peers(tmp / name, name, [*common, *extra], args.peers, solo=name == "solo")
         vals = [s["val_loss"] for s in sums]
@@ -111,7 +117,7 @@ def part_loss(tmp: Path, args) -> dict:
                          "sent_per_step": sum(s["bytes_sent_by_channel"].get("averaging", 0) for s in sums)
                          / len(sums) / args.steps}
         print(f"  {name:11s} val {results[name]['val']:.4f}  ({results[name]['wall_s']:.0f}s)", flush=True)
-    solo, sync = results["solo"]["val"], results["sync"]["val"]
+    solo, sync = (results[k]["val"] if k in results else float("nan") for k in ("solo", "sync"))
     print(f"\n{'config':11s} {'val loss':>9s} {'g (gap)':>8s} {'sent B/peer/step':>17s}")
     for name, r in results.items():
         r["g"] = (solo - r["val"]) / (solo - sync) if solo != sync else float("nan")
@@ -148,6 +154,8 @@ def main() -> int:
     ap.add_argument("--peers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--throughput-steps", type=int, default=30)
+    ap.add_argument("--configs", nargs="+", choices=list(LOSS_CONFIGS), default=["solo", "sync", "diloco-h10"],
+                    help="loss part: which configurations (solo and sync give the g column)")
     args = ap.parse_args()
     print(f"env: python {platform.python_version()} torch {torch.__version__} cpus {os.cpu_count()}", flush=True)
     out = {}
