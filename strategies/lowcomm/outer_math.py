@@ -74,7 +74,9 @@ class OuterOptimizer:
         if not phi:
             raise ValueError("OuterOptimizer needs at least one tensor")
         self._phi = [_f32(p).clone() for p in phi]
-        self._opt = torch.optim.SGD(self._phi, lr=lr, momentum=momentum, nesterov=nesterov,
+        # momentum 0 is plain SGD on the pseudo-gradient (lr 1: plain averaging); Nesterov has no
+        # meaning there, and torch refuses the combination
+        self._opt = torch.optim.SGD(self._phi, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
                                     dampening=0.0, weight_decay=0.0, foreach=False)
 
     @property

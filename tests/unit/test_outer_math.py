@@ -592,3 +592,17 @@ def test_u4_layer_fragments_of_hugging_face_models():
             assert [i for f in frags for i in f] == list(range(len(names)))
             shares = [sum(numels[i] for i in f) * P / sum(numels) for f in frags]
             assert all(0.8 <= s <= 1.2 for s in shares), (name, P, shares)
+
+
+def test_outer_momentum_zero_is_plain_sgd_and_lr_one_is_plain_averaging():
+    """--outer-momentum 0 (with the default Nesterov) used to crash the node at start; it is
+    plain SGD on the pseudo-gradient, and with lr 1 the new φ is φ minus the mean delta."""
+    from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer
+
+    phi = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
+    opt = OuterOptimizer(phi, lr=1.0, momentum=0.0)
+    delta = [torch.tensor([0.5, -1.0]), torch.tensor([[1.0]])]
+    for _ in range(2):  # no momentum: each step moves by exactly the delta given
+        phi = [p - d for p, d in zip(phi, delta)]
+        got = opt.step(delta)
+        assert all(torch.equal(g, w) for g, w in zip(got, phi))
