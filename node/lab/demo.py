@@ -42,8 +42,13 @@ class DemoOptions:
         """A setting that cannot work, named before any daemon starts."""
         if self.peers < 1:
             return "--peers must be at least 1"
-        if self.model != "builtin" and ":" not in self.model and not Path(self.model).is_dir():
-            return f"--model {self.model}: no such directory (a Hugging Face model directory, or package.module:function)"
+        if self.model != "builtin":  # the check `join --model` makes, before any daemon starts
+            from swarm_node.train.models import ModelError, check_model_setting
+
+            try:
+                check_model_setting(self.model)
+            except ModelError as e:
+                return f"--model: {e}"
         if self.data is not None and not self.data.exists():
             return f"--data {self.data}: no such file or directory"
         return None

@@ -216,16 +216,21 @@ def test_demo_model_and_data_reach_every_node_and_bad_ones_stop_it_before_any_da
     monkeypatch.setattr(demo, "run_demo", lambda opts: seen.setdefault("opts", opts) and 0)
     corpus = tmp_path / "text.txt"
     corpus.write_text("hello\n")
-    assert cli_main(["demo", "--model", str(tmp_path), "--data", str(corpus)]) == 0
-    assert seen["opts"].node_args() == ["--model", str(tmp_path), "--data", str(corpus)]
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert cli_main(["demo", "--model", str(model), "--data", str(corpus)]) == 0
+    assert seen["opts"].node_args() == ["--model", str(model), "--data", str(corpus)]
     assert demo.DemoOptions().node_args() == []  # builtin on the built-in corpus: nothing added
     monkeypatch.undo()
     started = []
     monkeypatch.setattr(demo.Swarm, "add", lambda *a, **k: started.append(a))
     assert cli_main(["demo", "--model", str(tmp_path / "nope")]) == 2
+    assert cli_main(["demo", "--model", str(tmp_path)]) == 2  # a directory without config.json
     assert cli_main(["demo", "--data", str(tmp_path / "missing.txt")]) == 2
     err = capsys.readouterr().err
-    assert "--model" in err and "no such directory" in err and "missing.txt: no such file" in err
+    assert "--model" in err and "does not exist" in err and "has no config.json" in err
+    assert "missing.txt: no such file" in err
     assert started == []
 
 
