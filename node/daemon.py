@@ -54,7 +54,7 @@ from swarm_node.protocol.codec import REJECT_REASONS
 from swarm_node.protocol.records import PeerRecord, RecordStore
 from swarm_node.protocol.transport import Transport
 from swarm_node.strategies import registry
-from swarm_node.strategies.base import Progress, Strategy, StrategyContext
+from swarm_node.strategies.base import NodeSettings, Progress, Strategy, StrategyContext
 
 log = logging.getLogger("swarm_node")
 
@@ -179,6 +179,7 @@ class Node:
         self.trainer = await self.compute(functools.partial(
             LocalTrainer, model.module, dataset, train_cfg, device=self.device, peer=identity.peer_id))
         self._resume()
+        self.progress.follow(lambda: self.trainer.step)  # the strategy's, once it exists
         if cfg.spare_gpu and self.device.type == "cuda":
             self.gate = SpareGpuGate(make_probe(), self.device.index or 0)
 
@@ -205,12 +206,14 @@ class Node:
         strategy_cls = registry.load(cfg.strategy)
         self.transport = Transport(self.net.p2p, self.spec.run_id, self._count_bytes)
         self.strategy = strategy_cls(StrategyContext(
-            config=cfg, spec=self.spec, peer_id=identity.peer_id, transport=self.transport,
-            membership=self.membership, metrics=self.metrics, trainer=self.trainer, compute=self.compute,
+            node=NodeSettings.of(cfg), options=strategy_cls.options_of(cfg), spec=self.spec,
+            peer_id=identity.peer_id, transport=self.transport,
+            peers=self.membership, metrics=self.metrics, trainer=self.trainer, compute=self.compute,
             progress=self.progress, should_stop=self._should_stop, on_step=self._on_step,
             log=logging.getLogger(f"swarm_node.strategy.{cfg.strategy}"),
             records=RecordStore(self.net, identity.peer_id,
                                 lambda: self.metrics.rejected_messages.labels(reason="bad_record").inc())))
+        self.progress.follow(self.strategy.current_step)
         self._restore_strategy_state()
         await self.strategy.start()
         self.metrics.info.info({"version": __version__, "strategy": cfg.strategy, "role": self.strategy.role,
@@ -240,7 +243,6 @@ class Node:
             log.warning("could not resume from %s (%s); starting fresh", ckpt, e)
             self.metrics.recoveries.labels(kind="resume", outcome="failed").inc()
             return
-        self.progress.step = self.resumed_from
         self.metrics.recoveries.labels(kind="resume", outcome="ok").inc()
         log.info("resumed from %s at step %d", ckpt, self.resumed_from)
 

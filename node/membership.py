@@ -159,5 +159,9 @@ class Membership:
         """DHT time (what `left_since` and record expiries are measured in)."""
         return get_dht_time()
 
+    def own_maddrs(self) -> list[str]:
+        """The addresses this peer announces (where others reach it)."""
+        return list(getattr(self.make_record("online"), "maddrs", ()))
+
     def known_maddrs(self) -> list[str]:
         return [a for m in self.others() for a in m.record.maddrs]

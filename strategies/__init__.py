@@ -1,6 +1,7 @@
 """Synchronization strategies: plain tensor math plus a thin driver that maps rounds onto the transport.
 
-  base.py            Strategy, StrategyContext, Progress; the peers/quorum wait every loop uses
+  base.py            Strategy (the interface); the peers/quorum wait every loop uses
+  context.py         StrategyContext, the narrow view of the node a strategy gets; NodeSettings, Progress
   registry.py        find strategies by name (built-ins and the `swarm_node.strategies` entry points)
   options.py         StrategyOptions: a strategy's own settings, merged into `swarm-node join`
   churn_profile.py   ChurnProfile: how the churn lab runs and judges a strategy; generic scenarios

@@ -15,63 +15,18 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import logging
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any, ClassVar
 
-from swarm_node.protocol.averaging.deadlines import Deadlines
 from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.options import NoOptions, StrategyOptions
+from swarm_node.strategies.context import NodeSettings, Progress, StrategyContext  # noqa: F401 (re-exported)
 from swarm_node.strategies.quorum import QuorumRule
 
 # How long a view must stay short of the quorum before the peer stops stepping. A step in that
 # window cannot fork: a sync round and a gradcode decode each check the quorum themselves.
 QUORUM_GRACE_S = 2.0
 
-if TYPE_CHECKING:  # runtime imports would make strategies depend on the whole node
-    from swarm_node.config import NodeConfig, RunSpec
-    from swarm_node.membership import Membership
-    from swarm_node.metrics import NodeMetrics
-    from swarm_node.train.trainer import LocalTrainer
-    from swarm_node.protocol.records import RecordStore
-    from swarm_node.protocol.transport import Transport
-
-
-@dataclass
-class Progress:
-    """Mutable training progress the node reports in /status, metrics and the console."""
-
-    step: int = 0
-    train_loss: float | None = None
-    val_loss: float | None = None
-    samples_per_s: float = 0.0
-    last_round: dict[str, Any] = field(default_factory=dict)
-    waiting_for: str | None = None
-    state: str = "joining"  # joining until this peer's replica agrees with the swarm
-    below_quorum: bool = False  # waiting: it sees fewer peers than the run-long quorum (sync, gradcode)
-
-
-@dataclass
-class StrategyContext:
-    config: "NodeConfig"
-    spec: "RunSpec"
-    peer_id: str
-    transport: "Transport"
-    membership: "Membership"
-    metrics: "NodeMetrics"
-    trainer: "LocalTrainer"
-    compute: Callable[..., "asyncio.Future[Any]"]  # run a blocking fn on the compute thread
-    progress: Progress
-    should_stop: Callable[[], bool]
-    on_step: Callable[[], "asyncio.Future[None] | Any"]  # node hook: eval, checkpoint, heartbeat
-    log: logging.Logger
-    records: "RecordStore | None" = None  # per-peer DHT records (None where a test runs without a DHT)
-
-    @property
-    def deadlines(self) -> Deadlines:
-        """Every wait of an exchange, derived from `round_timeout_s`."""
-        return Deadlines(self.config.round_timeout_s)
 
 
 class Strategy(abc.ABC):
@@ -111,14 +66,18 @@ class Strategy(abc.ABC):
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx
-        self.quorum = QuorumRule(fixed=getattr(ctx.config, "quorum", 0),
-                                 joined=bool(getattr(ctx.config, "initial_peers", ())))
+        self.quorum = QuorumRule(fixed=ctx.node.quorum, joined=ctx.node.joined)
         self._short_since: float | None = None  # when the view first fell short of the quorum
         # one entry per round attempt, for summary.json (bounded): what the round cost against
         # the local compute since the previous one, which is what straggler benches compare
         self.round_history: list[dict[str, Any]] = []
         self._compute_since_round = 0.0
         self._last_round_at = time.monotonic()
+
+    def current_step(self) -> int:
+        """The step this peer reports (progress, /status): the trainer's, unless the strategy
+        trains something else (a pipeline stage, an HF policy)."""
+        return self.ctx.trainer.step
 
     async def start(self) -> None:
         """Register handlers; default: none."""
@@ -147,7 +106,7 @@ class Strategy(abc.ABC):
         ctx = self.ctx
         while not ctx.should_stop():
             if not getattr(self, "_quorum_reached", False):
-                have, need = len(ctx.membership.others()) + 1, ctx.config.min_peers
+                have, need = len(ctx.peers.others()) + 1, ctx.node.min_peers
                 if have < need:
                     ctx.progress.waiting_for = f"peers: {have}/{need} needed"
                     await asyncio.sleep(0.5)
@@ -172,22 +131,22 @@ class Strategy(abc.ABC):
 
     def quorum_counts(self) -> tuple[int, int]:
         """(peers of this strategy in my view, me included; peers the quorum needs)."""
-        ms = self.ctx.membership
+        ms = self.ctx.peers
         have = 1 + sum(1 for m in ms.others() if m.record.strategy == self.name)
         # A round that committed within one record lifetime is first-hand proof of that many live
         # peers, fresher than records (whose stores and reads stall while part of the DHT is cut off).
-        if ms.now() - self.quorum.committed_at <= self.ctx.config.ttl_s:
+        if ms.now() - self.quorum.committed_at <= self.ctx.node.ttl_s:
             have = max(have, self.quorum.last_group)
         # A draining peer announces LEAVING first and then finishes its round, so its leave can be
         # seen just before the commit that still counted it: leaves up to one record lifetime
         # before the commit count too.
-        left = ms.left_since(self.quorum.committed_at - self.ctx.config.ttl_s, self.name)
+        left = ms.left_since(self.quorum.committed_at - self.ctx.node.ttl_s, self.name)
         return have, self.quorum.needed(left)
 
     def note_committed(self, group_size: int) -> None:
         """A round this peer applied committed with `group_size` contributors: the group the
         quorum's majority is taken of, from now on."""
-        self.quorum.committed(group_size, self.ctx.membership.now())
+        self.quorum.committed(group_size, self.ctx.peers.now())
 
     def _wait_below_quorum(self, have: int, need: int) -> None:
         ctx = self.ctx
@@ -229,8 +188,8 @@ class Strategy(abc.ABC):
             return False
         compute_s = time.perf_counter() - t0
         self._compute_since_round += compute_s
-        if ctx.config.compute_slowdown > 1.0:  # a simulated slower device: idle, not busy, so the box stays fair
-            await asyncio.sleep((ctx.config.compute_slowdown - 1.0) * compute_s)
+        if ctx.node.compute_slowdown > 1.0:  # a simulated slower device: idle, not busy, so the box stays fair
+            await asyncio.sleep((ctx.node.compute_slowdown - 1.0) * compute_s)
         self.record_step(result.num_samples, result.loss, time.perf_counter() - t0)
         await ctx.on_step()
         return True
@@ -264,7 +223,6 @@ class Strategy(abc.ABC):
     def record_step(self, num_samples: int, loss: float, elapsed_s: float) -> None:
         """Progress and metrics after one applied local step."""
         ctx, m = self.ctx, self.ctx.metrics
-        ctx.progress.step = ctx.trainer.step
         ctx.progress.train_loss = loss
         sps = num_samples / max(elapsed_s, 1e-9)
         prev = ctx.progress.samples_per_s  # EMA so one slow round does not make the console jump

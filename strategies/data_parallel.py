@@ -26,7 +26,7 @@ class DataParallelStrategy(Strategy):
 
     async def run(self) -> None:
         ctx = self.ctx
-        max_steps = ctx.config.max_steps
+        max_steps = ctx.node.max_steps
         while not ctx.should_stop() and (max_steps == 0 or ctx.trainer.step < max_steps):
             if not await self.wait_for_peers():
                 break

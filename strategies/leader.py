@@ -31,7 +31,7 @@ class LeaderElection:
 
     def suspect(self, peer: str) -> None:
         if peer != self.ctx.peer_id:
-            self.suspects[peer] = time.monotonic() + self.ctx.config.ttl_s
+            self.suspects[peer] = time.monotonic() + self.ctx.node.ttl_s
 
     def live_suspects(self) -> set[str]:
         now = time.monotonic()
@@ -39,7 +39,7 @@ class LeaderElection:
         return set(self.suspects)
 
     def peers(self) -> list:
-        return [m for m in self.ctx.membership.others() if m.record.strategy == self.strategy_name]
+        return [m for m in self.ctx.peers.others() if m.record.strategy == self.strategy_name]
 
     def mark_committed(self, group: list[str]) -> None:
         """Peers that just committed a round with us are online, even before their records

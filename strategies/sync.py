@@ -137,7 +137,7 @@ class SyncStrategy(DataParallelStrategy):
             self.election.mark_committed(list(self._last_group) if leader == self.ctx.peer_id else [leader])
         if update is not None and self.ctx.progress.state != "online":
             self.ctx.progress.state = "online"
-            await self.ctx.membership.announce("online")
+            await self.ctx.peers.announce("online")
         return update
 
     async def _lead(self, result: StepResult) -> tuple[list[torch.Tensor] | None, str, int]:
@@ -249,7 +249,6 @@ class SyncStrategy(DataParallelStrategy):
         step = await self.state.adopt(leader, ctx.metrics, ctx.log)
         if step is None:
             return
-        ctx.progress.step = step
         ctx.log.info("resynchronised to step %d", step)
 
     def _account(self, outcome: str, size: int, duration_s: float, leader: str) -> None:

@@ -91,7 +91,7 @@ def restore(trainer, meta: dict[str, Any], tensors: list[torch.Tensor], extra: E
         sd = trainer.optimizer.state_dict()
         sd["state"] = new_opt
         trainer.optimizer.load_state_dict(sd)
-        trainer.step = int(meta["step"])
+        trainer.align_step(int(meta["step"]))
         if trainer.param_hash() != meta.get("param_hash"):
             raise StateTransferError("parameter hash after loading differs from the advertised one")
         if extra is not None:

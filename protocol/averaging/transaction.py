@@ -36,12 +36,12 @@ JOIN, VOTE = "round.join", "round.commit"
 def averaging_layer(ctx, *, timeout_s: float, compression: int = 0, max_numel: int = 1 << 31) -> ButterflyAllReduce:
     """The butterfly all-reduce every averaging strategy shares, wired to this node's config
     (data path, bulk TCP listener) and metrics (rejections, paths). Start it before use."""
-    cfg = ctx.config
+    node = ctx.node
     return ButterflyAllReduce(
         ctx.transport, timeout_s=timeout_s, compression=compression, max_numel=max_numel,
         on_reject=lambda reason: ctx.metrics.rejected_messages.labels(reason=reason).inc(),
-        transport_mode=cfg.allreduce_transport, bulk_host=cfg.host, bulk_port=cfg.allreduce_tcp_port,
-        announce_host=cfg.announce_host, on_path=path_counter(ctx.metrics.registry))
+        transport_mode=node.allreduce_transport, bulk_host=node.host, bulk_port=node.allreduce_tcp_port,
+        announce_host=node.announce_host, on_path=path_counter(ctx.metrics.registry))
 
 
 def group_digest(run_id: str, round_no: int, group: list[str], epoch: int = 0) -> str:

@@ -119,8 +119,8 @@ class GradientCodingStrategy(Strategy):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        cfg = ctx.config
-        self.scheme, self.s, self.code_seed = cfg.gc_scheme, cfg.gc_stragglers, cfg.seed
+        cfg, node = ctx.options, ctx.node
+        self.scheme, self.s, self.code_seed = cfg.gc_scheme, cfg.gc_stragglers, node.seed
         self.election = LeaderElection(ctx, self.name, prefer_progress=True)
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.deadlines.state_download)
         self.rounds: dict[int, CodedRound] = {}
@@ -156,7 +156,7 @@ class GradientCodingStrategy(Strategy):
     # ================================================================ every peer: the loop
     async def run(self) -> None:
         ctx = self.ctx
-        while not ctx.should_stop() and (ctx.config.max_steps == 0 or ctx.trainer.step < ctx.config.max_steps):
+        while not ctx.should_stop() and (ctx.node.max_steps == 0 or ctx.trainer.step < ctx.node.max_steps):
             if not await self.wait_for_peers():
                 break
             if not await self._step():
@@ -171,7 +171,7 @@ class GradientCodingStrategy(Strategy):
         if not decoded:
             return
         last = max(decoded, key=lambda r: r.step)
-        deadline = time.monotonic() + min(self.ctx.deadlines.gather, self.ctx.config.shutdown_grace_s)
+        deadline = time.monotonic() + min(self.ctx.deadlines.gather, self.ctx.node.shutdown_grace_s)
 
         def waiting() -> set[str]:  # live peers (plan members or not) that still lack the last step
             live = {m.peer_id for m in self.election.peers() if m.record.state != "leaving"}
@@ -238,7 +238,6 @@ class GradientCodingStrategy(Strategy):
         if computed is not None:
             self.record_step(computed.num_samples, computed.loss, elapsed)
         else:
-            ctx.progress.step = ctx.trainer.step
             ctx.metrics.local_step.set(ctx.trainer.step)
         self._account("ok", len(reader.decoded_from), elapsed, leader, n=len(reader.members))
         self.note_committed(len(reader.members))
@@ -260,7 +259,7 @@ class GradientCodingStrategy(Strategy):
         own request is checked against that replica's hash like anyone else's."""
         if self.ctx.progress.state != "online":
             self.ctx.progress.state = "online"
-            await self.ctx.membership.announce("online")
+            await self.ctx.peers.announce("online")
 
     async def _work(self, plan_msg, reader: "_ResultReader", leader: str, step: int, my_hash: str):
         """Compute and push my coded gradient (if the plan has me) while waiting for the result."""
@@ -288,10 +287,10 @@ class GradientCodingStrategy(Strategy):
                 result.cancel()
 
     def _injected_delay(self, step: int, members: tuple[str, ...]) -> float:
-        cfg = self.ctx.config
+        cfg, node = self.ctx.options, self.ctx.node
         if cfg.straggler_delay_s <= 0:
             return 0.0
-        if self.ctx.peer_id not in chosen_stragglers(cfg.seed, step, members, cfg.straggler_count, cfg.straggler_prob):
+        if self.ctx.peer_id not in chosen_stragglers(node.seed, step, members, cfg.straggler_count, cfg.straggler_prob):
             return 0.0
         self.gm.injected.inc()
         return cfg.straggler_delay_s
@@ -344,7 +343,6 @@ class GradientCodingStrategy(Strategy):
             if self._ahead is not None and self._ahead[1] == donor:
                 self._ahead = None  # that peer cannot serve its state: back to plain rounds, not a loop
             return
-        ctx.progress.step = step
         self._caught_up(step)
         ctx.log.info("resynchronised to step %d", step)
 
@@ -367,7 +365,7 @@ class GradientCodingStrategy(Strategy):
         """Plans are made only once the aggregator itself sees `--min-peers` (so the first
         plans do not miss peers whose records are still on their way)."""
         deadline = time.monotonic() + timeout_s
-        while len(self.ctx.membership.others()) + 1 < self.ctx.config.min_peers and not self._quorum_reached:
+        while len(self.ctx.peers.others()) + 1 < self.ctx.node.min_peers and not self._quorum_reached:
             if time.monotonic() > deadline or self.ctx.should_stop():
                 return False
             await asyncio.sleep(0.1)
@@ -564,7 +562,7 @@ class GradientCodingStrategy(Strategy):
         self.election.mark_committed(used)
         if self.ctx.progress.state != "online":  # the others now count on me as the aggregator
             self.ctx.progress.state = "online"
-            self._announcing = asyncio.ensure_future(self.ctx.membership.announce("online"))
+            self._announcing = asyncio.ensure_future(self.ctx.peers.announce("online"))
         self.last_decode = {"s": rnd.plan.code.s, "scheme": rnd.plan.code.scheme,
                             "stragglers": [p[-8:] for p in stragglers],
                             "wait_s": round(rnd.decoded_at - rnd.created, 4)}

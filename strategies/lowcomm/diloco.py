@@ -75,11 +75,11 @@ class DiLoCoStrategy(Strategy):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        cfg = ctx.config
+        cfg, node = ctx.options, ctx.node
         self.H = cfg.inner_steps
         self.params = ctx.trainer.parameters_list()
         self.outer = OuterOptimizer([p.detach() for p in self.params], lr=cfg.outer_lr,
-                                    momentum=self.options_of(cfg).momentum(), nesterov=True)
+                                    momentum=cfg.momentum(), nesterov=True)
         self.phi = self.outer.phi
         self.phi_hash = round_digest(self.phi)
         self.round_no = 0
@@ -90,9 +90,9 @@ class DiLoCoStrategy(Strategy):
         self._adopt_from: str | None = None  # set on the leader when a member's φ holds more work
         self._overtaken = False  # set on a late leader once its round committed without it
         self.election = LeaderElection(ctx, self.name)
-        self.allreduce = averaging_layer(ctx, timeout_s=cfg.round_timeout_s, compression=COMPRESSIONS[cfg.compression])
+        self.allreduce = averaging_layer(ctx, timeout_s=node.round_timeout_s, compression=COMPRESSIONS[node.compression])
         self.rounds = RoundCoordinator(
-            ctx.transport, ctx.spec.run_id, timeout_s=cfg.round_timeout_s, grace_s=cfg.round_grace_s or cfg.round_timeout_s,
+            ctx.transport, ctx.spec.run_id, timeout_s=node.round_timeout_s, grace_s=cfg.round_grace_s or node.round_timeout_s,
             allreduce=self.allreduce, leader_fn=self.election.leader, expected_fn=self.election.expected,
             state_fn=lambda: (self.round_no, self.phi_hash), on_stragglers=ctx.metrics.stragglers.inc,
             work_fn=lambda: self.work, on_behind=self._behind, open_on_first_join=cfg.round_grace_s is not None,
@@ -171,7 +171,7 @@ class DiLoCoStrategy(Strategy):
         ctx = self.ctx
         if self.election.online_peers():
             await self._adopt(self.election.leader(), "joining a running swarm")
-        while not ctx.should_stop() and (ctx.config.max_steps == 0 or ctx.trainer.step < ctx.config.max_steps):
+        while not ctx.should_stop() and (ctx.node.max_steps == 0 or ctx.trainer.step < ctx.node.max_steps):
             if not await self.wait_for_peers():
                 break
             await self._catch_up()
@@ -187,7 +187,7 @@ class DiLoCoStrategy(Strategy):
         # H steps from a round's start; fewer after a resume in mid-phase, so the next round
         # still begins at a multiple of H
         for _ in range(self.H - ctx.trainer.step % self.H):
-            if ctx.should_stop() or (ctx.config.max_steps and ctx.trainer.step >= ctx.config.max_steps):
+            if ctx.should_stop() or (ctx.node.max_steps and ctx.trainer.step >= ctx.node.max_steps):
                 return
             if self._overtaken:  # a slow leader's round went on without it: its join now resyncs it
                 ctx.log.info("round %d committed without me: cutting my local steps short", self.round_no)
@@ -258,7 +258,6 @@ class DiLoCoStrategy(Strategy):
                 break
             await asyncio.sleep(0.2 * (attempt + 1))
         self.weight = 0.0  # take part in the next round without changing its average
-        ctx.progress.step = ctx.trainer.step
 
     # ------------------------------------------------------------------ bookkeeping
     def _aborted(self, out, duration_s: float) -> None:

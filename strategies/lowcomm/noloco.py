@@ -47,14 +47,14 @@ class NoLoCoStrategy(Strategy):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        cfg = ctx.config
+        cfg, node = ctx.options, ctx.node
         self.H = cfg.inner_steps
         self.params = ctx.trainer.parameters_list()
         self.shapes = [tuple(p.shape) for p in self.params]
         self.numel = sum(p.numel() for p in self.params)
         self.phi = [p.detach().float().cpu().clone() for p in self.params]
         self.momentum: list[torch.Tensor] | None = None
-        self.compression = COMPRESSIONS[cfg.compression]
+        self.compression = COMPRESSIONS[node.compression]
         self.election = LeaderElection(ctx, self.name)
         # round -> (my θ for that round, event set when posted); round -> partner's θ future
         self._mine: dict[int, list[torch.Tensor]] = {}
@@ -126,11 +126,11 @@ class NoLoCoStrategy(Strategy):
             except Exception as e:
                 ctx.log.warning("could not download a peer's state, starting from the seed: %s", e)
         ctx.progress.state = "online"
-        while not ctx.should_stop() and (ctx.config.max_steps == 0 or ctx.trainer.step < ctx.config.max_steps):
+        while not ctx.should_stop() and (ctx.node.max_steps == 0 or ctx.trainer.step < ctx.node.max_steps):
             if not await self.wait_for_peers():
                 break
             for _ in range(self.H - ctx.trainer.step % self.H):  # fewer after a resume in mid-round
-                if ctx.should_stop() or (ctx.config.max_steps and ctx.trainer.step >= ctx.config.max_steps):
+                if ctx.should_stop() or (ctx.node.max_steps and ctx.trainer.step >= ctx.node.max_steps):
                     break
                 await self.local_step()
             if ctx.trainer.step % self.H == 0 and not ctx.should_stop():
@@ -160,7 +160,7 @@ class NoLoCoStrategy(Strategy):
         except (PeerUnavailable, _Refused, codec.CodecError) as e:
             self._account("error", 1, time.perf_counter() - t0, partner, str(e)[:200])
             return
-        lr, beta = ctx.config.outer_lr, self.options_of(ctx.config).momentum()
+        lr, beta = ctx.options.outer_lr, ctx.options.momentum()
         # γ = η: the partner's φ cancels, so our own φ stands in for it in the group
         self.phi, self.momentum = await ctx.compute(lambda: noloco_update(
             self.phi, self.momentum, [self.phi, self.phi], [theta, theirs], lr=lr, gamma=lr, beta=beta))

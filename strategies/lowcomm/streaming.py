@@ -51,11 +51,11 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        cfg = ctx.config
+        cfg = ctx.options
         self.P, self.tau, self.alpha = cfg.fragments, cfg.overlap_steps, cfg.mix_alpha
         self.every = self.H // self.P
         self.frags = layer_fragments(ctx.trainer.parameter_names(), [p.numel() for p in self.params], self.P)
-        self.outers = [OuterOptimizer([self.phi[i] for i in idx], lr=cfg.outer_lr, momentum=self.options_of(cfg).momentum(),
+        self.outers = [OuterOptimizer([self.phi[i] for i in idx], lr=cfg.outer_lr, momentum=cfg.momentum(),
                                       nesterov=True) for idx in self.frags]
         self.pending: dict[int, _InFlight] = {}  # apply step -> the fragment round applied there
         self._step_lock = asyncio.Lock()  # a step with its sends/applies, or a snapshot being served
@@ -129,7 +129,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         if self.election.online_peers():
             await self._adopt(self.election.leader(), "joining a running swarm")
         try:
-            while not ctx.should_stop() and (ctx.config.max_steps == 0 or ctx.trainer.step < ctx.config.max_steps):
+            while not ctx.should_stop() and (ctx.node.max_steps == 0 or ctx.trainer.step < ctx.node.max_steps):
                 if not await self.wait_for_peers():
                     break
                 if self._adopt_from is not None and not self.pending:

@@ -138,19 +138,19 @@ class SapoStrategy(Strategy):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        cfg = ctx.config
+        cfg, node = ctx.options, ctx.node
         self.task_names = tasks.parse_task_list(cfg.sapo_tasks)
         self.G, self.I, self.J = cfg.sapo_group_size, cfg.sapo_local_groups, cfg.sapo_external_groups
         self.Q = cfg.sapo_questions  # generated and published; the first I of them are trained on
         self.round_s = cfg.sapo_round_s
         self.m = SapoMetrics(ctx.metrics.registry, cfg.sapo_negative_scale)
-        self.signer = Signer.from_identity_file(cfg.state_dir / "identity.key")
+        self.signer = Signer.from_identity_file(node.identity_path)
         if self.signer.peer_id != ctx.peer_id:
             raise RuntimeError("identity.key does not match this node's peer id")
         if cfg.sapo_hf_model:
             if not hf_available():
                 raise RuntimeError("--sapo-hf-model needs transformers installed (pip install 'swarm-node[hf]')")
-            self.policy: Any = HFPolicy(cfg.sapo_hf_model, ctx.trainer.device, cfg.sapo_max_new_tokens, cfg.lr)
+            self.policy: Any = HFPolicy(cfg.sapo_hf_model, ctx.trainer.device, cfg.sapo_max_new_tokens, node.lr)
         else:
             self.policy = BytePolicy(ctx.trainer.model, ctx.trainer.device, cfg.sapo_max_new_tokens)
         peer_seed = cfg.sapo_peer_seed or int(hashlib.sha256(ctx.peer_id.encode()).hexdigest()[:7], 16)
@@ -170,14 +170,14 @@ class SapoStrategy(Strategy):
     async def start(self) -> None:
         ctx = self.ctx
         await ctx.transport.add_handler(PULL, self._serve_pull, BytesValue, channel=CHANNEL)
-        self.gossip = GossipClient(identity_path=ctx.config.state_dir / "identity.key", run_id=ctx.spec.run_id,
-                                   host=ctx.config.host, announce_host=ctx.config.announce_host or self._own_ip(),
+        self.gossip = GossipClient(identity_path=ctx.node.identity_path, run_id=ctx.spec.run_id,
+                                   host=ctx.node.host, announce_host=ctx.node.announce_host or self._own_ip(),
                                    on_message=self._on_gossip)
         self.gossip.start()
 
     def _own_ip(self) -> str | None:
         """The IP of our hivemind join address: the sidecar is reachable where the node is."""
-        for m in getattr(self.ctx.membership.make_record("online"), "maddrs", ()):
+        for m in self.ctx.peers.own_maddrs():
             if m.startswith("/ip4/"):
                 return m.split("/")[2]
         return None
@@ -186,7 +186,7 @@ class SapoStrategy(Strategy):
         if self.gossip is not None:
             await self.gossip.stop()
         if isinstance(self.policy, HFPolicy) and self.policy.steps:
-            out = self.ctx.config.state_dir / "hf_policy"  # the trained policy; the node's checkpoint holds the byte model
+            out = self.ctx.node.state_dir / "hf_policy"  # the trained policy; the node's checkpoint holds the byte model
             try:
                 self.policy.save(out)
                 self.ctx.log.info("saved the trained HF policy (%d steps) to %s", self.policy.steps, out)
@@ -304,7 +304,7 @@ class SapoStrategy(Strategy):
 
     # ---- the round -------------------------------------------------------------------
     async def run(self) -> None:
-        ctx, cfg = self.ctx, self.ctx.config
+        ctx, cfg, node = self.ctx, self.ctx.options, self.ctx.node
         if not await self.wait_for_peers():
             return
         if self._policy_steps() == 0 and cfg.sapo_warmstart_steps:  # not again after a resume
@@ -325,14 +325,14 @@ class SapoStrategy(Strategy):
             self.rounds_done += 1
             if cfg.sapo_rounds and self.rounds_done >= cfg.sapo_rounds:
                 return
-            if cfg.max_steps and self._policy_steps() >= cfg.max_steps:
+            if node.max_steps and self._policy_steps() >= node.max_steps:
                 return
 
     def _warm_start(self, steps: int) -> None:
         rng = random.Random(f"warm:{self.peer_seed}")
         tr = self.ctx.trainer
         for _ in range(steps):
-            prompts = [tasks.make_item(rng.choice(self.task_names), self.ctx.config.seed, rng.randrange(1 << 30)).question
+            prompts = [tasks.make_item(rng.choice(self.task_names), self.ctx.node.seed, rng.randrange(1 << 30)).question
                        for _ in range(16)]
             logp, mask = self.policy.format_batch(prompts, rng)
             loss = -(logp * mask).sum() / mask.sum()
@@ -342,6 +342,9 @@ class SapoStrategy(Strategy):
             grads = torch.autograd.grad(loss, tr.parameters_list())
             tr.apply_gradients(list(grads))
 
+    def current_step(self) -> int:
+        return self._policy_steps()
+
     def _policy_steps(self) -> int:
         """Optimizer steps applied to the policy (an HF policy has its own optimizer: the
         trainer's step, which the byte policy uses, stays 0 then)."""
@@ -350,8 +353,8 @@ class SapoStrategy(Strategy):
     def _sample_items(self, rnd: int) -> list[tasks.TaskItem]:
         # Keyed by this peer's count of rounds (not the wall-clock round) so that runs with the
         # same seeds draw the same questions whatever time they start: benches compare them.
-        rng = random.Random(f"{self.ctx.config.seed}:{self.peer_seed}:{self.rounds_done}")
-        items = [tasks.make_item(rng.choice(self.task_names), self.ctx.config.seed, rng.randrange(1 << 30))
+        rng = random.Random(f"{self.ctx.node.seed}:{self.peer_seed}:{self.rounds_done}")
+        items = [tasks.make_item(rng.choice(self.task_names), self.ctx.node.seed, rng.randrange(1 << 30))
                  for _ in range(self.Q)]
         for it in items:
             self.policy.check_prompt(it.question)
@@ -359,18 +362,18 @@ class SapoStrategy(Strategy):
 
     def _generate(self, items: list[tasks.TaskItem], rnd: int) -> list[list[str]]:
         gen = torch.Generator().manual_seed((self.peer_seed * 1_000_003 + self.rounds_done) % (2**63))
-        return self.policy.generate([it.question for it in items], self.G, temperature=self.ctx.config.sapo_temperature,
+        return self.policy.generate([it.question for it in items], self.G, temperature=self.ctx.options.sapo_temperature,
                                     generator=gen)
 
     def _score_external(self, sr: SignedRollout) -> ScoredGroup | None:
-        scored = score_external(sr, format_reward=self.ctx.config.sapo_format_reward)
+        scored = score_external(sr, format_reward=self.ctx.options.sapo_format_reward)
         if scored is None:
             self.m.rejected.labels(reason="bad_task").inc()
             self.totals["rejected_bad_task"] += 1
         return scored
 
     async def _round(self, rnd: int) -> None:
-        ctx, cfg = self.ctx, self.ctx.config
+        ctx, cfg = self.ctx, self.ctx.options
         t_start = time.monotonic()
         self._round_bytes = 0
         deadline_dht = round_start(rnd, self.round_s) + cfg.sapo_deadline_frac * self.round_s
@@ -490,7 +493,6 @@ class SapoStrategy(Strategy):
         if isinstance(self.policy, HFPolicy):
             # the node's step hook evaluates and checkpoints the trainer's byte model, which an
             # HF peer never trains (the compute thread keeps the training heartbeat)
-            self.ctx.progress.step = self.policy.steps
             return "ok"
         await self.ctx.on_step()
         return "ok"
@@ -503,7 +505,7 @@ class SapoStrategy(Strategy):
         with torch.no_grad():
             old, _ = self.policy.token_logprobs(prompts, comps)
         adv = adv.to(old.device)
-        for _ in range(self.ctx.config.sapo_ppo_epochs):
+        for _ in range(self.ctx.options.sapo_ppo_epochs):
             new, mask = self.policy.token_logprobs(prompts, comps)
             loss = grpo_loss(new, old, adv, mask)
             if not math.isfinite(float(loss.detach())):

@@ -120,7 +120,7 @@ class SwarmStrategy(Strategy):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        cfg, spec = ctx.config, ctx.spec
+        cfg, spec = ctx.options, ctx.spec
         self.S = cfg.stages
         self.model_cfg = GPTConfig(seq_len=spec.seq_len, n_layer=spec.n_layer, n_head=spec.n_head,
                                    d_model=spec.d_model)
@@ -204,10 +204,10 @@ class SwarmStrategy(Strategy):
 
     # ================================================================ lifecycle
     async def start(self) -> None:
-        ctx, cfg = self.ctx, self.ctx.config
+        ctx, cfg, node = self.ctx, self.ctx.options, self.ctx.node
         await ctx.transport.add_handler(METHOD, self._rpc, _request_type(), channel="activations")
         # within-stage averaging goes through the butterfly all-reduce the DiLoCo family uses
-        self.allreduce = averaging_layer(ctx, timeout_s=min(cfg.round_timeout_s, 2 * cfg.stage_average_interval_s),
+        self.allreduce = averaging_layer(ctx, timeout_s=min(node.round_timeout_s, 2 * cfg.stage_average_interval_s),
                                          max_numel=self.max_numel)
         await self.allreduce.start()
 
@@ -242,20 +242,19 @@ class SwarmStrategy(Strategy):
                 self._on_loan = self.worker.index != 0
                 continue
             if self.worker.index == 0:
-                if ctx.config.max_steps and self.steps >= ctx.config.max_steps:
+                if ctx.node.max_steps and self.steps >= ctx.node.max_steps:
                     await self._finish()
                     break
                 await self._train_step()
             else:
-                if ctx.config.max_steps and self._trainers_done(ctx.config.max_steps):
+                if ctx.node.max_steps and self._trainers_done(ctx.node.max_steps):
                     ctx.log.info("every trainer finished (--max-steps %d): stage %d server stops",
-                                 ctx.config.max_steps, self.worker.index)
+                                 ctx.node.max_steps, self.worker.index)
                     break
                 await asyncio.sleep(0.2)
                 if self.worker.step != last_step:  # a server's step is its stage replica's
                     last_step = self.worker.step
                     ctx.trainer.align_step(self.worker.step)
-                    ctx.progress.step = self.worker.step
                     ctx.metrics.local_step.set(self.worker.step)
                     await ctx.on_step()
 
@@ -290,7 +289,7 @@ class SwarmStrategy(Strategy):
             return
         await self.ctx.records.publish(stage_key(self.ctx.spec.run_id, self.worker.index),
                                        self._record(state).to_wire(),
-                                       ttl_s=ttl_s if ttl_s is not None else self.ctx.config.ttl_s)
+                                       ttl_s=ttl_s if ttl_s is not None else self.ctx.node.ttl_s)
 
     async def _refresh_views(self, only: int | None = None) -> None:
         from swarm_node.protocol.clock import swarm_time
@@ -301,7 +300,7 @@ class SwarmStrategy(Strategy):
             entries = await self.ctx.records.read(stage_key(self.ctx.spec.run_id, k), decode, now=now)
             peers = {e.record.peer_id: (e.record, e.expires_at) for e in entries.values() if e.record.stage == k}
             if self.worker is not None and self.worker.index == k and self.serving:
-                peers[self.ctx.peer_id] = (self._record("online"), now + self.ctx.config.ttl_s)
+                peers[self.ctx.peer_id] = (self._record("online"), now + self.ctx.node.ttl_s)
             self.views[k] = StageView(peers)
             online = self.views[k].online()
             self.routers[k].update({p: (exp, rec.throughput) for p, (rec, exp) in online.items()
@@ -326,11 +325,11 @@ class SwarmStrategy(Strategy):
         (DHT not bootstrapped yet, a dial to a dead peer timing out) would pick stage 0 as
         "empty" and become a trainer: so unless it started the swarm it re-reads for one record
         lifetime plus one announce interval, within which any live peer has announced."""
-        cfg = self.ctx.config
+        cfg, node = self.ctx.options, self.ctx.node
         await self._refresh_views()
-        if cfg.new_swarm or cfg.stage != "auto":
+        if node.new_swarm or cfg.stage != "auto":
             return
-        deadline = time.monotonic() + cfg.ttl_s + cfg.announce_interval_s
+        deadline = time.monotonic() + node.ttl_s + node.announce_interval_s
         while not any(v.online() for v in self.views) and time.monotonic() < deadline and not self.ctx.should_stop():
             await asyncio.sleep(0.5)
             await self._refresh_views()
@@ -338,7 +337,7 @@ class SwarmStrategy(Strategy):
             self.ctx.log.info("no stage announced by anyone: starting as a trainer")
 
     async def _choose_stage(self) -> int:
-        want = self.ctx.config.stage
+        want = self.ctx.options.stage
         if want != "auto":
             return int(want)
         if self._saved is not None and not self.views[self._saved.index].online():
@@ -492,7 +491,7 @@ class SwarmStrategy(Strategy):
                 if len(states) == len(plan.sources) or self.ctx.should_stop() \
                         or attempt == RECOVERY_FETCH_ATTEMPTS - 1:
                     break
-                await asyncio.sleep(self.ctx.config.announce_interval_s)
+                await asyncio.sleep(self.ctx.node.announce_interval_s)
                 await self._refresh_views()
             if plan.method == "wavg" and len(states) == 1:
                 # one neighbour answered: its copy keeps what the pipeline learnt there, which a
@@ -526,9 +525,9 @@ class SwarmStrategy(Strategy):
     async def _maintenance(self) -> None:
         from swarm_node.protocol.clock import swarm_time
 
-        cfg = self.ctx.config
+        cfg, node = self.ctx.options, self.ctx.node
         while not self.ctx.should_stop():
-            await asyncio.sleep(cfg.announce_interval_s)
+            await asyncio.sleep(node.announce_interval_s)
             try:
                 await self._announce("online")
                 await self._refresh_views()
@@ -566,8 +565,8 @@ class SwarmStrategy(Strategy):
         if designated_mover(peers, trainer_steps) != self.ctx.peer_id:
             return
         me = self.worker.index
-        cfg = self.ctx.config
-        patience = (cfg.ttl_s + 2 * cfg.announce_interval_s) / cfg.announce_interval_s  # reads
+        node = self.ctx.node
+        patience = (node.ttl_s + 2 * node.announce_interval_s) / node.announce_interval_s  # reads
         targets = recovery_targets(empty, me, self.ever_seen, self.empty_reads, patience)
         if not targets:
             return
@@ -657,7 +656,7 @@ class SwarmStrategy(Strategy):
         await self._take_stage(0, reason="return")
 
     async def _maybe_rebalance(self) -> None:
-        T = self.ctx.config.rebalance_interval_s
+        T = self.ctx.options.rebalance_interval_s
         if T <= 0 or self.worker.index == 0:
             return
         now = time.monotonic()
@@ -666,7 +665,7 @@ class SwarmStrategy(Strategy):
         if now < self._next_rebalance:
             return
         self._next_rebalance = now + random.uniform(0, 2 * T)
-        if now - self._views_changed_at < 2 * self.ctx.config.ttl_s:
+        if now - self._views_changed_at < 2 * self.ctx.node.ttl_s:
             return  # a move (or join/leave) is still propagating: decide on a settled view only
         self.sm.rebalance_checks.inc()
         me, k = self.ctx.peer_id, self.worker.index
@@ -765,7 +764,7 @@ class SwarmStrategy(Strategy):
 
     async def _call(self, k: int, op: int, tensors: list[torch.Tensor], mb_id: str, part: str = "full"):
         """Send one stage call, re-sending to other replicas of stage k until one answers."""
-        cfg = self.ctx.config
+        cfg = self.ctx.options
         router, opname = self.routers[k], ("forward" if op == Op.STAGE_FORWARD else "backward")
         size = tensors[0].shape[0] * (BACKWARD_COST if op == Op.STAGE_BACKWARD else 1.0)
         deadlines = self.ctx.deadlines
@@ -829,7 +828,7 @@ class SwarmStrategy(Strategy):
 
     # ================================================================ server
     async def _rpc(self, requests: AsyncIterator, caller: str) -> AsyncIterator:
-        cfg = self.ctx.config
+        cfg = self.ctx.options
         first = await first_message(requests, self.ctx.deadlines.request)
         if first is None:
             return

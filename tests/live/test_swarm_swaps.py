@@ -208,7 +208,7 @@ def test_unknown_part_is_a_counted_rejection():
     w = StageWorker(CFG, 0, 1, 3, lr=1e-3)
     stub = SimpleNamespace(
         worker=w, serving=True, queue=0, max_numel=10**6, edge_copy=None,
-        ctx=SimpleNamespace(config=SimpleNamespace(round_timeout_s=1.0, swarm_backward_delay_s=0.0),
+        ctx=SimpleNamespace(node=SimpleNamespace(round_timeout_s=1.0), options=SimpleNamespace(swarm_backward_delay_s=0.0),
                             spec=SimpleNamespace(run_id="run"), deadlines=Deadlines(1.0)),
         sm=SimpleNamespace(served=SimpleNamespace(labels=lambda **kw: SimpleNamespace(
             inc=lambda: served.append((kw["op"], kw["outcome"]))))),

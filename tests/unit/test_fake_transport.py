@@ -31,6 +31,7 @@ from swarm_node.protocol.transport import (MAX_MESSAGE, ClosedWithoutAnswer, Pee
                                            receive_tensor_list)
 from swarm_node.protocol.averaging.transaction import RoundCoordinator, RoundOutcome, averaging_layer, tensor_digest
 from tests.fakes.transport import FakeTransport, InMemoryNetwork
+from tests.fakes.context import settings
 
 WIRE_CAP = MAX_MESSAGE + 256  # a chunk plus its wrapper's fields: larger means chunking is broken
 
@@ -265,7 +266,7 @@ GRACE_S = 0.3
 
 def _ctx(t: FakeTransport) -> SimpleNamespace:
     """What `averaging_layer` reads from a strategy's context: the node config and metrics."""
-    return SimpleNamespace(config=NodeConfig(strategy="diloco", allreduce_transport="p2p"), transport=t,
+    return SimpleNamespace(**settings(NodeConfig(strategy="diloco", allreduce_transport="p2p")), transport=t,
                            metrics=NodeMetrics("diloco"))
 
 

@@ -17,6 +17,7 @@ from swarm_node.protocol.pb import swarm_node_gradcode_pb2 as gc_pb
 from swarm_node.strategies.base import Progress, StrategyContext
 from swarm_node.strategies.gradcode.strategy import GradientCodingStrategy
 from swarm_node.strategies.gradcode.round import CodedRound, chosen_stragglers, make_plan
+from tests.fakes.context import settings
 
 P = gc_pb.CodedPushReply.Status
 SHAPES = [(3, 2), (4,)]
@@ -34,8 +35,8 @@ def _member(peer_id: str):
 def _strategy(others: list[str] = (), step: int = 0) -> GradientCodingStrategy:
     params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
     config = SimpleNamespace(round_timeout_s=2.0, gc_scheme="frc", gc_stragglers=1, seed=0, ttl_s=4.0, min_peers=1)
-    ctx = StrategyContext(config=config, spec=SimpleNamespace(run_id="t"), peer_id="peerA", transport=None,
-                          membership=SimpleNamespace(others=lambda: [_member(p) for p in others],
+    ctx = StrategyContext(**settings(config, GradientCodingStrategy), spec=SimpleNamespace(run_id="t"), peer_id="peerA", transport=None,
+                          peers=SimpleNamespace(others=lambda: [_member(p) for p in others],
                                                      left_since=lambda since, strategy=None: 0, now=lambda: 0.0,
                                                      announce=_announce),
                           metrics=NodeMetrics("gradcode"),
@@ -199,9 +200,9 @@ def test_a_round_whose_aggregator_lost_the_role_releases_its_waiters():
     and the round is not counted as a failed decode."""
     R = gc_pb.CodedRoundReply.Status
     s = _strategy(others=["peer0", "peerB"], step=3)
-    records = {m.peer_id: m for m in s.ctx.membership.others()}
+    records = {m.peer_id: m for m in s.ctx.peers.others()}
     records["peer0"].record.state = "joining"
-    s.ctx.membership.others = lambda: list(records.values())
+    s.ctx.peers.others = lambda: list(records.values())
     assert s.election.leader() == "peerA"
 
     async def scenario():

@@ -6,7 +6,10 @@
 - A strategy never imports another strategy's modules: a family package (lowcomm, swarm, sapo,
   gradcode) imports only itself and the shared modules at the top of `strategies/`; only the
   registry names every strategy.
-- Only the trainer assigns its step counter; others call `align_step`.
+- Only the trainer assigns its step counter; others call `align_step`. Progress's step is read
+  from the strategy, never assigned.
+- The strategy context is narrow: no field of it is the node's config, membership or trainer
+  class, and no strategy reaches for `ctx.config` or `ctx.membership`.
 - `node/` never names a strategy: it imports only the strategy interface (base, options,
   registry) and holds no string equal to a built-in strategy's name outside docstrings.
 """
@@ -18,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PKG = "swarm_node"
 FAMILIES = ("lowcomm", "swarm", "sapo", "gradcode")
-SHARED = ("base", "churn_profile", "data_parallel", "leader", "options", "quorum")
+SHARED = ("base", "churn_profile", "context", "data_parallel", "leader", "options", "quorum")
 NODE_MAY_IMPORT = ("base", "churn_profile", "options", "registry")
 
 
@@ -71,7 +74,7 @@ def test_strategies_reach_the_dht_only_through_the_record_store():
 def test_only_the_trainer_assigns_its_step_counter():
     """Strategies and the daemon move it through `align_step` (or by applying gradients)."""
     bad = []
-    for p in [*_modules("strategies"), *_modules("node")]:
+    for p in [*_modules("strategies"), *_modules("node"), *_modules("protocol")]:
         if p == ROOT / "node" / "train" / "trainer.py":
             continue
         for node in ast.walk(ast.parse(p.read_text(), filename=str(p))):
@@ -83,6 +86,45 @@ def test_only_the_trainer_assigns_its_step_counter():
                         or (isinstance(t.value, ast.Name) and t.value.id == "trainer")):
                     bad.append(_where(p, node.lineno, "assigns trainer.step"))
     assert not bad, "only the trainer moves its step counter:\n" + "\n".join(bad)
+
+
+NODE_CLASSES = {"NodeConfig", "Membership", "LocalTrainer", "SwarmDaemon", "SwarmNetwork"}
+
+
+def test_the_strategy_context_exposes_no_node_internals():
+    path = ROOT / "strategies" / "context.py"
+    tree = ast.parse(path.read_text(), filename=str(path))
+    ctx_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "StrategyContext")
+    fields = {n.target.id: ast.unparse(n.annotation) for n in ctx_class.body
+              if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    assert {"node", "options", "peers", "trainer", "transport", "records", "clock", "compute", "metrics",
+            "progress"} <= set(fields), fields
+    bad = [f"{name}: {ann}" for name, ann in fields.items() if any(c in ann for c in NODE_CLASSES)]
+    assert not bad, "the strategy context carries node internals: " + ", ".join(bad)
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
+        {a.name.split(".")[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert not names & NODE_CLASSES, f"context.py names {names & NODE_CLASSES}"
+    bad = []
+    for p in [*_modules("strategies"), *_modules("protocol")]:
+        for node in ast.walk(ast.parse(p.read_text(), filename=str(p))):
+            if isinstance(node, ast.Attribute) and node.attr in ("config", "membership") and (
+                    (isinstance(node.value, ast.Name) and node.value.id == "ctx")
+                    or (isinstance(node.value, ast.Attribute) and node.value.attr == "ctx")):
+                bad.append(_where(p, node.lineno, f"ctx.{node.attr}"))
+    assert not bad, "strategies reach past the narrow context:\n" + "\n".join(bad)
+
+
+def test_nothing_assigns_the_progress_step():
+    """Progress follows the strategy's `current_step`; it is never written."""
+    bad = []
+    for p in [*_modules("strategies"), *_modules("node"), *_modules("protocol")]:
+        for node in ast.walk(ast.parse(p.read_text(), filename=str(p))):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            bad += [_where(p, node.lineno, "assigns progress.step") for t in targets
+                    if isinstance(t, ast.Attribute) and t.attr == "step" and isinstance(t.value, ast.Attribute)
+                    and t.value.attr == "progress"]
+    assert not bad, "\n".join(bad)
 
 
 def test_strategies_do_not_import_each_others_modules():

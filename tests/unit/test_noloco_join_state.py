@@ -13,6 +13,7 @@ from swarm_node.train.model import GPTConfig
 from swarm_node.strategies.lowcomm.noloco import NoLoCoStrategy
 from swarm_node.protocol.averaging.state_transfer import StateTransferError, restore, snapshot
 from swarm_node.train.trainer import TrainConfig, build_trainer
+from tests.fakes.context import settings
 
 TINY = GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=16)
 
@@ -20,7 +21,7 @@ TINY = GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=16)
 def _strategy(seed_shift: int) -> NoLoCoStrategy:
     ds = ByteDataset(torch.randint(0, 256, (4096,), dtype=torch.uint8))
     trainer = build_trainer(TINY, TrainConfig(batch_size=2, seed=0), ds, peer=seed_shift)
-    ctx = SimpleNamespace(config=NodeConfig(strategy="noloco"), trainer=trainer, transport=None, compute=None,
+    ctx = SimpleNamespace(**settings(NodeConfig(strategy="noloco"), NoLoCoStrategy), trainer=trainer, transport=None, compute=None,
                           peer_id=f"p{seed_shift}", deadlines=Deadlines(20.0))
     return NoLoCoStrategy(ctx)
 

@@ -22,6 +22,7 @@ from swarm_node.strategies.leader import LeaderElection
 from swarm_node.strategies.quorum import QuorumRule, majority
 from swarm_node.strategies.sync import SyncStrategy
 from swarm_node.train.trainer import StepResult
+from tests.fakes.context import settings
 
 
 def test_majority_and_the_rule():
@@ -46,9 +47,9 @@ def test_with_nobody_online_the_most_advanced_replica_leads():
     def election(prefer: bool, my_step: int, others: dict[str, int]) -> str:
         members = [SimpleNamespace(peer_id=p, record=SimpleNamespace(strategy="sync", state="joining", step=st))
                    for p, st in others.items()]
-        ctx = SimpleNamespace(peer_id="m", progress=Progress(state="joining"), config=SimpleNamespace(ttl_s=4.0),
+        ctx = SimpleNamespace(peer_id="m", progress=Progress(state="joining"), node=SimpleNamespace(ttl_s=4.0),
                               trainer=SimpleNamespace(step=my_step),
-                              membership=SimpleNamespace(others=lambda: members))
+                              peers=SimpleNamespace(others=lambda: members))
         return LeaderElection(ctx, "sync", prefer_progress=prefer).leader()
 
     assert election(True, 317, {"a": 10, "b": 0}) == "m"
@@ -126,8 +127,8 @@ def _ctx(others: list[str], *, quorum: int = 0, step: int = 0, params=None, time
     config = SimpleNamespace(min_peers=1, quorum=quorum, round_timeout_s=timeout_s, ttl_s=4.0)
     params = params or [torch.nn.Parameter(torch.zeros(3))]
     trainer = SimpleNamespace(step=step, parameters_list=lambda: params, param_hash=lambda: "h")
-    return StrategyContext(config=config, spec=SimpleNamespace(run_id="t"), peer_id="me", transport=None,
-                           membership=membership, metrics=NodeMetrics("sync"), trainer=trainer, compute=compute,
+    return StrategyContext(**settings(config), spec=SimpleNamespace(run_id="t"), peer_id="me", transport=None,
+                           peers=membership, metrics=NodeMetrics("sync"), trainer=trainer, compute=compute,
                            progress=Progress(state="online"), should_stop=lambda: False, on_step=lambda: None,
                            log=logging.getLogger("test.quorum"))
 
@@ -242,7 +243,7 @@ def test_a_drained_peer_seen_leaving_just_before_the_commit_that_counted_it_lowe
     go on alone (a quorum of 1), not wait for a peer that said it is gone."""
     ctx = _ctx([])
     left_at = time.time()
-    ctx.membership.left_since = lambda since, strategy=None: 1 if left_at >= since else 0
+    ctx.peers.left_since = lambda since, strategy=None: 1 if left_at >= since else 0
     s = _Gated(ctx)
     s.quorum.committed(2, at=left_at + 0.2)
     have, need = s.quorum_counts()

@@ -36,6 +36,7 @@ from swarm_node.train.data import ByteDataset
 from swarm_node.train.model import GPTConfig
 from swarm_node.train.trainer import TrainConfig, build_trainer
 from tests.fakes.transport import InMemoryNetwork
+from tests.fakes.context import settings
 
 TINY = GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=16)
 DATA = ByteDataset(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8))
@@ -124,11 +125,11 @@ class Swarm:
                             if p != me and p not in self.gone and not self.net.is_cut(me, p)
                             and (not self.online_only or s.ctx.progress.state == "online")],
             now=time.monotonic, left_since=lambda since, strategy=None: 0)
-        ctx = SimpleNamespace(config=NodeConfig(strategy=strategy, **cfg), spec=SimpleNamespace(run_id=RUN_ID, seq_len=16),
-                              peer_id=me, transport=t, membership=membership, metrics=NodeMetrics(strategy),
+        ctx = SimpleNamespace(**settings(NodeConfig(strategy=strategy, **cfg), cls), spec=SimpleNamespace(run_id=RUN_ID, seq_len=16),
+                              peer_id=me, transport=t, peers=membership, metrics=NodeMetrics(strategy),
                               trainer=build_trainer(TINY, TrainConfig(batch_size=2, seed=0), DATA, peer=len(self.peers)),
                               compute=compute, progress=Progress(), should_stop=lambda: False, on_step=on_step, log=log)
-        ctx.deadlines = Deadlines(ctx.config.round_timeout_s)
+        ctx.deadlines = Deadlines(ctx.node.round_timeout_s)
         s = cls(ctx)
         self.peers[me], self.names[me], self.logs[me], self.gates[me] = s, name, lines, gate
         return s

@@ -20,21 +20,23 @@ from swarm_node.protocol.averaging.state_transfer import StateTransferError
 from swarm_node.train.data import ByteDataset
 from swarm_node.train.model import GPTConfig
 from swarm_node.train.trainer import TrainConfig, build_trainer
+from tests.fakes.context import settings
 
 TINY = GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=16)
 DATA = ByteDataset(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8))
 
 
 def _ctx(strategy: str, **cfg):
+    from swarm_node.strategies import registry
     trainer = build_trainer(TINY, TrainConfig(batch_size=2, seed=0), DATA, peer=1)
 
     async def compute(fn, *args):
         return fn(*args)
 
-    return SimpleNamespace(config=NodeConfig(strategy=strategy, **cfg), spec=SimpleNamespace(run_id="r"),
+    return SimpleNamespace(**settings(NodeConfig(strategy=strategy, **cfg), registry.load(strategy)), spec=SimpleNamespace(run_id="r"),
                            trainer=trainer, transport=None, compute=compute, peer_id="me",
                            metrics=NodeMetrics(strategy), progress=Progress(), should_stop=lambda: False,
-                           log=logging.getLogger("test"), membership=None,
+                           log=logging.getLogger("test"), peers=None,
                            deadlines=Deadlines(NodeConfig().round_timeout_s))
 
 

@@ -21,6 +21,7 @@ from swarm_node.strategies.base import Progress
 from swarm_node.protocol.averaging.transaction import RoundOutcome
 from swarm_node.strategies.lowcomm.streaming import StreamingDiLoCoStrategy
 from swarm_node.train.trainer import TrainConfig, build_trainer
+from tests.fakes.context import settings
 
 TINY = GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=16)
 
@@ -44,9 +45,9 @@ def _strategy(outcomes: list[RoundOutcome]) -> tuple[StreamingDiLoCoStrategy, Sc
     async def compute(fn, *args):
         return fn(*args)
 
-    ctx = SimpleNamespace(config=cfg, spec=SimpleNamespace(run_id="r"), trainer=trainer, transport=None,
+    ctx = SimpleNamespace(**settings(cfg, StreamingDiLoCoStrategy), spec=SimpleNamespace(run_id="r"), trainer=trainer, transport=None,
                           compute=compute, peer_id="me", metrics=NodeMetrics("streaming-diloco"), progress=Progress(),
-                          should_stop=lambda: False, log=logging.getLogger("test"), membership=None,
+                          should_stop=lambda: False, log=logging.getLogger("test"), peers=None,
                           deadlines=Deadlines(cfg.round_timeout_s))
     s = StreamingDiLoCoStrategy(ctx)
     s.rounds = ScriptedRounds(outcomes)

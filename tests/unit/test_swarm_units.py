@@ -16,6 +16,7 @@ from swarm_node.strategies.swarm.rebalance import choose_start_stage, designated
 from swarm_node.strategies.swarm.router import NoPeers, StageRouter, round_robin
 from swarm_node.strategies.swarm.stage import StageWorker
 from swarm_node.strategies.swarm.wire import Op, StageRecord, encode_request, read_request
+from tests.fakes.context import settings
 
 CFG = GPTConfig(n_layer=3, d_model=32, n_head=4, seq_len=16)
 
@@ -206,7 +207,7 @@ def _server(stage: int = 1):
     async def compute(fn, *a):
         return fn(*a)
 
-    ctx = SimpleNamespace(config=cfg, spec=cfg.run_spec(), peer_id="me", metrics=NodeMetrics("swarm"),
+    ctx = SimpleNamespace(**settings(cfg, SwarmStrategy), spec=cfg.run_spec(), peer_id="me", metrics=NodeMetrics("swarm"),
                           compute=compute, progress=Progress(), log=logging.getLogger("t"), should_stop=lambda: False,
                           deadlines=Deadlines(cfg.round_timeout_s))
     s = SwarmStrategy(ctx)
@@ -300,7 +301,7 @@ def test_checkfree_retries_an_unreachable_neighbour_then_copies_the_one_that_ans
                 labels=lambda **kw: SimpleNamespace(set=lambda v: None)), cf_recoveries=labelled("cf", "stage", "method"),
                 cf_duration=SimpleNamespace(observe=lambda v: None)),
             ctx=SimpleNamespace(peer_id="me", compute=compute, should_stop=lambda: False,
-                                config=SimpleNamespace(announce_interval_s=0.01),
+                                node=SimpleNamespace(announce_interval_s=0.01, ttl_s=0.025),
                                 metrics=SimpleNamespace(recoveries=labelled("rec", "kind", "outcome")),
                                 log=SimpleNamespace(info=lambda *a: None, warning=lambda *a: None)))
         stub._source_state = lambda j: sw.SwarmStrategy._source_state(stub, j)

@@ -112,14 +112,14 @@ def test_a_round_opened_by_an_early_push_expects_the_peers_seen_when_leading():
     instead of closing at once with the leader alone."""
     others: list[str] = []
     ctx = _ctx(others, timeout_s=0.3)
-    ctx.membership.others = lambda: [type("M", (), {"peer_id": p, "record": type("R", (), {
+    ctx.peers.others = lambda: [type("M", (), {"peer_id": p, "record": type("R", (), {
         "strategy": "sync", "state": "joining"})})() for p in others]
     ctx.progress.state = "joining"
     s = SyncStrategy(ctx)
     s._round(0)  # what an early push does
     assert s.rounds[0].expected == {"me"}
     others.append("x")
-    s.ctx.config.quorum = 1
+    s.quorum.fixed = 1
     _, outcome, size = asyncio.run(s._lead(_result()))
     assert "x" in s.rounds[0].expected and (outcome, size) == ("ok", 1)
     assert s.ctx.metrics.stragglers._value.get() == 1  # closed at the timeout, without x
