@@ -17,67 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator
 
 import torch
 
 from swarm_node.protocol import codec
 from swarm_node.protocol.messages import wire
-from swarm_node.protocol.transport import (MAX_MESSAGE, PeerUnavailable, Unavailable, drain, first_message,
-                                           receive_tensor_list)
+from swarm_node.protocol.transport import PeerUnavailable, Unavailable
 from swarm_node.train.trainer import StepResult
 
 from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.data_parallel import DataParallelStrategy
 from swarm_node.strategies.leader import LeaderElection
-from swarm_node.protocol.averaging.mean import weighted_mean
+from swarm_node.protocol.averaging.star import GatherRound, PushResult, push_tensors, receive_push, tensor_messages
 from swarm_node.protocol.averaging.state_transfer import StateService
 
 PUSH = "sync.push"
 Status = wire.SyncReply.Status
 RESULTS_KEPT = 4
 LEADER_GONE_S = 1.0  # out of the view this long (after its record expired) = the leader is gone
-
-
-# ---------------------------------------------------------------- pure math and choice
-# ---------------------------------------------------------------- one round at the leader
-@dataclass
-class ReduceRound:
-    step: int
-    expected: set[str]
-    param_hash: str | None = None
-    contributions: dict[str, tuple[list[torch.Tensor], int]] = field(default_factory=dict)
-    excused: set[str] = field(default_factory=set)  # told to resync: not waited for
-    early: set[str] = field(default_factory=set)  # pushed before this leader reached the step
-    leader_ready: asyncio.Event = field(default_factory=asyncio.Event)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-    result: list[torch.Tensor] | None = None
-
-    def add(self, peer: str, grads: list[torch.Tensor], n: int) -> None:
-        if self.closed.is_set():
-            return
-        self.contributions[peer] = (grads, n)
-        if self.expected <= set(self.contributions):
-            self.close()
-
-    def excuse(self, peer: str) -> None:
-        """`peer` will not contribute to this round (it was told to resync): stop waiting for it."""
-        if self.closed.is_set() or peer in self.contributions:
-            return
-        self.excused.add(peer)
-        self.expected.discard(peer)
-        if self.leader_ready.is_set() and self.expected <= set(self.contributions):
-            self.close()
-
-    def close(self) -> None:
-        if not self.closed.is_set():
-            self.result = weighted_mean((g, float(n)) for g, n in self.contributions.values())
-            self.closed.set()
-
-    @property
-    def total_samples(self) -> int:
-        return sum(n for _, n in self.contributions.values())
 
 
 class SyncStrategy(DataParallelStrategy):
@@ -90,7 +48,7 @@ class SyncStrategy(DataParallelStrategy):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.rounds: dict[int, ReduceRound] = {}
+        self.rounds: dict[int, GatherRound] = {}
         self._last_group: set[str] = set()  # leader: contributors of the round it last committed
         self.election = LeaderElection(ctx, self.name, prefer_progress=True)
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.deadlines.state_download)
@@ -109,9 +67,9 @@ class SyncStrategy(DataParallelStrategy):
     def _expected(self) -> set[str]:
         return self.election.expected()
 
-    def _round(self, step: int) -> ReduceRound:
+    def _round(self, step: int) -> GatherRound:
         if step not in self.rounds:
-            self.rounds[step] = ReduceRound(step, self._expected())
+            self.rounds[step] = GatherRound(step, self._expected())
             for old in sorted(self.rounds)[:-RESULTS_KEPT]:
                 del self.rounds[old]
         return self.rounds[step]
@@ -179,28 +137,13 @@ class SyncStrategy(DataParallelStrategy):
     async def _follow(self, leader: str, result: StepResult) -> tuple[list[torch.Tensor] | None, str, int]:
         ctx = self.ctx
         param_hash = await ctx.compute(ctx.trainer.param_hash)
-        grads_cpu = [g.detach().cpu() for g in result.grads]
-
-        def pushes() -> Iterable[wire.SyncPush]:
-            for chunk in codec.tensors_to_chunks(grads_cpu, codec.NONE, MAX_MESSAGE):
-                yield wire.SyncPush(run_id=ctx.spec.run_id, step=result.step, param_hash=param_hash,
-                                    num_samples=result.num_samples, num_tensors=len(grads_cpu), chunk=chunk)
-
-        assembler = codec.ChunkAssembler.for_shapes(self._shapes)
-        status, detail, contributors = None, "", 0
-
-        async def exchange() -> None:
-            nonlocal status, detail, contributors
-            async for reply in ctx.transport.call(leader, PUSH, pushes(), wire.SyncReply,
-                                                  timeout_s=ctx.deadlines.star_reply, channel="averaging"):
-                status, detail = reply.status, reply.detail
-                if status != Status.SYNC_STATUS_OK:
-                    return
-                contributors = reply.num_contributors
-                assembler.add(reply.chunk)
-
+        pushes = tensor_messages(result.grads, lambda chunk: wire.SyncPush(
+            run_id=ctx.spec.run_id, step=result.step, param_hash=param_hash, num_samples=result.num_samples,
+            num_tensors=len(result.grads), chunk=chunk))
         try:
-            await self._while_leader_visible(leader, exchange())
+            answer = await self._while_leader_visible(leader, push_tensors(
+                ctx.transport, leader, PUSH, pushes, wire.SyncReply, timeout_s=ctx.deadlines.star_reply,
+                is_ok=lambda r: r.status == Status.SYNC_STATUS_OK, shapes=self._shapes))
         except PeerUnavailable as e:
             ctx.log.warning("round %d: leader unavailable (%s); retrying the step without it", result.step, e)
             self.election.suspect(leader)
@@ -210,8 +153,10 @@ class SyncStrategy(DataParallelStrategy):
             ctx.log.warning("round %d: leader's average rejected: %s", result.step, e)
             self.election.suspect(leader)
             return None, "error", 0
-        if status == Status.SYNC_STATUS_OK and assembler.complete:
-            return assembler.result(), "ok", contributors
+        status = answer.reply.status if answer.reply is not None else None
+        detail = answer.reply.detail if answer.reply is not None else ""
+        if status == Status.SYNC_STATUS_OK and answer.complete:
+            return answer.tensors, "ok", answer.reply.num_contributors
         if status == Status.SYNC_STATUS_RESYNC:
             await self._resync(leader, detail)
             return None, "resync", 0
@@ -219,7 +164,7 @@ class SyncStrategy(DataParallelStrategy):
                      Status.Name(status) if status is not None else "nothing", detail)
         return None, "error", 0
 
-    async def _while_leader_visible(self, leader: str, exchange) -> None:
+    async def _while_leader_visible(self, leader: str, exchange):
         """Run `exchange` until it ends, or until the leader has been out of our membership view
         for `LEADER_GONE_S`. The call's own deadline (round_timeout × 2 + 10 s, which a slow but
         live leader may need) is what a partitioned leader used to cost every follower; its
@@ -258,22 +203,15 @@ class SyncStrategy(DataParallelStrategy):
     async def _rpc_push(self, requests: AsyncIterator[wire.SyncPush], caller: str) -> AsyncIterator[wire.SyncReply]:
         ctx = self.ctx
         timeout = ctx.deadlines.request
-        first = await first_message(requests, timeout)
-        if first is None:
+        got = await receive_push(requests, timeout_s=timeout, shapes=self._shapes,
+                                 on_reject=lambda reason: ctx.metrics.rejected_messages.labels(reason=reason).inc())
+        if got.result is PushResult.REJECTED:
+            ctx.log.warning("rejected gradients from %s: %s", caller[-8:], got.error)
+            yield _reply(Status.SYNC_STATUS_REJECTED, str(got.error))
             return
-        # Read the whole push before answering anything: closing the stream while the
-        # follower still writes would surface there as a broken pipe, not as our answer.
-        try:
-            grads = await receive_tensor_list(first, requests, timeout, self._shapes)
-        except codec.CodecError as e:
-            ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
-            ctx.log.warning("rejected gradients from %s: %s", caller[-8:], e)
-            await drain(requests, timeout)
-            yield _reply(Status.SYNC_STATUS_REJECTED, str(e))
-            return
-        if grads is None:
-            return  # follower vanished mid-push
-        await drain(requests, timeout)
+        if got.result is not PushResult.OK:
+            return  # nothing arrived, or the follower vanished mid-push
+        first, grads = got.first, got.tensors
         my_step = ctx.trainer.step
         if first.run_id != ctx.spec.run_id:
             yield _reply(Status.SYNC_STATUS_REJECTED, "wrong run id")
@@ -308,9 +246,10 @@ class SyncStrategy(DataParallelStrategy):
         if rnd.result is None:
             yield _reply(Status.SYNC_STATUS_TIMEOUT, "round closed below the quorum")
             return
-        for chunk in codec.tensors_to_chunks([g.cpu() for g in rnd.result], codec.NONE, MAX_MESSAGE):
-            yield wire.SyncReply(status=Status.SYNC_STATUS_OK, step=rnd.step, num_contributors=len(rnd.contributions),
-                                 total_samples=rnd.total_samples, chunk=chunk)
+        for reply in tensor_messages(rnd.result, lambda chunk: wire.SyncReply(
+                status=Status.SYNC_STATUS_OK, step=rnd.step, num_contributors=len(rnd.contributions),
+                total_samples=rnd.total_samples, chunk=chunk)):
+            yield reply
 
     def _excuse(self, peer: str) -> None:
         """`peer` was told to resync: it downloads our state instead of contributing, so no open

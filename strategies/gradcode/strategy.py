@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator
 
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from swarm_node.protocol import codec
 from swarm_node.protocol.messages import gradcode as gc_pb
-from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message, receive_tensor_list
+from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message
 from swarm_node.train.trainer import NonFiniteError
 
 from swarm_node.strategies.churn_profile import ChurnProfile
@@ -33,6 +33,7 @@ from swarm_node.strategies.gradcode.round import CodedRound, chosen_stragglers, 
 from swarm_node.strategies.gradcode.codes import build_code
 from swarm_node.strategies.leader import LeaderElection
 from swarm_node.protocol.averaging.state_transfer import StateService
+from swarm_node.protocol.averaging.star import PushResult, push_tensors, receive_push, tensor_messages
 from swarm_node.strategies.gradcode.options import GradcodeOptions
 
 ROUND = "gradcode.round"
@@ -302,19 +303,16 @@ class GradientCodingStrategy(Strategy):
         if leader == ctx.peer_id:
             status, detail = self._accept(plan_id, worker, step, my_hash, grads, ctx.peer_id)
         else:
-            def pushes() -> Iterable[gc_pb.CodedPush]:
-                for chunk in codec.tensors_to_chunks(grads, codec.NONE, MAX_MESSAGE):
-                    yield gc_pb.CodedPush(plan_id=plan_id, worker=worker, step=step, param_hash=my_hash,
-                                          num_tensors=len(grads), chunk=chunk)
-            status, detail = P.PUSH_REJECTED, "no reply"
+            pushes = tensor_messages(grads, lambda chunk: gc_pb.CodedPush(
+                plan_id=plan_id, worker=worker, step=step, param_hash=my_hash, num_tensors=len(grads), chunk=chunk))
             try:
-                async for reply in ctx.transport.call(leader, PUSH, pushes(), gc_pb.CodedPushReply,
-                                                      timeout_s=ctx.deadlines.coded_partial, channel="averaging"):
-                    status, detail = reply.status, reply.detail
-                    break
+                answer = await push_tensors(ctx.transport, leader, PUSH, pushes, gc_pb.CodedPushReply,
+                                            timeout_s=ctx.deadlines.coded_partial, is_ok=lambda r: True)
             except PeerUnavailable as e:
                 ctx.log.warning("step %d: push to %s failed: %s", step, leader[-8:], e)
                 return
+            status, detail = (answer.reply.status, answer.reply.detail) if answer.reply is not None else \
+                (P.PUSH_REJECTED, "no reply")
         if status not in (P.PUSH_ACCEPTED, P.PUSH_LATE):
             ctx.log.warning("step %d: aggregator answered %s %s", step, P.Name(status), detail)
 
@@ -580,21 +578,15 @@ class GradientCodingStrategy(Strategy):
 
     async def _rpc_push(self, requests: AsyncIterator[gc_pb.CodedPush], caller: str) -> AsyncIterator[gc_pb.CodedPushReply]:
         ctx = self.ctx
-        timeout = ctx.deadlines.request
-        first = await first_message(requests, timeout)
-        if first is None:
+        got = await receive_push(requests, timeout_s=ctx.deadlines.request, shapes=self._shapes,
+                                 on_reject=lambda reason: ctx.metrics.rejected_messages.labels(reason=reason).inc())
+        if got.result is PushResult.REJECTED:
+            ctx.log.warning("rejected coded gradient from %s: %s", caller[-8:], got.error)
+            yield gc_pb.CodedPushReply(status=P.PUSH_REJECTED, detail=str(got.error))
             return
-        try:
-            grads = await receive_tensor_list(first, requests, timeout, self._shapes)
-            if grads is None:
-                return  # the worker vanished mid-push: it is a straggler
-        except codec.CodecError as e:
-            ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
-            ctx.log.warning("rejected coded gradient from %s: %s", caller[-8:], e)
-            await drain(requests, timeout)
-            yield gc_pb.CodedPushReply(status=P.PUSH_REJECTED, detail=str(e))
-            return
-        await drain(requests, timeout)
+        if got.result is not PushResult.OK:
+            return  # nothing arrived, or the worker vanished mid-push: it is a straggler
+        first, grads = got.first, got.tensors
         status, detail = self._accept(first.plan_id, first.worker, first.step, first.param_hash, grads, caller)
         yield gc_pb.CodedPushReply(status=status, detail=detail)
 

@@ -16,15 +16,12 @@ momentum, not Nesterov: with the group set to all peers this is exactly heavy-ba
 """
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import AsyncIterator
+
 
 import torch
 
-from swarm_node.protocol import codec
-from swarm_node.protocol.messages import rounds as rpb
-from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, first_message, receive_tensor_list
+from swarm_node.protocol.averaging.pairwise import PairExchange, PairFailed, PairOutcome
 
 from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.base import Strategy
@@ -34,10 +31,6 @@ from swarm_node.strategies.lowcomm.outer_math import noloco_update, pair_peers, 
 from swarm_node.protocol.averaging.state_transfer import StateService, StateTransferError
 from swarm_node.strategies.lowcomm.options import NoLoCoOptions
 
-PAIR = "pair.exchange"
-PairStatus = rpb.PairReply.Status
-KEEP_ROUNDS = 4
-PUSH_POLL_S = 0.1  # how often a peer waiting for its partner checks whether the partner moved past
 
 
 class NoLoCoStrategy(Strategy):
@@ -56,18 +49,16 @@ class NoLoCoStrategy(Strategy):
         self.momentum: list[torch.Tensor] | None = None
         self.compression = COMPRESSIONS[node.compression]
         self.election = LeaderElection(ctx, self.name)
-        # round -> (my θ for that round, event set when posted); round -> partner's θ future
-        self._mine: dict[int, list[torch.Tensor]] = {}
-        self._posted: dict[int, asyncio.Event] = {}
-        self._incoming: dict[int, asyncio.Future] = {}
-        self._active_round = -1  # the round our loop is exchanging in
+        self.pairs = PairExchange(ctx.transport, run_id=ctx.spec.run_id, shapes=self.shapes,
+                                  compression=self.compression, deadlines=ctx.deadlines,
+                                  is_partner=lambda round_no, caller: self.partner(round_no) == caller,
+                                  on_reject=lambda reason: ctx.metrics.rejected_messages.labels(reason=reason).inc())
         self._resumed = False  # restored from this peer's own checkpoint
-        self._pushed_by: dict[str, int] = {}  # the latest round each peer pushed to us as our partner
         self.state = StateService(ctx.transport, ctx.trainer, ctx.compute, timeout_s=ctx.deadlines.state_download,
                                   extra_snapshot=self._extra_snapshot, extra_restore=self._extra_restore)
 
     async def start(self) -> None:
-        await self.ctx.transport.add_handler(PAIR, self._rpc_pair, rpb.PairPush, channel="averaging")
+        await self.pairs.start()
         await self.state.start()
 
     # ------------------------------------------------------------------ joiner state
@@ -102,20 +93,6 @@ class NoLoCoStrategy(Strategy):
         members = sorted({m.peer_id for m in self.election.peers()} | {self.ctx.peer_id})
         return pair_peers(members, pairing_seed(self.ctx.spec.run_id, round_no))[self.ctx.peer_id]
 
-    def _slot(self, round_no: int) -> asyncio.Event:
-        if round_no not in self._posted:
-            self._posted[round_no] = asyncio.Event()
-            self._incoming[round_no] = asyncio.get_running_loop().create_future()
-            for old in sorted(self._posted)[:-KEEP_ROUNDS]:
-                if old == self._active_round:  # partners far ahead must not evict the round we wait in
-                    continue
-                self._posted.pop(old, None)
-                self._mine.pop(old, None)
-                fut = self._incoming.pop(old, None)
-                if fut is not None and not fut.done():
-                    fut.cancel()
-        return self._posted[round_no]
-
     # ------------------------------------------------------------------ the loop
     async def run(self) -> None:
         ctx = self.ctx
@@ -139,26 +116,16 @@ class NoLoCoStrategy(Strategy):
     async def _pair_round(self, round_no: int) -> None:
         ctx, t0 = self.ctx, time.perf_counter()
         theta = [p.detach().float().cpu().clone() for p in self.params]
-        self._active_round = round_no
-        self._mine[round_no] = theta
-        self._slot(round_no).set()
+        self.pairs.post(round_no, theta)
         partner = self.partner(round_no)
         if partner is None:
             self._account("no_peers", 1, time.perf_counter() - t0, None, "odd one out")
             return
         try:
-            if ctx.peer_id < partner:
-                theirs = await self._initiate(partner, round_no, theta)
-            else:
-                theirs = await self._await_push(partner, round_no)
-        except asyncio.TimeoutError:
-            self._account("timeout", 1, time.perf_counter() - t0, partner, "partner did not arrive in time")
-            return
-        except _PartnerAhead as e:  # it will not come back for this round: catch up instead of waiting
-            self._account("timeout", 1, time.perf_counter() - t0, partner, str(e))
-            return
-        except (PeerUnavailable, _Refused, codec.CodecError) as e:
-            self._account("error", 1, time.perf_counter() - t0, partner, str(e)[:200])
+            theirs = await self.pairs.exchange(round_no, partner, initiate=ctx.peer_id < partner)
+        except PairFailed as e:  # a partner ahead will not come back for this round: catch up instead
+            timed_out = e.outcome in (PairOutcome.TIMEOUT, PairOutcome.PARTNER_AHEAD)
+            self._account("timeout" if timed_out else "error", 1, time.perf_counter() - t0, partner, str(e))
             return
         lr, beta = ctx.options.outer_lr, ctx.options.momentum()
         # γ = η: the partner's φ cancels, so our own φ stands in for it in the group
@@ -167,75 +134,6 @@ class NoLoCoStrategy(Strategy):
         await ctx.compute(load_params, self.params, self.phi)
         spread = replica_spread([theta, theirs])
         self._account("ok", 2, time.perf_counter() - t0, partner, f"pair spread {spread:.4g}")
-
-    async def _await_push(self, partner: str, round_no: int) -> list[torch.Tensor]:
-        """The partner's θ for this round, within `gather`. If the partner already pushed a later
-        round it is past this one: raise at once, so this peer catches up. Waiting out every round
-        instead kept two peers a fixed number of rounds apart for good, each waiting in its own."""
-        fut = self._incoming[round_no]
-        deadline = time.monotonic() + self.ctx.deadlines.gather
-        while not fut.done():
-            ahead = self._pushed_by.get(partner, -1)
-            if ahead > round_no:
-                raise _PartnerAhead(f"partner already at round {ahead}")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise asyncio.TimeoutError
-            try:
-                await asyncio.wait_for(asyncio.shield(fut), min(PUSH_POLL_S, left))
-            except asyncio.TimeoutError:
-                pass
-        return fut.result()
-
-    async def _initiate(self, partner: str, round_no: int, theta: list[torch.Tensor]) -> list[torch.Tensor]:
-        def pushes():
-            for chunk in codec.tensors_to_chunks(theta, self.compression, MAX_MESSAGE):
-                yield rpb.PairPush(run_id=self.ctx.spec.run_id, round=round_no, num_tensors=len(theta), chunk=chunk)
-
-        assembler = codec.ChunkAssembler.for_shapes(self.shapes)
-        async for reply in self.ctx.transport.call(partner, PAIR, pushes(), rpb.PairReply,
-                                                   timeout_s=self.ctx.deadlines.exchange,
-                                                   channel="averaging"):
-            if reply.status != PairStatus.PAIR_STATUS_OK:
-                raise _Refused(f"{partner[-8:]}: {PairStatus.Name(reply.status)} {reply.detail}")
-            assembler.add(reply.chunk)
-        return assembler.result()
-
-    async def _rpc_pair(self, requests: AsyncIterator[rpb.PairPush], caller: str) -> AsyncIterator[rpb.PairReply]:
-        ctx, timeout = self.ctx, self.ctx.deadlines.request
-        first = await first_message(requests, timeout)
-        if first is None:
-            return
-        try:
-            theirs = await receive_tensor_list(first, requests, timeout, self.shapes)
-            if theirs is None:
-                return
-        except codec.CodecError as e:
-            ctx.metrics.rejected_messages.labels(reason=e.reason).inc()
-            await drain(requests, timeout)
-            yield rpb.PairReply(status=PairStatus.PAIR_STATUS_REJECTED, detail=str(e))
-            return
-        await drain(requests, timeout)
-        round_no = first.round
-        if first.run_id != ctx.spec.run_id or self.partner(round_no) != caller or round_no < 0:
-            yield rpb.PairReply(status=PairStatus.PAIR_STATUS_REFUSED, detail="not my partner for this round")
-            return
-        self._pushed_by[caller] = max(self._pushed_by.get(caller, -1), round_no)
-        posted = self._slot(round_no)
-        fut = self._incoming[round_no]
-        if not fut.done():
-            fut.set_result(theirs)
-        try:
-            await asyncio.wait_for(posted.wait(), timeout)
-        except asyncio.TimeoutError:
-            yield rpb.PairReply(status=PairStatus.PAIR_STATUS_TIMEOUT, detail="did not reach the round in time")
-            return
-        mine = self._mine.get(round_no)
-        if mine is None:  # that round was dropped meanwhile (we moved far on)
-            yield rpb.PairReply(status=PairStatus.PAIR_STATUS_TIMEOUT, detail="round no longer held")
-            return
-        for chunk in codec.tensors_to_chunks(mine, self.compression, MAX_MESSAGE):
-            yield rpb.PairReply(status=PairStatus.PAIR_STATUS_OK, chunk=chunk)
 
     # ------------------------------------------------------------------ helpers
     def _account(self, outcome: str, size: int, duration_s: float, partner: str | None, detail: str) -> None:
@@ -251,11 +149,3 @@ def joins_from_a_peer(resumed: bool, my_step: int, peer_steps: list[int], inner_
     pair rounds pull the replicas together), unless the swarm trained a round or more past it
     (a crash with an older checkpoint): its rounds would then pair with no one."""
     return not resumed or max(peer_steps, default=0) >= my_step + inner_steps
-
-
-class _Refused(Exception):
-    pass
-
-
-class _PartnerAhead(Exception):
-    pass

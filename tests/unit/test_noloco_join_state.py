@@ -22,7 +22,7 @@ def _strategy(seed_shift: int) -> NoLoCoStrategy:
     ds = ByteDataset(torch.randint(0, 256, (4096,), dtype=torch.uint8))
     trainer = build_trainer(TINY, TrainConfig(batch_size=2, seed=0), ds, peer=seed_shift)
     ctx = SimpleNamespace(**settings(NodeConfig(strategy="noloco"), NoLoCoStrategy), trainer=trainer, transport=None, compute=None,
-                          peer_id=f"p{seed_shift}", deadlines=Deadlines(20.0))
+                          peer_id=f"p{seed_shift}", deadlines=Deadlines(20.0), spec=SimpleNamespace(run_id="r"))
     return NoLoCoStrategy(ctx)
 
 
@@ -54,14 +54,12 @@ def test_partners_far_ahead_do_not_cancel_the_round_we_wait_in():
     training loop as if asked to stop)."""
     import asyncio
 
-    from swarm_node.strategies.lowcomm.noloco import KEEP_ROUNDS
+    from swarm_node.protocol.averaging.pairwise import KEEP_ROUNDS
 
-    s = _strategy(1)
+    s = _strategy(1).pairs
 
     async def main() -> None:
-        s._active_round = 2
-        s._mine[2] = list(s.phi)
-        s._slot(2).set()
+        s.post(2, [torch.zeros(1)])
         for r in range(3, 3 + KEEP_ROUNDS + 3):
             s._slot(r)
         assert 2 in s._incoming and not s._incoming[2].cancelled()
@@ -78,24 +76,26 @@ def test_a_peer_behind_its_partner_stops_waiting_for_a_push_that_will_not_come()
     import asyncio
     import time
 
-    from swarm_node.strategies.lowcomm.noloco import _PartnerAhead
+    from swarm_node.protocol.averaging.pairwise import PairFailed, PairOutcome
 
     async def go():
-        s = _strategy(1)
-        s.ctx.deadlines = Deadlines(0.5)
-        s._slot(3)
+        s = _strategy(1).pairs
+        s.deadlines = Deadlines(0.5)
+        s.post(3, [torch.zeros(1)])
         t0 = time.monotonic()
-        with pytest.raises(asyncio.TimeoutError):  # nothing from the partner: the whole window
-            await s._await_push("p", 3)
+        with pytest.raises(PairFailed) as e:  # nothing from the partner: the whole window
+            await s.exchange(3, "p", initiate=False)
+        assert e.value.outcome is PairOutcome.TIMEOUT
         waited = time.monotonic() - t0
         s._pushed_by["p"] = 5
         t0 = time.monotonic()
-        with pytest.raises(_PartnerAhead, match="round 5"):
-            await s._await_push("p", 3)
+        with pytest.raises(PairFailed, match="round 5") as e:
+            await s.exchange(3, "p", initiate=False)
+        assert e.value.outcome is PairOutcome.PARTNER_AHEAD
         ahead = time.monotonic() - t0
-        s._slot(6)
+        s.post(6, [torch.zeros(1)])
         s._incoming[6].set_result(["theta"])
-        assert await s._await_push("p", 6) == ["theta"]
+        assert await s.exchange(6, "p", initiate=False) == ["theta"]
         return waited, ahead
 
     waited, ahead = asyncio.run(go())

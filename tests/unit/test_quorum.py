@@ -220,12 +220,12 @@ def test_a_stale_sync_leader_whose_followers_are_a_step_ahead_catches_up_from_th
     its step (they push the next one, and wait for it to get there). Its round closes below the
     quorum; seeing early pushes for the next step, it downloads the state of one of those peers
     instead of retrying a step nobody will join."""
-    from swarm_node.strategies.sync import ReduceRound
+    from swarm_node.protocol.averaging.star import GatherRound
 
     ctx = _ctx(["b", "c"], timeout_s=0.3)
     s = SyncStrategy(ctx)
     s.quorum.committed(3, at=time.time() - 10)
-    s.rounds[8] = ReduceRound(step=8, expected={"me", "b", "c"}, early={"c", "b"})
+    s.rounds[8] = GatherRound(step=8, expected={"me", "b", "c"}, early={"c", "b"})
     caught_up: list[tuple[str, str]] = []
 
     async def resync(peer: str, why: str) -> None:

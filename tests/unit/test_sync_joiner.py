@@ -11,7 +11,8 @@ import torch
 
 from swarm_node.protocol import codec
 from swarm_node.protocol.pb import swarm_node_wire_pb2 as wire
-from swarm_node.strategies.sync import ReduceRound, Status, SyncStrategy
+from swarm_node.protocol.averaging.star import GatherRound
+from swarm_node.strategies.sync import Status, SyncStrategy
 from swarm_node.train.trainer import StepResult
 
 from tests.unit.test_quorum import _ctx
@@ -32,7 +33,7 @@ async def _push(s: SyncStrategy, caller: str, *, step: int = 0, param_hash: str 
 
 def test_excused_peer_is_not_waited_for():
     async def go():
-        rnd = ReduceRound(step=0, expected={"a", "b", "c"})
+        rnd = GatherRound(step=0, expected={"a", "b", "c"})
         rnd.leader_ready.set()
         rnd.add("a", [torch.ones(1)], 1)
         rnd.add("b", [torch.ones(1)], 1)

@@ -11,7 +11,8 @@ from swarm_node.train.model import GPTConfig
 from swarm_node.strategies import registry
 from swarm_node.protocol.averaging.state_transfer import StateTransferError, restore, snapshot
 from swarm_node.strategies.leader import pick_leader
-from swarm_node.strategies.sync import ReduceRound, weighted_mean
+from swarm_node.protocol.averaging.mean import weighted_mean
+from swarm_node.protocol.averaging.star import GatherRound
 from swarm_node.train.trainer import TrainConfig, build_trainer
 
 
@@ -33,7 +34,7 @@ def test_pick_leader_lowest_non_suspect():
 
 def test_round_closes_when_all_expected_arrive_and_late_adds_are_ignored():
     async def go():
-        rnd = ReduceRound(step=0, expected={"a", "b"})
+        rnd = GatherRound(step=0, expected={"a", "b"})
         rnd.add("a", [torch.ones(2)], 1)
         assert not rnd.closed.is_set()
         rnd.add("b", [torch.zeros(2)], 1)
