@@ -21,6 +21,5 @@ apt_tools() {
 apt_tools "promtool prometheus" "prometheus" "metric lint, alert-rule tests and the live Prometheus scrape"
 apt_tools "docker-compose" "docker-compose" "docker-compose.yml validation (config -q, no engine needed)"
 apt_tools "nft ping ip" "nftables iproute2 iputils-ping" "the network-namespace churn lab"
-# Multi-process tests on a shared 2-core box are timing-sensitive: a failed test is run once more, and the
-# rerun is reported (R in the progress line, "rerun" in the summary), never hidden.
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --reruns 1 --reruns-delay 2 -rR --durations=25 "$@"
+# No reruns: a test that needs one has a bug, fixed at its cause.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"
