@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--strict", action="store_true", help="refuse events the backend cannot do instead of skipping")
     sim.add_argument("--duration-s", type=float, default=0.0, help="stop this long after training starts")
     sim.add_argument("--max-steps", type=int, default=None, help="steps per node (default: the strategy's profile)")
+    sim.add_argument("--settle-s", type=float, default=15.0,
+                     help="keep training this long after the last event before the run is judged")
     sim.add_argument("--workdir", type=Path, default=None, help="keep node state here (default: a temp dir)")
     sim.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
     sim.add_argument("node_args", nargs=argparse.REMAINDER, help="after --: extra flags for every node")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from swarm_node.protocol.averaging.deadlines import Deadlines
-from swarm_node.protocol.clock import swarm_time
 from swarm_node.strategies.options import NoOptions, StrategyOptions
 
 if TYPE_CHECKING:
@@ -24,6 +23,11 @@ if TYPE_CHECKING:
 
     from swarm_node.protocol.records import RecordStore
     from swarm_node.protocol.transport import Transport
+
+
+def _dht_time() -> float:
+    from swarm_node.protocol.clock import swarm_time  # hivemind: not loaded by the CLI's config parsing
+    return swarm_time()
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ class StrategyContext:
     log: logging.Logger
     options: StrategyOptions = field(default_factory=NoOptions)  # this strategy's own settings
     records: "RecordStore | None" = None  # per-peer DHT records (None where a test runs without a DHT)
-    clock: Callable[[], float] = swarm_time  # DHT time, the same on every peer
+    clock: Callable[[], float] = _dht_time  # DHT time, the same on every peer
 
     @property
     def deadlines(self) -> Deadlines:

@@ -57,7 +57,7 @@ def simulate(args: argparse.Namespace, extra: list[str]) -> int:
                       max_steps=profile.max_steps if args.max_steps is None else args.max_steps,
                       stop_together=profile.stop_together and not args.max_steps,
                       cut_off_holds=profile.cut_off_holds,
-                      duration_s=args.duration_s, consistency=profile.consistency, loss=profile.loss,
+                      duration_s=args.duration_s, settle_s=args.settle_s, consistency=profile.consistency, loss=profile.loss,
                       workdir=args.workdir,
                       strict=args.strict, progress=lambda line: print(line, flush=True))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)

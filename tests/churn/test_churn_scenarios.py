@@ -48,7 +48,7 @@ def test_builtin_churn_scenario_in_namespaces(strategy, tmp_path):
     Result: every kill survived, the restarted and the healed peer re-join, loss still falls (swarm:
     the trainers' training loss), no NaN, survivors agree where the strategy keeps replicas equal
     (sync, gradcode: one param hash at --max-steps; diloco: one φ per round), nothing left running
-    and no lab namespace left. sapo (judged on reward, see _check_sapo): the mean reward rises, and
+    and no lab namespace left. sync also shows the isolation detection (_check_isolation). sapo (judged on reward, see _check_sapo): the mean reward rises, and
     the restarted and the healed peer complete rounds and get other peers' rollouts by gossip again."""
     p = profile_for(strategy)
     report = run_scenario(RunOptions(strategy=strategy, peers=p.peers, scenario=Scenario.parse(p.scenarios["churn"], "churn"),
@@ -58,10 +58,31 @@ def test_builtin_churn_scenario_in_namespaces(strategy, tmp_path):
                                      run_id=f"churn-{strategy}"))
     _check(report, p.consistency)
     assert report.rejoin_s["restart n1"] is not None and report.rejoin_s["heal n3"] is not None
+    if strategy == "sync":
+        _check_isolation(report)
     if p.loss == "reward":
         _check_sapo(report, rejoined=("restart n1", "heal n3"))
         heal = next(f for f in report.fired if f.event.describe() == "at 56s heal n3")
         assert heal.detail["gossip_while_partitioned"] == 0  # the partition cuts the sidecar's gossip too
+
+
+def _check_isolation(report) -> None:
+    """The partitioned peer (n3, one of the three left, below the run-long quorum) knows it is cut
+    off: its routing table falls to <= 1 with /readyz 503 together, and it takes no step. Within
+    30 s of the heal its table holds >= 2 peers and a bootstrap succeeded; the others trained on
+    through the partition (and the scenario's consistency check found one param hash at the end).
+    So hivemind's forever-isolated state is detected and repaired, and the partition costs no fork."""
+    heal = next(f for f in report.fired if f.event.action == "heal")
+    assert heal.detail.get("isolated_after_s") is not None, heal.detail  # rt <= 1 and /readyz 503 together
+    assert heal.detail["max_routing_table"] <= 1 and 503 in heal.detail["readyz_seen"], heal.detail
+    assert report.rejoin_s["heal n3"] <= 30, report.format()
+    assert heal.detail["routing_table_after"] >= 2, heal.detail
+    # ok >= 1 only: usually the healed node's own watchdog adds one, but the other peers' heartbeats can
+    # refill its table first
+    assert heal.detail["bootstrap_ok_after"] >= 1, heal.detail
+    assert heal.detail["steps_while_isolated"] <= 1, heal.detail
+    partition = next(f for f in report.fired if f.event.action == "partition")
+    assert heal.detail["survivors_step"] > partition.detail["survivors_step"] + 10, (partition.detail, heal.detail)
 
 
 def _check_sapo(report, rejoined: tuple[str, ...]) -> None:
@@ -94,7 +115,7 @@ def test_loopback_churn_via_the_cli_needs_no_root(tmp_path):
     out = tmp_path / "report.json"
     work = tmp_path / "w"
     r = subprocess.run([sys.executable, "-m", "swarm_node", "simulate", "--strategy", "sync", "--peers", "3",
-                        "--scenario", str(scn), "--workdir", str(work), "--json", str(out)],
+                        "--scenario", str(scn), "--settle-s", "6", "--workdir", str(work), "--json", str(out)],
                        capture_output=True, text=True, timeout=240)
     print(r.stdout[-3000:], r.stderr[-2000:])
     assert "warning: will skip `at 5s partition n0`: partition needs the network-namespace lab" in r.stdout

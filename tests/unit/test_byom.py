@@ -292,3 +292,12 @@ def test_builtin_startup_does_not_import_transformers():
             "import swarm_node.daemon; assert 'transformers' not in sys.modules, 'transformers imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_reading_the_config_does_not_import_torch_or_hivemind():
+    """The CLI parses and checks flags (`--help`, a config error's one line) without loading
+    the network stack or torch: the strategy context it names loads the clock lazily."""
+    code = ("import sys; from swarm_node.config import load_config; load_config({'new_swarm': True}); "
+            "bad = [m for m in ('hivemind', 'torch') if m in sys.modules]; assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
