@@ -206,9 +206,12 @@ class NodeSettings(BaseSettings):
     @model_validator(mode="after")
     def _check_combination(self) -> "NodeSettings":
         if self.model != BUILTIN_MODEL:
-            reason = _builtin_model_only(self.strategy)
-            if reason:
-                raise ValueError(f"{self.strategy} needs --model builtin for now ({reason})")
+            options = option_models().get(self.strategy, NoOptions)
+            kind = _model_kind(self.model)
+            if kind not in options.MODEL_KINDS:
+                kinds = " or ".join({"builtin": "--model builtin", "hf": "a Hugging Face model directory",
+                                     "factory": "a factory"}[k] for k in options.MODEL_KINDS)
+                raise ValueError(f"{self.strategy} trains {kinds}, not this --model ({options.MODEL_KINDS_REASON})")
         # a strategy with its own forward and backward would silently ignore these two: refused
         reason = option_models().get(self.strategy, NoOptions).OWN_TRAINING_STEP
         if reason and (self.precision != "fp32" or self.grad_accum > 1):
@@ -318,9 +321,11 @@ def _check_precision(precision: str, device: str) -> None:
         raise ValueError(str(e)) from None
 
 
-def _builtin_model_only(strategy: str) -> str:
-    """Why `strategy` cannot train a model brought with --model ("" = it can)."""
-    return option_models().get(strategy, NoOptions).BUILTIN_MODEL_ONLY
+def _model_kind(setting: str) -> str:
+    """"builtin", "hf" or "factory" (the setting was checked by the field validator)."""
+    from swarm_node.train.models import parse_model_setting
+
+    return parse_model_setting(setting).kind
 
 
 def _strategy_fields() -> dict[str, tuple[Any, Any]]:

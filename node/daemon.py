@@ -162,6 +162,10 @@ class Node:
                 d_model=cfg.d_model))
         except ModelError as e:
             raise NodeExit(EXIT_CONFIG, f"--model: {e}") from None
+        strategy_cls = registry.load(cfg.strategy)
+        why_not = strategy_cls.check_model(model.module, strategy_cls.options_of(cfg))
+        if why_not:
+            raise NodeExit(EXIT_CONFIG, f"--model: {cfg.strategy} cannot train this model: {why_not}")
         try:
             dataset = await self.compute(functools.partial(
                 load_dataset, cfg.data, max_bytes=cfg.data_max_bytes, tokenizer=model.tokenizer,

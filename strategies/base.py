@@ -60,6 +60,12 @@ class Strategy(abc.ABC):
         """Take back what `checkpoint_state` saved, before `start()`; raise if it does not fit."""
 
     @classmethod
+    def check_model(cls, module: Any, options: StrategyOptions) -> str:
+        """Why this strategy cannot train `module` (the loaded --model) with these options, ""
+        when it can. Checked before the node joins anyone."""
+        return ""
+
+    @classmethod
     def options_of(cls, config: Any) -> StrategyOptions:
         """This strategy's own settings, read by name from the node's config."""
         return cls.options(**{n: getattr(config, n) for n in cls.options.model_fields if hasattr(config, n)})

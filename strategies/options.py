@@ -19,9 +19,10 @@ class StrategyOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     SPEC_FIELDS: ClassVar[tuple[str, ...]] = ()  # hashed into the run spec (every peer must agree)
-    # Why the strategy trains only the built-in GPT ("" = any --model, through the trainer);
-    # with another --model, config validation refuses it with this reason.
-    BUILTIN_MODEL_ONLY: ClassVar[str] = ""
+    # The --model kinds the strategy trains ("builtin", "hf", "factory"), and why not the others:
+    # config validation refuses another kind with this reason.
+    MODEL_KINDS: ClassVar[tuple[str, ...]] = ("builtin", "hf", "factory")
+    MODEL_KINDS_REASON: ClassVar[str] = ""
     # Why the strategy runs its own forward and backward instead of the trainer's step ("" = it
     # trains through the trainer): --precision and --grad-accum are refused with this reason.
     OWN_TRAINING_STEP: ClassVar[str] = ""

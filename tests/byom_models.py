@@ -12,12 +12,12 @@ import torch
 from swarm_node.strategies.sapo.hf_fixture import build_tokenizer
 
 
-def make_tiny_llama(out_dir: Path, *, seed: int = 0) -> Path:
-    """Write a 2-layer, width-32 Llama (random weights drawn from `seed`) and its tokenizer."""
+def make_tiny_llama(out_dir: Path, *, seed: int = 0, n_layer: int = 2) -> Path:
+    """Write an `n_layer`-layer, width-32 Llama (random weights drawn from `seed`) and its tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG where it was

@@ -1,6 +1,7 @@
 """Local training on one device: what a peer computes between exchanges.
 
   model.py    the built-in byte-level GPT (GPTConfig, GPT)
+  hf_stages.py  a Hugging Face GPT-2 / Llama split into pipeline stages (HFPipelineStage)
   models.py   --model: the built-in GPT, a local Hugging Face causal LM, or a factory, behind one interface
   data.py     corpora (text, record files) and their windows (ByteDataset)
   sources.py  text out of .jsonl / .parquet / .arrow records

@@ -99,6 +99,11 @@ class WrappedLM(nn.Module):
         self.loss_fn = loss_fn  # None: the trainer may use its own cross-entropy (gradient coding)
         self._hf = hf
 
+    @property
+    def hf_model(self) -> nn.Module | None:
+        """The transformers model inside, for a Hugging Face directory (None for a factory's)."""
+        return self.inner if self._hf else None
+
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         if self._hf:  # no KV cache: training never reuses it
             return self.inner(input_ids=idx, use_cache=False).logits

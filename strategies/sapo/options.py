@@ -11,7 +11,8 @@ from swarm_node.strategies.options import StrategyOptions
 
 class SapoOptions(StrategyOptions):
     SPEC_FIELDS: ClassVar[tuple[str, ...]] = ("sapo_group_size", "sapo_round_s", "sapo_tasks")
-    BUILTIN_MODEL_ONLY: ClassVar[str] = "its policy is the built-in GPT or --sapo-hf-model DIR"
+    MODEL_KINDS: ClassVar[tuple[str, ...]] = ("builtin",)
+    MODEL_KINDS_REASON: ClassVar[str] = "its policy is the built-in GPT or --sapo-hf-model DIR"
     OWN_TRAINING_STEP: ClassVar[str] = "its policy trains by its own GRPO step"
 
     sapo_tasks: str = Field("add4", description="sapo: comma-separated tasks (add<K>, sub<K>, mul<K>; rg:<dataset> "

@@ -10,10 +10,13 @@ from swarm_node.strategies.options import StrategyOptions
 
 class SwarmOptions(StrategyOptions):
     SPEC_FIELDS: ClassVar[tuple[str, ...]] = ("stages", "micro_batches", "act_compression")
-    BUILTIN_MODEL_ONLY: ClassVar[str] = "it splits the built-in GPT into pipeline stages"
+    MODEL_KINDS: ClassVar[tuple[str, ...]] = ("builtin", "hf")
+    MODEL_KINDS_REASON: ClassVar[str] = ("it splits the built-in GPT or a Hugging Face GPT-2 / Llama directory into "
+                                         "pipeline stages; a factory's module has no known block structure")
     OWN_TRAINING_STEP: ClassVar[str] = "its pipeline stages run their own forward and backward"
 
-    stages: int = Field(3, ge=1, le=64, description="swarm: pipeline stages S (--n-layer must be divisible by S).")
+    stages: int = Field(3, ge=1, le=64, description="swarm: pipeline stages S (the model's layers, --n-layer for the "
+                        "built-in GPT, must be divisible by S).")
     micro_batches: int = Field(2, ge=1, le=256, description="swarm: micro-batches per trainer step (each stage "
                                "replica applies one optimizer step per this many backwards).")
     act_compression: Literal["fp16", "int8", "none"] = Field(
@@ -34,7 +37,7 @@ class SwarmOptions(StrategyOptions):
                                           "inside each backward (fault injection for tests).")
 
     def check(self, node: Any) -> None:
-        if node.n_layer % self.stages:
+        if getattr(node, "model", "builtin") == "builtin" and node.n_layer % self.stages:
             raise ValueError(f"swarm needs --n-layer ({node.n_layer}) divisible by --stages ({self.stages})")
         if self.stage != "auto" and int(self.stage) >= self.stages:
             raise ValueError(f"--stage {self.stage} out of range for --stages {self.stages}")

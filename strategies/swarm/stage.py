@@ -17,23 +17,28 @@ Invariants:
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import torch
+from torch import nn
 
-from swarm_node.train.model import GPTConfig, PipelineStage, build_stage
+from swarm_node.train.model import GPTConfig, build_stage
 
 PARTS = ("full", "embed", "body", "head")
 
 
 class StageWorker:
-    def __init__(self, cfg: GPTConfig, seed: int, index: int, num_stages: int, *, lr: float,
-                 accumulate: int = 1, grad_clip: float = 1.0, betas: tuple[float, float] = (0.9, 0.999)):
+    def __init__(self, cfg: GPTConfig | Any, seed: int, index: int, num_stages: int, *, lr: float,
+                 accumulate: int = 1, grad_clip: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
+                 make_stage: Callable[[int], nn.Module] | None = None):
+        """`cfg` gives the input checks (seq_len, vocab_size, d_model); `make_stage(k)` builds stage k
+        at its initial weights (default: the seeded built-in GPT's)."""
         if accumulate < 1:
             raise ValueError("accumulate must be >= 1")
         self.cfg, self.seed, self.index, self.num_stages = cfg, seed, index, num_stages
+        self.make_stage = make_stage or (lambda k: build_stage(cfg, seed, k, num_stages))
         self.base_lr, self.lr_scale, self.accumulate, self.grad_clip, self.betas = lr, 1.0, accumulate, grad_clip, betas
-        self.module: PipelineStage = build_stage(cfg, seed, index, num_stages)
+        self.module: nn.Module = self.make_stage(index)
         self.optimizer = self._new_optimizer()
         self.step = 0
         self.pending = 0  # backwards accumulated since the last optimizer step
@@ -208,7 +213,7 @@ class StageWorker:
     def switch(self, index: int, state: Mapping[str, torch.Tensor] | None = None, **load_kwargs) -> None:
         """Serve another stage (rebalancing, CheckFree): new module, optionally loaded."""
         self.index, self.lr_scale = index, 1.0
-        self.module = build_stage(self.cfg, self.seed, index, self.num_stages)
+        self.module = self.make_stage(index)
         self.optimizer = self._new_optimizer()
         self.pending, self.last_grad_norm = 0, None
         if state is not None:

@@ -22,7 +22,6 @@ from typing import AsyncIterator
 import torch
 import torch.nn.functional as F
 
-from swarm_node.train.model import GPTConfig
 from swarm_node.protocol import codec
 from swarm_node.protocol.averaging.butterfly import ButterflyAllReduce
 from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
@@ -36,6 +35,7 @@ from swarm_node.strategies.swarm.metrics import SwarmMetrics
 from swarm_node.strategies.swarm.rebalance import choose_start_stage, designated_mover, rebalance_target, recovery_targets
 from swarm_node.strategies.swarm.router import BACKWARD_COST, NoPeers, StageRouter
 from swarm_node.strategies.swarm.stage import StageWorker
+from swarm_node.strategies.swarm.staging import staging_of, why_not_staged
 from swarm_node.strategies.swarm.wire import COMPRESSIONS, Op, StageRecord, Status, encode_reply, encode_request, read_reply, \
     read_request, request_part, stage_key
 from swarm_node.strategies.swarm.options import SwarmOptions
@@ -118,12 +118,16 @@ class SwarmStrategy(Strategy):
                                             "32", "--rebalance-interval-s", "0"), loss="train")
     role = "stage"
 
+    @classmethod
+    def check_model(cls, module, options) -> str:
+        return why_not_staged(module, options.stages)
+
     def __init__(self, ctx):
         super().__init__(ctx)
         cfg, spec = ctx.options, ctx.spec
         self.S = cfg.stages
-        self.model_cfg = GPTConfig(seq_len=spec.seq_len, n_layer=spec.n_layer, n_head=spec.n_head,
-                                   d_model=spec.d_model)
+        self.staging = staging_of(ctx.trainer.model, spec, self.S)
+        self.model_cfg = self.staging.cfg
         self.compression = COMPRESSIONS[cfg.act_compression]
         self.swaps = bool(getattr(spec, "checkfree_swaps", False))  # CheckFree+ swap schedule (run spec: the same on every peer)
         self.cf = CheckFreeConfig(lr_scale=cfg.checkfree_lr_scale, swaps=self.swaps)
@@ -138,9 +142,7 @@ class SwarmStrategy(Strategy):
         self.empty_reads = [0] * self.S
         self.ever_seen = [False] * self.S
         self.routers = [StageRouter(initial_cost_s=0.005) for _ in range(self.S)]
-        B, T, D = spec.batch_size, spec.seq_len, spec.d_model
-        self.max_numel = 4 * B * T * max(D, self.model_cfg.vocab_size) + 4 * 12 * D * D * max(spec.n_layer, 1) + 4 * \
-            self.model_cfg.vocab_size * D + 4 * T * D
+        self.max_numel = self.staging.max_numel
         self.steps = 0
         self.totals = {"microbatches_ok": 0, "microbatches_lost": 0, "retries": 0, "recoveries": 0, "rebalances": 0,
                        "returns": 0}
@@ -358,7 +360,8 @@ class SwarmStrategy(Strategy):
             await self._announce("leaving", ttl_s=2.0)
         self._own = None
         if self.worker is None:
-            self.worker = StageWorker(self.model_cfg, spec.seed, k, self.S, lr=spec.lr, accumulate=spec.micro_batches)
+            self.worker = StageWorker(self.model_cfg, spec.seed, k, self.S, lr=spec.lr, accumulate=spec.micro_batches,
+                                      make_stage=self.staging.make_stage)
         elif old != k:
             # what this peer held is a CheckFree source when it moves next to it (the mover may be
             # the only live peer of a neighbouring stage): keep it before the switch drops it

@@ -61,3 +61,41 @@ def test_demo_runs_a_swarm_on_a_model_directory(tmp_path):
     for name, s in summaries.items():
         assert s["step"] == 30 and s["rounds"].get("ok", 0) >= 1 and s["rounds"].get("resync", 0) == 0, (name, s["rounds"])
     assert summaries["peer-1"]["param_hash"] == summaries["peer-2"]["param_hash"]
+
+
+def test_a_swarm_pipeline_trains_a_tiny_llama_and_checkfree_rebuilds_its_middle_stage(swarm, tmp_path):
+    """1. A 3-layer tiny Llama (offline) in 3 stages: a trainer (stage 0), one stage-1 server and
+       two stage-2 servers, all started with --model DIR.
+    2. Once the pipeline trained a few steps, SIGKILL the only stage-1 server.
+    Result: a stage-2 peer rebuilds stage 1 by CheckFree (the weighted average of stages 0 and 2),
+    no micro-batch is lost, training goes on and its loss falls below the first step's, and the
+    trainer reports a finite held-out loss measured through the pipeline."""
+    import math
+
+    from tests.live.test_swarm_live import _wait_metric, metric
+
+    llama = make_tiny_llama(tmp_path / "llama", n_layer=3)
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 300)
+    common = ["--run-id", "hfswarm", "--strategy", "swarm", "--stages", "3", "--micro-batches", "2",
+              "--model", str(llama), "--data", str(corpus), "--lr", "0.01", "--seq-len", "16",
+              "--stage-average-interval-s", "3", "--rebalance-interval-s", "0", "--eval-every", "5"]
+    trainer = swarm.add("trainer", [*common, "--stage", "0"])
+    trainer.wait_info()
+    boot = trainer.join_maddr()
+    s1 = swarm.add("s1", [*common, "--stage", "1"], initial=boot)
+    s2 = [swarm.add(f"s2{c}", [*common, "--stage", "2"], initial=boot) for c in "ab"]
+    for n in (s1, *s2):
+        n.wait_info()
+    first = float(trainer.wait_for(lambda s: s.get("step", 0) >= 1, 120, "a first pipeline step")["train_loss"])
+    trainer.wait_for(lambda s: s.get("step", 0) >= 10, 120, "pipeline steps")
+    step = trainer.status()["step"]
+    s1.kill()
+    rebuilt = _wait_metric(s2, "swarm_checkfree_recoveries_total", 1, 90, stage="1", method="wavg")
+    assert rebuilt is not None, "\n".join(n.log_text()[-1500:] for n in s2)
+    assert metric(rebuilt, "swarm_pipeline_stage") == 1
+    st = trainer.wait_for(lambda s: s.get("step", 0) >= step + 10 and s.get("val_loss") is not None, 120,
+                          "training after the rebuild")
+    assert metric(trainer, "swarm_pipeline_microbatches_total", outcome="lost") == 0
+    assert float(st["train_loss"]) < first - 0.3, (first, st["train_loss"])
+    assert math.isfinite(float(st["val_loss"]))
