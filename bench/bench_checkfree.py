@@ -1,6 +1,9 @@
 """CheckFree vs random re-init vs checkpoint rollback after losing a middle pipeline stage.
 
-Network-free: an in-process pipeline of the tiny GPT (node/train/model.py split_stages), one Adam
+Network-free: an in-process pipeline of the tiny GPT (node/train/model.py split_stages) or, with
+`--arch llama`, of a small Llama built offline from a `transformers.LlamaConfig` (byte vocabulary
+256, `--n-head` heads, half as many key/value heads when even, SwiGLU width ~8/3 d, untied head)
+and cut by node/train/hf_stages.py split_hf_stages. One Adam
 (weight decay 0) per stage, per-stage clipping at 1.0. Every continuation starts from the same
 pretrained state and sees the same batches, so the comparison is paired; every rebuilt stage
 gets the same brand-new optimizer at lr x 1.1. For each middle stage k: pretrain F steps (a
@@ -13,6 +16,7 @@ and the recovery cost: bytes moved and seconds.
 
     .venv/bin/python bench/bench_checkfree.py              # ~1 min on one thread
     .venv/bin/python bench/bench_checkfree.py --note-toy   # the Markov toy setup (~4 min)
+    .venv/bin/python bench/bench_checkfree.py --arch llama # the same on Llama stages
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import statistics
 import time
 
 import torch
+from torch import nn
 
 from swarm_node.train.data import ByteDataset, batch_generator_seed
 from swarm_node.train.model import INIT_STD, GPTConfig, PipelineStage, build_model, split_stages
@@ -38,12 +43,16 @@ CLIP = 1.0
 #   checkfree_body  the same, weighted by the neighbours' BODY gradient norms (clipped at 1): the
 #                paper's statistic, whose neighbour stages hold blocks only
 #   uniform      0.5/0.5 average of the same neighbours (an ablation)
-#   random       stage k re-initialised by THIS model's init: residual projections at
-#                0.02/sqrt(2 n_layer) (GPT-2 practice), so a fresh block is close to a skip
+#   random       stage k re-initialised by THIS model's init (stage k of the model built with
+#                another seed). GPT: residual projections at 0.02/sqrt(2 n_layer) (GPT-2
+#                practice), so a fresh block is close to a skip. Llama: transformers' own init,
+#                every matrix at std 0.02, so `random` and `random_full` are the same
+#                distribution there (different draws)
 #   random_full  every weight matrix at std 0.02, no depth scaling: the init of the paper's
 #                main (LLaMa) configs
-#   skip         residual projections zeroed: the block is exactly the identity (a reference
-#                point: what `random` approaches)
+#   skip         residual projections (GPT attn.proj/mlp.proj, Llama o_proj/down_proj) zeroed:
+#                the block is exactly the identity (a reference point: what GPT's `random`
+#                approaches)
 #   checkpoint   every stage rolled back to the last checkpoint (F - F mod C): F mod C steps
 #                of work are redone; its "+n" counts steps after the rollback
 METHODS = ("none", "checkfree", "checkfree_body", "uniform", "random", "random_full", "skip", "checkpoint")
@@ -96,10 +105,75 @@ class MarkovData:
             yield s[:, :-1], s[:, 1:]
 
 
+class Arch:
+    """What the bench needs from a model family: the seeded stages of a pipeline, one stage of
+    another seed's model (re-init), an empty stage to load a state into, and the names of the
+    residual-branch output projections (`skip`). gpt: node/train/model.py; llama: a
+    `transformers.LlamaForCausalLM` built offline, split by hf_stages.split_hf_stages."""
+
+    def __init__(self, name: str, args) -> None:
+        self.name = name
+        self.seq_len = args.seq_len
+        if name == "gpt":
+            self.cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, seq_len=args.seq_len)
+            self.residual = ("proj",)  # attn.proj, mlp.proj
+            self.model = {"n_layer": args.n_layer, "d_model": args.d_model, "n_head": args.n_head,
+                          "d_ff": 4 * args.d_model, "tied_head_at_init": True}
+        elif name == "llama":
+            from transformers import LlamaConfig
+
+            d, h = args.d_model, args.n_head
+            if d % h:
+                raise SystemExit(f"--d-model {d} must be divisible by --n-head {h}")
+            kv = h // 2 if h % 2 == 0 else h
+            ff = max(8, round(8 * d / 3 / 8) * 8)  # SwiGLU at ~8/3 d: about the GPT MLP's 8 d^2 parameters
+            self.cfg = LlamaConfig(vocab_size=256, hidden_size=d, num_hidden_layers=args.n_layer, num_attention_heads=h,
+                                   num_key_value_heads=kv, intermediate_size=ff,
+                                   max_position_embeddings=args.seq_len, tie_word_embeddings=False)
+            self.residual = ("o_proj", "down_proj")
+            self.model = {"n_layer": args.n_layer, "d_model": d, "n_head": h, "n_kv_head": kv, "d_ff": ff,
+                          "tied_head_at_init": False}
+            self._template: nn.Module | None = None
+        else:
+            raise SystemExit(f"unknown --arch {name!r}")
+
+    def _llama(self, seed: int) -> nn.Module:
+        from transformers import LlamaForCausalLM
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return LlamaForCausalLM(self.cfg)
+
+    def stages(self, seed: int, S: int) -> list[nn.Module]:
+        if self.name == "gpt":
+            return split_stages(build_model(self.cfg, seed), S)
+        from swarm_node.train.hf_stages import split_hf_stages
+
+        return split_hf_stages(self._llama(seed), S, seq_len=self.seq_len)
+
+    def stage_state(self, seed: int, k: int, S: int) -> dict[str, torch.Tensor]:
+        """Stage k's state dict in the model built with `seed`."""
+        if self.name == "gpt":
+            return split_stages(build_model(self.cfg, seed), S)[k].state_dict()
+        from swarm_node.train.hf_stages import build_hf_stage
+
+        return build_hf_stage(self._llama(seed), k, S, seq_len=self.seq_len).state_dict()
+
+    def empty(self, k: int, S: int) -> nn.Module:
+        """A stage k of S to `load_state_dict` into (its own values are all overwritten)."""
+        if self.name == "gpt":
+            return PipelineStage(self.cfg, k, S)
+        from swarm_node.train.hf_stages import build_hf_stage
+
+        if self._template is None:  # any seed: only the module structure is used
+            self._template = self._llama(0)
+        return build_hf_stage(self._template, k, S, seq_len=self.seq_len)
+
+
 class Pipeline:
     """S stages + one optimizer per stage; `step(t)` trains on the batch of step t."""
 
-    def __init__(self, stages: list[PipelineStage], lr: float, dataset, batch: int, seed: int,
+    def __init__(self, stages: list[nn.Module], lr: float, dataset, batch: int, seed: int,
                  swaps: bool = False):
         self.stages, self.lr, self.dataset, self.batch, self.seed = stages, lr, dataset, batch, seed
         self.swaps = swaps  # CheckFree+: the batch is 2 micro-batches, the odd one runs swapped bodies
@@ -161,9 +235,9 @@ def continuation(pipe: Pipeline, start: int, marks=(0, 10, 50)) -> dict[int, flo
     return out
 
 
-def reinit_full(stage: PipelineStage, seed: int) -> dict[str, torch.Tensor]:
-    """The stage's state with every Linear weight ~ N(0, 0.02) (no 1/sqrt(2L) on the
-    residual projections), biases 0, LayerNorms 1/0: HF LLaMa-style init."""
+def reinit_full(stage: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """The stage's body state with every Linear weight ~ N(0, 0.02) (no 1/sqrt(2L) on the
+    residual projections), biases 0, norm gains (LayerNorm / RMSNorm weights) 1: HF LLaMa-style init."""
     g = torch.Generator().manual_seed(seed)
     sd = {k: v.clone() for k, v in stage.state_dict().items()}
     for k, v in sd.items():
@@ -173,22 +247,23 @@ def reinit_full(stage: PipelineStage, seed: int) -> dict[str, torch.Tensor]:
             sd[k] = torch.randn(v.shape, generator=g) * INIT_STD
         elif k.endswith(".bias"):
             sd[k] = torch.zeros_like(v)
-        elif ".ln" in k and k.endswith(".weight"):
+        elif k.endswith(".weight") and v.dim() == 1:  # GPT ln1/ln2, Llama input/post_attention_layernorm
             sd[k] = torch.ones_like(v)
     return sd
 
 
-def skip_state(stage: PipelineStage) -> dict[str, torch.Tensor]:
-    """The stage's own state with both residual-branch projections zeroed: body = identity."""
+def skip_state(stage: nn.Module, residual: tuple[str, ...] = ("proj",)) -> dict[str, torch.Tensor]:
+    """The stage's own state with both residual-branch projections (modules named in `residual`:
+    GPT "proj", Llama "o_proj"/"down_proj") zeroed: body = identity."""
     sd = {k: v.clone() for k, v in stage.state_dict().items()}
     for k in sd:
-        if k.startswith("blocks.") and (".proj." in k or k.endswith(".proj.weight") or k.endswith(".proj.bias")):
+        if k.startswith("blocks.") and any(f".{r}." in k for r in residual):
             sd[k] = torch.zeros_like(sd[k])
     return sd
 
 
-def _install(p: Pipeline, k: int, state: dict[str, torch.Tensor], cfg: GPTConfig, lr: float, cf: CheckFreeConfig):
-    fresh = PipelineStage(cfg, k, len(p.stages))
+def _install(p: Pipeline, k: int, state: dict[str, torch.Tensor], arch: Arch, lr: float, cf: CheckFreeConfig):
+    fresh = arch.empty(k, len(p.stages))
     fresh.load_state_dict(state)
     p.stages[k] = fresh
     p.opts[k] = fresh_optimizer(fresh.parameters(), lr, cf)
@@ -208,11 +283,15 @@ def gate(loss: dict, baseline: str, method: str = "checkfree") -> dict:
     return {"checks": checks, "pass": all(checks.values())}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=("gpt", "llama"), default="gpt",
+                    help="gpt: node/train/model.py; llama: transformers LlamaForCausalLM cut by split_hf_stages")
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=32)
+    ap.add_argument("--n-head", type=int, default=4,
+                    help="attention heads (llama: half as many key/value heads when even)")
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3 * 3)
@@ -226,10 +305,22 @@ def main() -> None:
     ap.add_argument("--edge", action="store_true", help="also: lose the LAST stage after pretraining with and "
                     "without the CheckFree+ swap schedule; recover by copying stage S-2 (head from its copy)")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.note_toy:
         args.data, args.stages, args.n_layer, args.seq_len, args.batch = "markov", 6, 6, 16, 32
         args.lr, args.pretrain, args.marks = 1e-3, 1500, "0,10,50,300"
+    return args
+
+
+def make_dataset(args: argparse.Namespace):
+    return MarkovData(32, args.seed) if args.data == "markov" else ByteDataset.from_source("stdlib", max_bytes=1 << 20)
+
+
+def run(args: argparse.Namespace, ds=None, installs: list | None = None) -> dict:
+    """The whole measurement; returns the report. `installs`, when a list, receives one
+    {"method", "stage", "lost", "installed", "module"} per stage a method installed ("lost": the
+    state dict the stage had at the failure, "installed": a copy of the state the method put in its
+    place, "module": the installed stage, trained on by the continuation afterwards), for tests."""
     marks = tuple(sorted({int(m) for m in args.marks.split(",")}))
     if marks[0] != 0:
         raise SystemExit("--marks must include 0")
@@ -237,9 +328,15 @@ def main() -> None:
     S = args.stages
     if S < 3:
         raise SystemExit("need >= 3 stages to have a middle stage")
-    cfg = GPTConfig(n_layer=args.n_layer, n_head=4, d_model=args.d_model, seq_len=args.seq_len)
-    ds = MarkovData(32, args.seed) if args.data == "markov" else ByteDataset.from_source("stdlib", max_bytes=1 << 20)
-    pipe = Pipeline(split_stages(build_model(cfg, args.seed), S), args.lr, ds, args.batch, args.seed)
+    arch = Arch(args.arch, args)
+    if ds is None:
+        ds = make_dataset(args)
+    pipe = Pipeline(arch.stages(args.seed, S), args.lr, ds, args.batch, args.seed)
+
+    def record(method: str, k: int, lost: nn.Module, p: Pipeline) -> None:
+        if installs is not None:
+            installs.append({"method": method, "stage": k, "lost": lost.state_dict(), "module": p.stages[k],
+                             "installed": {kk: v.clone() for kk, v in p.stages[k].state_dict().items()}})
 
     t0 = time.perf_counter()
     ckpt, ckpt_step, ckpt_bytes, ckpt_s, ckpts = None, 0, 0, 0.0, 0
@@ -271,19 +368,21 @@ def main() -> None:
             neigh = {j: p.stages[j].state_dict() for j in plan.sources}
             state = rebuild_state(plan, p.stages[k].state_dict().keys(), neigh, {j: norms[j] for j in plan.sources},
                                   rule)
-            _install(p, k, state, cfg, args.lr, cf)
+            _install(p, k, state, arch, args.lr, cf)
             if name == "checkfree":
                 cf_s.append(time.perf_counter() - r0)
                 cf_bytes.append(sum(state_bytes({kk: v for kk, v in neigh[j].items() if kk.startswith("blocks.")})
                                     for j in plan.sources))
                 used_norms.append({j: (round(base.pre_norms[j], 3), round(base.norms[j], 3), round(base.body_norms[j], 3))
                                    for j in plan.sources})
+            record(name, k, base.stages[k], p)
             results[name].append(continuation(p, F, marks))
-        for name, make in (("random", lambda st: split_stages(build_model(cfg, args.seed + 1000 + k), S)[k].state_dict()),
+        for name, make in (("random", lambda st: arch.stage_state(args.seed + 1000 + k, k, S)),
                            ("random_full", lambda st: reinit_full(st, args.seed + 2000 + k)),
-                           ("skip", skip_state)):
+                           ("skip", lambda st: skip_state(st, arch.residual))):
             p = copy.deepcopy(base)
-            _install(p, k, make(p.stages[k]), cfg, args.lr, cf)
+            _install(p, k, make(p.stages[k]), arch, args.lr, cf)
+            record(name, k, base.stages[k], p)
             results[name].append(continuation(p, F, marks))
         # --- checkpoint: global rollback to the last checkpoint, redo the lost steps' data
         p = copy.deepcopy(base)
@@ -302,6 +401,7 @@ def main() -> None:
     lost_steps = F - ckpt_step
     stage_state = state_bytes(base.stages[1].state_dict())
     report = {
+        "arch": args.arch, "model": arch.model,
         "config": vars(args), "step_s": round(step_s, 5), "middle_stages": list(range(1, S - 1)),
         "loss": {m: {f"+{n}": round(mean(m, n), 4) for n in marks} for m in results},
         "median": {m: {f"+{n}": round(median(m, n), 4) for n in marks} for m in results},
@@ -324,16 +424,33 @@ def main() -> None:
     report["cost"]["bytes_ratio_checkfree_to_checkpoint"] = round(
         c["checkfree"]["bytes_per_failure"] / max(c["checkpoint"]["bytes_per_failure"] + ckpt_bytes, 1), 4)
     if args.edge:
-        report["edge"] = edge_experiment(args, cfg, ds, pipe_noswap=base)
+        report["edge"] = edge_experiment(args, arch, ds, pipe_noswap=base, record=record)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    ds = make_dataset(args)
+    report = run(args, ds)
     if args.json:
         print(json.dumps(report, indent=1))
         return
+    print_report(report, args, ds)
+
+
+def print_report(report: dict, args: argparse.Namespace, ds) -> None:
+    S, F, marks = args.stages, args.pretrain, tuple(sorted({int(m) for m in args.marks.split(",")}))
+    step_s, used_norms, c = report["step_s"], report["neighbour_norms_pre_post_clip"], report["cost"]
+    ckpt_bytes, ckpts = c["checkpoint"]["steady_state_bytes"], c["checkpoint"]["checkpoints"]
+    ckpt_s, lost_steps = c["checkpoint"]["steady_state_seconds"], c["checkpoint"]["lost_steps"]
     floor = f" (loss floor {ds.entropy():.3f})" if isinstance(ds, MarkovData) else ""
-    print(f"pipeline S={S}, n_layer={args.n_layer}, d={args.d_model}, data {args.data}{floor}, lr {args.lr}; failure at "
-          f"step {F} of each middle stage {report['middle_stages']}; {step_s * 1e3:.1f} ms/step")
+    model = ", ".join(f"{k} {v}" for k, v in report["model"].items() if k not in ("n_layer", "d_model"))
+    print(f"arch {args.arch} ({model}); pipeline S={S}, n_layer={args.n_layer}, d={args.d_model}, "
+          f"data {args.data}{floor}, lr {args.lr}; failure at step {F} of each middle stage "
+          f"{report['middle_stages']}; {step_s * 1e3:.1f} ms/step")
     heads = " ".join(f"{'+' + str(n):>8}" for n in marks)
     print(f"{'method':<15} {heads}   ratio to none ({' / '.join('+' + str(n) for n in marks)})   median +0")
-    for m in results:
+    for m in report["loss"]:
         lo, ra = report["loss"][m], report["ratio_to_none"][m]
         vals = " ".join(f"{lo['+' + str(n)]:>8.4f}" for n in marks)
         print(f"{m:<15} {vals}   {' / '.join(format(ra['+' + str(n)], '.3f') for n in marks)}   "
@@ -359,10 +476,10 @@ def main() -> None:
         print(f"  swap schedule overhead (none with swaps - none in order, +0) = {e['swap_overhead']:.4f}")
 
 
-def edge_experiment(args, cfg: GPTConfig, ds, pipe_noswap: Pipeline) -> dict:
+def edge_experiment(args, arch: Arch, ds, pipe_noswap: Pipeline, record=None) -> dict:
     """CheckFree+: lose stage S-1, rebuild its body by copying stage S-2."""
     S, F = args.stages, args.pretrain
-    swapped = Pipeline(split_stages(build_model(cfg, args.seed), S), args.lr, ds, args.batch, args.seed, swaps=True)
+    swapped = Pipeline(arch.stages(args.seed, S), args.lr, ds, args.batch, args.seed, swaps=True)
     for t in range(F):
         swapped.step(t)
     out: dict = {}
@@ -379,11 +496,13 @@ def edge_experiment(args, cfg: GPTConfig, ds, pipe_noswap: Pipeline) -> dict:
                 state = rebuild_state(plan, p.stages[k].state_dict().keys(), {plan.sources[0]: p.stages[plan.sources[0]].state_dict()},
                                       {}, cf, edge_copy=edge)
             else:
-                state = split_stages(build_model(cfg, args.seed + 7), S)[k].state_dict()
+                state = arch.stage_state(args.seed + 7, k, S)
                 state.update(edge)
-            fresh = PipelineStage(cfg, k, S)
+            fresh = arch.empty(k, S)
             fresh.load_state_dict(state)
             p.stages[k], p.opts[k] = fresh, fresh_optimizer(fresh.parameters(), args.lr, cf)
+            if record is not None:
+                record(f"edge_{name}_{method}", k, base.stages[k], p)
             res[method] = continuation(p, F, marks)
         out[name] = {m: {f"+{n}": round(v, 4) for n, v in r.items()} for m, r in res.items()}
         out[name]["spike"] = round(res["copy"][0] - res["none"][0], 4)

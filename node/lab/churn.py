@@ -42,7 +42,7 @@ DEFAULT_NODE_ARGS = [
 ]
 POLL_S = 1.0
 CUT_OFF_STEP_SLACK = 1  # cut_off_holds: a step already in flight when the isolation is seen may still land
-STOP_MARGIN_S = 15.0  # stop_together: the common step lies this many seconds of steps ahead of the furthest peer
+STOP_MARGIN_S = 8.0  # stop_together: the common step lies this many seconds of steps ahead of the furthest peer
 STOP_MARGIN_MIN_STEPS = 20
 STOP_WAIT_S = 60.0  # ... and every peer must have stopped this long after it is due
 HTTP_TIMEOUT_S = 2.0
@@ -235,6 +235,7 @@ class RunOptions:
     timeout_s: float = 900.0  # the whole run
     progress: Callable[[str], None] = print
     netns_prefix: str = "swl"
+    netns_subnet: str = "10.77.0.0/24"  # labs that run at the same time need their own prefix and subnet
 
 
 @dataclass
@@ -256,7 +257,7 @@ class ChurnRunner:
         self.o = opts
         self.names = [f"n{i}" for i in range(opts.peers)]
         opts.scenario.check_targets(self.names)
-        self.backend = NetnsBackend(opts.netns_prefix) if opts.netns else LoopbackBackend()
+        self.backend = NetnsBackend(opts.netns_prefix, opts.netns_subnet) if opts.netns else LoopbackBackend()
         self.report = Report(opts.strategy, self.backend.name, opts.scenario.name)
         self.nodes: dict[str, _Node] = {}
         self.all_procs: list[NodeProcess] = []
