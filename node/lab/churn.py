@@ -46,6 +46,9 @@ STOP_MARGIN_S = 8.0  # stop_together: the common step lies this many seconds of 
 STOP_MARGIN_MIN_STEPS = 20
 STOP_WAIT_S = 60.0  # ... and every peer must have stopped this long after it is due
 HTTP_TIMEOUT_S = 2.0
+# consistency="phi_hash": every survivor must report a committed round after the churn settled; waited
+# for at most this long beyond settle_s
+PHI_EXTRA_WAIT_S = 20.0
 # loss="reward" (SAPO): rounds each survivor must report after the churn settled, waited for at most
 # REWARD_EXTRA_WAIT_S beyond settle_s (a loaded box may run rounds late, never forever)
 REWARD_ROUNDS_AFTER = 6
@@ -385,6 +388,12 @@ class ChurnRunner:
             return enough or self.now() >= since + self.o.settle_s + REWARD_EXTRA_WAIT_S
         if self.now() < last_fire + self.o.settle_s:
             return False
+        if self.o.consistency == "phi_hash" and self.now() < last_fire + self.o.settle_s + PHI_EXTRA_WAIT_S:
+            # judged on rounds committed after the churn settled: a loaded box may run them late
+            since = self._settled_since()
+            live = [k for k, n in self.nodes.items() if n.alive and n.terminating_since is None]
+            if not all(any(t > since for t, _ in self.rounds.get(k, {}).values()) for k in live):
+                return False
         if not self.o.stop_together:
             return True
         if self.stop_target is None:

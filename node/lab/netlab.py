@@ -20,6 +20,7 @@ import ipaddress
 import os
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass
 
 
@@ -42,7 +43,7 @@ def capability() -> tuple[bool, str]:
     for tool in ("ip", "nft", "tc"):
         if shutil.which(tool) is None:
             return False, f"`{tool}` not found (apt-get install nftables iproute2)"
-    probe = "swl-probe-%d" % os.getpid()
+    probe = "swl-probe-%d-%d" % (os.getpid(), threading.get_ident() % 1000000)  # labs may start side by side
     r = _run(["ip", "netns", "add", probe], check=False)
     if r.returncode != 0:
         return False, f"`ip netns add` does not work here: {r.stderr.strip()}"

@@ -79,21 +79,30 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
         joins. Either way the adopter is one commit behind at its next round and is sent to
         resync, into the same race, again and again (the churn lab's restarted peer). The run
         loop holds `_step_lock` for a step and its sends/applies; since τ < H/P there is a gap
-        between steps with nothing in flight, so the wait is short. It is bounded anyway: a
-        stale snapshot only costs the adopter one more resync."""
+        between steps with nothing in flight, so the wait is short. It is bounded anyway, the
+        wait for the lock included (a step whose round retries holds it for whole round
+        timeouts, which made the requester's download miss its deadline while it was the peer
+        that round waited for): a stale snapshot only costs the adopter one more resync."""
         deadline = time.monotonic() + self.ctx.deadlines.in_flight_round
+        held = False
         while True:
-            await self._step_lock.acquire()
+            try:
+                await asyncio.wait_for(self._step_lock.acquire(), max(0.001, deadline - time.monotonic()))
+                held = True
+            except asyncio.TimeoutError:
+                break
             if not self.pending or time.monotonic() >= deadline:
                 break
             self._step_lock.release()  # let the loop reach the round's apply step
+            held = False
             await asyncio.sleep(0.02)
         try:
-            if self.pending:
+            if self.pending or not held:
                 self.ctx.log.warning("serving state with a fragment round still in flight")
             yield
         finally:
-            self._step_lock.release()
+            if held:
+                self._step_lock.release()
 
     def checkpoint_state(self) -> dict | None:
         # with a fragment round in flight φ lacks its commit: no outer state rather than a torn one

@@ -106,3 +106,29 @@ def test_a_fragment_round_that_keeps_aborting_is_skipped_without_a_local_update(
     assert all(torch.equal(a, b) for a, b in zip(s.phi, phi_before))
     assert all(torch.equal(a.detach(), b) for a, b in zip(s.params, theta_before))
     assert _rounds_by_outcome(s)["error"] == streaming_diloco.FRAGMENT_ATTEMPTS
+
+
+def test_serving_state_never_waits_past_its_bound_for_a_step_that_holds_the_lock():
+    """A peer asks for our state while our loop holds the step lock through a fragment round
+    that keeps retrying (it may be waiting for that very peer). The snapshot guard gives up
+    waiting after `in_flight_round` and serves anyway, with a warning, well before the
+    requester's download deadline; a free lock is taken and released as before."""
+    import time
+
+    s, _ = _strategy([])
+    s.ctx.deadlines = Deadlines(0.2)  # in_flight_round = 0.4 s, state_download = 0.6 s
+
+    async def go() -> tuple[float, bool]:
+        await s._step_lock.acquire()  # the loop, stuck in a retried round
+        t0 = time.monotonic()
+        async with s._snapshot_guard():
+            waited = time.monotonic() - t0
+        still_held = s._step_lock.locked()  # the guard must not release a lock it never took
+        s._step_lock.release()
+        async with s._snapshot_guard():
+            assert s._step_lock.locked()
+        return waited, still_held and not s._step_lock.locked()
+
+    waited, ok = asyncio.run(go())
+    assert 0.3 < waited < s.ctx.deadlines.state_download, waited
+    assert ok
