@@ -89,9 +89,10 @@ def test_builtin_churn_scenario_in_namespaces(strategies, tmp_path):
 def _check_isolation(report) -> None:
     """The partitioned peer (n3, one of the three left, below the run-long quorum) knows it is cut
     off: its routing table falls to <= 1 with /readyz 503 together, and it takes no step. Within
-    30 s of the heal its table holds >= 2 peers and a bootstrap succeeded; the others trained on
-    through the partition (and the scenario's consistency check found one param hash at the end).
-    So hivemind's forever-isolated state is detected and repaired, and the partition costs no fork."""
+    30 s of the heal its table holds >= 2 peers and a bootstrap succeeded (and the scenario's
+    consistency check found one param hash at the end). So hivemind's forever-isolated state is
+    detected and repaired, and the partition costs no fork. Whether the other side steps during
+    the partition depends on the restarted n1 being back (alone, n0 is below the quorum too)."""
     heal = next(f for f in report.fired if f.event.action == "heal")
     assert heal.detail.get("isolated_after_s") is not None, heal.detail  # rt <= 1 and /readyz 503 together
     assert heal.detail["max_routing_table"] <= 1 and 503 in heal.detail["readyz_seen"], heal.detail
@@ -101,8 +102,6 @@ def _check_isolation(report) -> None:
     # refill its table first
     assert heal.detail["bootstrap_ok_after"] >= 1, heal.detail
     assert heal.detail["steps_while_isolated"] <= 1, heal.detail
-    partition = next(f for f in report.fired if f.event.action == "partition")
-    assert heal.detail["survivors_step"] > partition.detail["survivors_step"] + 10, (partition.detail, heal.detail)
 
 
 def _check_sapo(report, rejoined: tuple[str, ...]) -> None:
