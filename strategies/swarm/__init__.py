@@ -2,6 +2,7 @@
 
   strategy.py   SwarmStrategy: stage records, placement, the trainer's micro-batch driver, the stage server
   stage.py      StageWorker: one replica of one stage (forward, backward, optimizer)
+  staging.py    what stages are cut from: the built-in GPT or a Hugging Face GPT-2 / Llama
   router.py     StageRouter: pick the peer of a stage that should finish a task soonest
   rebalance.py  who serves which stage: start choice, the CheckFree mover, rebalancing
   checkfree.py  rebuild a stage that lost every replica from its neighbours (CheckFree / CheckFree+)

@@ -208,6 +208,7 @@ def _server(stage: int = 1):
         return fn(*a)
 
     ctx = SimpleNamespace(**settings(cfg, SwarmStrategy), spec=cfg.run_spec(), peer_id="me", metrics=NodeMetrics("swarm"),
+                          trainer=SimpleNamespace(model=None),  # the built-in GPT: stages come from the spec
                           compute=compute, progress=Progress(), log=logging.getLogger("t"), should_stop=lambda: False,
                           deadlines=Deadlines(cfg.round_timeout_s))
     s = SwarmStrategy(ctx)
