@@ -3,10 +3,7 @@ hf_stages.split_hf_stages (tiny sizes, a few pretrain steps)."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 
-def _bench():
-    path = Path(__file__).resolve().parents[2] / "bench" / "bench_checkfree.py"
-    spec = importlib.util.spec_from_file_location("bench_checkfree", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_checkfree"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from tests.unit.test_checkfree import _bench  # noqa: E402  (loads bench/bench_checkfree.py by path)
 
 
 def test_llama_bench_end_to_end():
