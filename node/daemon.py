@@ -163,7 +163,8 @@ class Node:
         except ModelError as e:
             raise NodeExit(EXIT_CONFIG, f"--model: {e}") from None
         strategy_cls = registry.load(cfg.strategy)
-        why_not = strategy_cls.check_model(model.module, strategy_cls.options_of(cfg))
+        options = strategy_cls.options_of(cfg)
+        why_not = strategy_cls.check_model(model.module, options)
         if why_not:
             raise NodeExit(EXIT_CONFIG, f"--model: {cfg.strategy} cannot train this model: {why_not}")
         try:
@@ -207,10 +208,9 @@ class Node:
         except SpecMismatch as e:
             raise NodeExit(EXIT_CONFIG, str(e)) from None
 
-        strategy_cls = registry.load(cfg.strategy)
         self.transport = Transport(self.net.p2p, self.spec.run_id, self._count_bytes)
         self.strategy = strategy_cls(StrategyContext(
-            node=NodeSettings.of(cfg), options=strategy_cls.options_of(cfg), spec=self.spec,
+            node=NodeSettings.of(cfg), options=options, spec=self.spec,
             peer_id=identity.peer_id, transport=self.transport,
             peers=self.membership, metrics=self.metrics, trainer=self.trainer, compute=self.compute,
             progress=self.progress, should_stop=self._should_stop, on_step=self._on_step,

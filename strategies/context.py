@@ -76,7 +76,7 @@ class MemberRecord(Protocol):
 class Member(Protocol):
     @property
     def peer_id(self) -> str: ...
-    record: Any  # a MemberRecord (and more: stage, throughput, ... as the node announces)
+    record: MemberRecord  # and more (stage, throughput, ...) as the node announces
 
 
 class PeerView(Protocol):
