@@ -249,12 +249,19 @@ class RoundCoordinator:
     # ------------------------------------------------------------------ leader side
     def _round(self, round_no: int, phi_hash: str) -> _LeaderRound:
         rnd = self._rounds.get(round_no)
-        if rnd is None or rnd.decision is False:
+        if rnd is None or rnd.decision is False or rnd.phi_hash != phi_hash:
             # an aborted round is retried as a new epoch; reusing it would hand out the old
-            # group, the old group id (reducers still hold that epoch's shards) and the old verdict
+            # group, the old group id (reducers still hold that epoch's shards) and the old verdict.
+            # Another hash under the same number: a round of a history this leader left when it
+            # adopted a member's state, likewise not to be reused
             epoch = 0 if rnd is None else rnd.epoch + 1
             rnd = _LeaderRound(round_no, phi_hash, self.expected_fn() | {self.transport.peer_id}, epoch=epoch,
                                on_freeze=self._count_stragglers)
+            # rounds above this one belong to that left history too; without dropping them, the
+            # new round would be the oldest in the book and pruned at once (every join then opens
+            # a round of its own that never freezes with the others)
+            for old in [r for r in self._rounds if r > round_no]:
+                del self._rounds[old]
             self._rounds[round_no] = rnd
             for old in sorted(self._rounds)[:-4]:
                 del self._rounds[old]

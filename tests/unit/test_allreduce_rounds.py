@@ -302,3 +302,45 @@ def test_in_a_quorum_a_late_leader_does_not_set_the_pace_and_then_downloads_the_
     assert all(r.status == JoinStatus.ROUND_STATUS_OK and list(r.group) == ["b", "c"] for r in replies)
     assert all(d.commit for d in decisions)
     assert leader.status == JoinStatus.ROUND_STATUS_RESYNC and leader.leader_hint == "b" and leader.round == 4
+
+
+def test_a_leader_that_adopted_a_state_at_a_lower_round_number_forms_one_group_and_commits():
+    """After a heal the lowest id may have run ahead alone (rounds of one, so higher round
+    numbers but less merged work) and adopts the others' state at a lower round number. Its
+    book of rounds still holds its own, higher ones: the adopted round must neither be pruned as
+    the oldest (each join would then open a round of its own, none ever frozen with the others,
+    and the leader's vote would find no round) nor reuse a round of that number from the
+    abandoned history (frozen, decided, with another group)."""
+    from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
+    from swarm_node.protocol.averaging.transaction import JoinStatus, RoundCoordinator
+
+    class T:
+        peer_id = "a"
+
+    state = {"round": 12, "hash": "solo"}
+
+    async def go(adopted_round: int):
+        rc = RoundCoordinator(T(), "run", timeout_s=0.6, grace_s=0.3, allreduce=None, leader_fn=lambda: "a",
+                              expected_fn=lambda: {"b", "c"}, state_fn=lambda: (state["round"], state["hash"]))
+        for r in range(7, 13):  # the leader's rounds of one, while it was cut off
+            solo = rc._round(r, "solo")
+            solo.joined = {"a": 1.0}
+            solo.freeze("run")
+            solo.vote("a", True, "x")
+            assert solo.decide() is True
+        state.update(round=adopted_round, hash="adopted")  # it adopted the majority's state
+
+        def join() -> rpb.RoundJoin:
+            return rpb.RoundJoin(run_id="run", round=adopted_round, phi_hash="adopted", weight=1.0, num_elements=4)
+
+        replies = await asyncio.gather(*(rc._admit(join(), p) for p in "abc"))
+        assert all(r.status == JoinStatus.ROUND_STATUS_OK for r in replies), replies
+        assert {tuple(r.group) for r in replies} == {("a", "b", "c")}
+        assert len({r.group_id for r in replies}) == 1
+        decisions = await asyncio.gather(*(
+            rc._decide(p, rpb.CommitVote(group_id=replies[0].group_id, complete=True, result_hash="y")) for p in "abc"))
+        assert all(d.commit for d in decisions), decisions
+
+    asyncio.run(go(adopted_round=4))  # below every round in the leader's book (pruned at once before)
+    state.update(round=12, hash="solo")
+    asyncio.run(go(adopted_round=9))  # a number its own history committed with a group of one
