@@ -21,6 +21,5 @@ apt_tools() {
 apt_tools "promtool prometheus" "prometheus" "metric lint, alert-rule tests and the live Prometheus scrape"
 apt_tools "docker-compose" "docker-compose" "docker-compose.yml validation (config -q, no engine needed)"
 apt_tools "nft ping ip" "nftables iproute2 iputils-ping" "the network-namespace churn lab"
-# No reruns, except the two tests marked flaky for a known, still open bug (tests/churn): a rerun is
-# reported (R in the progress line, "rerun" in the summary), never hidden.
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -rR --durations=25 "$@"
+# No reruns: a test that needs one is a bug to fix at its cause.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"

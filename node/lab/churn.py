@@ -253,6 +253,18 @@ class _Node:
     restarted: bool = False
 
 
+def pace_of(samples: list[tuple[float, str, int, float | None]], t_end: float, window_s: float) -> float:
+    """Steps per second of the fastest peer: the median over its consecutive (time, step) samples
+    in [t_end - window_s, t_end] that advanced (0.0 with fewer than one such interval)."""
+    best = 0.0
+    for name in {n for _, n, _, _ in samples}:
+        pts = [(t, s) for t, n, s, _ in samples if n == name and t >= t_end - window_s]
+        rates = sorted((s1 - s0) / (t1 - t0) for (t0, s0), (t1, s1) in zip(pts, pts[1:]) if t1 > t0 and s1 > s0)
+        if rates:
+            best = max(best, rates[len(rates) // 2])
+    return best
+
+
 class ChurnRunner:
     def __init__(self, opts: RunOptions):
         if opts.peers < 2:
@@ -431,15 +443,13 @@ class ChurnRunner:
             if call.returncode != 0:
                 self.report.problems.append(f"drain --at-step {self.stop_target} to {k} failed: {out.strip()[-300:]}")
 
-    def _recent_step_rate(self, window_s: float = 10.0) -> float:
-        """Steps per second of the furthest live peer over the last `window_s` of samples."""
-        t_end = self.now()
-        best = 0.0
-        for name in {n for _, n, _, _ in self.samples}:
-            pts = [(t, s) for t, n, s, _ in self.samples if n == name and t >= t_end - window_s]
-            if len(pts) >= 2 and pts[-1][0] > pts[0][0]:
-                best = max(best, (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0]))
-        return best
+    def _recent_step_rate(self, window_s: float = 20.0) -> float:
+        """The swarm's training pace: for each live peer, the median steps per second between its
+        consecutive samples of the last `window_s` that moved, then the fastest peer. Intervals
+        without progress (a stall while a peer re-joins) and jumps (a state download) would make
+        an average over the window too low or too high; a pace too low puts the common step
+        behind peers that are already past it when the request arrives."""
+        return pace_of(self.samples, self.now(), window_s)
 
     def _due(self, e: Event) -> bool:
         if e.at_s is not None:
