@@ -160,14 +160,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from swarm_node.lab.demo import DemoOptions, run_demo
+    from swarm_node.lab.demo import DemoOptions, run_compare, run_demo
 
     extra = list(args.node_args or [])
     if extra[:1] == ["--"]:  # argparse keeps the separator in a REMAINDER argument
         extra = extra[1:]
-    return run_demo(DemoOptions(peers=args.peers, strategy=args.strategy, steps=args.steps, run_id=args.run_id,
-                                workdir=args.workdir, compare_solo=args.compare_solo, model=args.model,
-                                data=args.data, extra=extra))
+    opts = DemoOptions(peers=args.peers, strategy=args.strategy, steps=args.steps, run_id=args.run_id,
+                       workdir=args.workdir, compare_solo=args.compare_solo, model=args.model, data=args.data,
+                       extra=extra)
+    if args.compare is None:
+        return run_demo(opts)
+    from swarm_node.strategies import registry
+
+    names = args.compare or [n for n in registry.available() if n != registry.BASELINE_STRATEGY]
+    unknown = [n for n in names if n not in registry.available()]
+    if unknown:
+        print(f"swarm-node demo: unknown strateg{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+              f"available: {', '.join(registry.available())}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_compare(opts, names)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -227,14 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a small local swarm of real node processes and summarise it")
     demo.add_argument("--peers", type=int, default=3)
     demo.add_argument("--strategy", default=DEFAULT_STRATEGY)
-    demo.add_argument("--steps", type=int, default=60)
+    demo.add_argument("--steps", type=int, default=None, help="steps of every node (default: the strategy's demo "
+                      "profile; a few hundred)")
+    demo.add_argument("--compare", nargs="*", metavar="STRATEGY", default=None,
+                      help="run the demo of each strategy named (none named: every installed one) one after the "
+                           "other, and print one table of their verdicts")
     demo.add_argument("--run-id", default="demo")
     demo.add_argument("--model", default="builtin",
                       help="every peer's model: builtin, a local Hugging Face directory, or package.module:function")
     demo.add_argument("--data", type=Path, default=None, help="every peer's training text or token shards")
     demo.add_argument("--workdir", type=Path, default=None, help="keep node state here (default: a temp dir)")
     demo.add_argument("--compare-solo", action=argparse.BooleanOptionalAction, default=True,
-                      help="also train one solo node for the same steps and compare validation loss")
+                      help="also run the strategy's baseline node (training alone, or sharing nothing) for the "
+                           "same steps and judge the swarm against it")
     demo.add_argument("node_args", nargs=argparse.REMAINDER, help="after --: extra flags for every node")
     demo.set_defaults(fn=_cmd_demo)
 

@@ -495,6 +495,7 @@ class Node:
                    "val_loss": self.progress.val_loss, "val_step": self._val_step, "bytes_sent": int(tx),
                    "bytes_received": int(rx), "bytes_sent_by_channel": by_channel, "rounds": rounds, "stop_reason": self.stop_reason,
                    "param_hash": self.trainer.param_hash() if self.trainer else None,
+                   "params": sum(p.numel() for p in self.trainer.parameters_list()) if self.trainer else 0,
                    "last_round": dict(self.progress.last_round), "history": self.history,
                    "strategy_stats": self.strategy.summary() if self.strategy else {},
                    "round_history": getattr(self.strategy, "round_history", [])}

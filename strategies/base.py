@@ -19,6 +19,7 @@ import time
 from typing import Any, ClassVar
 
 from swarm_node.strategies.churn_profile import ChurnProfile
+from swarm_node.strategies.demo_profile import DemoProfile
 from swarm_node.strategies.options import NoOptions, StrategyOptions
 from swarm_node.strategies.context import NodeSettings, Progress, StrategyContext  # noqa: F401 (re-exported)
 from swarm_node.strategies.quorum import QuorumRule
@@ -39,6 +40,8 @@ class Strategy(abc.ABC):
     options: ClassVar[type[StrategyOptions]] = NoOptions
     # how the churn lab runs and judges it (None: the generic scenarios, no consistency check)
     churn_profile: ClassVar[ChurnProfile | None] = None
+    # how `swarm-node demo` runs and judges it
+    demo_profile: ClassVar[DemoProfile] = DemoProfile()
 
     # True: the node's held-out loss comes from `evaluate()`, not from the local model (which
     # is not what this strategy trains, e.g. a pipeline whose stages live on other peers)
@@ -101,6 +104,13 @@ class Strategy(abc.ABC):
     def summary(self) -> dict[str, Any]:
         """Strategy-specific totals for summary.json (default: none)."""
         return {}
+
+    @classmethod
+    def demo_lines(cls, summaries: list[dict[str, Any]], baseline: dict[str, Any] | None) -> list[str]:
+        """Lines `swarm-node demo` adds to its verdict, in words, from the swarm peers' and the
+        baseline node's summary.json contents (`strategy_stats` there comes from `summary()`);
+        default: none."""
+        return []
 
     # ---- helpers shared by the strategies' loops ----
     async def wait_for_peers(self) -> bool:

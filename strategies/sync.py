@@ -27,6 +27,7 @@ from swarm_node.protocol.transport import PeerUnavailable, Unavailable
 from swarm_node.train.trainer import StepResult
 
 from swarm_node.strategies.churn_profile import ChurnProfile
+from swarm_node.strategies.demo_profile import DemoProfile
 from swarm_node.strategies.data_parallel import DataParallelStrategy
 from swarm_node.strategies.leader import LeaderElection
 from swarm_node.protocol.averaging.star import GatherRound, PushResult, push_tensors, receive_push, tensor_messages
@@ -44,6 +45,8 @@ class SyncStrategy(DataParallelStrategy):
     # cut-off peer waits below the quorum, and once the scenario settled every survivor drains at
     # one common step, where their param hashes are compared; no step count decides the outcome.
     churn_profile = ChurnProfile(consistency="param_hash", stop_together=True, cut_off_holds=True)
+    demo_profile = DemoProfile(steps=200, shows="every step averages the peers' gradients: each step learns from "
+                               "every peer's batch")
     quorum_gated = True
 
     def __init__(self, ctx):

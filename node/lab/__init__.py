@@ -6,5 +6,6 @@
   churn_scenarios.py  each installed strategy's ChurnProfile (declared on its class)
   netlab.py           network namespaces, veth, bridge, nftables partitions, tbf shaping (root)
   simulate.py         `swarm-node simulate`
-  demo.py             `swarm-node demo`
+  demo.py             `swarm-node demo` and `demo --compare`
+  demo_report.py      the demo's verdict: the strategy's own measure, swarm against its baseline
 """

@@ -42,7 +42,7 @@ DEFAULT_NODE_ARGS = [
 ]
 POLL_S = 1.0
 CUT_OFF_STEP_SLACK = 1  # cut_off_holds: a step already in flight when the isolation is seen may still land
-STOP_MARGIN_S = 8.0  # stop_together: the common step lies this many seconds of steps ahead of the furthest peer
+STOP_MARGIN_S = 5.0  # stop_together: the common step lies this many seconds of steps ahead of the furthest peer
 STOP_MARGIN_MIN_STEPS = 20
 STOP_WAIT_S = 60.0  # ... and every peer must have stopped this long after it is due
 HTTP_TIMEOUT_S = 2.0

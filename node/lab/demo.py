@@ -1,23 +1,31 @@
-"""`swarm-node demo`: a small local swarm of real daemon processes, watched live, then summarised.
+"""`swarm-node demo`: a small local swarm of real daemon processes, watched live, then judged.
 
 Starts N `swarm-node join` processes on 127.0.0.1 (the first starts the swarm, the others
-join through its printed join line), plus, by default, one `solo` node on the same model
-as the baseline. Shows each node's step, loss, throughput and peers every second, stops
-them with SIGTERM when they reach --steps, and prints per-peer loss curves, validation
-loss, bytes sent, round outcomes and resyncs (state downloads after a RESYNC: a fresh
-swarm, identical by seed, should show none). Nothing is left running, even on Ctrl-C.
+join through its printed join line), plus, by default, one baseline node (the strategy's
+demo profile names it: training alone, or sharing nothing) for the same steps. Shows each
+node's step, loss, throughput and peers every 2 s, then prints per-node loss curves, bytes
+and round outcomes, and the verdict: the strategy's own measure, swarm against baseline
+(demo_report.py). `--compare` runs several strategies one after the other and prints one
+table. Nothing is left running, even on Ctrl-C.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from swarm_node.lab.demo_report import NodeSummary, Verdict, format_table, format_verdict, human_bytes, judge
 from swarm_node.lab.launcher import LaunchError, NodeProcess, Swarm
-from swarm_node.strategies.registry import BASELINE_STRATEGY, DEFAULT_STRATEGY
+from swarm_node.strategies import registry
+from swarm_node.strategies.demo_profile import DemoProfile
+from swarm_node.strategies.registry import DEFAULT_STRATEGY
+
+BASELINE_NODE = "baseline"  # the node name (and run-id suffix) of the baseline
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -26,7 +34,7 @@ SPARK = "▁▂▃▄▅▆▇█"
 class DemoOptions:
     peers: int = 3
     strategy: str = DEFAULT_STRATEGY
-    steps: int = 60
+    steps: int | None = None  # None: the strategy's demo profile says
     run_id: str = "demo"
     workdir: Path | None = None
     compare_solo: bool = True
@@ -42,6 +50,10 @@ class DemoOptions:
         """A setting that cannot work, named before any daemon starts."""
         if self.peers < 1:
             return "--peers must be at least 1"
+        if self.strategy not in registry.available():
+            return f"unknown strategy {self.strategy!r}; available: {', '.join(registry.available())}"
+        if self.steps is not None and self.steps < 1:
+            return "--steps must be at least 1"
         if self.model != "builtin":  # the check `join --model` makes, before any daemon starts
             from swarm_node.train.models import ModelError, check_model_setting
 
@@ -67,14 +79,6 @@ def sparkline(values: list[float], width: int = 40) -> str:
     return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1)))] for v in vals)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def _progress_line(nodes: list[NodeProcess], steps: int) -> str:
     parts = []
     for n in nodes:
@@ -93,31 +97,74 @@ def _progress_line(nodes: list[NodeProcess], steps: int) -> str:
     return " | ".join(parts)
 
 
+def _profile(strategy: str) -> tuple[DemoProfile, Callable[..., list[str]] | None]:
+    """The strategy's demo profile and its `demo_lines`, or a default profile for a strategy
+    that cannot be loaded (join then names the problem)."""
+    try:
+        cls = registry.load(strategy)
+    except (registry.UnknownStrategy, ImportError):
+        return DemoProfile(), None
+    return cls.demo_profile, cls.demo_lines
+
+
 def run_demo(opts: DemoOptions) -> int:
+    code, _ = run_one(opts)
+    return code
+
+
+def run_compare(opts: DemoOptions, strategies: list[str]) -> int:
+    """`demo --compare`: one demo per strategy, one after the other, then one table."""
+    verdicts: list[Verdict] = []
+    worst = 0
+    for i, strategy in enumerate(strategies, 1):
+        print(f"\n=== {i}/{len(strategies)}: {strategy}", flush=True)
+        code, verdict = run_one(dataclasses.replace(opts, strategy=strategy, run_id=f"{opts.run_id}-{strategy}",
+                                                    workdir=opts.workdir / strategy if opts.workdir else None))
+        worst = max(worst, code)
+        if code == 130:
+            return code
+        if verdict is not None:
+            verdicts.append(verdict)
+    print("\n" + format_table(verdicts))
+    return worst
+
+
+def run_one(opts: DemoOptions) -> tuple[int, Verdict | None]:
     if (problem := opts.problem()) is not None:
         print(f"swarm-node demo: {problem}", file=sys.stderr)
-        return 2
+        return 2, None
+    profile, lines = _profile(opts.strategy)
+    steps = opts.steps or profile.steps
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="swarm-node-demo-"))
     keep = opts.workdir is not None
     common = ["--host", "127.0.0.1", "--metrics-addr", "127.0.0.1:0", "--threads", "1",
-              "--announce-interval-s", "2", "--status-interval-s", "30", "--max-steps", str(opts.steps),
-              "--eval-every", str(max(1, opts.steps // 6)), "--log-level", "WARNING", *opts.node_args(),
-              *opts.extra]
+              "--announce-interval-s", "2", "--status-interval-s", "30", "--max-steps", str(steps),
+              "--eval-every", str(max(1, steps // 6)), "--log-level", "WARNING", *opts.node_args()]
+    # flags after `--` come last, for every node: they win
+    peer_args, baseline_args = [*profile.node_args, *opts.extra], [*profile.baseline_args, *opts.extra]
     swarm = Swarm(workdir, common)
     t0 = time.monotonic()
-    print(f"starting {opts.peers} swarm-node daemons ({opts.strategy}, model {opts.model}) on 127.0.0.1"
-          + (" and 1 solo baseline" if opts.compare_solo else "") + f"; state in {workdir}", flush=True)
+    print(f"starting {opts.peers} swarm-node daemons ({opts.strategy}, model {opts.model}, {steps} steps) on "
+          f"127.0.0.1" + (f" and 1 {profile.baseline} baseline" if opts.compare_solo else "") + f"; state in {workdir}",
+          flush=True)
+    if profile.node_args:
+        print(f"demo settings of {opts.strategy}: {' '.join(profile.node_args)} (flags after -- override them)")
+    if profile.baseline_args and opts.compare_solo:
+        print(f"baseline ({profile.baseline}): {' '.join(profile.baseline_args)}")
+    if profile.shows:
+        print(f"what it shows: {profile.shows}")
     try:
         first = swarm.add("peer-1", ["--run-id", opts.run_id, "--strategy", opts.strategy,
-                                     "--min-peers", str(opts.peers)])
+                                     "--min-peers", str(opts.peers), *peer_args])
         first.wait_info()
         join = first.join_maddr()
         print(f"peer-1 is up: To join this swarm: swarm-node join --initial-peers {join}", flush=True)
         for i in range(2, opts.peers + 1):
             swarm.add(f"peer-{i}", ["--run-id", opts.run_id, "--strategy", opts.strategy,
-                                    "--min-peers", str(opts.peers)], initial=join)
+                                    "--min-peers", str(opts.peers), *peer_args], initial=join)
         if opts.compare_solo:
-            swarm.add(BASELINE_STRATEGY, ["--run-id", f"{opts.run_id}-{BASELINE_STRATEGY}", "--strategy", BASELINE_STRATEGY])
+            swarm.add(BASELINE_NODE, ["--run-id", f"{opts.run_id}-{BASELINE_NODE}", "--strategy", profile.baseline,
+                                      "--min-peers", "1", *baseline_args])
         for n in swarm.nodes:
             n.wait_info()
         print(f"all {len(swarm.nodes)} daemons running after {time.monotonic() - t0:.1f}s", flush=True)
@@ -125,55 +172,47 @@ def run_demo(opts: DemoOptions) -> int:
         while any(n.proc.poll() is None for n in swarm.nodes):
             if time.monotonic() - last >= 2.0:
                 last = time.monotonic()
-                print(f"[{time.monotonic() - t0:5.1f}s] " + _progress_line(swarm.nodes, opts.steps), flush=True)
+                print(f"[{time.monotonic() - t0:5.1f}s] " + _progress_line(swarm.nodes, steps), flush=True)
             time.sleep(0.25)
             if time.monotonic() - t0 > 1800:
                 raise LaunchError("demo did not finish within 30 minutes")
         failed = [n for n in swarm.nodes if n.proc.returncode != 0]
         for n in failed:
             print(f"{n.name} exited with {n.proc.returncode}; log tail:\n{n.log_text()[-2000:]}", file=sys.stderr)
-        _print_summary(swarm.nodes, time.monotonic() - t0)
-        return 1 if failed else 0
+        verdict = _summarise(opts.strategy, profile, lines, swarm.nodes, time.monotonic() - t0)
+        return (1 if failed else 0), verdict
     except KeyboardInterrupt:
         print("\ninterrupted: stopping all daemons", file=sys.stderr)
         for n in swarm.nodes:
             n.terminate(timeout_s=15)
-        return 130
+        return 130, None
     except LaunchError as e:
         print(f"swarm-node demo: {e}", file=sys.stderr)
-        return 1
+        return 1, None
     finally:
         swarm.close()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _print_summary(nodes: list[NodeProcess], elapsed_s: float) -> None:
-    import json
-
+def _summarise(strategy: str, profile: DemoProfile, lines, nodes: list[NodeProcess], elapsed_s: float) -> Verdict:
     print(f"\nsummary after {elapsed_s:.1f}s")
-    print(f"{'node':8s} {'strategy':8s} {'steps':>5s} {'train':>7s} {'val':>7s} {'sent':>9s} {'recv':>9s} "
+    print(f"{'node':8s} {'strategy':16s} {'steps':>5s} {'train':>7s} {'val':>7s} {'sent':>9s} {'recv':>9s} "
           f"{'rounds ok/other':>15s} {'resyncs':>7s}  train loss curve")
-    sync_vals, solo_val = [], None
-    for n in nodes:
-        try:
-            s = json.loads((n.state_dir / "summary.json").read_text())
-        except (OSError, ValueError):
-            print(f"{n.name:8s} (no summary)")
+    read = {n.name: NodeSummary.read(n.name, n.state_dir) for n in nodes}
+    for name, s in read.items():
+        if s is None:
+            print(f"{name:8s} (no summary)")
             continue
-        ok = s["rounds"].get("ok", 0)
-        other = sum(v for k, v in s["rounds"].items() if k != "ok")
-        resyncs = s["rounds"].get("resync", 0)
-        curve = sparkline([h[1] for h in s["history"]])
-        val = s.get("val_loss")
-        print(f"{n.name:8s} {s['strategy']:8s} {s['step']:5d} {s['train_loss'] or float('nan'):7.3f} "
-              f"{val if val is not None else float('nan'):7.3f} {_human_bytes(s['bytes_sent']):>9s} "
-              f"{_human_bytes(s['bytes_received']):>9s} {ok:>8d}/{other:<6d} {resyncs:>7d}  {curve}")
-        if s["strategy"] == BASELINE_STRATEGY:
-            solo_val = val
-        elif val is not None:
-            sync_vals.append(val)
-    if sync_vals and solo_val is not None:
-        mean = sum(sync_vals) / len(sync_vals)
-        print(f"\nheld-out loss: swarm {mean:.3f} vs solo {solo_val:.3f} after the same number of steps "
-              f"({'better' if mean < solo_val else 'worse'} by {abs(solo_val - mean):.3f})")
+        d = s.data
+        val = s.val_loss
+        curve = sparkline([h[1] for h in d["history"]])
+        print(f"{name:8s} {d['strategy']:16s} {s.step:5d} {d['train_loss'] or float('nan'):7.3f} "
+              f"{val if val is not None else float('nan'):7.3f} {human_bytes(d['bytes_sent']):>9s} "
+              f"{human_bytes(d['bytes_received']):>9s} {s.rounds('ok'):>8d}/{s.rounds_other:<6d} "
+              f"{s.rounds('resync'):>7d}  {curve}")
+    peers = [s for name, s in read.items() if name != BASELINE_NODE and s is not None]
+    verdict = judge(strategy, profile, peers, read.get(BASELINE_NODE), demo_lines=lines)
+    verdict.failed = [name for name, s in read.items() if s is None]
+    print("\n" + format_verdict(verdict))
+    return verdict

@@ -28,6 +28,7 @@ from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, drain, f
 from swarm_node.train.trainer import NonFiniteError
 
 from swarm_node.strategies.churn_profile import ChurnProfile
+from swarm_node.strategies.demo_profile import DemoProfile
 from swarm_node.strategies.base import Strategy
 from swarm_node.strategies.gradcode.round import CodedRound, chosen_stragglers, make_plan
 from swarm_node.strategies.gradcode.codes import build_code
@@ -116,6 +117,9 @@ class GradientCodingStrategy(Strategy):
     # the aggregator's one decoded tensor per step keeps replicas bit-identical: judged like sync
     churn_profile = ChurnProfile(node_args=("--gc-stragglers", "1"), consistency="param_hash", stop_together=True,
                                  cut_off_holds=True)
+    demo_profile = DemoProfile(steps=200, node_args=("--straggler-delay-s", "1", "--straggler-prob", "0.2"),
+                               shows="coded gradients: a step decodes without its slowest peer (a straggler held "
+                                     "back 1 s on one step in five here)")
     quorum_gated = True
 
     def __init__(self, ctx):
@@ -135,6 +139,9 @@ class GradientCodingStrategy(Strategy):
         self._plan_sizes: set[int] = set()  # group sizes n this peer was planned with
         self._replica_hashes: dict[int, str] = {}  # step (multiple of 10) -> replica hash at its start
         self._applied_at: list[float] = []  # monotonic time of each applied step (wall clock per step)
+        # durations of applied steps, split by whether the injection chose a straggler for the step
+        self._step_s: dict[bool, list[float]] = {True: [], False: []}
+        self._straggled: set[int] = set()  # steps the injection chose a straggler for
         self._quorum_reached = False
         self._last_leader: str | None = None  # for one log line per aggregator change
         self._ahead: tuple[int, str] | None = None  # aggregator: (step, peer) of a caller past my decodes
@@ -147,7 +154,22 @@ class GradientCodingStrategy(Strategy):
                 "injected_delays": value(self.gm.injected), "max_step_duration_s": round(self.max_step_s, 4),
                 "median_step_interval_s": round(steady[len(steady) // 2], 4) if steady else None,
                 "plan_sizes": sorted(self._plan_sizes),
+                "median_step_s_with_straggler": _median(self._step_s[True]),
+                "median_step_s_without_straggler": _median(self._step_s[False]),
+                "steps_with_straggler": len(self._step_s[True]),
+                "straggler_delay_s": self.ctx.options.straggler_delay_s,
                 "replica_hashes": {str(k): v for k, v in sorted(self._replica_hashes.items())}}
+
+    @classmethod
+    def demo_lines(cls, summaries: list[dict], baseline: dict | None) -> list[str]:
+        stats = [s.get("strategy_stats") or {} for s in summaries]
+        with_s = [x["median_step_s_with_straggler"] for x in stats if x.get("median_step_s_with_straggler")]
+        without = [x["median_step_s_without_straggler"] for x in stats if x.get("median_step_s_without_straggler")]
+        delay = max((x.get("straggler_delay_s") or 0.0 for x in stats), default=0.0)
+        if not with_s or not without:
+            return ["straggler injection: no step with and without a straggler to compare (--straggler-delay-s)"]
+        return [f"median step time: {_median(with_s):.3f} s on steps with a straggler held back {delay:g} s, "
+                f"{_median(without):.3f} s without (waiting for every peer would add the whole delay)"]
 
     async def start(self) -> None:
         await self.ctx.transport.add_handler(ROUND, self._rpc_round, gc_pb.CodedRoundRequest, channel="averaging")
@@ -234,6 +256,9 @@ class GradientCodingStrategy(Strategy):
         elapsed = time.perf_counter() - t0
         self.max_step_s = max(self.max_step_s, elapsed)
         self._applied_at.append(time.monotonic())
+        if len(self._step_s[step in self._straggled]) < 100_000:
+            self._step_s[step in self._straggled].append(elapsed)
+        self._straggled.discard(step)
         ctx.log.debug("applied step %d (from replica %s) decoded by %s from %d replies%s", step, my_hash, leader[-8:],
                       len(reader.decoded_from), "" if computed is not None else " (replayed)")
         if computed is not None:
@@ -275,6 +300,12 @@ class GradientCodingStrategy(Strategy):
                 return await result, None
             worker = members.index(me)
             computed = await ctx.compute(ctx.trainer.compute_coded_gradients, step, code.support(worker))
+            cfg = ctx.options
+            if cfg.straggler_delay_s > 0 and chosen_stragglers(ctx.node.seed, step, members, cfg.straggler_count,
+                                                               cfg.straggler_prob):
+                if len(self._straggled) > 10_000:  # steps chosen but never applied (aborted rounds)
+                    self._straggled.clear()
+                self._straggled.add(step)
             delay = self._injected_delay(step, members)
             if delay > 0:
                 await asyncio.wait({result}, timeout=delay)  # a real wait, abandoned if the step decodes
@@ -627,3 +658,7 @@ class _ResultReader:
                 raise RoundAborted(msg.status, msg.detail, msg.donor)
             assembler.add(msg.chunk)
         return assembler.result()
+
+
+def _median(values: list[float]) -> float | None:
+    return round(sorted(values)[len(values) // 2], 4) if values else None

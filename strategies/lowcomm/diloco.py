@@ -25,6 +25,7 @@ import torch
 from swarm_node.protocol import codec
 
 from swarm_node.strategies.churn_profile import ChurnProfile
+from swarm_node.strategies.demo_profile import DemoProfile
 from swarm_node.strategies.base import Strategy
 from swarm_node.strategies.leader import LeaderElection
 from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer, pseudo_gradient, round_digest
@@ -72,6 +73,9 @@ class DiLoCoStrategy(Strategy):
     name = "diloco"
     options = DiLoCoOptions
     churn_profile = ChurnProfile(node_args=("--inner-steps", "5"), consistency="phi_hash")
+    demo_profile = DemoProfile(steps=200, node_args=("--inner-steps", "10"),
+                               shows="peers train alone for H steps, then average what they learned: one exchange "
+                                     "per H steps")
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -24,6 +24,7 @@ import torch
 from swarm_node.protocol.averaging.pairwise import PairExchange, PairFailed, PairOutcome
 
 from swarm_node.strategies.churn_profile import ChurnProfile
+from swarm_node.strategies.demo_profile import DemoProfile
 from swarm_node.strategies.base import Strategy
 from swarm_node.strategies.lowcomm.diloco import COMPRESSIONS, load_params
 from swarm_node.strategies.leader import LeaderElection
@@ -37,6 +38,8 @@ class NoLoCoStrategy(Strategy):
     name = "noloco"
     options = NoLoCoOptions
     churn_profile = ChurnProfile(node_args=("--inner-steps", "5"))  # per-peer φ by design
+    demo_profile = DemoProfile(steps=200, node_args=("--inner-steps", "10"),
+                               shows="no global round: every H steps each peer averages with one random partner")
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm_node.strategies.churn_profile import ChurnProfile
+from swarm_node.strategies.demo_profile import DemoProfile
 from swarm_node.strategies.lowcomm.diloco import DiLoCoStrategy, merged_work, _work, flatten, unflatten
 from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer, fragment_due, layer_fragments, merge, round_digest
 from swarm_node.protocol.averaging.transaction import RoundOutcome, RoundStatus
@@ -48,6 +49,8 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
     name = "streaming-diloco"
     options = StreamingOptions
     churn_profile = ChurnProfile(node_args=("--inner-steps", "10", "--fragments", "2"), consistency="phi_hash")
+    demo_profile = DemoProfile(steps=200, node_args=("--inner-steps", "10", "--fragments", "2"),
+                               shows="DiLoCo with the model's fragments exchanged in turn, overlapped with training")
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -1,7 +1,8 @@
-"""SAPO in the churn lab: wall-clock scenarios and the node flags of a fast, measurable run."""
+"""SAPO in the churn lab and the demo: wall-clock scenarios and the node flags of a fast, measurable run."""
 from __future__ import annotations
 
 from swarm_node.strategies.churn_profile import ChurnProfile
+from swarm_node.strategies.demo_profile import DemoProfile
 
 # SAPO: steps are GRPO rounds (one per --sapo-round-s, after the warm-start steps), so events are in
 # wall-clock seconds, placed after the first rounds (a sidecar takes up to ~13 s to start on a loaded
@@ -26,3 +27,14 @@ SAPO_ARGS = ("--sapo-round-s", "4", "--sapo-group-size", "8", "--sapo-questions"
 # peers share rollouts, not weights, so replicas differ by design and progress is reward
 SAPO_PROFILE = ChurnProfile(node_args=SAPO_ARGS, loss="reward",
                             scenarios=dict(SAPO_SCENARIOS))
+
+# The demo: 4 local + 4 external groups of 8 questions against the same peer alone with 8 local groups
+# and none shared (the paper's 4/4 against 8/0, at equal groups per update). --max-steps counts policy
+# steps: 20 warm-start steps, then 2 a round (PPO epochs), so 60 steps = 20 rounds of 4 s.
+_DEMO_ARGS = ("--sapo-round-s", "4", "--sapo-group-size", "8", "--sapo-questions", "8", "--sapo-warmstart-steps", "20",
+              "--sapo-format-reward", "0.1", "--sapo-ppo-epochs", "2")
+SAPO_DEMO = DemoProfile(
+    steps=60, measure="reward", baseline="sapo",
+    node_args=(*_DEMO_ARGS, "--sapo-local-groups", "4", "--sapo-external-groups", "4"),
+    baseline_args=(*_DEMO_ARGS, "--sapo-local-groups", "8", "--sapo-external-groups", "0"),
+    shows="peers share their rollouts: each trains on 4 groups of its own and 4 of others' (against 8 of its own)")

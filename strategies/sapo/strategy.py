@@ -31,7 +31,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from swarm_node.protocol.signing import Signer
 from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
 
-from swarm_node.strategies.sapo.churn_profile import SAPO_PROFILE
+from swarm_node.strategies.sapo.churn_profile import SAPO_DEMO, SAPO_PROFILE
 from swarm_node.strategies.sapo import tasks as tasks
 from swarm_node.strategies.base import Strategy
 from swarm_node.strategies.sapo.gossip import GossipClient
@@ -135,6 +135,7 @@ class SapoStrategy(Strategy):
     name = "sapo"
     options = SapoOptions
     churn_profile = SAPO_PROFILE
+    demo_profile = SAPO_DEMO
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -217,6 +218,24 @@ class SapoStrategy(Strategy):
                 "policy": self.policy.describe(), "policy_steps": self._policy_steps(),
                 "history": self.history, "gossip_ready_after_s": self.gossip.ready_after_s if self.gossip else None,
                 "gossip_restarts": self.gossip.restarts if self.gossip else 0}
+
+    @classmethod
+    def demo_lines(cls, summaries: list[dict], baseline: dict | None) -> list[str]:
+        def cumulative(s: dict) -> tuple[int, float, int]:
+            stats = s.get("strategy_stats") or {}
+            used = int((stats.get("totals") or {}).get("used", 0))
+            return int(stats.get("rounds") or 0), float(stats.get("cumulative_reward") or 0.0), used
+
+        mine = [cumulative(s) for s in summaries]
+        if not mine:
+            return []
+        rounds = sum(r for r, _, _ in mine) / len(mine)
+        line = (f"per swarm peer: {rounds:.0f} rounds, cumulative reward {sum(c for _, c, _ in mine) / len(mine):.1f}, "
+                f"{sum(u for _, _, u in mine) / len(mine):.0f} external groups trained on")
+        if baseline is not None:
+            b_rounds, b_cum, _ = cumulative(baseline)
+            line += f"; the baseline (sharing nothing): {b_rounds} rounds, cumulative reward {b_cum:.1f}"
+        return [line]
 
     # ---- receiving -------------------------------------------------------------------
     def _now_round(self) -> int:

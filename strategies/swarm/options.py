@@ -15,8 +15,8 @@ class SwarmOptions(StrategyOptions):
                                          "pipeline stages; a factory's module has no known block structure")
     OWN_TRAINING_STEP: ClassVar[str] = "its pipeline stages run their own forward and backward"
 
-    stages: int = Field(3, ge=1, le=64, description="swarm: pipeline stages S (the model's layers, --n-layer for the "
-                        "built-in GPT, must be divisible by S).")
+    stages: int = Field(2, ge=1, le=64, description="swarm: pipeline stages S (the model's layers, --n-layer for the "
+                        "built-in GPT, must be divisible by S; the default fits the built-in GPT's default 2).")
     micro_batches: int = Field(2, ge=1, le=256, description="swarm: micro-batches per trainer step (each stage "
                                "replica applies one optimizer step per this many backwards).")
     act_compression: Literal["fp16", "int8", "none"] = Field(

@@ -27,6 +27,7 @@ from swarm_node.protocol.averaging.butterfly import ButterflyAllReduce
 from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
 
 from swarm_node.strategies.churn_profile import ChurnProfile
+from swarm_node.strategies.demo_profile import DemoProfile
 from swarm_node.strategies.base import Strategy
 from swarm_node.protocol.averaging.transaction import averaging_layer, group_digest
 from swarm_node.strategies.swarm.checkfree import CheckFreeConfig, NotRecoverable, RecoveryPlan, is_body_key, plan_recovery, rebuild_state, \
@@ -116,6 +117,8 @@ class SwarmStrategy(Strategy):
     # the drain a stage stays empty until the restart, which must take it (not become a trainer).
     churn_profile = ChurnProfile(node_args=("--n-layer", "3", "--stages", "3", "--micro-batches", "2", "--d-model",
                                             "32", "--rebalance-interval-s", "0"), loss="train")
+    demo_profile = DemoProfile(steps=200, shows="the model cut into pipeline stages served by different peers; "
+                                                "trainers send micro-batches through them")
     role = "stage"
 
     @classmethod
@@ -227,6 +230,26 @@ class SwarmStrategy(Strategy):
 
     def summary(self) -> dict:
         return self.status()
+
+    @classmethod
+    def demo_lines(cls, summaries: list[dict], baseline: dict | None) -> list[str]:
+        by_stage: dict[int, list[str]] = {}
+        rates = []
+        for s in summaries:
+            stats = s.get("strategy_stats") or {}
+            if stats.get("stage") is None:
+                continue
+            by_stage.setdefault(stats["stage"], []).append(str(s.get("peer_id") or "?")[-8:])
+            hist = s.get("history") or []
+            if stats["stage"] == 0 and len(hist) >= 2 and hist[-1][3] > hist[0][3]:
+                rates.append(stats.get("microbatches_ok", 0) / (hist[-1][3] - hist[0][3]))
+        stage_map = " | ".join(f"stage {k}{' (trainers)' if k == 0 else ''}: {', '.join(v)}"
+                               for k, v in sorted(by_stage.items()))
+        lines = [f"stage map at the end: {stage_map or 'none reported'}"]
+        if rates:
+            lines.append(f"micro-batches through the pipeline: {sum(rates):.1f}/s over {len(rates)} trainer(s); "
+                         "held-out loss above is the trainers' own, measured through the stages")
+        return lines
 
     async def run(self) -> None:
         ctx = self.ctx

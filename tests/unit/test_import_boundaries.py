@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PKG = "swarm_node"
 FAMILIES = ("lowcomm", "swarm", "sapo", "gradcode")
-SHARED = ("base", "churn_profile", "context", "data_parallel", "leader", "options", "quorum")
-NODE_MAY_IMPORT = ("base", "churn_profile", "options", "registry")
+SHARED = ("base", "churn_profile", "context", "demo_profile", "data_parallel", "leader", "options", "quorum")
+NODE_MAY_IMPORT = ("base", "churn_profile", "demo_profile", "options", "registry")
 
 
 def _modules(top: str) -> list[Path]:
