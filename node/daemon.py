@@ -600,9 +600,12 @@ class Node:
                     train.cancel()
             if train.done() and not train.cancelled() and train.exception() is not None:
                 raise train.exception()
+            finished = train.result() if train.done() and not train.cancelled() else None
             if not self.stop_requested:
                 step = self.trainer.step if self.trainer is not None else 0
-                if self._at_drain_step():
+                if isinstance(finished, str) and finished:
+                    self.stop_reason = finished
+                elif self._at_drain_step():
                     self.stop_reason = f"reached the drain step {self.stop_at_step}"
                 elif self.config.max_steps and step >= self.config.max_steps:
                     self.stop_reason = f"reached --max-steps {self.config.max_steps}"

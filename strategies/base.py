@@ -92,8 +92,10 @@ class Strategy(abc.ABC):
         """Register handlers; default: none."""
 
     @abc.abstractmethod
-    async def run(self) -> None:
-        """Train until ctx.should_stop()."""
+    async def run(self) -> str | None:
+        """Train until ctx.should_stop(). A strategy whose work is over before that (a stage
+        server whose trainers all finished) returns why, in words: the node then drains with
+        that reason. Returning None without being asked to stop is a bug the node reports."""
 
     async def stop(self) -> None:
         """Unregister handlers; default: nothing to undo."""

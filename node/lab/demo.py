@@ -205,10 +205,10 @@ def _summarise(strategy: str, profile: DemoProfile, lines, nodes: list[NodeProce
             print(f"{name:8s} (no summary)")
             continue
         d = s.data
-        val = s.val_loss
         curve = sparkline([h[1] for h in d["history"]])
-        print(f"{name:8s} {d['strategy']:16s} {s.step:5d} {d['train_loss'] or float('nan'):7.3f} "
-              f"{val if val is not None else float('nan'):7.3f} {human_bytes(d['bytes_sent']):>9s} "
+        print(f"{name:8s} {d['strategy']:16s} {s.step:5d} {_num(d['train_loss']):>7s} "
+              f"{_num(s.val_loss if profile.measure == 'val_loss' else None):>7s} "
+              f"{human_bytes(d['bytes_sent']):>9s} "
               f"{human_bytes(d['bytes_received']):>9s} {s.rounds('ok'):>8d}/{s.rounds_other:<6d} "
               f"{s.rounds('resync'):>7d}  {curve}")
     peers = [s for name, s in read.items() if name != BASELINE_NODE and s is not None]
@@ -216,3 +216,8 @@ def _summarise(strategy: str, profile: DemoProfile, lines, nodes: list[NodeProce
     verdict.failed = [name for name, s in read.items() if s is None]
     print("\n" + format_verdict(verdict))
     return verdict
+
+
+def _num(x: float | None) -> str:
+    """A loss for the table: '-' where the node has none (a stage server, a policy's byte model)."""
+    return "-" if x is None or x != x else f"{x:.3f}"

@@ -97,14 +97,16 @@ def judge(strategy: str, profile: DemoProfile, swarm: list[NodeSummary], baselin
           demo_lines: Callable[[list[dict], dict | None], list[str]] | None = None) -> Verdict:
     if profile.measure == "reward":
         measure, lower = "reward per completion", False
-        values = [v for v in (_late_mean(n.reward_per_round()) for n in swarm) if v is not None]
+        measured = {n.name: _late_mean(n.reward_per_round()) for n in swarm}
         base = _late_mean(baseline.reward_per_round()) if baseline else None
     else:
         measure, lower = "held-out loss", True
-        values = [n.val_loss for n in swarm if n.val_loss is not None]  # a stage server reports none
+        measured = {n.name: n.val_loss for n in swarm}  # a stage server reports none
         base = baseline.val_loss if baseline else None
+    values = [v for v in measured.values() if v is not None]
     params = max((int(n.data.get("params") or 0) for n in swarm), default=0)
-    steps = [n.step for n in swarm]
+    # the steps of the peers that report the measure (a stage server counts its stage's steps)
+    steps = [n.step for n in swarm if measured[n.name] is not None] or [n.step for n in swarm]
     sent = [float(n.data.get("bytes_sent") or 0) for n in swarm]
     return Verdict(
         strategy=strategy, measure=measure, swarm=sum(values) / len(values) if values else None, baseline=base,

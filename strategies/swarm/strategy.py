@@ -251,7 +251,7 @@ class SwarmStrategy(Strategy):
                          "held-out loss above is the trainers' own, measured through the stages")
         return lines
 
-    async def run(self) -> None:
+    async def run(self) -> str | None:
         ctx = self.ctx
         await self._initial_views()
         stage = await self._choose_stage()
@@ -275,7 +275,7 @@ class SwarmStrategy(Strategy):
                 if ctx.node.max_steps and self._trainers_done(ctx.node.max_steps):
                     ctx.log.info("every trainer finished (--max-steps %d): stage %d server stops",
                                  ctx.node.max_steps, self.worker.index)
-                    break
+                    return f"every trainer finished (--max-steps {ctx.node.max_steps})"
                 await asyncio.sleep(0.2)
                 if self.worker.step != last_step:  # a server's step is its stage replica's
                     last_step = self.worker.step
