@@ -237,7 +237,7 @@ def test_unknown_part_is_a_counted_rejection():
 
 
 def test_run_spec_carries_the_flag_only_when_on():
-    base = dict(strategy="swarm", run_id="r", n_layer=3)
+    base = dict(strategy="swarm", run_id="r", n_layer=3, stages=3)
     off, on = NodeConfig(**base).run_spec(), NodeConfig(**base, checkfree_swaps=True).run_spec()
     assert "checkfree_swaps" not in off.canonical() and on.canonical()["checkfree_swaps"] is True
     assert off.digest() != on.digest()
