@@ -30,7 +30,7 @@ from swarm_node.strategies.lowcomm.diloco import COMPRESSIONS, load_params
 from swarm_node.strategies.leader import LeaderElection
 from swarm_node.strategies.lowcomm.outer_math import noloco_update, pair_peers, pairing_seed, replica_spread
 from swarm_node.protocol.averaging.state_transfer import StateService, StateTransferError
-from swarm_node.strategies.lowcomm.options import NoLoCoOptions
+from swarm_node.strategies.lowcomm.options import EARLY_TRAINING_OUTER, NoLoCoOptions
 
 
 
@@ -38,7 +38,7 @@ class NoLoCoStrategy(Strategy):
     name = "noloco"
     options = NoLoCoOptions
     churn_profile = ChurnProfile(node_args=("--inner-steps", "5"))  # per-peer φ by design
-    demo_profile = DemoProfile(steps=200, node_args=("--inner-steps", "10"),
+    demo_profile = DemoProfile(steps=200, node_args=EARLY_TRAINING_OUTER,
                                shows="no global round: every H steps each peer averages with one random partner")
 
     def __init__(self, ctx):

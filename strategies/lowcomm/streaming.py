@@ -29,7 +29,7 @@ from swarm_node.strategies.lowcomm.diloco import DiLoCoStrategy, merged_work, _w
 from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer, fragment_due, layer_fragments, merge, round_digest
 from swarm_node.protocol.averaging.transaction import RoundOutcome, RoundStatus
 from swarm_node.protocol.averaging.state_transfer import StateTransferError
-from swarm_node.strategies.lowcomm.options import StreamingOptions
+from swarm_node.strategies.lowcomm.options import EARLY_TRAINING_OUTER, StreamingOptions
 
 FRAGMENT_ATTEMPTS = 3  # backoff 0.5 s, 1 s: a dead member's absence is settled by the grace window
 
@@ -49,7 +49,7 @@ class StreamingDiLoCoStrategy(DiLoCoStrategy):
     name = "streaming-diloco"
     options = StreamingOptions
     churn_profile = ChurnProfile(node_args=("--inner-steps", "10", "--fragments", "2"), consistency="phi_hash")
-    demo_profile = DemoProfile(steps=200, node_args=("--inner-steps", "10", "--fragments", "2"),
+    demo_profile = DemoProfile(steps=200, node_args=(*EARLY_TRAINING_OUTER, "--fragments", "2"),
                                shows="DiLoCo with the model's fragments exchanged in turn, overlapped with training")
 
     def __init__(self, ctx):
