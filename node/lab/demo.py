@@ -213,7 +213,6 @@ def _summarise(strategy: str, profile: DemoProfile, lines, nodes: list[NodeProce
               f"{s.rounds('resync'):>7d}  {curve}")
     peers = [s for name, s in read.items() if name != BASELINE_NODE and s is not None]
     verdict = judge(strategy, profile, peers, read.get(BASELINE_NODE), demo_lines=lines)
-    verdict.failed = [name for name, s in read.items() if s is None]
     print("\n" + format_verdict(verdict))
     return verdict
 

@@ -71,7 +71,6 @@ class Verdict:
     bytes_sent_per_peer: float
     sync_bytes_per_peer: float | None  # what a sync peer would send for the same steps (fp32 gradients)
     lines: list[str] = field(default_factory=list)  # the strategy's own lines
-    failed: list[str] = field(default_factory=list)  # nodes without a summary
 
     @property
     def margin(self) -> float | None:

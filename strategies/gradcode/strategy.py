@@ -300,12 +300,6 @@ class GradientCodingStrategy(Strategy):
                 return await result, None
             worker = members.index(me)
             computed = await ctx.compute(ctx.trainer.compute_coded_gradients, step, code.support(worker))
-            cfg = ctx.options
-            if cfg.straggler_delay_s > 0 and chosen_stragglers(ctx.node.seed, step, members, cfg.straggler_count,
-                                                               cfg.straggler_prob):
-                if len(self._straggled) > 10_000:  # steps chosen but never applied (aborted rounds)
-                    self._straggled.clear()
-                self._straggled.add(step)
             delay = self._injected_delay(step, members)
             if delay > 0:
                 await asyncio.wait({result}, timeout=delay)  # a real wait, abandoned if the step decodes
@@ -322,7 +316,12 @@ class GradientCodingStrategy(Strategy):
         cfg, node = self.ctx.options, self.ctx.node
         if cfg.straggler_delay_s <= 0:
             return 0.0
-        if self.ctx.peer_id not in chosen_stragglers(node.seed, step, members, cfg.straggler_count, cfg.straggler_prob):
+        chosen = chosen_stragglers(node.seed, step, members, cfg.straggler_count, cfg.straggler_prob)
+        if chosen:  # the step has a straggler, whoever it is: its time counts apart (summary)
+            if len(self._straggled) > 10_000:  # steps chosen but never applied (aborted rounds)
+                self._straggled.clear()
+            self._straggled.add(step)
+        if self.ctx.peer_id not in chosen:
             return 0.0
         self.gm.injected.inc()
         return cfg.straggler_delay_s
