@@ -70,6 +70,15 @@ def score_external(sr: SignedRollout, *, format_reward: float = 0.0) -> ScoredGr
     return ScoredGroup(g.sender, sr.group_id, (g.task, g.seed, g.index), item.question, g.completions, rewards, True)
 
 
+def round_budget(max_steps: int, steps_now: int, steps_per_round: int) -> int | None:
+    """How many more rounds --max-steps allows, counting every round as the steps it would take
+    if it trained: a round whose groups all have one reward trains nothing, and a policy that
+    never earns a reward again would otherwise run forever. None without --max-steps."""
+    if not max_steps:
+        return None
+    return max(0, math.ceil((max_steps - steps_now) / steps_per_round))
+
+
 class SapoMetrics:
     """The strategy's own series (bounded labels)."""
 
@@ -322,15 +331,17 @@ class SapoStrategy(Strategy):
         return {peer: e.record for peer, e in found.items()}
 
     # ---- the round -------------------------------------------------------------------
-    async def run(self) -> None:
+    async def run(self) -> str | None:
         ctx, cfg, node = self.ctx, self.ctx.options, self.ctx.node
         if not await self.wait_for_peers():
-            return
+            return None
         if self._policy_steps() == 0 and cfg.sapo_warmstart_steps:  # not again after a resume
             await ctx.compute(self._warm_start, cfg.sapo_warmstart_steps)
         if self.gossip is not None and not await self.gossip.wait_ready(30.0):
             ctx.log.warning("rollout sidecar not up after 30s: sharing by pull only until it is")
         ctx.progress.state = "online"  # no shared replica to agree with: a peer is ready once it can generate
+        budget = round_budget(node.max_steps, self._policy_steps(), cfg.sapo_ppo_epochs)
+        rounds_here = skipped_here = 0
         last = -1
         while not ctx.should_stop():
             rnd = self._now_round()
@@ -340,12 +351,18 @@ class SapoStrategy(Strategy):
             if last >= 0 and rnd > last + 1:
                 ctx.log.info("skipped rounds %d..%d (this peer was slower than the round)", last + 1, rnd - 1)
             last = rnd
-            await self._round(rnd)
+            outcome = await self._round(rnd)
             self.rounds_done += 1
+            rounds_here += 1
+            skipped_here += outcome != "ok"
             if cfg.sapo_rounds and self.rounds_done >= cfg.sapo_rounds:
-                return
+                return f"finished --sapo-rounds {cfg.sapo_rounds}"
             if node.max_steps and self._policy_steps() >= node.max_steps:
-                return
+                return None  # the daemon reports reaching --max-steps
+            if budget is not None and rounds_here >= budget:
+                return (f"spent the rounds of --max-steps {node.max_steps} ({budget} rounds of {cfg.sapo_ppo_epochs} "
+                        f"steps; {skipped_here} of them trained nothing)")
+        return None
 
     def _warm_start(self, steps: int) -> None:
         rng = random.Random(f"warm:{self.peer_seed}")
@@ -391,7 +408,8 @@ class SapoStrategy(Strategy):
             self.totals["rejected_bad_task"] += 1
         return scored
 
-    async def _round(self, rnd: int) -> None:
+    async def _round(self, rnd: int) -> str:
+        """One round; returns its outcome ("ok", or why the policy did not train)."""
         ctx, cfg = self.ctx, self.ctx.options
         t_start = time.monotonic()
         self._round_bytes = 0
@@ -492,6 +510,7 @@ class SapoStrategy(Strategy):
         self.trained_rounds = {r for r in self.trained_rounds if r >= rnd - ROUNDS_KEPT}
         self._per_sender = defaultdict(int, {k: v for k, v in self._per_sender.items() if k[0] >= rnd - ROUNDS_KEPT})
         del self.history[:-HISTORY_KEPT]
+        return outcome
 
     async def _update(self, ts, adv: torch.Tensor) -> str:
         """GRPO epochs on the training set; returns the round outcome."""

@@ -300,3 +300,39 @@ def test_local_groups_are_the_informative_ones_padded_to_exactly_i():
     assert [g.group_id for g in first.groups] == ["me-0", "me-1", "me-2", "me-3"]
     with pytest.raises(ValueError, match="local groups given"):
         build_training_set(local[:2], [], my_peer_id=me, num_local=4, num_external=0, rng=random.Random(0))
+
+
+# ---- when a run ends ------------------------------------------------------------------
+def test_round_budget_counts_every_round_as_the_steps_it_would_train():
+    from swarm_node.strategies.sapo.strategy import round_budget
+    assert round_budget(0, 20, 4) is None  # no --max-steps: run until stopped
+    assert round_budget(44, 20, 4) == 6
+    assert round_budget(45, 20, 4) == 7  # a partial round still runs
+    assert round_budget(44, 44, 4) == 0  # resumed at the budget: nothing left
+
+
+def test_a_policy_that_never_trains_still_ends_at_its_max_steps_rounds():
+    """Every round's groups have one reward (nothing to learn): the policy's step never moves,
+    and the run must still end, after the rounds --max-steps pays for, with a reason."""
+    import asyncio
+    from types import SimpleNamespace
+    from swarm_node.strategies.sapo.strategy import SapoStrategy
+
+    s = object.__new__(SapoStrategy)
+    rounds: list[int] = []
+
+    async def skipped_round(rnd: int) -> str:
+        rounds.append(rnd)
+        return "skipped_all_zero"
+
+    async def ready() -> bool:
+        return True
+
+    s.ctx = SimpleNamespace(options=SimpleNamespace(sapo_warmstart_steps=0, sapo_rounds=0, sapo_ppo_epochs=4),
+                            node=SimpleNamespace(max_steps=44), should_stop=lambda: False,
+                            progress=SimpleNamespace(state="joining"), log=SimpleNamespace(info=lambda *a: None))
+    s.round_s, s.rounds_done, s.gossip = 0.02, 0, None
+    s.wait_for_peers, s._round, s._policy_steps = ready, skipped_round, lambda: 20
+    reason = asyncio.run(asyncio.wait_for(s.run(), 10.0))
+    assert len(rounds) == 6 and s.rounds_done == 6
+    assert "--max-steps 44" in reason and "6 of them trained nothing" in reason
