@@ -113,6 +113,15 @@ class NodeSettings(BaseSettings):
                                     "slower without loading the CPU (benchmarks and labs; 1 = off).")
     compression: Literal["none", "fp16", "int8", "e3m0"] = Field(
         "none", description="Wire compression of averaged tensors (accumulation is always fp32).")
+    aggregation: Literal["mean", "clipped", "trimmed"] = Field(
+        "mean", description="How averaged contributions combine: mean; clipped = a contribution with a non-finite "
+        "value is dropped and each is scaled down to at most --aggregation-clip x the median norm; trimmed = "
+        "clipped, then a coordinate-wise trimmed mean (--aggregation-trim per side). One scaled, sign-flipped or "
+        "NaN contribution cannot take the run over with clipped or trimmed. Part of the run spec.")
+    aggregation_clip: float = Field(1.0, gt=0, le=1e6, description="clipped/trimmed: the norm bound, as a multiple "
+                                    "of the median norm of the contributions.")
+    aggregation_trim: float = Field(0.2, ge=0, lt=0.5, description="trimmed: the fraction of contributions dropped "
+                                    "per side and coordinate (at least one).")
 
     # --- local execution ----------------------------------------------------------------
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
@@ -242,6 +251,9 @@ class NodeSettings(BaseSettings):
                       seq_len=self.seq_len, n_layer=self.n_layer, n_head=self.n_head, d_model=self.d_model,
                       batch_size=self.batch_size, lr=self.lr, seed=self.seed, compression=self.compression,
                       data_shards=self.data_shards, grad_accum=self.grad_accum)
+        if self.aggregation != "mean":  # the reducer's rule decides everyone's mean
+            fields.update(aggregation=self.aggregation, aggregation_clip=self.aggregation_clip,
+                          aggregation_trim=self.aggregation_trim)
         if self.model != BUILTIN_MODEL:  # the shape flags size only the built-in GPT (0 = not used); the
             # daemon adds the loaded model's identity (ModelIdentity) once it has built it
             fields.update(n_layer=0, n_head=0, d_model=0)
@@ -278,6 +290,9 @@ class RunSpec(BaseModel):
     # micro-batches per step: with batch_size it sets the windows each shard draws and the effective
     # batch. (--precision is per peer and not here: exchanged gradients are fp32 whatever it is.)
     grad_accum: int = 1
+    aggregation: str = "mean"
+    aggregation_clip: float = 1.0
+    aggregation_trim: float = 0.2
     # A model brought with --model (train/models.py ModelIdentity); empty for the built-in GPT, whose
     # weights follow from the shape fields and the seed. Never a path: paths differ across machines.
     arch: str = ""  # class of the network

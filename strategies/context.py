@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from swarm_node.protocol.records import RecordStore
+    from swarm_node.protocol.averaging.robust import AggregationRule
     from swarm_node.protocol.transport import Transport
 
 
@@ -47,12 +48,20 @@ class NodeSettings:
     announce_interval_s: float = 15.0
     compute_slowdown: float = 1.0  # > 1: a simulated slower device
     compression: str = "none"  # of averaged tensors
+    aggregation: str = "mean"  # mean | clipped | trimmed (protocol/averaging/robust.py)
+    aggregation_clip: float = 1.0
+    aggregation_trim: float = 0.2
     allreduce_transport: str = "auto"  # auto | p2p | tcp (bulk TCP for large all-reduce parts)
     allreduce_tcp_port: int = 0
     host: str = "0.0.0.0"
     announce_host: str | None = None
     state_dir: Path = Path(".")
     identity_path: Path = Path("identity.key")  # this peer's key, for a sidecar that must speak as it
+
+    @property
+    def aggregation_rule(self) -> "AggregationRule":
+        from swarm_node.protocol.averaging.robust import Aggregation, AggregationRule  # torch: not at config time
+        return AggregationRule(Aggregation(self.aggregation), self.aggregation_clip, self.aggregation_trim)
 
     @classmethod
     def of(cls, config: Any) -> "NodeSettings":

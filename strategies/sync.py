@@ -32,6 +32,7 @@ from swarm_node.strategies.data_parallel import DataParallelStrategy
 from swarm_node.strategies.leader import LeaderElection
 from swarm_node.protocol.averaging.star import GatherRound, PushResult, push_tensors, receive_push, tensor_messages
 from swarm_node.protocol.averaging.state_transfer import StateService
+from swarm_node.protocol.averaging.transaction import robust_reporter
 
 PUSH = "sync.push"
 Status = wire.SyncReply.Status
@@ -58,6 +59,8 @@ class SyncStrategy(DataParallelStrategy):
         params = ctx.trainer.parameters_list()
         self._shapes = [tuple(p.shape) for p in params]
         self._numel = sum(p.numel() for p in params)
+        self._rule = ctx.node.aggregation_rule
+        self._report = robust_reporter(ctx)
 
     async def start(self) -> None:
         await self.ctx.transport.add_handler(PUSH, self._rpc_push, wire.SyncPush, channel="averaging")
@@ -72,7 +75,7 @@ class SyncStrategy(DataParallelStrategy):
 
     def _round(self, step: int) -> GatherRound:
         if step not in self.rounds:
-            self.rounds[step] = GatherRound(step, self._expected())
+            self.rounds[step] = GatherRound(step, self._expected(), rule=self._rule, report=self._report)
             for old in sorted(self.rounds)[:-RESULTS_KEPT]:
                 del self.rounds[old]
         return self.rounds[step]

@@ -6,5 +6,6 @@
   pairwise.py        two peers swap tensor lists for a round (noloco)
   state_transfer.py  hand a replica (weights, optimizer, strategy state) to a peer that needs it
   mean.py            weighted means of tensor lists (fp32, order-deterministic)
+  robust.py          robust combination (norm clipping, trimmed mean) and the per-peer suspicion ledger
   deadlines.py       every wait of an exchange, derived from `round_timeout_s`
 """

@@ -20,12 +20,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 
 from swarm_node.protocol import bulk_tcp, codec
 from swarm_node.protocol.averaging.deadlines import Deadlines
+from swarm_node.protocol.averaging.robust import AggregationRule, Combined, Contribution, combine
 from swarm_node.protocol.pb import swarm_node_bulk_pb2 as bpb
 from swarm_node.protocol.pb import swarm_node_rounds_pb2 as rpb
 from swarm_node.protocol.transport import MAX_MESSAGE, PeerUnavailable, Transport, drain, first_message
@@ -97,6 +98,9 @@ class _Reduction:
     poisoned: str = ""  # why this shard's mean cannot be trusted ("" = it can)
     serving: int = 0  # contributors whose reply is still being sent
     served: asyncio.Event = field(default_factory=asyncio.Event)  # set while serving == 0
+    # robust rules keep every contribution's segment until the segment is complete, then combine
+    rule: AggregationRule = field(default_factory=AggregationRule)
+    report: Callable[[Combined], None] | None = None
 
     def __post_init__(self) -> None:
         self.served.set()
@@ -109,12 +113,16 @@ class _Reduction:
         # with the first other contribution of each segment (one pass over memory saved)
         self._local: tuple[torch.Tensor, float] | None = None
         self._local_pending = [False] * len(self.segments)
+        self._parts: list[dict[str, tuple[torch.Tensor, float]]] = [{} for _ in self.segments]
+        self._clipped: set[str] = set()
+        self._dropped: set[str] = set()
 
     def add_local(self, peer: str, x: torch.Tensor, w: float) -> None:
         """The reducer's own contribution (first, before any other): `x` must stay unchanged
         until the shard is closed."""
         assert not self.progress and not self.contributors and peer in self.expected
         self._local = (x, w)
+        self._local_peer = peer
         self._local_pending = [True] * len(self.segments)
         self.seg_count = [1] * len(self.segments)
         self.seg_weight = [w] * len(self.segments)
@@ -147,7 +155,9 @@ class _Reduction:
         if self.closed.is_set() or peer in self.contributors or self.progress.get(peer, 0) != k:
             return
         s, e = self.segments[k]
-        if self._local_pending[k]:
+        if self.rule.robust:  # a copy: `x` may be a receive buffer that is reused
+            self._parts[k][peer] = (x.float().clone(), w)
+        elif self._local_pending[k]:
             self._write_local(k, x, w)
         elif self.seg_count[k] == 0:  # the first one overwrites: `total` may be uninitialised memory
             torch.mul(x.float(), w, out=self.total[s:e])
@@ -187,6 +197,9 @@ class _Reduction:
             self.close()
 
     def _finish_segment(self, k: int) -> None:
+        if not self.seg_ready[k].is_set() and self.rule.robust:
+            self._combine_segment(k)
+            self.seg_ready[k].set()
         if not self.seg_ready[k].is_set():
             s, e = self.segments[k]
             if self._local_pending[k]:  # nobody else's part arrived (alone, or a timeout)
@@ -199,12 +212,31 @@ class _Reduction:
                 self.total[s:e].zero_()
             self.seg_ready[k].set()
 
+    def _combine_segment(self, k: int) -> None:
+        s, e = self.segments[k]
+        parts = []
+        if self._local is not None:
+            mine, wl = self._local
+            parts.append(Contribution(self._local_peer, mine[s:e], wl))
+        parts += [Contribution(peer, x, w) for peer, (x, w) in self._parts[k].items()]
+        self._parts[k] = {}
+        if not parts:
+            self.total[s:e].zero_()
+            return
+        combined = combine(parts, self.rule)
+        self.total[s:e].copy_(combined.result)
+        self._clipped.update(combined.clipped)
+        self._dropped.update(combined.dropped)
+
     def close(self) -> None:
         if not self.closed.is_set():
             for k in range(len(self.segments)):  # after a timeout: the mean of whoever is in
                 self._finish_segment(k)
             self.result = self.total
             self.closed.set()
+            if self.rule.robust and self.report is not None:
+                used = tuple(sorted(self.contributors - self._dropped))
+                self.report(Combined(self.total, used, tuple(sorted(self._clipped)), tuple(sorted(self._dropped))))
 
 
 @dataclass
@@ -244,7 +276,8 @@ class ButterflyAllReduce:
     def __init__(self, transport: Transport, *, timeout_s: float, compression: int = codec.NONE,
                  max_numel: int = 1 << 31, on_reject=None, transport_mode: str = "p2p",
                  bulk_host: str = "127.0.0.1", bulk_port: int = 0, announce_host: str | None = None,
-                 on_path=None, segment_elems: int = SEGMENT_ELEMS):
+                 on_path=None, segment_elems: int = SEGMENT_ELEMS, rule: AggregationRule | None = None,
+                 report: Callable[[Combined], None] | None = None):
         if transport_mode not in TRANSPORT_MODES:
             raise ValueError(f"transport_mode must be one of {TRANSPORT_MODES}, got {transport_mode!r}")
         self.transport, self.timeout_s, self.compression = transport, timeout_s, compression
@@ -254,6 +287,8 @@ class ButterflyAllReduce:
         self.on_path = on_path or (lambda path: None)
         self.transport_mode = transport_mode
         self.segment_elems = segment_elems  # of the shard this peer reduces
+        self.rule = rule or AggregationRule()
+        self.report = report
         self._bulk_args = (bulk_host, bulk_port, announce_host)
         self.bulk: bulk_tcp.BulkServer | None = None
         self._groups: dict[str, _Reduction] = {}
@@ -328,7 +363,8 @@ class ButterflyAllReduce:
         # raw: my shard's mean is computed in `out` itself (no copy); a lossy codec needs it
         # apart, since `out` gets the mean as the others decode it
         total = out[lo:hi] if self.compression == codec.NONE else torch.empty(hi - lo)
-        mine = _Reduction(expected=set(group), length=hi - lo, total=total, index=my_index, segment=self.segment_elems)
+        mine = _Reduction(expected=set(group), length=hi - lo, total=total, index=my_index, segment=self.segment_elems,
+                          rule=self.rule, report=self.report)
         self._groups[group_id] = mine
         self._event(group_id).set()
         mine.add_local(me, vector[lo:hi], weight)

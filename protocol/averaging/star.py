@@ -21,6 +21,7 @@ import torch
 
 from swarm_node.protocol import codec
 from swarm_node.protocol.averaging.mean import weighted_mean
+from swarm_node.protocol.averaging.robust import AggregationRule, Combined, combine_lists
 from swarm_node.protocol.transport import MAX_MESSAGE, Transport, drain, first_message, receive_tensor_list
 
 M = TypeVar("M")
@@ -82,6 +83,8 @@ class GatherRound:
     leader_ready: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     result: list[torch.Tensor] | None = None
+    rule: AggregationRule = field(default_factory=AggregationRule)
+    report: Callable[[Combined], None] | None = None  # told which contributions were clipped or dropped
 
     def add(self, peer: str, tensors: list[torch.Tensor], n: int) -> None:
         if self.closed.is_set():
@@ -101,7 +104,13 @@ class GatherRound:
 
     def close(self) -> None:
         if not self.closed.is_set():
-            self.result = weighted_mean((g, float(n)) for g, n in self.contributions.values())
+            if self.rule.robust and self.contributions:
+                self.result, combined = combine_lists(
+                    [(peer, g, float(n)) for peer, (g, n) in self.contributions.items()], self.rule)
+                if self.report is not None:
+                    self.report(combined)
+            else:
+                self.result = weighted_mean((g, float(n)) for g, n in self.contributions.values())
             self.closed.set()
 
     @property

@@ -26,6 +26,7 @@ import torch
 
 from swarm_node.protocol.averaging.butterfly import AllReduceOutcome, ButterflyAllReduce, path_counter
 from swarm_node.protocol.averaging.deadlines import Deadlines
+from swarm_node.protocol.averaging.robust import Combined, SuspicionLedger
 from swarm_node.protocol.messages import rounds as rpb
 from swarm_node.protocol.transport import ClosedWithoutAnswer, PeerUnavailable, Transport, drain, first_message
 
@@ -41,7 +42,25 @@ def averaging_layer(ctx, *, timeout_s: float, compression: int = 0, max_numel: i
         ctx.transport, timeout_s=timeout_s, compression=compression, max_numel=max_numel,
         on_reject=lambda reason: ctx.metrics.rejected_messages.labels(reason=reason).inc(),
         transport_mode=node.allreduce_transport, bulk_host=node.host, bulk_port=node.allreduce_tcp_port,
-        announce_host=node.announce_host, on_path=path_counter(ctx.metrics.registry))
+        announce_host=node.announce_host, on_path=path_counter(ctx.metrics.registry),
+        rule=node.aggregation_rule, report=robust_reporter(ctx))
+
+
+def robust_reporter(ctx) -> Callable[[Combined], None]:
+    """Counts what robust aggregation clipped or dropped (`swarm_rejected_messages_total{reason}`),
+    per peer in a ledger, and warns once when a peer becomes suspected (caught repeatedly)."""
+    ledger = SuspicionLedger()
+
+    def report(combined: Combined) -> None:
+        for reason, peers in (("clipped_contribution", combined.clipped), ("non_finite_contribution", combined.dropped)):
+            if peers:
+                ctx.metrics.rejected_messages.labels(reason=reason).inc(len(peers))
+        for peer in ledger.record(combined):
+            ctx.log.warning("peer %s suspected: its contributions were clipped or dropped in %d of the last %d "
+                            "combinations", peer[-8:], ledger.threshold, ledger.window)
+
+    report.ledger = ledger  # type: ignore[attr-defined]
+    return report
 
 
 def group_digest(run_id: str, round_no: int, group: list[str], epoch: int = 0) -> str:
