@@ -122,6 +122,9 @@ class NodeSettings(BaseSettings):
                                     "of the median norm of the contributions.")
     aggregation_trim: float = Field(0.2, ge=0, lt=0.5, description="trimmed: the fraction of contributions dropped "
                                     "per side and coordinate (at least one).")
+    lab_contribution_scale: float = Field(1.0, ge=-1e6, le=1e6, description="Labs and benches only: multiply what "
+                                          "this peer contributes to averaging by F, a byzantine peer (1 = honest; "
+                                          "negative = sign-flipped). Not part of the run spec.")
 
     # --- local execution ----------------------------------------------------------------
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")

@@ -42,7 +42,7 @@ from swarm_node.identity import ensure_identity
 from swarm_node.membership import Membership, SpecMismatch
 from swarm_node.metrics import NodeMetrics
 from swarm_node.discovery import DiscoveryClient
-from swarm_node.network import IsolationWatchdog, NetworkSettings, SwarmNetwork
+from swarm_node.network import IsolationWatchdog, NetworkSettings, SwarmNetwork, peer_ids_of
 from swarm_node.preflight import raise_nofile_limit
 from swarm_node.processes import install_p2pd_reaper, reap_children
 from swarm_node.status import NodeStatus, PeerView, Phase
@@ -59,7 +59,8 @@ from swarm_node.strategies.base import NodeSettings, Progress, Strategy, Strateg
 log = logging.getLogger("swarm_node")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP, EXIT_JOIN, EXIT_INTERRUPTED, EXIT_TEMPFAIL = 0, 1, 2, 3, 4, 130, 75
-NODE_REJECT_REASONS = (*REJECT_REASONS, "spec_mismatch", "bad_record", "stale_step", "bad_advert")
+NODE_REJECT_REASONS = (*REJECT_REASONS, "spec_mismatch", "bad_record", "stale_step", "bad_advert", "forged_record",
+                       "clipped_contribution", "non_finite_contribution")
 JOIN_LINE_PREFIX = "To join this swarm: swarm-node join --initial-peers "
 TASK_STOP_S = 5.0  # after cancel(), how long run() waits for its tasks before shutting down anyway
 
@@ -204,7 +205,7 @@ class Node:
                                           cfg.watchdog_interval_s, enabled=cfg.watchdog)
         await self._join()
         try:
-            await self.membership.check_spec()
+            await self.membership.check_spec(trusted=peer_ids_of(self.initial_peers))
         except SpecMismatch as e:
             raise NodeExit(EXIT_CONFIG, str(e)) from None
 

@@ -57,31 +57,48 @@ class Membership:
         self.last_refresh_ok: float | None = None
         # peer -> (DHT time, strategy) of its LEAVING record, seen while the peer was in the view
         self._left: dict[str, tuple[float, str]] = {}
+        self._spec_due = 0.0  # monotonic time our spec record must be republished by
 
     # ---- the run spec ----------------------------------------------------------------
-    async def check_spec(self) -> None:
+    async def check_spec(self, trusted: set[str]) -> None:
+        """Compare our spec with the one the `trusted` peers (those we join through) publish.
+
+        Specs are records like any other: each peer's under its own id, signed. Only a trusted
+        peer's spec binds us, so a stranger who publishes another spec under this run id cannot
+        turn honest joiners away; a differing spec of anyone else is counted and ignored."""
         found = await self.net.get(spec_key(self.spec.run_id))
-        if found is not None:
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        for subkey, item in entries.items():
+            if subkey == self.self_id:
+                continue
             try:
-                theirs = SpecRecord.from_wire(found.value)
+                theirs = SpecRecord.from_wire(item.value)
             except RecordError as e:
-                self.metrics.rejected_messages.labels(reason="bad_record").inc()
-                log.warning("ignoring malformed spec record in the DHT: %s", e)
-            else:
-                if theirs.digest != self.spec_hash:
-                    diffs = self.spec.differences(theirs.spec) or ["(same fields, different hash)"]
-                    raise SpecMismatch(
-                        f"run '{self.spec.run_id}' already trains with a different spec; differing fields:\n  "
-                        + "\n  ".join(diffs)
-                        + "\nUse the same settings as the swarm, or a different --run-id.")
+                self._reject("bad_record", str(subkey), f"malformed spec record: {e}")
+                continue
+            if theirs.digest == self.spec_hash:
+                continue
+            if subkey not in trusted:
+                self._reject("spec_mismatch", str(subkey), "publishes another spec for this run id (ignored: "
+                             "not a peer we join through)")
+                continue
+            diffs = self.spec.differences(theirs.spec) or ["(same fields, different hash)"]
+            raise SpecMismatch(
+                f"run '{self.spec.run_id}' already trains with a different spec; differing fields:\n  "
+                + "\n  ".join(diffs)
+                + "\nUse the same settings as the swarm, or a different --run-id.")
         await self.publish_spec()
 
     async def publish_spec(self) -> None:
         rec = SpecRecord(digest=self.spec_hash, spec=self.spec.canonical())
-        await self.net.store(spec_key(self.spec.run_id), rec.to_wire(), ttl_s=max(self.ttl_s * 4, 60))
+        ttl_s = max(self.ttl_s * 4, 60)
+        if await self.net.store(spec_key(self.spec.run_id), rec.to_wire(), ttl_s=ttl_s, subkey=self.self_id):
+            self._spec_due = time.monotonic() + ttl_s / 2  # a joiner that names us must always find it
 
     # ---- heartbeats ------------------------------------------------------------------
     async def announce(self, state: str = "online", ttl_s: float | None = None) -> bool:
+        if state == "online" and time.monotonic() >= self._spec_due:
+            await self.publish_spec()
         rec = self.make_record(state)
         return await self.net.store(peers_key(self.spec.run_id), rec.to_wire(),
                                     ttl_s=ttl_s if ttl_s is not None else self.ttl_s, subkey=self.self_id)

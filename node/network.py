@@ -11,8 +11,8 @@ Isolation: hivemind pings initial peers only at creation, so a table emptied by 
 stays empty; `IsolationWatchdog` re-runs `connect_peers` on the initial and last-known peers
 until it is refilled.
 
-All awaits on the network carry deadlines. DHT request metrics are updated here, in the
-process that serves /metrics.
+Every DHT record is signed by its writer and checked on store and read (protocol/dht_signing.py).
+All awaits on the network carry deadlines; DHT request metrics are updated here (/metrics).
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from hivemind.utils import get_dht_time
 from multiaddr import Multiaddr
 
 from swarm_node.metrics import NodeMetrics
+from swarm_node.protocol.dht_signing import SignedRecordValidator
+from swarm_node.protocol.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,17 @@ def split_peer_maddr(maddr: str) -> tuple[PeerID, Multiaddr]:
     except Exception as e:
         raise ValueError(f"bad peer multiaddr {maddr!r}: {e}") from None
     return peer_id, transport
+
+
+def peer_ids_of(maddrs: Iterable[str]) -> set[str]:
+    """The peer ids named in `/p2p/...` multiaddrs (malformed ones skipped: the join warns of them)."""
+    ids = set()
+    for m in maddrs:
+        try:
+            ids.add(split_peer_maddr(m)[0].to_base58())
+        except ValueError:
+            continue
+    return ids
 
 
 def choose_join_maddrs(visible: Iterable[Multiaddr], peer_id: PeerID) -> list[str]:
@@ -89,7 +102,12 @@ class SwarmNetwork:
             check_if_identity_free=False,
         )
         try:
-            dht = await DHTNode.create(p2p=p2p, wait_timeout=settings.dht_wait_timeout_s,
+            signer = Signer.from_identity_file(settings.identity_path)
+            if signer.peer_id != p2p.peer_id.to_base58():
+                raise RuntimeError(f"{settings.identity_path} is not the key p2pd runs with")
+            validator = SignedRecordValidator(
+                signer, on_forged=lambda: metrics.rejected_messages.labels(reason="forged_record").inc())
+            dht = await DHTNode.create(p2p=p2p, wait_timeout=settings.dht_wait_timeout_s, record_validator=validator,
                                        cache_locally=True, cache_nearest=1, blacklist_time=1.0)
         except BaseException:
             await p2p.shutdown()

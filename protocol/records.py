@@ -2,7 +2,7 @@
 
 Keys (all small values, far below hivemind's ~16 KB / 4 MiB trouble zones):
   swarm/{run}/peers   subkey = peer id (base58) -> PeerRecord.to_wire()
-  swarm/{run}/spec    no subkey                 -> SpecRecord.to_wire()
+  swarm/{run}/spec    subkey = peer id (base58) -> SpecRecord.to_wire() (the spec that peer runs)
 
 Invariants:
 - A record on the wire is a msgpack-able tuple `(VERSION, field, ...)`; `from_wire` rejects

@@ -47,6 +47,7 @@ class Context(Enum):
     0xdd) and every non-empty prefix starts with a printable ASCII byte."""
 
     DISCOVERY_ADVERT = b"swarm-node/discovery-advert/v1\x00"
+    DHT_RECORD = b"swarm-node/dht-record/v1\x00"
     SAPO_ROLLOUT = b""
 
 

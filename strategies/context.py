@@ -51,6 +51,7 @@ class NodeSettings:
     aggregation: str = "mean"  # mean | clipped | trimmed (protocol/averaging/robust.py)
     aggregation_clip: float = 1.0
     aggregation_trim: float = 0.2
+    lab_contribution_scale: float = 1.0  # a byzantine peer in a lab: what it contributes, scaled
     allreduce_transport: str = "auto"  # auto | p2p | tcp (bulk TCP for large all-reduce parts)
     allreduce_tcp_port: int = 0
     host: str = "0.0.0.0"

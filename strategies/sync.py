@@ -104,6 +104,10 @@ class SyncStrategy(DataParallelStrategy):
             await self.ctx.peers.announce("online")
         return update
 
+    def _contribution(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        scale = self.ctx.node.lab_contribution_scale  # a lab's byzantine peer
+        return grads if scale == 1.0 else [g * scale for g in grads]
+
     async def _lead(self, result: StepResult) -> tuple[list[torch.Tensor] | None, str, int]:
         rnd = self._round(result.step)
         # An early push may have opened this round when our view still lacked peers (a fresh swarm:
@@ -112,7 +116,7 @@ class SyncStrategy(DataParallelStrategy):
         rnd.expected |= self._expected() - rnd.excused
         rnd.param_hash = await self.ctx.compute(self.ctx.trainer.param_hash)
         rnd.leader_ready.set()
-        rnd.add(self.ctx.peer_id, result.grads, result.num_samples)
+        rnd.add(self.ctx.peer_id, self._contribution(result.grads), result.num_samples)
         try:
             await asyncio.wait_for(rnd.closed.wait(), self.ctx.deadlines.gather)
         except asyncio.TimeoutError:
@@ -143,7 +147,7 @@ class SyncStrategy(DataParallelStrategy):
     async def _follow(self, leader: str, result: StepResult) -> tuple[list[torch.Tensor] | None, str, int]:
         ctx = self.ctx
         param_hash = await ctx.compute(ctx.trainer.param_hash)
-        pushes = tensor_messages(result.grads, lambda chunk: wire.SyncPush(
+        pushes = tensor_messages(self._contribution(result.grads), lambda chunk: wire.SyncPush(
             run_id=ctx.spec.run_id, step=result.step, param_hash=param_hash, num_samples=result.num_samples,
             num_tensors=len(result.grads), chunk=chunk))
         try:

@@ -277,7 +277,7 @@ class ButterflyAllReduce:
                  max_numel: int = 1 << 31, on_reject=None, transport_mode: str = "p2p",
                  bulk_host: str = "127.0.0.1", bulk_port: int = 0, announce_host: str | None = None,
                  on_path=None, segment_elems: int = SEGMENT_ELEMS, rule: AggregationRule | None = None,
-                 report: Callable[[Combined], None] | None = None):
+                 report: Callable[[Combined], None] | None = None, contribution_scale: float = 1.0):
         if transport_mode not in TRANSPORT_MODES:
             raise ValueError(f"transport_mode must be one of {TRANSPORT_MODES}, got {transport_mode!r}")
         self.transport, self.timeout_s, self.compression = transport, timeout_s, compression
@@ -289,6 +289,7 @@ class ButterflyAllReduce:
         self.segment_elems = segment_elems  # of the shard this peer reduces
         self.rule = rule or AggregationRule()
         self.report = report
+        self.contribution_scale = contribution_scale
         self._bulk_args = (bulk_host, bulk_port, announce_host)
         self.bulk: bulk_tcp.BulkServer | None = None
         self._groups: dict[str, _Reduction] = {}
@@ -352,6 +353,8 @@ class ButterflyAllReduce:
         if me not in group:
             raise ValueError("this peer is not a member of the group")
         vector = vector.detach().reshape(-1).float().cpu().contiguous()
+        if self.contribution_scale != 1.0:  # a lab's byzantine peer
+            vector = vector * self.contribution_scale
         bounds = shard_bounds(vector.numel(), len(group))
         my_index = group.index(me)
         lo, hi = bounds[my_index]

@@ -43,7 +43,7 @@ def averaging_layer(ctx, *, timeout_s: float, compression: int = 0, max_numel: i
         on_reject=lambda reason: ctx.metrics.rejected_messages.labels(reason=reason).inc(),
         transport_mode=node.allreduce_transport, bulk_host=node.host, bulk_port=node.allreduce_tcp_port,
         announce_host=node.announce_host, on_path=path_counter(ctx.metrics.registry),
-        rule=node.aggregation_rule, report=robust_reporter(ctx))
+        rule=node.aggregation_rule, report=robust_reporter(ctx), contribution_scale=node.lab_contribution_scale)
 
 
 def robust_reporter(ctx) -> Callable[[Combined], None]:
