@@ -102,12 +102,12 @@ def _control_address(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from swarm_node.control import ControlClient, ControlError
+    from swarm_node.control import ControlClient, ControlError, read_token
     from swarm_node.tables import format_peers, format_status
 
     address, state_dir = _control_address(args)
     try:
-        with ControlClient(address, state_dir=state_dir) as client:
+        with ControlClient(address, state_dir=state_dir, token=read_token(args.state_dir)) as client:
             if args.command == "status":
                 st = client.status()
                 print(st.model_dump_json(indent=2) if args.json else format_status(st, wide=args.wide))

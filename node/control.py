@@ -2,23 +2,28 @@
 
 Server contract:
 - Binds loopback only (default `127.0.0.1:0`); any other host raises `ValueError` unless
-  `allow_remote=True`, because the service is unauthenticated and `Drain` stops the node.
+  `allow_remote=True`. Status and peers are open to local users; `Drain` stops the node, so it
+  needs the token the node writes to `control.token` (mode 0600) in its state dir.
 - Handlers run on a 2-thread pool, not on the event loop: `status_fn` must return a
   ready snapshot cheaply and `drain_fn` must only *request* a drain in a thread-safe way
   (e.g. `loop.call_soon_threadsafe`) and return at once. A raising callback becomes
   gRPC INTERNAL with the exception text; the server keeps serving.
 
-Client contract: every call has a deadline (`timeout_s`). An unreachable or silent node
-raises `ControlUnavailable` with a message a person can act on; a server-side failure
-raises `ControlError`. Neither leaks a raw `grpc.RpcError`.
+Client contract: every call has a deadline. An unreachable or silent node raises
+`ControlUnavailable`, a refused drain `ControlRefused`, a server-side failure `ControlError`,
+each with a message a person can act on; none leaks a raw `grpc.RpcError`.
 """
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import logging
+import os
+import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 
@@ -37,6 +42,10 @@ _CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
 class ControlError(RuntimeError):
     """The node answered, but the call failed (e.g. its status callback raised)."""
+
+
+class ControlRefused(ControlError):
+    """The node refused a mutating call: no control token, or the wrong one."""
 
 
 class ControlUnavailable(ControlError):
@@ -114,9 +123,32 @@ def _is_loopback(host: str) -> bool:
         return False  # other host names could resolve anywhere
 
 
+TOKEN_FILE = "control.token"
+TOKEN_METADATA = "x-swarm-node-token"
+
+
+def write_token(state_dir: Path) -> str:
+    """A fresh control token in `state_dir/control.token`, readable by its owner only."""
+    token = secrets.token_hex(32)
+    path = Path(state_dir) / TOKEN_FILE
+    path.unlink(missing_ok=True)  # a file left with wider permissions is replaced, not reused
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return token
+
+
+def read_token(state_dir: str | Path) -> str | None:
+    try:
+        return (Path(state_dir) / TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
 class _Servicer(pb_grpc.ControlServicer):
-    def __init__(self, status_fn: Callable[[], NodeStatus], drain_fn: Callable[[str, int], tuple[bool, str]]) -> None:
-        self._status_fn, self._drain_fn = status_fn, drain_fn
+    def __init__(self, status_fn: Callable[[], NodeStatus], drain_fn: Callable[[str, int], tuple[bool, str]],
+                 token: str | None) -> None:
+        self._status_fn, self._drain_fn, self._token = status_fn, drain_fn, token
 
     def _call(self, context: grpc.ServicerContext, fn: Callable, *args):
         try:
@@ -132,6 +164,12 @@ class _Servicer(pb_grpc.ControlServicer):
         return pb.PeersReply(peers=[peer_to_pb(p) for p in self._call(context, self._status_fn).peers])
 
     def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.DrainReply:
+        if self._token is not None:  # reading is open to local users; stopping the node is not
+            given = dict(context.invocation_metadata()).get(TOKEN_METADATA, "")
+            if not hmac.compare_digest(given.encode(), self._token.encode()):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"drain needs the node's control token ({TOKEN_FILE} in its state dir, readable by "
+                              "the user that runs the node)")
         if request.at_step < 0:
             return pb.DrainReply(accepted=False, detail=f"at_step must be >= 0, got {request.at_step}")
         accepted, detail = self._call(context, self._drain_fn, request.reason, request.at_step)
@@ -153,6 +191,7 @@ class ControlServer:
         status_fn: Callable[[], NodeStatus],
         drain_fn: Callable[[str, int], tuple[bool, str]],
         allow_remote: bool = False,
+        token: str | None = None,
     ) -> None:
         host, port = _split_host_port(address)
         if not allow_remote and not _is_loopback(host):
@@ -161,7 +200,7 @@ class ControlServer:
                 "the node; use a loopback address (127.0.0.1, ::1) or pass allow_remote=True"
             )
         self._host, self._port = host, port
-        self._servicer = _Servicer(status_fn, drain_fn)
+        self._servicer = _Servicer(status_fn, drain_fn, token)
         self._server: grpc.Server | None = None
 
     def start(self) -> str:
@@ -201,8 +240,9 @@ class ControlClient:
     `ControlError` when the node answered with an error. `state_dir` only improves the message.
     """
 
-    def __init__(self, address: str, timeout_s: float = 5.0, *, state_dir: str | None = None) -> None:
-        self.address, self.timeout_s, self.state_dir = address, timeout_s, state_dir
+    def __init__(self, address: str, timeout_s: float = 5.0, *, state_dir: str | None = None,
+                 token: str | None = None) -> None:
+        self.address, self.timeout_s, self.state_dir, self.token = address, timeout_s, state_dir, token
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.ControlStub(self._channel)
 
@@ -214,7 +254,8 @@ class ControlClient:
 
     def drain(self, reason: str, at_step: int = 0) -> tuple[bool, str]:
         """Ask the node to drain now, or (at_step > 0) once it reaches that step."""
-        reply = self._call(self._stub.Drain, pb.DrainRequest(reason=reason, at_step=at_step))
+        metadata = ((TOKEN_METADATA, self.token),) if self.token else None
+        reply = self._call(self._stub.Drain, pb.DrainRequest(reason=reason, at_step=at_step), metadata)
         return reply.accepted, reply.detail
 
     def close(self) -> None:
@@ -226,10 +267,10 @@ class ControlClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method, request):
+    def _call(self, method, request, metadata=None):
         try:
             # wait_for_ready=False: a refused connection fails now instead of at the deadline.
-            return method(request, timeout=self.timeout_s, wait_for_ready=False)
+            return method(request, timeout=self.timeout_s, wait_for_ready=False, metadata=metadata)
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else None
             if code == grpc.StatusCode.UNAVAILABLE:
@@ -238,4 +279,6 @@ class ControlClient:
                 raise ControlUnavailable(
                     self.address, e.details() or str(code), self.state_dir, timeout_s=self.timeout_s
                 ) from None
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                raise ControlRefused(f"swarm-node at {self.address} refused: {e.details()}") from None
             raise ControlError(f"swarm-node at {self.address} failed the call: {code}: {e.details()}") from None

@@ -33,7 +33,7 @@ import torch
 
 from swarm_node import __version__
 from swarm_node.config import NodeConfig
-from swarm_node.control import ControlServer
+from swarm_node.control import ControlServer, write_token
 from swarm_node.train.data import DataError
 from swarm_node.train.device import (DeviceError, SpareGpuGate, apply_memory_cap, describe_device, device_memory_bytes,
                                      gpu_readings, make_probe, resolve_device)
@@ -344,7 +344,8 @@ class Node:
                 raise NodeExit(EXIT_STARTUP, f"cannot serve metrics on {cfg.metrics_addr}: {e} "
                                              "(use --metrics-addr 127.0.0.1:0 for any free port)") from None
             self.addresses.http = f"{h}:{p}"
-        self.control = ControlServer(cfg.control_addr, status_fn=self.status, drain_fn=self._drain_from_thread)
+        self.control = ControlServer(cfg.control_addr, status_fn=self.status, drain_fn=self._drain_from_thread,
+                                     token=write_token(cfg.state_dir))
         try:
             self.addresses.control = self.control.start()
         except OSError as e:

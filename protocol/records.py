@@ -11,8 +11,9 @@ Invariants:
   the record; a bad record never raises out of the membership loop.
 - `to_wire` enforces `MAX_RECORD_BYTES`, so we never publish a value large enough to hit
   the DHT value-size pitfalls.
-- The subkey a record is stored under is the only trusted statement of who wrote it; a
-  record whose embedded peer id differs from its subkey is treated as spoofed.
+- The subkey a record is stored under is who wrote it: the DHT keeps only records signed by
+  the subkey's key (dht_signing.py); a record whose embedded peer id differs from its subkey
+  is treated as spoofed.
 """
 from __future__ import annotations
 

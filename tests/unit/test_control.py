@@ -219,3 +219,33 @@ def test_format_peers():
     assert SELF in wide and OTHER in wide and "…" not in wide
     assert all(len(line) <= 240 for line in wide.splitlines())
     assert format_peers([]) == "no peers seen\n"
+
+
+def test_drain_needs_the_token_and_reading_does_not(node, tmp_path):
+    """A node with a control token: status answers anyone local, drain only a caller with the token
+    from the state dir (written 0600); no token or a wrong one is refused without draining."""
+    import os
+    import stat
+
+    from swarm_node.control import ControlRefused, read_token, write_token
+
+    token = write_token(tmp_path)
+    assert stat.S_IMODE(os.stat(tmp_path / "control.token").st_mode) == 0o600
+    assert read_token(tmp_path) == token and read_token(tmp_path / "nowhere") is None
+    srv = ControlServer("127.0.0.1:0", status_fn=node.status_fn, drain_fn=node.drain_fn, token=token)
+    address = srv.start()
+    try:
+        with ControlClient(address) as c:
+            assert c.status() == node.status
+            with pytest.raises(ControlRefused, match="control token"):
+                c.drain("stranger")
+        with ControlClient(address, token="0" * 64) as c, pytest.raises(ControlRefused):
+            c.drain("guess")
+        assert node.drains == []
+        with ControlClient(address, token=read_token(tmp_path)) as c:
+            assert c.drain("owner") == (True, "draining: owner")
+        assert node.drains == ["owner"]
+        assert write_token(tmp_path) != token  # a new one each start
+    finally:
+        node.block.set()
+        srv.stop(0.5)
