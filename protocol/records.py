@@ -9,8 +9,7 @@ Invariants:
   anything else with `RecordError` (a float where an int belongs, a bool where a number
   belongs, out-of-range values, oversized strings). Callers count the rejection and drop
   the record; a bad record never raises out of the membership loop.
-- `to_wire` enforces `MAX_RECORD_BYTES`, so we never publish a value large enough to hit
-  the DHT value-size pitfalls.
+- `to_wire` enforces `MAX_RECORD_BYTES` (below the DHT value-size pitfalls).
 - The subkey a record is stored under is who wrote it: the DHT keeps only records signed by
   the subkey's key (dht_signing.py); a record whose embedded peer id differs from its subkey
   is treated as spoofed.
