@@ -10,7 +10,8 @@
   strategies  list installed strategies
   identity    show (or create) the node's peer id
 
-Exit codes: 0 ok, 2 usage/config, 3 startup/preflight failed, 4 could not join, 130 interrupted.
+Exit codes: 0 ok, 2 usage/config, 3 startup/preflight failed, 4 could not join, 75 drain --at-step N
+refused because the node is already past N (ask again for a later step), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def _control_address(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from swarm_node.control import ControlClient, ControlError, read_token
+    from swarm_node.control import EXIT_PAST_STEP, ControlClient, ControlError, read_token
     from swarm_node.tables import format_peers, format_status
 
     address, state_dir = _control_address(args)
@@ -116,9 +117,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 print(json.dumps([p.model_dump(mode="json") for p in peers], indent=2) if args.json
                       else format_peers(peers, wide=args.wide))
             else:
-                ok, detail = client.drain(args.reason, args.at_step)
-                print(detail)
-                return 0 if ok else 1
+                outcome = client.drain(args.reason, args.at_step)
+                print(json.dumps(outcome._asdict()) if args.json else outcome.detail)
+                if outcome.past_step:
+                    return EXIT_PAST_STEP
+                return 0 if outcome.accepted else 1
     except ControlError as e:
         print(f"swarm-node: {e}", file=sys.stderr)
         return 1
@@ -217,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--reason", default="swarm-node drain")
             c.add_argument("--at-step", type=_non_negative_int, default=0, metavar="N",
                            help="keep training and drain on reaching step N (0 = now); sync and gradcode "
-                                "peers told the same N stop together, on one replica")
+                                "peers told the same N stop together, on one replica. A node already past N "
+                                "refuses (exit 75) and keeps training")
         c.set_defaults(fn=_cmd_status)
 
     strat = sub.add_parser("strategies", help="list installed strategies")

@@ -24,6 +24,7 @@ import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 
@@ -123,6 +124,16 @@ def _is_loopback(host: str) -> bool:
         return False  # other host names could resolve anywhere
 
 
+EXIT_PAST_STEP = 75  # `swarm-node drain --at-step N` exit code when the node is past N (EX_TEMPFAIL: ask again)
+
+
+class DrainOutcome(NamedTuple):
+    accepted: bool
+    detail: str
+    past_step: bool = False  # a drain at a step the node had already passed (refused)
+    current_step: int = 0
+
+
 TOKEN_FILE = "control.token"
 TOKEN_METADATA = "x-swarm-node-token"
 
@@ -146,7 +157,7 @@ def read_token(state_dir: str | Path) -> str | None:
 
 
 class _Servicer(pb_grpc.ControlServicer):
-    def __init__(self, status_fn: Callable[[], NodeStatus], drain_fn: Callable[[str, int], tuple[bool, str]],
+    def __init__(self, status_fn: Callable[[], NodeStatus], drain_fn: Callable[[str, int], DrainOutcome | tuple[bool, str]],
                  token: str | None) -> None:
         self._status_fn, self._drain_fn, self._token = status_fn, drain_fn, token
 
@@ -172,8 +183,9 @@ class _Servicer(pb_grpc.ControlServicer):
                               "the user that runs the node)")
         if request.at_step < 0:
             return pb.DrainReply(accepted=False, detail=f"at_step must be >= 0, got {request.at_step}")
-        accepted, detail = self._call(context, self._drain_fn, request.reason, request.at_step)
-        return pb.DrainReply(accepted=accepted, detail=detail)
+        out = DrainOutcome(*self._call(context, self._drain_fn, request.reason, request.at_step))
+        return pb.DrainReply(accepted=out.accepted, detail=out.detail, past_step=out.past_step,
+                             current_step=out.current_step)
 
 
 class ControlServer:
@@ -189,7 +201,7 @@ class ControlServer:
         address: str = DEFAULT_ADDRESS,
         *,
         status_fn: Callable[[], NodeStatus],
-        drain_fn: Callable[[str, int], tuple[bool, str]],
+        drain_fn: Callable[[str, int], DrainOutcome | tuple[bool, str]],
         allow_remote: bool = False,
         token: str | None = None,
     ) -> None:
@@ -252,11 +264,11 @@ class ControlClient:
     def peers(self) -> list[PeerView]:
         return [peer_from_pb(p) for p in self._call(self._stub.Peers, pb.PeersRequest()).peers]
 
-    def drain(self, reason: str, at_step: int = 0) -> tuple[bool, str]:
+    def drain(self, reason: str, at_step: int = 0) -> DrainOutcome:
         """Ask the node to drain now, or (at_step > 0) once it reaches that step."""
         metadata = ((TOKEN_METADATA, self.token),) if self.token else None
         reply = self._call(self._stub.Drain, pb.DrainRequest(reason=reason, at_step=at_step), metadata)
-        return reply.accepted, reply.detail
+        return DrainOutcome(reply.accepted, reply.detail, reply.past_step, reply.current_step)
 
     def close(self) -> None:
         self._channel.close()

@@ -33,7 +33,7 @@ import torch
 
 from swarm_node import __version__
 from swarm_node.config import NodeConfig
-from swarm_node.control import ControlServer, write_token
+from swarm_node.control import ControlServer, DrainOutcome, write_token
 from swarm_node.train.data import DataError
 from swarm_node.train.device import (DeviceError, SpareGpuGate, apply_memory_cap, describe_device, device_memory_bytes,
                                      gpu_readings, make_probe, resolve_device)
@@ -643,18 +643,19 @@ class Node:
     def _at_drain_step(self) -> bool:
         return self.stop_at_step is not None and self.trainer is not None and self.trainer.step >= self.stop_at_step
 
-    def _drain_from_thread(self, reason: str, at_step: int = 0) -> tuple[bool, str]:
+    def _drain_from_thread(self, reason: str, at_step: int = 0) -> DrainOutcome:
         if self._loop is None:
-            return False, "node is not running"
+            return DrainOutcome(False, "node is not running")
         why = f"drain requested: {reason or 'no reason given'}"
         if at_step > 0:
             step = self.trainer.step if self.trainer is not None else 0
-            if at_step > step:
-                self._loop.call_soon_threadsafe(self._drain_at, at_step, why)
-                return True, f"will drain on reaching step {at_step} (now at {step})"
-            why += f" (at step {at_step}; already at {step})"
+            if at_step <= step:  # refused, not drained now: peers that stop together must learn it
+                return DrainOutcome(False, f"already at step {step}, past {at_step}: not draining (ask for a later "
+                                           "step, or drain now without --at-step)", past_step=True, current_step=step)
+            self._loop.call_soon_threadsafe(self._drain_at, at_step, why)
+            return DrainOutcome(True, f"will drain on reaching step {at_step} (now at {step})", current_step=step)
         self._loop.call_soon_threadsafe(self.request_stop, why)
-        return True, "draining: finishing the current step, then leaving the swarm"
+        return DrainOutcome(True, "draining: finishing the current step, then leaving the swarm")
 
     def _drain_at(self, step: int, why: str) -> None:
         log.info("%s: will drain on reaching step %d", why, step)

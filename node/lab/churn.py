@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from swarm_node.control import EXIT_PAST_STEP
 from swarm_node.lab.launcher import LaunchError, NodeProcess, leftover_launched_pids
 from swarm_node.lab.scenario import Event, Scenario, ScenarioError
 
@@ -44,6 +45,7 @@ POLL_S = 1.0
 CUT_OFF_STEP_SLACK = 1  # cut_off_holds: a step already in flight when the isolation is seen may still land
 STOP_MARGIN_S = 5.0  # stop_together: the common step lies this many seconds of steps ahead of the furthest peer
 STOP_MARGIN_MIN_STEPS = 20
+STOP_ATTEMPTS = 3  # drain requests, each after some peer was already past the previous step
 STOP_WAIT_S = 60.0  # ... and every peer must have stopped this long after it is due
 HTTP_TIMEOUT_S = 2.0
 # consistency="phi_hash": every survivor must report a committed round after the churn settled; waited
@@ -253,6 +255,18 @@ class _Node:
     restarted: bool = False
 
 
+def _drain_reply(out: str) -> dict[str, Any]:
+    """The JSON line `swarm-node drain --json` printed (empty if there is none)."""
+    for line in reversed(out.strip().splitlines()):
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(reply, dict):
+            return reply
+    return {}
+
+
 def pace_of(samples: list[tuple[float, str, int, float | None]], t_end: float, window_s: float) -> float:
     """Steps per second of the fastest peer: the median over its consecutive (time, step) samples
     in [t_end - window_s, t_end] that advanced (0.0 with fewer than one such interval)."""
@@ -420,28 +434,46 @@ class ChurnRunner:
     def _request_common_stop(self) -> None:
         """Tell every live peer, through its own control API (`swarm-node drain --at-step`), to
         drain at one step: the furthest peer's step plus what the swarm does in STOP_MARGIN_S at
-        its recent pace (so no peer is already past it when the request arrives)."""
+        its recent pace. A peer already past it refuses (exit 75, training on), and then every
+        live peer is asked again for a step past the furthest one reported, with twice the margin."""
         live = {k: n for k, n in self.nodes.items()
                 if n.alive and n.terminating_since is None and n.proc.proc.poll() is None}
         furthest = max(((n.status or {}).get("step", 0) for n in live.values()), default=0)
         rate = self._recent_step_rate()
-        self.stop_target = furthest + max(STOP_MARGIN_MIN_STEPS, math.ceil(rate * STOP_MARGIN_S))
-        self.stop_deadline = time.monotonic() + STOP_WAIT_S + (self.stop_target - furthest) / max(rate, 0.5)
-        self.o.progress(f"[t={self.now():5.1f}s] asking {', '.join(live)} to drain together at step "
-                        f"{self.stop_target} (furthest at {furthest}, {rate:.1f} steps/s)")
+        margin_s = STOP_MARGIN_S
+        for attempt in range(STOP_ATTEMPTS):
+            self.stop_target = furthest + max(STOP_MARGIN_MIN_STEPS, math.ceil(rate * margin_s))
+            self.stop_deadline = time.monotonic() + STOP_WAIT_S + (self.stop_target - furthest) / max(rate, 0.5)
+            self.o.progress(f"[t={self.now():5.1f}s] asking {', '.join(live)} to drain together at step "
+                            f"{self.stop_target} (furthest at {furthest}, {rate:.1f} steps/s)")
+            past = self._send_drain(live, self.stop_target, last_try=attempt == STOP_ATTEMPTS - 1)
+            if not past:
+                return
+            furthest = max(past.values())
+            margin_s *= 2
+
+    def _send_drain(self, live: dict, target: int, last_try: bool) -> dict[str, int]:
+        """`drain --at-step target` to every peer in `live`; returns {peer: its step} of those that
+        were already past it (a problem on the last try), and reports any other failure."""
         calls = {k: subprocess.Popen([*self.backend.cmd_prefix(k), sys.executable, "-m", "swarm_node", "drain",
-                                      "--state-dir", str(n.proc.state_dir), "--at-step", str(self.stop_target),
+                                      "--state-dir", str(n.proc.state_dir), "--at-step", str(target), "--json",
                                       "--reason", "churn runner: stop together"],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for k, n in live.items()}
+        past: dict[str, int] = {}
         for k, call in calls.items():
             try:
                 out, _ = call.communicate(timeout=30)
             except subprocess.TimeoutExpired:
                 call.kill()
                 out = "no answer within 30 s"
-            if call.returncode != 0:
-                self.report.problems.append(f"drain --at-step {self.stop_target} to {k} failed: {out.strip()[-300:]}")
+            if call.returncode == EXIT_PAST_STEP:
+                past[k] = _drain_reply(out).get("current_step", target)
+                if last_try:
+                    self.report.problems.append(f"{k} was past every common step asked for (last {target})")
+            elif call.returncode != 0:
+                self.report.problems.append(f"drain --at-step {target} to {k} failed: {out.strip()[-300:]}")
+        return past
 
     def _recent_step_rate(self, window_s: float = 20.0) -> float:
         """The swarm's training pace: for each live peer, the median steps per second between its

@@ -12,14 +12,15 @@ import dataclasses
 import json
 import sys
 
-import msgpack
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives import serialization
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
+from hivemind.utils.serializer import MSGPackSerializer
 
-from swarm_node.protocol.dht_signing import TAG, open_envelope
+from swarm_node.network import split_peer_maddr
+from swarm_node.protocol.dht_signing import TAG
 from swarm_node.protocol.records import PeerRecord, SpecRecord, peers_key, spec_key
 from swarm_node.protocol.signing import KeyType, PublicKey
 
@@ -32,20 +33,29 @@ def fresh_peer_id() -> str:
 
 async def main(join: str, run_id: str, victim: str, owner: str) -> dict:
     p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    dht = await DHTNode.create(p2p=p2p, initial_peers=[join], wait_timeout=3)
+    dht = await DHTNode.create(p2p=p2p, wait_timeout=3)
+    peer, transport = split_peer_maddr(join)  # dial, ping, look ourselves up: as a node joins
+    await p2p._client.connect(peer, [transport])
+    if await dht.protocol.call_ping(peer) is None:
+        raise RuntimeError(f"{join} did not answer a DHT ping")
+    await dht.find_nearest_nodes([dht.node_id])
     out: dict = {"rogue": p2p.peer_id.to_base58()}
     try:
         found = await dht.get(peers_key(run_id), latest=True)
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
-        raw = entries.get(victim)
-        opened = open_envelope(raw.value) if raw is not None else None
-        out["read_victim"] = opened is not None
-        rec = PeerRecord.from_wire(opened[0]) if opened else None
+        out["peers_read"] = len(entries)
+        # without a validator the envelope reads back as [TAG, serialized value, key, signature]
+        env = entries[victim].value if victim in entries else None
+        rec = None
+        if isinstance(env, list) and len(env) == 4 and env[0] == TAG:
+            rec = PeerRecord.from_wire(MSGPackSerializer.loads(env[1]))
+        out["read_victim"] = rec is not None
         far = get_dht_time() + 3600
         if rec is not None:
             blob = dataclasses.replace(rec, state="leaving").to_wire()
             out["victim_leaving_unsigned"] = bool(await dht.store(peers_key(run_id), blob, far, subkey=victim))
-            resigned = msgpack.packb([TAG, blob, opened[1], b"\x00" * 256], use_bin_type=True)
+            # the victim's own key and a made-up signature
+            resigned = [TAG, MSGPackSerializer.dumps(blob), env[2], b"\x00" * 256]  # serialized: an envelope
             out["victim_leaving_bad_signature"] = bool(await dht.store(peers_key(run_id), resigned, far, subkey=victim))
         fakes = 0
         for _ in range(10):

@@ -62,21 +62,32 @@ def _cli(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess:
 
 def _drain_together(nodes, multiple_of: int = 1, at_most: int | None = None) -> int:
     """`swarm-node drain --at-step N` to every node, N about 6 s of training past the furthest
-    one (so no peer is past it when its request arrives; the drain CLI answers in well under a
-    second), rounded up to `multiple_of` and capped at `at_most`. Returns N."""
+    one, rounded up to `multiple_of` and capped at `at_most`. A node already past N refuses
+    (exit 75) and trains on; then all are asked again for a step past the furthest reported
+    (a node's step can jump on a state download). Returns N."""
+    def round_up(step: int) -> int:
+        target = -(-step // multiple_of) * multiple_of
+        return min(target, at_most) if at_most is not None else target
+
     before = max(n.status()["step"] for n in nodes)
     time.sleep(1)
     now = max(n.status()["step"] for n in nodes)
-    stop_at = -(-(now + max(30, 6 * (now - before))) // multiple_of) * multiple_of
-    if at_most is not None:
-        stop_at = min(stop_at, at_most)
-    calls = [subprocess.Popen([sys.executable, "-m", "swarm_node", "drain", "--state-dir", str(n.state_dir),
-                               "--at-step", str(stop_at)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for n in nodes]
-    for call in calls:
-        out, _ = call.communicate(timeout=60)
-        assert call.returncode == 0 and f"on reaching step {stop_at}" in out, out
-    return stop_at
+    stop_at = round_up(now + max(30, 6 * (now - before)))
+    for _ in range(3):
+        calls = [subprocess.Popen([sys.executable, "-m", "swarm_node", "drain", "--state-dir", str(n.state_dir),
+                                   "--at-step", str(stop_at), "--json"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for n in nodes]
+        replies = []
+        for call in calls:
+            out, _ = call.communicate(timeout=60)
+            assert call.returncode in (0, 75), out
+            replies.append(json.loads(out.strip().splitlines()[-1]))
+        past = [r["current_step"] for r in replies if r["past_step"]]
+        if not past:
+            assert all(r["accepted"] for r in replies), replies
+            return stop_at
+        stop_at = round_up(max(past) + 60)
+    raise AssertionError(f"some node was past every common step asked for (last {stop_at})")
 
 
 def _model_state(node: NodeProcess) -> dict[str, torch.Tensor]:

@@ -110,14 +110,14 @@ def test_drain_at_step_is_passed_on_and_a_negative_step_refused(control, node):
     with ControlClient(control) as c:
         assert c.drain("together", at_step=120)[0] is True
         assert node.drain_steps == [120]
-        ok, detail = c.drain("bad", at_step=-5)
+        ok, detail, *_ = c.drain("bad", at_step=-5)
         assert ok is False and "at_step must be >= 0" in detail
         assert node.drains == ["together"]
 
 
 def test_drain_passes_reason(control, node):
     with ControlClient(control) as c:
-        assert c.drain("operator: maintenance") == (True, "draining: operator: maintenance")
+        assert c.drain("operator: maintenance")[:2] == (True, "draining: operator: maintenance")
         assert node.drains == ["operator: maintenance"]
         with pytest.raises(ControlError) as ei:
             c.drain("explode")
@@ -243,9 +243,26 @@ def test_drain_needs_the_token_and_reading_does_not(node, tmp_path):
             c.drain("guess")
         assert node.drains == []
         with ControlClient(address, token=read_token(tmp_path)) as c:
-            assert c.drain("owner") == (True, "draining: owner")
+            assert c.drain("owner")[:2] == (True, "draining: owner")
         assert node.drains == ["owner"]
         assert write_token(tmp_path) != token  # a new one each start
     finally:
         node.block.set()
         srv.stop(0.5)
+
+
+def test_a_node_already_past_the_drain_step_refuses_and_trains_on():
+    """`drain --at-step N` to a node at step >= N is refused with its step (the caller asks again
+    for a later step) instead of stopping it where it is, which forked peers meant to stop together."""
+    from types import SimpleNamespace
+
+    from swarm_node.daemon import Node
+
+    calls = []
+    node = object.__new__(Node)
+    node._loop = SimpleNamespace(call_soon_threadsafe=lambda fn, *a: calls.append((fn.__name__, a)))
+    node.trainer = SimpleNamespace(step=120)
+    out = node._drain_from_thread("together", at_step=100)
+    assert (out.accepted, out.past_step, out.current_step) == (False, True, 120) and calls == []
+    out = node._drain_from_thread("together", at_step=150)
+    assert out.accepted and not out.past_step and calls == [("_drain_at", (150, "drain requested: together"))]
