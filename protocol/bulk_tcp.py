@@ -61,6 +61,7 @@ OK, REJECTED, TIMEOUT = 0, 1, 2
 MAX_DETAIL = 512
 HANDSHAKE_TIMEOUT_S = 5.0  # a connection that does not say HELLO in time is dropped
 MAX_CONNECTIONS = 256  # concurrent inbound connections; more are refused at accept
+MAX_PER_SOURCE = 64  # of them from one IP address: one host holding idle connections cannot lock others out
 # reasons BulkError may carry; the codec's own reasons pass through unchanged
 REJECT_REASONS: tuple[str, ...] = ("bad_token", "truncated", "too_large", "bad_shape", "malformed",
                                    "non_finite", "timeout")
@@ -285,8 +286,11 @@ class BulkServer:
     it gets `handler(sock, session)`; anything else is counted via `on_reject` and closed."""
 
     def __init__(self, handler: Handler, *, host: str = "127.0.0.1", port: int = 0,
-                 announce_host: str | None = None, on_reject: Callable[[str], None] | None = None):
+                 announce_host: str | None = None, on_reject: Callable[[str], None] | None = None,
+                 max_per_source: int = MAX_PER_SOURCE):
         self.handler, self.host, self.port = handler, host, port
+        self.max_per_source = max_per_source
+        self._per_source: dict[str, int] = {}
         self.announce_host = announce_host
         self.on_reject = on_reject or (lambda reason: None)
         self._grants: dict[bytes, _Grant] = {}
@@ -331,20 +335,31 @@ class BulkServer:
         assert self._sock is not None
         while True:
             try:
-                conn, _ = await loop.sock_accept(self._sock)
+                conn, addr = await loop.sock_accept(self._sock)
             except asyncio.CancelledError:
                 raise
             except OSError as e:  # EMFILE and friends: back off instead of spinning
                 log.warning("bulk accept failed: %s", e)
                 await asyncio.sleep(0.1)
                 continue
-            if len(self._conns) >= MAX_CONNECTIONS:
+            source = addr[0] if isinstance(addr, tuple) else str(addr)
+            if len(self._conns) >= MAX_CONNECTIONS or self._per_source.get(source, 0) >= self.max_per_source:
+                self.on_reject("too_many_connections")
                 conn.close()
                 continue
             _tune(conn)
+            self._per_source[source] = self._per_source.get(source, 0) + 1
             task = asyncio.create_task(self._serve(conn))
             self._conns.add(task)
-            task.add_done_callback(self._conns.discard)
+            task.add_done_callback(lambda t, source=source: self._release(t, source))
+
+    def _release(self, task: asyncio.Task, source: str) -> None:
+        self._conns.discard(task)
+        left = self._per_source.get(source, 1) - 1
+        if left > 0:
+            self._per_source[source] = left
+        else:
+            self._per_source.pop(source, None)
 
     async def _serve(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()

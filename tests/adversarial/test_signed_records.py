@@ -122,3 +122,4 @@ def test_only_the_spec_of_a_peer_we_join_through_can_turn_us_away():
     assert metrics.rejected_messages.labels(reason="spec_mismatch")._value.get() == 1
     with pytest.raises(SpecMismatch, match="lr: ours=0.003 theirs=0.5"):
         asyncio.run(ms.check_spec(trusted={"stranger"}))
+
