@@ -12,6 +12,7 @@ Goal: byzantine clipped and trimmed within 0.05 nats of clean mean; byzantine me
 contrast. Loss is the mean over the four honest peers.
 
   .venv/bin/python bench/bench_byzantine.py [--steps 200] [--only sync diloco] [--attack -10]
+      [--rules mean clipped trimmed] [--clip 1.0] [--trim 0.2]
 """
 from __future__ import annotations
 
@@ -50,9 +51,9 @@ def _identities(workdir: Path) -> None:
         os.chmod(d / "identity.key", 0o600)
 
 
-def run(workdir: Path, strategy: str, rule: str, attack: float | None, steps: int) -> dict:
+def run(workdir: Path, strategy: str, rule: str, attack: float | None, steps: int, robust: list[str]) -> dict:
     run_id = f"byz-{strategy}-{rule}-{'attack' if attack is not None else 'clean'}"
-    common = [*BASE, *STRATEGIES[strategy], "--aggregation", rule, "--max-steps", str(steps),
+    common = [*BASE, *STRATEGIES[strategy], "--aggregation", rule, *robust, "--max-steps", str(steps),
               "--eval-every", str(steps), "--run-id", run_id, "--min-peers", str(PEERS)]
     _identities(workdir)
     t0 = time.monotonic()
@@ -79,16 +80,21 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--only", nargs="*", default=list(STRATEGIES), choices=list(STRATEGIES))
     ap.add_argument("--attack", type=float, default=-10.0, help="the byzantine peer's contribution scale")
+    ap.add_argument("--trim", type=float, default=0.2, help="--aggregation-trim (0.4 with 5 peers: the median)")
+    ap.add_argument("--clip", type=float, default=1.0, help="--aggregation-clip")
+    ap.add_argument("--rules", nargs="*", default=list(RULES), choices=list(RULES))
     args = ap.parse_args()
     print(f"env: python {platform.python_version()} torch {torch.__version__} cpus {os.cpu_count()} | {PEERS} peers x "
-          f"{args.steps} steps, one byzantine (x{args.attack:g}) | tiny GPT (1 layer, d=64)", flush=True)
+          f"{args.steps} steps, one byzantine (x{args.attack:g}) | clip {args.clip:g}, trim {args.trim:g} | tiny GPT "
+          f"(1 layer, d=64)", flush=True)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for strategy in args.only:
             for attack in (None, args.attack):
-                for rule in RULES:
+                for rule in dict.fromkeys(["mean", *args.rules]):  # clean mean: the reference
                     key = f"{strategy} {'byzantine' if attack is not None else 'clean'} {rule}"
-                    r = run(Path(tmp) / key.replace(" ", "_"), strategy, rule, attack, args.steps)
+                    robust = ["--aggregation-clip", str(args.clip), "--aggregation-trim", str(args.trim)]
+                    r = run(Path(tmp) / key.replace(" ", "_"), strategy, rule, attack, args.steps, robust)
                     results[key] = r
                     print(f"  {key:28s} honest val {r['val']:.4f}  ({r['wall_s']:.0f}s, {r['s_per_round']:.2f} s/round)",
                           flush=True)
@@ -96,7 +102,7 @@ def main() -> int:
     for strategy in args.only:
         ref = results[f"{strategy} clean mean"]
         for kind in ("clean", "byzantine"):
-            for rule in RULES:
+            for rule in dict.fromkeys(["mean", *args.rules]):
                 r = results[f"{strategy} {kind} {rule}"]
                 print(f"{strategy:8s} {kind:10s} {rule:8s} {r['val']:7.4f} {r['val'] - ref['val']:+14.4f} "
                       f"{r['s_per_round']:8.2f} {r['s_per_round'] / ref['s_per_round']:8.2f}")
