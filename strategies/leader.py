@@ -46,6 +46,12 @@ class LeaderElection:
         say so (records lag by up to one announce interval)."""
         self.committed_with = set(group) - {self.ctx.peer_id}
 
+    def not_leader(self, peer: str) -> None:
+        """`peer`, which we took for the leader, says it is not: it does not count itself online,
+        so our having committed with it says nothing any more. Two peers that each counted the
+        other as leader (one of them still rejoining, online only by our commit) waited forever."""
+        self.committed_with.discard(peer)
+
     def forget_commits(self) -> None:
         """This peer fell out of step with its group (below the quorum): what it committed before
         says nothing about who is online now. Two peers that each still counted the other as

@@ -170,6 +170,8 @@ class SyncStrategy(DataParallelStrategy):
         if status == Status.SYNC_STATUS_RESYNC:
             await self._resync(leader, detail)
             return None, "resync", 0
+        if status == Status.SYNC_STATUS_NOT_LEADER:
+            self.election.not_leader(leader)
         ctx.log.info("round %d: leader %s answered %s %s", result.step, leader[-8:],
                      Status.Name(status) if status is not None else "nothing", detail)
         return None, "error", 0

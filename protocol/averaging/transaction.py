@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import AsyncIterator, Callable
@@ -123,7 +124,8 @@ class _LeaderRound:
     votes: dict[str, tuple[bool, str]] = field(default_factory=dict)
     voted: asyncio.Event = field(default_factory=asyncio.Event)
     decision: bool | None = None
-    num_elements: int | None = None  # every member must all-reduce a vector of this length
+    num_elements: int | None = None  # every member must all-reduce a vector of this length (the leader's)
+    numel_of: dict[str, int] = field(default_factory=dict)  # what each joiner declared
     epoch: int = 0  # retries of one round are new epochs: fresh group, group id and votes
     freeze_at: float | None = None  # loop time the earliest freeze timer fires at
     decided: asyncio.Event = field(default_factory=asyncio.Event)
@@ -131,7 +133,11 @@ class _LeaderRound:
 
     def freeze(self, run_id: str) -> None:
         if not self.frozen.is_set():
-            self.group = sorted(self.joined)
+            # The length is the leader's own, else the most common declared one: a stranger who
+            # joins first with another length is left out instead of locking the members out
+            if self.num_elements is None and self.numel_of:
+                self.num_elements = Counter(self.numel_of.values()).most_common(1)[0][0]
+            self.group = sorted(p for p in self.joined if self.numel_of.get(p, self.num_elements) == self.num_elements)
             self.group_id = group_digest(run_id, self.round_no, self.group, self.epoch)
             self.frozen.set()
             if self.on_freeze is not None:
@@ -331,11 +337,11 @@ class RoundCoordinator:
         if not (join.weight >= 0 and join.weight < 1e9):
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_REJECTED, detail="bad weight")
         rnd = self._round(my_round, my_hash)
-        if rnd.num_elements is None:
-            rnd.num_elements = join.num_elements
-        elif join.num_elements != rnd.num_elements:
-            return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_REJECTED,
-                                      detail=f"vector of {join.num_elements} elements, round uses {rnd.num_elements}")
+        if caller == me and not rnd.frozen.is_set():
+            rnd.num_elements = join.num_elements  # the leader's own vector sets the length
+        if rnd.num_elements is not None and join.num_elements != rnd.num_elements:
+            return self._wrong_length(join, rnd)
+        rnd.numel_of[caller] = join.num_elements
         if not rnd.frozen.is_set():
             self._open_window(rnd, caller == me, join.weight)
             rnd.joined[caller] = join.weight
@@ -346,12 +352,19 @@ class RoundCoordinator:
                 await asyncio.wait_for(rnd.frozen.wait(), max(0.0, answer_by - loop.time()))
         except asyncio.TimeoutError:
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_TIMEOUT, detail="group never froze")
+        if caller not in rnd.group and join.num_elements != rnd.num_elements:
+            return self._wrong_length(join, rnd)
         if caller not in rnd.group:
             if caller == me and rnd.group:
                 return await self._left_out_leader(rnd)
             return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_TIMEOUT, detail="joined after the group froze")
         return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_OK, round=my_round, group=rnd.group,
                                   group_id=rnd.group_id)
+
+    @staticmethod
+    def _wrong_length(join: rpb.RoundJoin, rnd: _LeaderRound) -> rpb.RoundJoinReply:
+        return rpb.RoundJoinReply(status=JoinStatus.ROUND_STATUS_REJECTED,
+                                  detail=f"vector of {join.num_elements} elements, round uses {rnd.num_elements}")
 
     def _open_window(self, rnd: _LeaderRound, by_leader: bool, weight: float) -> None:
         """Start (or bring forward) the round's freeze timer. Wait for all: the leader's own join

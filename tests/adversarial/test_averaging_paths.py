@@ -94,3 +94,31 @@ def test_star_gather_round_with_one_byzantine_pusher(mode):
         plain.add(f"p{i}", as_list(v), 32)
     plain.add("p4", as_list(-1000 * h[0]), 10_000)
     assert rel_err(torch.cat([t.reshape(-1) for t in plain.result]), torch.stack(h).mean(0)) > 100
+
+
+def test_a_stranger_joining_a_round_first_with_another_length_does_not_lock_the_members_out():
+    """Round transactions: a stranger joins round 7 before anyone else, declaring a vector of
+    another length. The length is the leader's own, so the stranger is refused and the three
+    members commit their mean among themselves (the first joiner used to fix the length)."""
+    from tests.fakes.transport import InMemoryNetwork as Net
+    from tests.unit.test_fake_transport import _coordinators, _mean, _vectors
+
+    async def go():
+        net = Net()
+        ids = sorted(net.transport(n).peer_id for n in "abc")
+        stranger = net.transport("x").peer_id
+        rcs = await _coordinators(net, "abcx", set(ids))
+        vecs = _vectors(ids)
+        early = net.spawn(stranger, rcs[stranger].run_round(7, "phi-7", 1.0, torch.zeros(999)))
+        await asyncio.sleep(0.05)
+        honest = {p: net.spawn(p, rcs[p].run_round(7, "phi-7", *vecs[p])) for p in ids}
+        outs = dict(zip(honest, await asyncio.gather(*honest.values())))
+        bad = await early
+        await net.close()
+        return ids, vecs, outs, bad
+
+    ids, vecs, outs, bad = asyncio.run(asyncio.wait_for(go(), 20))
+    for p, out in outs.items():
+        assert out.status == "committed" and out.group == ids, (p[-8:], out.detail)
+        torch.testing.assert_close(out.result, _mean(list(vecs.values())))
+    assert bad.status != "committed" and "999 elements" in bad.detail

@@ -250,3 +250,18 @@ def test_a_drained_peer_seen_leaving_just_before_the_commit_that_counted_it_lowe
     assert need == 1, (have, need)
     s.quorum.committed(2, at=left_at + 60)  # a leave long before the last commit is not this group's
     assert s.quorum_counts()[1] == 2
+
+
+def test_a_peer_that_says_it_is_not_the_leader_stops_counting_as_online_by_our_commit():
+    """After a heal: we committed a round with x (so x counts as online for us, whatever its record
+    says) while x went back to `joining` to have its replica checked. x has the lowest id, so we
+    take it for the leader, and it takes us: each answers the other NOT_LEADER, forever. x's
+    NOT_LEADER reply drops it from our commit set, and then we lead."""
+    x = SimpleNamespace(peer_id="a-x", record=SimpleNamespace(strategy="sync", state="joining", step=245))
+    ctx = SimpleNamespace(peer_id="m", progress=Progress(state="online"), node=SimpleNamespace(ttl_s=4.0),
+                          trainer=SimpleNamespace(step=245), peers=SimpleNamespace(others=lambda: [x]))
+    election = LeaderElection(ctx, "sync", prefer_progress=True)
+    election.mark_committed(["m", "a-x"])
+    assert election.leader() == "a-x"
+    election.not_leader("a-x")
+    assert election.leader() == "m"
