@@ -47,20 +47,25 @@ class PairExchange:
                  deadlines: Deadlines, is_partner: Callable[[int, str], bool], on_reject: Callable[[str], None]):
         self.transport, self.run_id, self.shapes, self.compression = transport, run_id, shapes, compression
         self.deadlines, self.is_partner, self.on_reject = deadlines, is_partner, on_reject
-        # round -> (my list for that round, event set when posted); round -> partner's list future
+        # round -> (my list for that round, my partner in it, event set when posted);
+        # (round, peer) -> that peer's list, as it pushed it
         self._mine: dict[int, list[torch.Tensor]] = {}
+        self._partner_for: dict[int, str | None] = {}
         self._posted: dict[int, asyncio.Event] = {}
-        self._incoming: dict[int, asyncio.Future] = {}
+        self._incoming: dict[tuple[int, str], asyncio.Future] = {}
         self._active_round = -1  # the round this peer is exchanging in
         self._pushed_by: dict[str, int] = {}  # the latest round each peer pushed to us as our partner
 
     async def start(self) -> None:
         await self.transport.add_handler(PAIR, self._serve, rpb.PairPush, channel="averaging")
 
-    def post(self, round_no: int, mine: list[torch.Tensor]) -> None:
-        """This peer's list for `round_no` (the round it now exchanges in)."""
+    def post(self, round_no: int, mine: list[torch.Tensor], partner: str | None) -> None:
+        """This peer's list for `round_no` (the round it now exchanges in) and its partner there
+        (None: the odd one out). Only that partner gets the list: a peer whose view paired it with
+        us differently is refused, so a round counts on both sides of a pair or on neither."""
         self._active_round = round_no
         self._mine[round_no] = mine
+        self._partner_for[round_no] = partner
         self._slot(round_no).set()
 
     async def exchange(self, round_no: int, partner: str, initiate: bool) -> list[torch.Tensor]:
@@ -78,19 +83,28 @@ class PairExchange:
     def _slot(self, round_no: int) -> asyncio.Event:
         if round_no not in self._posted:
             self._posted[round_no] = asyncio.Event()
-            self._incoming[round_no] = asyncio.get_running_loop().create_future()
             for old in sorted(self._posted)[:-KEEP_ROUNDS]:
-                if old == self._active_round:  # partners far ahead must not evict the round we wait in
+                # partners far ahead must not evict the round we wait in, nor a late partner's push
+                # the round it is asked for (it was gone before it was returned: a KeyError)
+                if old in (self._active_round, round_no):
                     continue
                 self._posted.pop(old, None)
                 self._mine.pop(old, None)
-                fut = self._incoming.pop(old, None)
-                if fut is not None and not fut.done():
-                    fut.cancel()
+                self._partner_for.pop(old, None)
+                for key in [k for k in self._incoming if k[0] == old]:
+                    fut = self._incoming.pop(key)
+                    if not fut.done():
+                        fut.cancel()
         return self._posted[round_no]
 
+    def _from(self, round_no: int, peer: str) -> asyncio.Future:
+        key = (round_no, peer)
+        if key not in self._incoming:
+            self._incoming[key] = asyncio.get_running_loop().create_future()
+        return self._incoming[key]
+
     async def _await_push(self, partner: str, round_no: int) -> list[torch.Tensor]:
-        fut = self._incoming[round_no]
+        fut = self._from(round_no, partner)
         deadline = time.monotonic() + self.deadlines.gather
         while not fut.done():
             ahead = self._pushed_by.get(partner, -1)
@@ -131,13 +145,16 @@ class PairExchange:
             return
         self._pushed_by[caller] = max(self._pushed_by.get(caller, -1), round_no)
         posted = self._slot(round_no)
-        fut = self._incoming[round_no]
+        fut = self._from(round_no, caller)
         if not fut.done():
             fut.set_result(got.tensors)
         try:
             await asyncio.wait_for(posted.wait(), timeout)
         except asyncio.TimeoutError:
             yield rpb.PairReply(status=PairStatus.PAIR_STATUS_TIMEOUT, detail="did not reach the round in time")
+            return
+        if self._partner_for.get(round_no, caller) != caller:  # our own loop paired us otherwise this round
+            yield rpb.PairReply(status=PairStatus.PAIR_STATUS_REFUSED, detail="paired with another peer this round")
             return
         mine = self._mine.get(round_no)
         if mine is None:  # that round was dropped meanwhile (we moved far on)

@@ -16,6 +16,7 @@ momentum, not Nesterov: with the group set to all peers this is exactly heavy-ba
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 
@@ -31,6 +32,8 @@ from swarm_node.strategies.leader import LeaderElection
 from swarm_node.strategies.lowcomm.outer_math import noloco_update, pair_peers, pairing_seed, replica_spread
 from swarm_node.protocol.averaging.state_transfer import StateService, StateTransferError
 from swarm_node.strategies.lowcomm.options import EARLY_TRAINING_OUTER, NoLoCoOptions
+
+REFUSED_RETRY_S = 0.25  # between asks of a partner whose view paired it otherwise
 
 
 
@@ -119,17 +122,27 @@ class NoLoCoStrategy(Strategy):
     async def _pair_round(self, round_no: int) -> None:
         ctx, t0 = self.ctx, time.perf_counter()
         theta = [p.detach().float().cpu().clone() for p in self.params]
-        self.pairs.post(round_no, theta)
-        partner = self.partner(round_no)
-        if partner is None:
-            self._account("no_peers", 1, time.perf_counter() - t0, None, "odd one out")
-            return
-        try:
-            theirs = await self.pairs.exchange(round_no, partner, initiate=ctx.peer_id < partner)
-        except PairFailed as e:  # a partner ahead will not come back for this round: catch up instead
-            timed_out = e.outcome in (PairOutcome.TIMEOUT, PairOutcome.PARTNER_AHEAD)
-            self._account("timeout" if timed_out else "error", 1, time.perf_counter() - t0, partner, str(e))
-            return
+        # Views of the membership differ for up to an announce interval (a peer that just
+        # started): a partner that refuses is asked again, with the pairing recomputed, until
+        # the round's window ends. Skipping at once let a fresh peer race through its rounds alone.
+        retry_until = time.monotonic() + ctx.deadlines.gather
+        while True:
+            partner = self.partner(round_no)
+            self.pairs.post(round_no, theta, partner)
+            if partner is None:
+                self._account("no_peers", 1, time.perf_counter() - t0, None, "odd one out")
+                return
+            try:
+                theirs = await self.pairs.exchange(round_no, partner, initiate=ctx.peer_id < partner)
+                break
+            except PairFailed as e:  # a partner ahead will not come back for this round: catch up instead
+                if (e.outcome is PairOutcome.REFUSED and not ctx.should_stop()
+                        and time.monotonic() + REFUSED_RETRY_S < retry_until):
+                    await asyncio.sleep(REFUSED_RETRY_S)
+                    continue
+                timed_out = e.outcome in (PairOutcome.TIMEOUT, PairOutcome.PARTNER_AHEAD)
+                self._account("timeout" if timed_out else "error", 1, time.perf_counter() - t0, partner, str(e))
+                return
         lr, beta = ctx.options.outer_lr, ctx.options.momentum()
         # γ = η: the partner's φ cancels, so our own φ stands in for it in the group
         self.phi, self.momentum = await ctx.compute(lambda: noloco_update(
