@@ -69,8 +69,7 @@ def run(workdir: Path, strategy: str, rule: str, attack: float | None, steps: in
         sums = [json.loads((n.state_dir / "summary.json").read_text()) for n in sw.nodes]
     wall = time.monotonic() - t0
     honest = sums[:PEERS - 1]
-    rounds = max(1, sum(s.get("rounds", {}).get("ok", 0) if isinstance(s.get("rounds"), dict) else 0
-                        for s in honest) // len(honest))
+    rounds = max(1, sum(s["rounds"]["ok"] for s in honest) // len(honest))
     return {"val": sum(s["val_loss"] for s in honest) / len(honest), "vals": [s["val_loss"] for s in sums],
             "wall_s": wall, "rounds_ok": rounds, "s_per_round": wall / rounds}
 

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from swarm_node.protocol.averaging.mean import as_f32, check_scalar
+from swarm_node.protocol.averaging.mean import as_f32, check_scalar, weighted_mean
 
 
 class Aggregation(str, Enum):
@@ -117,13 +117,10 @@ def combine(parts: Sequence[Contribution], rule: AggregationRule) -> Combined:
 
 
 def _weighted(items: list[tuple[Tensor, float]], n: int) -> Tensor:
-    total = sum(w for _, w in items)
-    if total <= 0:
+    """The weighted mean of flat vectors; zeros when nothing weighs (only joiners, or nobody)."""
+    if sum(w for _, w in items) <= 0:
         return torch.zeros(n)
-    acc = torch.zeros(n)
-    for x, w in items:
-        acc += x if w == 1 else x * w
-    return acc / total
+    return weighted_mean(([x], w) for x, w in items)[0]
 
 
 def combine_lists(parts: Sequence[tuple[str, Sequence[Tensor], float]], rule: AggregationRule

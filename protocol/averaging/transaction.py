@@ -60,7 +60,6 @@ def robust_reporter(ctx) -> Callable[[Combined], None]:
             ctx.log.warning("peer %s suspected: its contributions were clipped or dropped in %d of the last %d "
                             "combinations", peer[-8:], ledger.threshold, ledger.window)
 
-    report.ledger = ledger  # type: ignore[attr-defined]
     return report
 
 
