@@ -74,10 +74,13 @@ def test_pipeline_trains_survives_kill_mid_backward_and_rebuilds_a_lost_stage(tm
         assert averaged() >= 1, [(n.name, metric(n, "swarm_stage_averaging_total", outcome="gossip")) for n in (s2a, s2b)]
 
         # --- a stage-1 server dies while inside a backward (each backward sleeps 0.3 s there)
-        before = metric(trainer, "swarm_pipeline_microbatches_total", outcome="ok")
+        # counted from the kill, not from `st`: the averaging wait above may already have run
+        # the trainer many steps past it (then no step after the kill was waited for)
         _wait_in_backward(s1a)
+        before = metric(trainer, "swarm_pipeline_microbatches_total", outcome="ok")
+        step_at_kill = trainer.status()["step"]
         s1a.kill()
-        trainer.wait_for(lambda s: s.get("step", 0) >= st["step"] + 6, 90, "steps after the kill")
+        trainer.wait_for(lambda s: s.get("step", 0) >= step_at_kill + 6, 90, "steps after the kill")
         retries = metric(trainer, "swarm_pipeline_rpc_retries_total", stage="1")
         assert retries >= 1, "the call that was inside the killed server was not re-sent"
         assert metric(trainer, "swarm_pipeline_microbatches_total", outcome="lost") == 0
