@@ -43,6 +43,7 @@ from swarm_node.membership import Membership, SpecMismatch
 from swarm_node.metrics import NodeMetrics
 from swarm_node.discovery import DiscoveryClient
 from swarm_node.network import IsolationWatchdog, NetworkSettings, SwarmNetwork, peer_ids_of
+from swarm_node.page.book import PageBook, PageInputs
 from swarm_node.preflight import raise_nofile_limit
 from swarm_node.processes import install_p2pd_reaper, reap_children
 from swarm_node.status import NodeStatus, PeerView, Phase
@@ -117,6 +118,8 @@ class Node:
         self.strategy: Strategy | None = None
         self.transport: Transport | None = None
         self.health: HealthServer | None = None
+        self.page: PageBook | None = None
+        self._panel_failed = False
         self.control: ControlServer | None = None
         self.addresses = Addresses([], None, None)
         self.trainer: LocalTrainer | None = None
@@ -336,8 +339,10 @@ class Node:
         cfg = self.config
         if cfg.metrics_addr != "off":
             host, _, port = cfg.metrics_addr.rpartition(":")
+            self.page = PageBook(started_unix=time.time() - (time.monotonic() - self.started_at),
+                                 state_dir=cfg.state_dir, ttl_s=cfg.ttl_s)
             self.health = HealthServer(host, int(port), metrics=self.metrics, status_fn=self.status,
-                                       live_fn=self._live, ready_fn=self._ready)
+                                       live_fn=self._live, ready_fn=self._ready, page_fn=self.page.state)
             try:
                 h, p = self.health.start()
             except OSError as e:
@@ -554,10 +559,36 @@ class Node:
                 self.metrics.device_memory.set(device_memory_bytes(self.device))
                 self._export_gpu_readings()
             now = time.monotonic()
+            if self.page is not None and self._snapshot is not None and self.page.due(now):
+                self._sample_page(self._snapshot)
             if now - last_print >= self.config.status_interval_s:
                 last_print = now
                 self._print_status()
             await asyncio.sleep(0.5)
+
+    def _sample_page(self, snap: NodeStatus) -> None:
+        """Hand the page book this tick's numbers (on the loop: the strategy's state is read here)."""
+        panel = None
+        if self.strategy is not None and not self._panel_failed:
+            try:
+                panel = self.strategy.page_panel().to_json()
+            except Exception:  # a broken panel must not take the page (or the loop) down
+                self._panel_failed = True
+                log.exception("the strategy's page panel failed: the page shows none from now on")
+        rejections: dict[str, int] = {}
+        for sample in _samples(self.metrics.rejected_messages):
+            rejections[sample.labels["reason"]] = int(sample.value)
+        try:
+            self.page.observe(snap, PageInputs(
+                memory_bytes=int(self.metrics.device_memory._value.get()),
+                tx_total=sum(s.value for s in _samples(self.metrics.net_tx_bytes)),
+                rx_total=sum(s.value for s in _samples(self.metrics.net_rx_bytes)),
+                stragglers_total=sum(s.value for s in _samples(self.metrics.stragglers)),
+                rejections=rejections, round_history=self.strategy.round_history if self.strategy else [],
+                step_history=self.history, panel=panel, suspected=dict(self.progress.suspected),
+                join_line=(JOIN_LINE_PREFIX.split(": ", 1)[1] + snap.join_maddrs[0]) if snap.join_maddrs else ""))
+        except Exception:
+            log.exception("could not sample the page state")
 
     def _export_gpu_readings(self) -> None:
         readings = gpu_readings(self.device)

@@ -6,6 +6,8 @@ Routes (GET or HEAD; machines read the status code, humans the JSON body):
 - `/readyz`: 200 only while `ready_fn` says ready; body `{"status": "ok"|"fail", "checks": {...}}`.
   Every answer also sets the `swarm_ready` gauge, so the metric mirrors what probes saw.
 - `/status`: the current `NodeStatus` snapshot as JSON; 500 with `{"error": ...}` if building it fails.
+- `/`: the node's page (HTML, script and style from `swarm_node.page`, no outside resource), which
+  polls `/page.json` (a `PageState`; 503 until the first sample). Read-only, like every route.
 - anything else: 404.
 
 The server is stdlib `wsgiref` with one thread per request in a daemon thread, so `/livez`
@@ -23,6 +25,8 @@ import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import make_wsgi_app
@@ -30,11 +34,24 @@ from prometheus_client import make_wsgi_app
 from swarm_node.metrics import NodeMetrics
 from swarm_node.status import NodeStatus
 
+if TYPE_CHECKING:
+    from swarm_node.page.state import PageState
+
 log = logging.getLogger(__name__)
 
 LiveFn = Callable[[], tuple[bool, str]]
 ReadyFn = Callable[[], tuple[bool, dict[str, bool]]]
 StatusFn = Callable[[], NodeStatus]
+PageFn = Callable[[], "PageState | None"]
+
+STATIC_DIR = Path(__file__).resolve().parent / "page" / "static"
+# path -> (file, content type); the page loads nothing from anywhere else
+STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript; charset=utf-8"),
+          "/page.css": ("page.css", "text/css; charset=utf-8")}
+# no inline script, no outside origin: a peer-supplied string that slipped into markup still could not run
+PAGE_HEADERS = [("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; "
+                 "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+                ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
 
 _REASONS = {200: "200 OK", 404: "404 Not Found", 405: "405 Method Not Allowed",
             500: "500 Internal Server Error", 503: "503 Service Unavailable"}
@@ -112,8 +129,10 @@ class HealthServer:
         status_fn: StatusFn,
         live_fn: LiveFn,
         ready_fn: ReadyFn,
+        page_fn: PageFn | None = None,
     ) -> None:
         self._host, self._port = host, port
+        self._page_fn = page_fn
         self._metrics = metrics
         self._status_fn, self._live_fn, self._ready_fn = status_fn, live_fn, ready_fn
         self._metrics_app = make_wsgi_app(metrics.registry)
@@ -154,22 +173,44 @@ class HealthServer:
     def _app(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         method = environ.get("REQUEST_METHOD", "GET")
-        if path == "/metrics":
+        if path == "/metrics" and method in ("GET", "HEAD"):
             return self._metrics_app(environ, start_response)
         routes = {"/livez": self._livez, "/healthz": self._livez, "/readyz": self._readyz, "/status": self._status}
+        if self._page_fn is not None:
+            routes["/page.json"] = self._page
         route = routes.get(path)
-        if route is None:
-            code, body = 404, {"error": f"no route {path}", "routes": ["/metrics", *routes]}
+        page = self._page_fn is not None and path in STATIC
+        if route is None and not page and path != "/metrics":
+            code, body = 404, {"error": f"no route {path}", "routes": ["/metrics", *routes, *(STATIC if self._page_fn else ())]}
         elif method not in ("GET", "HEAD"):
-            code, body = 405, {"error": f"{method} not allowed"}
+            code, body = 405, {"error": f"{method} not allowed: every route is read-only"}
+        elif page:
+            return self._static(path, method, start_response)
         else:
             code, body = route()
         data = json.dumps(body, allow_nan=False, default=str).encode() + b"\n"
-        start_response(
-            _REASONS[code],
-            [("Content-Type", "application/json"), ("Content-Length", str(len(data))), ("Cache-Control", "no-store")],
-        )
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data))), ("Cache-Control", "no-store")]
+        if code == 405:
+            headers.append(("Allow", "GET, HEAD"))
+        start_response(_REASONS[code], headers)
         return [b""] if method == "HEAD" else [data]
+
+    def _static(self, path: str, method: str, start_response: Callable) -> Iterable[bytes]:
+        name, ctype = STATIC[path]
+        data = (STATIC_DIR / name).read_bytes()
+        start_response(_REASONS[200], [("Content-Type", ctype), ("Content-Length", str(len(data))),
+                                       ("Cache-Control", "no-cache"), *PAGE_HEADERS])
+        return [b""] if method == "HEAD" else [data]
+
+    def _page(self) -> tuple[int, dict]:
+        try:
+            state = self._page_fn()
+        except Exception as e:
+            log.exception("page_fn raised")
+            return 500, {"error": f"page state unavailable: {e!r}"}
+        if state is None:
+            return 503, {"error": "no page sample yet: the node is starting"}
+        return 200, _finite(state.model_dump(mode="json"))
 
     def _livez(self) -> tuple[int, dict]:
         try:

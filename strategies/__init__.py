@@ -6,6 +6,7 @@
   options.py         StrategyOptions: a strategy's own settings, merged into `swarm-node join`
   churn_profile.py   ChurnProfile: how the churn lab runs and judges a strategy; generic scenarios
   demo_profile.py    DemoProfile: how `swarm-node demo` runs and judges a strategy
+  page_panel.py      PagePanel: what a strategy shows on the node's page
   solo.py sync.py    the baselines; data_parallel.py is their shared step loop
   leader.py          who coordinates a round; quorum.py the run-long quorum of sync and gradcode
 Subpackages, one per family:

@@ -137,6 +137,8 @@ class Progress:
     waiting_for: str | None = None
     state: str = "joining"  # joining until this peer's replica agrees with the swarm
     below_quorum: bool = False  # waiting: it sees fewer peers than the run-long quorum (sync, gradcode)
+    # peer id -> unix time robust aggregation last flagged it (clipped or dropped repeatedly)
+    suspected: dict[str, float] = field(default_factory=dict)
     _step_of: Callable[[], int] = field(default=lambda: 0, repr=False)
 
     @property

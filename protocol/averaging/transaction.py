@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
@@ -57,6 +58,7 @@ def robust_reporter(ctx) -> Callable[[Combined], None]:
             if peers:
                 ctx.metrics.rejected_messages.labels(reason=reason).inc(len(peers))
         for peer in ledger.record(combined):
+            ctx.progress.suspected[peer] = time.time()
             ctx.log.warning("peer %s suspected: its contributions were clipped or dropped in %d of the last %d "
                             "combinations", peer[-8:], ledger.threshold, ledger.window)
 

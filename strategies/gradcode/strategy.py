@@ -36,6 +36,7 @@ from swarm_node.strategies.leader import LeaderElection
 from swarm_node.protocol.averaging.state_transfer import StateService
 from swarm_node.protocol.averaging.star import PushResult, push_tensors, receive_push, tensor_messages
 from swarm_node.strategies.gradcode.options import GradcodeOptions
+from swarm_node.strategies.page_panel import PagePanel, outcome_counts
 
 ROUND = "gradcode.round"
 PUSH = "gradcode.push"
@@ -45,6 +46,7 @@ R = gc_pb.CodedRoundReply.Status
 P = gc_pb.CodedPushReply.Status
 DECODE_OUTCOMES = ("exact", "wait_more", "failed")
 STRAGGLER_REASONS = ("late", "missing")
+PANEL_DECODES = 12
 
 
 class StreamEnded(PeerUnavailable):
@@ -145,6 +147,20 @@ class GradientCodingStrategy(Strategy):
         self._quorum_reached = False
         self._last_leader: str | None = None  # for one log line per aggregator change
         self._ahead: tuple[int, str] | None = None  # aggregator: (step, peer) of a caller past my decodes
+        self._decodes: list[list] = []  # the page's table: this aggregator's recent decodes
+
+    def page_panel(self) -> PagePanel:
+        def count(metric) -> int:
+            return int(sum(s.value for fam in metric.collect() for s in fam.samples if s.name.endswith("_total")))
+        decodes = {o: int(self.gm.decodes.labels(outcome=o)._value.get()) for o in DECODE_OUTCOMES}
+        return PagePanel(
+            kind="coded", title="gradient coding",
+            facts=[("decodes (as aggregator)", " · ".join(f"{k} {v}" for k, v in decodes.items())),
+                   ("stragglers seen", str(count(self.gm.straggler_events))),
+                   ("steps replayed while catching up", str(int(self.gm.replayed._value.get()))),
+                   ("rounds", outcome_counts(self.round_history[-200:]))],
+            columns=["step", "scheme", "s", "members", "stragglers", "wait s"],
+            rows=[list(r) for r in self._decodes])
 
     def summary(self) -> dict:
         value = lambda c: int(c._value.get())  # noqa: E731  (our own counters, no labels)
@@ -594,6 +610,9 @@ class GradientCodingStrategy(Strategy):
         self.last_decode = {"s": rnd.plan.code.s, "scheme": rnd.plan.code.scheme,
                             "stragglers": [p[-8:] for p in stragglers],
                             "wait_s": round(rnd.decoded_at - rnd.created, 4)}
+        self._decodes.append([rnd.step, rnd.plan.code.scheme, rnd.plan.code.s, len(rnd.plan.members),
+                              " ".join(p[-8:] for p in stragglers), self.last_decode["wait_s"]])
+        del self._decodes[:-PANEL_DECODES]
 
     # ---------------------------------------------------------------- RPC handlers
     async def _rpc_round(self, requests: AsyncIterator[gc_pb.CodedRoundRequest],

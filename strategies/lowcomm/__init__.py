@@ -5,4 +5,5 @@
   streaming.py   `streaming-diloco`: φ synced in P staggered fragments, overlapped with local steps
   noloco.py      `noloco`: each round a peer averages with one random partner (no all-reduce)
   options.py     the family's settings (H, outer optimizer, fragments, ...)
+  panel.py       what the node's page shows: outer rounds and φ agreement, or pair rounds
 """

@@ -32,6 +32,8 @@ from swarm_node.strategies.lowcomm.outer_math import OuterOptimizer, pseudo_grad
 from swarm_node.protocol.averaging.transaction import RoundCoordinator, RoundStatus, averaging_layer
 from swarm_node.protocol.averaging.state_transfer import StateService, StateTransferError
 from swarm_node.strategies.lowcomm.options import EARLY_TRAINING_OUTER, DiLoCoOptions
+from swarm_node.strategies.lowcomm.panel import outer_rounds_panel
+from swarm_node.strategies.page_panel import PagePanel
 
 MAX_ATTEMPTS = 5  # with backoff 0.5, 1, 2, 4 s: membership views converge meanwhile
 COMPRESSIONS = {"none": codec.NONE, "fp16": codec.FLOAT16, "int8": codec.INT8_BLOCKWISE, "e3m0": codec.E3M0}
@@ -271,6 +273,10 @@ class DiLoCoStrategy(Strategy):
         self._account("error", len(out.group), duration_s, out)
         if out.cause.leader_at_fault:
             self.election.suspect(out.leader)
+
+    def page_panel(self) -> PagePanel:
+        return outer_rounds_panel(self.round_history, title=f"{self.name} outer rounds", inner_steps=self.H,
+                                  round_no=self.round_no, phi_hash=self.phi_hash)
 
     def _account(self, outcome: str, size: int, duration_s: float, out) -> None:
         if outcome == "ok":

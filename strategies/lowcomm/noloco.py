@@ -32,6 +32,8 @@ from swarm_node.strategies.leader import LeaderElection
 from swarm_node.strategies.lowcomm.outer_math import noloco_update, pair_peers, pairing_seed, replica_spread
 from swarm_node.protocol.averaging.state_transfer import StateService, StateTransferError
 from swarm_node.strategies.lowcomm.options import EARLY_TRAINING_OUTER, NoLoCoOptions
+from swarm_node.strategies.lowcomm.panel import pair_rounds_panel
+from swarm_node.strategies.page_panel import PagePanel
 
 REFUSED_RETRY_S = 0.25  # between asks of a partner whose view paired it otherwise
 
@@ -152,6 +154,9 @@ class NoLoCoStrategy(Strategy):
         self._account("ok", 2, time.perf_counter() - t0, partner, f"pair spread {spread:.4g}")
 
     # ------------------------------------------------------------------ helpers
+    def page_panel(self) -> PagePanel:
+        return pair_rounds_panel(self.round_history, inner_steps=self.H)
+
     def _account(self, outcome: str, size: int, duration_s: float, partner: str | None, detail: str) -> None:
         if outcome not in ("ok", "no_peers"):
             self.ctx.log.info("pair round skipped (%s): %s", outcome, detail)

@@ -34,6 +34,7 @@ from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
 from swarm_node.strategies.sapo.churn_profile import SAPO_DEMO, SAPO_PROFILE
 from swarm_node.strategies.sapo import tasks as tasks
 from swarm_node.strategies.base import Strategy
+from swarm_node.strategies.page_panel import PagePanel
 from swarm_node.strategies.sapo.gossip import GossipClient
 from swarm_node.strategies.sapo.math import (ScoredGroup, all_zero, build_training_set, finite_grads, grpo_loss,
                         training_advantages)
@@ -221,6 +222,18 @@ class SapoStrategy(Strategy):
             self.policy.load_state(saved_hf)
         self.rounds_done = int(state.get("rounds_done", 0))
         self.cumulative_reward = float(state.get("cumulative_reward", 0.0))
+
+    def page_panel(self) -> PagePanel:
+        recent = self.history[-12:]
+        used = sum(int(h["used"]) for h in self.history)
+        return PagePanel(
+            kind="rollouts", title="SAPO rollout sharing",
+            facts=[("rounds", str(self.rounds_done)), ("cumulative reward", f"{self.cumulative_reward:.1f}"),
+                   ("external rollouts used", f"{used} over {len(self.history)} rounds this run"),
+                   ("policy", str(self.policy.describe())[:80] if self.policy else "not loaded")],
+            columns=["round", "reward/rollout", "published", "gossip in", "pulled", "external used", "outcome"],
+            rows=[[h["round"], round(float(h["reward_mean"]), 3), h["published"], h["received_gossip"],
+                   h["received_pull"], h["used"], h["outcome"]] for h in recent])
 
     def summary(self) -> dict[str, Any]:
         return {"rounds": self.rounds_done, "cumulative_reward": self.cumulative_reward, "totals": dict(self.totals),

@@ -29,6 +29,7 @@ from swarm_node.protocol.transport import PeerUnavailable, drain, first_message
 from swarm_node.strategies.churn_profile import ChurnProfile
 from swarm_node.strategies.demo_profile import DemoProfile
 from swarm_node.strategies.base import Strategy
+from swarm_node.strategies.page_panel import PagePanel, short_peer
 from swarm_node.protocol.averaging.transaction import averaging_layer, group_digest
 from swarm_node.strategies.swarm.checkfree import CheckFreeConfig, NotRecoverable, RecoveryPlan, is_body_key, plan_recovery, rebuild_state, \
     stage_route, swapped_pairs
@@ -230,6 +231,24 @@ class SwarmStrategy(Strategy):
 
     def summary(self) -> dict:
         return self.status()
+
+    def page_panel(self) -> PagePanel:
+        """One row per stage: who serves it, how fast and how busy, from the stage records."""
+        me = self.ctx.peer_id
+        rows: list[list] = []
+        for k, view in enumerate(self.views):
+            online = sorted(view.online().items())
+            rows.append([k, len(online), " ".join(short_peer(p) + ("*" if p == me else "") for p, _ in online),
+                         round(sum(r.throughput for _, (r, _) in online), 2), sum(r.queue for _, (r, _) in online),
+                         max((r.step for _, (r, _) in online), default=0)])
+        t = self.totals
+        return PagePanel(
+            kind="pipeline", title=f"pipeline of {self.S} stages",
+            facts=[("this peer", f"stage {self.worker.index}" if self.worker else "no stage yet"),
+                   ("micro-batches", f"ok {t['microbatches_ok']} · lost {t['microbatches_lost']} · "
+                                     f"re-sent {t['retries']}"),
+                   ("stage recoveries", str(t["recoveries"])), ("rebalances", str(t["rebalances"]))],
+            columns=["stage", "servers", "peers (* = this one)", "samples/s", "queue", "step"], rows=rows)
 
     @classmethod
     def demo_lines(cls, summaries: list[dict], baseline: dict | None) -> list[str]:

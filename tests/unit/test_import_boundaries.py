@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PKG = "swarm_node"
 FAMILIES = ("lowcomm", "swarm", "sapo", "gradcode")
-SHARED = ("base", "churn_profile", "context", "demo_profile", "data_parallel", "leader", "options", "quorum")
+SHARED = ("base", "churn_profile", "context", "demo_profile", "data_parallel", "leader", "options", "page_panel", "quorum")
 NODE_MAY_IMPORT = ("base", "churn_profile", "demo_profile", "options", "registry")
 
 
