@@ -6,15 +6,13 @@ Routes (GET or HEAD; machines read the status code, humans the JSON body):
 - `/readyz`: 200 only while `ready_fn` says ready; body `{"status": "ok"|"fail", "checks": {...}}`.
   Every answer also sets the `swarm_ready` gauge, so the metric mirrors what probes saw.
 - `/status`: the current `NodeStatus` snapshot as JSON; 500 with `{"error": ...}` if building it fails.
-- `/`: the node's page (HTML, script and style from `swarm_node.page`, no outside resource), which
-  polls `/page.json` (a `PageState`; 503 until the first sample). Read-only, like every route.
-- anything else: 404.
+- `/` (+ `/page.js`, `/page.css`): the node's page, polling `/page.json` (503 until its first sample).
+- anything else: 404; a method other than GET or HEAD: 405 (every route is read-only).
 
 The server is stdlib `wsgiref` with one thread per request in a daemon thread, so `/livez`
 keeps answering (with 503) while the event loop or the training loop is hung; that is the
-point of a liveness probe. The callbacks therefore run on HTTP threads: they must be
-thread-safe and cheap (read a snapshot or a timestamp; never await or touch the loop).
-A callback that raises fails closed: `/livez` and `/readyz` answer 503.
+point of a liveness probe. The callbacks therefore run on HTTP threads: they must be thread-safe
+and cheap (read a snapshot; never touch the loop). One that raises fails closed (503).
 """
 from __future__ import annotations
 

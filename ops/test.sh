@@ -21,5 +21,6 @@ apt_tools() {
 apt_tools "promtool prometheus" "prometheus" "metric lint, alert-rule tests and the live Prometheus scrape"
 apt_tools "docker-compose" "docker-compose" "docker-compose.yml validation (config -q, no engine needed)"
 apt_tools "nft ping ip" "nftables iproute2 iputils-ping" "the network-namespace churn lab"
+apt_tools "chromium chromedriver" "chromium chromium-driver" "the node's page in a headless browser"
 # No reruns: a test that needs one is a bug to fix at its cause.
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 "$@"

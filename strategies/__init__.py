@@ -4,9 +4,8 @@
   context.py         StrategyContext, the narrow view of the node a strategy gets; NodeSettings, Progress
   registry.py        find strategies by name (built-ins and the `swarm_node.strategies` entry points)
   options.py         StrategyOptions: a strategy's own settings, merged into `swarm-node join`
-  churn_profile.py   ChurnProfile: how the churn lab runs and judges a strategy; generic scenarios
-  demo_profile.py    DemoProfile: how `swarm-node demo` runs and judges a strategy
-  page_panel.py      PagePanel: what a strategy shows on the node's page
+  churn_profile.py demo_profile.py page_panel.py   how the churn lab and `swarm-node demo` run and
+                     judge a strategy; what it shows on the node's page
   solo.py sync.py    the baselines; data_parallel.py is their shared step loop
   leader.py          who coordinates a round; quorum.py the run-long quorum of sync and gradcode
 Subpackages, one per family:

@@ -79,6 +79,11 @@ def sparkline(values: list[float], width: int = 40) -> str:
     return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1)))] for v in vals)
 
 
+def page_url(http: str | None) -> str:
+    """The browser address of a node's page, from its HTTP address (host:port)."""
+    return f"http://{http}/" if http else "(no HTTP address: --metrics-addr off)"
+
+
 def _progress_line(nodes: list[NodeProcess], steps: int) -> str:
     parts = []
     for n in nodes:
@@ -167,7 +172,9 @@ def run_one(opts: DemoOptions) -> tuple[int, Verdict | None]:
                                       "--min-peers", "1", *baseline_args])
         for n in swarm.nodes:
             n.wait_info()
-        print(f"all {len(swarm.nodes)} daemons running after {time.monotonic() - t0:.1f}s", flush=True)
+        print(f"all {len(swarm.nodes)} daemons running after {time.monotonic() - t0:.1f}s; their pages:", flush=True)
+        for n in swarm.nodes:
+            print(f"  {n.name:9s} {page_url(n.info.get('http'))}", flush=True)
         last = 0.0
         while any(n.proc.poll() is None for n in swarm.nodes):
             if time.monotonic() - last >= 2.0:

@@ -3,12 +3,14 @@
 A real node whose spec differs from the peer it joins through refuses to start, so this plays
 one that got in anyway (it joined through a peer of its own spec): it joins the swarm's DHT with
 its own identity, through the same network code as a node, and announces a correctly signed
-heartbeat record whose spec hash is not the swarm's, once a second for the given seconds.
+heartbeat record whose spec hash is not the swarm's, once a second for the given seconds (or
+until SIGTERM, after which it shuts its p2pd down).
 Usage: stranger_peer.py JOIN_MADDR RUN_ID STATE_DIR SECONDS
 """
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
@@ -32,10 +34,15 @@ async def main(join: str, run_id: str, state_dir: str, seconds: float) -> None:
                          device="cpu", step=1, samples_per_s=1.0, software="stranger")
         print("stranger", me, flush=True)
         loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
         end = loop.time() + seconds
-        while loop.time() < end:
+        while loop.time() < end and not stop.is_set():
             await net.store(peers_key(run_id), rec.to_wire(), ttl_s=4, subkey=me)
-            await asyncio.sleep(1)
+            try:
+                await asyncio.wait_for(stop.wait(), 1)
+            except asyncio.TimeoutError:
+                pass
     finally:
         await net.shutdown()
 

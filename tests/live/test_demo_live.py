@@ -66,6 +66,9 @@ def test_the_demo_of_each_strategy_runs_and_its_verdict_is_the_runs_own(strategy
     assert word == ("better" if better else "worse")
     assert float(margin) == pytest.approx(abs(expected_swarm - expected_base), abs=1e-3)
     assert summaries["baseline"]["strategy"] == profile.baseline
+    # each daemon's page address (node.json, which names it, is gone once the node stopped)
+    pages = {name: re.search(rf"^  {re.escape(name)}\s+http://127\.0\.0\.1:(\d+)/$", out, re.M) for name in summaries}
+    assert all(pages.values()) and len({m.group(1) for m in pages.values()}) == 3, out[:2000]
     for line in registry.load(strategy).demo_lines(list(v for k, v in summaries.items() if k != "baseline"),
                                                    summaries["baseline"]):
         assert line in out  # the strategy's own lines, from these summaries

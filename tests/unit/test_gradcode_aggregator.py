@@ -114,6 +114,11 @@ def test_good_pushes_decode_the_exact_mean_and_a_late_one_is_measured():
     assert m.get_sample_value("swarm_gradcode_straggler_lateness_seconds_count") == 1
     assert m.get_sample_value("swarm_straggler_events_total", {"reason": "late"}) == 1
     assert torch.equal(rnd.result[0], torch.full((3, 2), 2.0))  # a late reply changes nothing
+    # the page's panel: the decode with its stragglers, and the late one counted
+    panel = s.page_panel()
+    facts = dict(panel.facts)
+    assert panel.kind == "coded" and facts["stragglers seen"] == "1" and facts["decodes (as aggregator)"].startswith("exact 1")
+    assert panel.rows == [[5, "frc", 1, 4, "peerB peerC", panel.rows[0][5]]]
 
 
 def test_replies_from_a_different_replica_never_mix():

@@ -235,6 +235,13 @@ def test_diloco_swarm_keeps_its_progress_when_a_frozen_leader_comes_back():
     assert len({s.ctx.trainer.param_hash() for s in peers.values()}) == 1
     assert len({s.phi_hash for s in peers.values()}) == 1
     assert all(s.ctx.trainer.step == max_steps for s in peers.values())
+    # the page's panel reads the same history: the round table, φ, and how many rounds committed
+    panel = peers[followers[0]].page_panel()
+    facts = dict(panel.facts)
+    assert panel.kind == "outer_rounds" and facts["φ hash"] == peers[followers[0]].phi_hash[:16]
+    committed = sum(1 for r in peers[followers[0]].round_history[-200:] if r["outcome"] == "ok")
+    assert facts["φ agreement"].startswith(f"{committed} of the last ")
+    assert [row[0] for row in panel.rows] == [r["round"] for r in peers[followers[0]].round_history[-12:]]
 
 
 # ---------------------------------------------------------------------- diloco: slow leader, quorum
@@ -359,3 +366,5 @@ def test_noloco_three_peers_pair_up_and_the_odd_one_skips():
         assert this[odd]["outcome"] == "no_peers" and this[odd]["peer"] == ""
     assert len({s.ctx.trainer.param_hash() for s in peers.values()}) == 3  # NoLoCo replicas are not identical
     assert len({tuple(r["peer"] for r in s.round_history) for s in peers.values()}) > 1  # partners vary
+    panel = next(iter(peers.values())).page_panel()
+    assert panel.kind == "outer_rounds" and len(panel.rows) == rounds and dict(panel.facts)["distinct partners"] in "12"
