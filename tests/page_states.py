@@ -9,7 +9,7 @@ from swarm_node.status import NodeStatus, PeerView, Phase
 from swarm_node.strategies.lowcomm.panel import outer_rounds_panel
 from swarm_node.strategies.page_panel import PagePanel
 
-HOSTILE = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
+HOSTILE = '<img src=x onerror=__pwned=2><script>__pwned=1</script>'
 ME = "12D3KooWMeMeMeMeMeMeMeMeMeMeMeMeMeMeMeMeMeMeMe0000aaaa"
 
 

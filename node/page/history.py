@@ -58,8 +58,9 @@ class PageHistory:
 
 
 def loss_series(history: list[list], max_points: int = MAX_LOSS_POINTS) -> LossSeries:
-    """The node's per-step history ([step, train, val, t] rows) thinned to at most `max_points`,
-    keeping the first and the latest row and every row that carries a held-out loss."""
+    """The node's per-step history ([step, train, val, t] rows) thinned to at most `max_points`
+    rows, plus up to `max_points` of those that carry a held-out loss (thinned apart, so that
+    the sparse held-out curve keeps its shape); the first and the latest row are always kept."""
     rows = list(history)
     if len(rows) > max_points:
         with_val = [i for i, r in enumerate(rows) if r[2] is not None]

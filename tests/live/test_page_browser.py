@@ -5,11 +5,13 @@
    nothing, the peer table sorts, a new warning appears without a reload, no console error.
 2. Against a live 3-peer diloco swarm: the page of the first node shows the three peers, a loss
    chart with points and the outer-round panel; a peer announcing another spec brings the
-   spec-mismatch warning; with the other peers stopped, the isolated warning. Screenshots go
+   spec-mismatch warning; one of its spec whose device field is markup shows as text; with the
+   other peers stopped, the isolated warning. Screenshots go
    to the test's folder (and to $SWARM_PAGE_SHOTS when set).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -33,6 +35,7 @@ from tests.page_states import HOSTILE, PANELS, filled_book, status
 pytestmark = pytest.mark.timeout(240)
 CHARTS = ("loss-step", "loss-time", "throughput", "network", "rounds", "stragglers")
 STRANGER = Path(__file__).with_name("stranger_peer.py")
+HOSTILE_DEVICE = '<img src=x onerror=__pwned=2><script>__pwned=1</script>'  # stranger_peer.py's
 
 LOADED = "return document.body.dataset.loaded === '1'"
 ROWS_JS = "document.querySelectorAll('#peers tbody tr').length"
@@ -123,14 +126,15 @@ def test_the_page_of_a_live_swarm_shows_its_peers_loss_panel_and_warnings(tmp_pa
         print(f"page: first draw {load_s:.2f}s after navigation")
 
         # a peer announcing another spec for this run: counted, ignored, and said on the page
-        with open(tmp_path / "stranger.log", "wb") as out:
-            stranger = subprocess.Popen([sys.executable, str(STRANGER), boot, "page", str(tmp_path / "stranger"), "60"],
-                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
+        with _stranger(tmp_path, "other-spec", boot):
             b.wait(f"return {WARN_JS}.includes('spec_mismatch')", 40, "the spec-mismatch warning")
             assert b.js(PEER_ROWS) == 3  # the stranger is not one of the swarm's peers
-        finally:
-            _stop(stranger)
+        # a peer of this spec whose record's device field is markup: a fourth row, as text
+        with _stranger(tmp_path, "hostile-device", boot):
+            b.wait(f"return [...document.querySelectorAll('#peers td')].some(td => td.textContent === {HOSTILE_DEVICE!r})",
+                   40, "the hostile peer's row")
+            assert b.js("return [window.__pwned, document.querySelectorAll('img, #peers script').length]") == [None, 0]
+            save_shot(b, tmp_path, "page-hostile-peer")
         # the other peers stop: the node is isolated, and says so
         for n in others:
             n.kill()
@@ -148,6 +152,20 @@ def _join_maddr(node, timeout_s: float = 30) -> str:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _stranger(tmp_path: Path, mode: str, boot: str):
+    with open(tmp_path / f"stranger-{mode}.log", "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(STRANGER), mode, boot, "page", str(tmp_path / f"stranger-{mode}"),
+                                 "90"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    except BaseException:
+        print((tmp_path / f"stranger-{mode}.log").read_text(errors="replace")[-2000:])
+        raise
+    finally:
+        _stop(proc)
 
 
 def _stop(proc: subprocess.Popen) -> None:
