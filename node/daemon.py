@@ -680,7 +680,9 @@ class Node:
         why = f"drain requested: {reason or 'no reason given'}"
         if at_step > 0:
             step = self.trainer.step if self.trainer is not None else 0
-            if at_step <= step:  # refused, not drained now: peers that stop together must learn it
+            # at the step itself it drains now, where the peers it stops with stop too (`step >= N`);
+            # past it, refused: stopping there would fork it from them, and the caller must learn it
+            if at_step < step:
                 return DrainOutcome(False, f"already at step {step}, past {at_step}: not draining (ask for a later "
                                            "step, or drain now without --at-step)", past_step=True, current_step=step)
             self._loop.call_soon_threadsafe(self._drain_at, at_step, why)

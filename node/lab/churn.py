@@ -43,8 +43,11 @@ DEFAULT_NODE_ARGS = [
 ]
 POLL_S = 1.0
 CUT_OFF_STEP_SLACK = 1  # cut_off_holds: a step already in flight when the isolation is seen may still land
-STOP_MARGIN_S = 5.0  # stop_together: the common step lies this many seconds of steps ahead of the furthest peer
-STOP_MARGIN_MIN_STEPS = 20
+# stop_together: the common step lies this many seconds of steps ahead of the furthest peer; the
+# `drain` call itself can take seconds to arrive on a loaded box, and a peer past the step by then
+# (others already stopped at it) cannot be stopped together with them any more
+STOP_MARGIN_S = 8.0
+STOP_MARGIN_MIN_STEPS = 30
 STOP_ATTEMPTS = 3  # drain requests, each after some peer was already past the previous step
 STOP_WAIT_S = 60.0  # ... and every peer must have stopped this long after it is due
 HTTP_TIMEOUT_S = 2.0

@@ -252,7 +252,7 @@ def test_drain_needs_the_token_and_reading_does_not(node, tmp_path):
 
 
 def test_a_node_already_past_the_drain_step_refuses_and_trains_on():
-    """`drain --at-step N` to a node at step >= N is refused with its step (the caller asks again
+    """`drain --at-step N` to a node at step > N is refused with its step (the caller asks again
     for a later step) instead of stopping it where it is, which forked peers meant to stop together."""
     from types import SimpleNamespace
 
@@ -266,3 +266,6 @@ def test_a_node_already_past_the_drain_step_refuses_and_trains_on():
     assert (out.accepted, out.past_step, out.current_step) == (False, True, 120) and calls == []
     out = node._drain_from_thread("together", at_step=150)
     assert out.accepted and not out.past_step and calls == [("_drain_at", (150, "drain requested: together"))]
+    # at the step itself: it stops there, as the peers asked for the same step do (step >= N)
+    out = node._drain_from_thread("together", at_step=120)
+    assert out.accepted and not out.past_step and calls[-1] == ("_drain_at", (120, "drain requested: together"))
