@@ -50,6 +50,10 @@ CONFIGS: dict[str, list[str]] = {
     "noloco-h50-m0.5": ["--strategy", "noloco", "--inner-steps", "50", "--outer-momentum", "0.5"],
     "diloco-h10-int8": ["--strategy", "diloco", "--inner-steps", "10", "--compression", "int8"],
     "diloco-h10-e3m0": ["--strategy", "diloco", "--inner-steps", "10", "--compression", "e3m0"],
+    "diloco-h100-int8": ["--strategy", "diloco", "--inner-steps", "100", "--compression", "int8"],
+    "streaming-h100-p4": ["--strategy", "streaming-diloco", "--inner-steps", "100", "--fragments", "4",
+                          "--overlap-steps", "2", "--mix-alpha", "0.5"],
+    "noloco-h100-m0.5": ["--strategy", "noloco", "--inner-steps", "100", "--outer-momentum", "0.5"],
 }
 
 
@@ -123,6 +127,9 @@ def main() -> int:
     ap.add_argument("--rate", default=None, metavar="RATE",
                     help="run each peer as its own host in a network namespace whose upload is capped at RATE "
                          "(tc tbf units: 10mbit, 100mbit, 1gbit; root); default: all on loopback, uncapped")
+    ap.add_argument("--sync-steps", type=int, default=None,
+                    help="steps for the sync baseline only (on a slow link data parallel takes seconds a step): "
+                         "its bytes and utilization are per step; its loss is then not at equal tokens")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
     ap.add_argument("--warmup", type=int, default=50, help="cosine warmup steps")
@@ -145,25 +152,29 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             t0 = time.monotonic()
-            results[name] = run_config(Path(tmp) / name, name, CONFIGS[name], args.peers, args.steps, opt, args.rate)
+            steps = args.sync_steps if name == "sync" and args.sync_steps else args.steps
+            results[name] = run_config(Path(tmp) / name, name, CONFIGS[name], args.peers, steps, opt, args.rate)
+            results[name]["steps"] = steps
             print(f"  {name:18s} val {results[name]['val']:.4f}  ({time.monotonic() - t0:.0f}s)", flush=True)
     numel = _num_params()
     solo, sync = (results[k]["val"] if k in results else float("nan") for k in ("solo", "sync"))
     print(f"\n{'config':18s} {'val loss':>9s} {'g (gap)':>8s} {'sent B/peer/step':>17s} {'formula':>10s} {'ratio':>6s}"
           f" {'util':>5s} {'B/sync event':>12s} {'DP/this':>8s} {'wall s':>7s}")
     if "solo" in results:
-        # utilization against the solo peers' pure compute step (same model, box and contention): a
-        # capped link stretches every step of sync, which a median step interval cannot see
-        step_s = sorted(g for _, g in results["solo"]["spans"])[len(results["solo"]["spans"]) // 2]
-        for r in results.values():
-            r["utilization"] = sum(min(1.0, step_s * (args.steps - 1) / span) for span, _ in r["spans"]) / len(r["spans"])
+        # utilization against the solo peers' time per step (same model, box and contention, no
+        # exchange): a capped link stretches every step of sync, which a median interval cannot see
+        per_step = sorted(span / (args.steps - 1) for span, _ in results["solo"]["spans"])
+        solo_step_s = per_step[len(per_step) // 2]
+        for name, r in results.items():
+            steps = r.get("steps", args.steps)
+            r["utilization"] = sum(min(1.0, solo_step_s * (steps - 1) / span) for span, _ in r["spans"]) / len(r["spans"])
     dp = None
     if "sync" in results:
-        dp = sum(results["sync"]["bytes_sent"]) / len(results["sync"]["bytes_sent"]) / args.steps
+        dp = sum(results["sync"]["bytes_sent"]) / len(results["sync"]["bytes_sent"]) / results["sync"]["steps"]
     for name in names:
         r = results[name]
         g = (solo - r["val"]) / (solo - sync) if solo != sync else float("nan")
-        sent = sum(r["bytes_sent"]) / len(r["bytes_sent"]) / args.steps
+        sent = sum(r["bytes_sent"]) / len(r["bytes_sent"]) / r["steps"]
         formula = _formula(CONFIGS[name], numel, args.peers)
         events = sum(r["ok_rounds"]) / len(r["ok_rounds"])
         per_event = sum(r["bytes_sent"]) / len(r["bytes_sent"]) / events if events else float("nan")
@@ -171,7 +182,8 @@ def main() -> int:
                  dp_ratio=dp / sent if dp and sent else None)
         ratio = f"{sent / formula:6.2f}" if formula else "     -"
         dp_ratio = f"{r['dp_ratio']:8.1f}" if r["dp_ratio"] else "       -"
-        print(f"{name:18s} {r['val']:9.4f} {g:8.2f} {sent:17.0f} {formula or 0:10.0f} {ratio} {r['utilization']:5.2f}"
+        label = name if r["steps"] == args.steps else f"{name} ({r['steps']} st)"
+        print(f"{label:18s} {r['val']:9.4f} {g:8.2f} {sent:17.0f} {formula or 0:10.0f} {ratio} {r['utilization']:5.2f}"
               f" {per_event:12.0f} {dp_ratio} {r['wall_s']:7.1f}")
     if args.reference:
         _print_reference(names, results, args)
