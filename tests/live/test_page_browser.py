@@ -2,7 +2,7 @@
 
 1. Against the real HTTP server with prepared states: every part draws (six charts with points,
    the peer table, each family's panel), a peer's `<script>` device shows as text and runs
-   nothing, the peer table sorts, a new warning appears without a reload, no console error.
+   nothing, the peer table sorts, every warning (induced) appears without a reload, no console error.
 2. Against a live 3-peer diloco swarm: the page of the first node shows the three peers, a loss
    chart with points and the outer-round panel; a peer announcing another spec brings the
    spec-mismatch warning; one of its spec whose device field is markup shows as text; with the
@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -25,16 +26,17 @@ import pytest
 from swarm_node.health import HealthServer
 from swarm_node.lab.launcher import Swarm
 from swarm_node.metrics import NodeMetrics
-from swarm_node.page.book import PageInputs
+from swarm_node.page.book import PageBook, PageInputs
 from swarm_node.status import Phase
 
 from tests.browser import browser_or_skip
 from tests.conftest import FAST_NODE_ARGS
-from tests.page_states import HOSTILE, PANELS, filled_book, status
+from tests.page_states import HOSTILE, PANELS, filled_book, rounds, status
 
 pytestmark = pytest.mark.timeout(240)
 CHARTS = ("loss-step", "loss-time", "throughput", "network", "rounds", "stragglers")
 STRANGER = Path(__file__).with_name("stranger_peer.py")
+Disk = namedtuple("Disk", "total used free")
 HOSTILE_DEVICE = '<img src=x onerror=__pwned=2><script>__pwned=1</script>'  # stranger_peer.py's
 
 LOADED = "return document.body.dataset.loaded === '1'"
@@ -85,11 +87,18 @@ def test_every_part_draws_hostile_strings_stay_text_and_the_table_sorts(tmp_path
             assert b.js(sps) == [5.0, 80.0, 100.0]
             b.js("document.querySelector('th[data-key=samples_per_s]').click()")
             assert b.js(sps) == [100.0, 80.0, 5.0]
-            # a warning appears on the next poll, without a reload
+            # every warning, induced, appears on the next poll without a reload
             assert b.js(WARNINGS) == [] and b.js("return !document.querySelector('#all-well').hidden")
-            current["book"].observe(status(phase=Phase.ISOLATED), PageInputs(rejections={"spec_mismatch": 4}))
-            b.wait(f"return {WARN_JS}.join(',') === 'isolated,spec_mismatch'", 10, "the new warnings")
+            current["book"] = book = PageBook(started_unix=time.time() - 30, state_dir=tmp_path, ttl_s=4,
+                                              disk_usage=lambda _: Disk(100 << 30, 0, 300 << 20))
+            book.observe(status(phase=Phase.ISOLATED), PageInputs(
+                rejections={"spec_mismatch": 4, "forged_record": 1}, suspected={"12D3KooWSuspect0eeeeeeee": time.time()},
+                round_history=rounds(4, time.time() - 20, ("ok", "error", "timeout", "error"))))
+            want = "isolated,rejected,spec_mismatch,repeated_aborts,peer_suspected,disk_low"
+            b.wait(f"return {WARN_JS}.join(',') === {want!r}", 10, "every warning")
             assert b.js("return document.querySelector('#phase').textContent") == "isolated"
+            assert "eeeeeeee" in b.js("return document.querySelector('#warnings').textContent")
+            save_shot(b, tmp_path, "page-warnings")
             assert severe(b.console()) == []
     finally:
         srv.stop()
