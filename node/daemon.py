@@ -119,7 +119,7 @@ class Node:
         self.transport: Transport | None = None
         self.health: HealthServer | None = None
         self.page: PageBook | None = None
-        self._panel_failed = False
+        self._panel_failed = self._page_failed = False
         self.control: ControlServer | None = None
         self.addresses = Addresses([], None, None)
         self.trainer: LocalTrainer | None = None
@@ -587,8 +587,10 @@ class Node:
                 rejections=rejections, round_history=self.strategy.round_history if self.strategy else [],
                 step_history=self.history, panel=panel, suspected=dict(self.progress.suspected),
                 join_line=(JOIN_LINE_PREFIX.split(": ", 1)[1] + snap.join_maddrs[0]) if snap.join_maddrs else ""))
-        except Exception:
-            log.exception("could not sample the page state")
+        except Exception:  # logged once: the next samples would only repeat it every 2 s
+            if not self._page_failed:
+                self._page_failed = True
+                log.exception("could not sample the page state (the page keeps its last one)")
 
     def _export_gpu_readings(self) -> None:
         readings = gpu_readings(self.device)

@@ -1,6 +1,8 @@
-"""Page states for the page tests: a NodeStatus, inputs with history, and each family's panel."""
+"""Page states for the page tests: a NodeStatus, inputs with history, and each family's panel;
+and `wait_page_panel`, which reads a live node's panel from its /page.json."""
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -63,3 +65,16 @@ def filled_book(tmp_path, panel: str = "outer_rounds", *, phase: Phase = Phase.R
                                 join_line="swarm-node join --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/" + ME),
                      now_mono=100.0 + 2 * i)
     return book
+
+
+def wait_page_panel(node, ready, timeout_s: float = 20.0) -> dict:
+    """The strategy panel of a live node's /page.json once `ready(panel)` holds (sampled every 2 s)."""
+    deadline = time.monotonic() + timeout_s
+    panel = None
+    while time.monotonic() < deadline:
+        code, body = node.http("/page.json")
+        panel = json.loads(body).get("panel") if code == 200 else None
+        if panel and ready(panel):
+            return panel
+        time.sleep(0.5)
+    raise AssertionError(f"page panel not ready: {panel}")

@@ -25,6 +25,7 @@ from swarm_node.strategies.sapo.gossip import GossipClient
 from swarm_node.strategies.sapo.records import MAX_ROLLOUT_BYTES, RolloutGroup, encode_rollout, round_of
 
 from tests.conftest import scrape_metrics
+from tests.page_states import wait_page_panel
 
 pytestmark = pytest.mark.multiprocess
 
@@ -118,7 +119,7 @@ def test_three_peers_share_reject_and_survive_dead_peers(swarm, tmp_path: Path):
     fractions = [value(metrics(n), "swarm_sapo_gossip_delivery_fraction") for n in nodes]
     assert all(0.0 <= f <= 1.0 for f in fractions) and max(fractions) > 0, fractions
     # the page's SAPO panel: its rounds, with the external rollouts each used (sampled every 2 s)
-    panel = _page_panel(a, lambda p: p["rows"] and any(row[5] > 0 for row in p["rows"]))
+    panel = wait_page_panel(a, lambda p: p["rows"] and any(row[5] > 0 for row in p["rows"]))
     assert panel["kind"] == "rollouts" and panel["columns"][5] == "external used"
 
     # 2. a rogue gossip peer: every bad rollout is rejected by reason
@@ -157,15 +158,3 @@ def test_three_peers_share_reject_and_survive_dead_peers(swarm, tmp_path: Path):
     assert max(row["duration_s"] for row in stats["history"][3:]) < ROUND_S * 1.5
     assert time.monotonic() - t0 < 170
 
-
-def _page_panel(node, ready, timeout_s: float = 20.0) -> dict:
-    """The strategy panel of the node's /page.json, once `ready(panel)` holds."""
-    deadline = time.monotonic() + timeout_s
-    panel = None
-    while time.monotonic() < deadline:
-        code, body = node.http("/page.json")
-        panel = json.loads(body).get("panel") if code == 200 else None
-        if panel and ready(panel):
-            return panel
-        time.sleep(0.5)
-    raise AssertionError(f"page panel not ready: {panel}")

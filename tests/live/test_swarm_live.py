@@ -6,7 +6,6 @@ replica); when stage 1 then loses its last peer, a stage-2 peer rebuilds it by C
 and training continues."""
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -15,6 +14,7 @@ import pytest
 from swarm_node.lab.launcher import Swarm
 
 from tests.conftest import FAST_NODE_ARGS
+from tests.page_states import wait_page_panel
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -74,7 +74,7 @@ def test_pipeline_trains_survives_kill_mid_backward_and_rebuilds_a_lost_stage(tm
             time.sleep(0.5)
         assert averaged() >= 1, [(n.name, metric(n, "swarm_stage_averaging_total", outcome="gossip")) for n in (s2a, s2b)]
         # the trainer's page: one row per stage, with who serves it (sampled every 2 s)
-        rows = _page_rows(trainer, lambda rows: len(rows) == 3 and [r[1] for r in rows] == [1, 2, 2])
+        rows = wait_page_panel(trainer, lambda p: p["kind"] == "pipeline" and [r[1] for r in p["rows"]] == [1, 2, 2])["rows"]
         assert rows[0][2].endswith("*") and s2b.info["peer_id"][-8:] in rows[2][2]
 
         # --- a stage-1 server dies while inside a backward (each backward sleeps 0.3 s there)
@@ -157,19 +157,6 @@ def _wait_in_backward(node, timeout_s: float = 30) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("the server never had a request in flight")
-
-
-def _page_rows(node, ready, timeout_s: float = 20.0) -> list:
-    """The rows of the pipeline panel on the node's /page.json, once `ready(rows)` holds."""
-    deadline = time.monotonic() + timeout_s
-    panel = None
-    while time.monotonic() < deadline:
-        code, body = node.http("/page.json")
-        panel = json.loads(body).get("panel") if code == 200 else None
-        if panel and panel["kind"] == "pipeline" and ready(panel["rows"]):
-            return panel["rows"]
-        time.sleep(0.5)
-    raise AssertionError(f"pipeline panel not ready: {panel}")
 
 
 def _recent_loss(node) -> float:
