@@ -62,7 +62,8 @@ log = logging.getLogger("swarm_node")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP, EXIT_JOIN, EXIT_INTERRUPTED, EXIT_TEMPFAIL = 0, 1, 2, 3, 4, 130, 75
 NODE_REJECT_REASONS = (*REJECT_REASONS, "spec_mismatch", "bad_record", "stale_step", "bad_advert", "forged_record",
                        "clipped_contribution", "non_finite_contribution")
-JOIN_LINE_PREFIX = "To join this swarm: swarm-node join --initial-peers "
+JOIN_COMMAND = "swarm-node join --initial-peers "
+JOIN_LINE_PREFIX = "To join this swarm: " + JOIN_COMMAND
 TASK_STOP_S = 5.0  # after cancel(), how long run() waits for its tasks before shutting down anyway
 
 
@@ -586,7 +587,7 @@ class Node:
                 stragglers_total=sum(s.value for s in _samples(self.metrics.stragglers)),
                 rejections=rejections, round_history=self.strategy.round_history if self.strategy else [],
                 step_history=self.history, panel=panel, suspected=dict(self.progress.suspected),
-                join_line=(JOIN_LINE_PREFIX.split(": ", 1)[1] + snap.join_maddrs[0]) if snap.join_maddrs else ""))
+                join_line=JOIN_COMMAND + snap.join_maddrs[0] if snap.join_maddrs else ""))
         except Exception:  # logged once: the next samples would only repeat it every 2 s
             if not self._page_failed:
                 self._page_failed = True

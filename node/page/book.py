@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swarm_node.page.history import PageHistory, loss_series
+from swarm_node.page.history import PageHistory, finite_or_none, loss_series
 from swarm_node.page.state import PageNode, PagePanelJSON, PagePeer, PageState, RoundPoint
 from swarm_node.page.warnings import WarningInputs, find_warnings
 from swarm_node.status import NodeStatus
@@ -80,8 +80,8 @@ class PageBook:
             node=PageNode(peer_id=status.peer_id, short_id=status.peer_id[-8:], run_id=status.run_id,
                           version=status.version, strategy=status.strategy, role=status.role, device=status.device,
                           memory_bytes=int(inputs.memory_bytes), phase=status.phase.value, step=status.step,
-                          samples_per_s=status.samples_per_s, train_loss=_finite(status.train_loss),
-                          val_loss=_finite(status.val_loss), uptime_s=status.uptime_s, join_line=inputs.join_line,
+                          samples_per_s=status.samples_per_s, train_loss=finite_or_none(status.train_loss),
+                          val_loss=finite_or_none(status.val_loss), uptime_s=status.uptime_s, join_line=inputs.join_line,
                           waiting_for=status.waiting_for),
             peers=[PagePeer(peer_id=p.peer_id, short_id=p.peer_id[-8:], state=p.state, role=p.role, device=p.device,
                             samples_per_s=p.samples_per_s, step=p.step, is_self=p.is_self,
@@ -97,6 +97,3 @@ class PageBook:
         with self._lock:
             return self._state
 
-
-def _finite(v: float | None) -> float | None:
-    return v if v is not None and v == v and abs(v) != float("inf") else None

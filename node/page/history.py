@@ -8,6 +8,7 @@ drawing a negative rate.
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -66,9 +67,13 @@ def loss_series(history: list[list], max_points: int = MAX_LOSS_POINTS) -> LossS
         with_val = [i for i, r in enumerate(rows) if r[2] is not None]
         keep = set(_thin(list(range(len(rows))), max_points)) | set(_thin(with_val, max_points))
         rows = [rows[i] for i in sorted(keep)]
-    clean = lambda v: float(v) if v is not None and v == v and abs(v) != float("inf") else None  # noqa: E731
     return LossSeries(step=[int(r[0]) for r in rows], t=[round(float(r[3]), 2) for r in rows],
-                      train=[clean(r[1]) for r in rows], val=[clean(r[2]) for r in rows])
+                      train=[finite_or_none(r[1]) for r in rows], val=[finite_or_none(r[2]) for r in rows])
+
+
+def finite_or_none(v: float | None) -> float | None:
+    """A loss as the page draws it: NaN and inf (a diverged step) become a gap, not a point."""
+    return float(v) if v is not None and math.isfinite(v) else None
 
 
 def _thin(indices: list[int], n: int) -> list[int]:
